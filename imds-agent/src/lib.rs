@@ -1,0 +1,7 @@
+//! The imds-agent: loads the kernel programs that divert metadata connections from enforced
+//! cgroups to the agent, identifies each caller, and serves or denies each request by policy.
+
+pub mod fs;
+pub mod identity;
+pub mod loader;
+pub mod policy;

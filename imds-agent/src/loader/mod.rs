@@ -1,0 +1,369 @@
+//! Loads the kernel programs, attaches them to the enforced cgroup with pinned links, and
+//! gives the rest of the agent typed access to the maps.
+//!
+//! Pin directory layout (one per agent installation; each test uses its own):
+//! - `connect4`, `sock_ops`: the cgroup links. While pinned they stay attached, also when the
+//!   agent is stopped or crashes, so enforcement does not lapse: diverted connects then find
+//!   no listener and fail (fail closed).
+//! - `IMDS_*`: the maps, pinned by name, so a restarted agent adopts the live state.
+//!
+//! Adoption: a new agent loads fresh programs on the pinned maps, attaches new links (for a
+//! moment both generations run; they share maps and rewrite identically), then renames the
+//! new pins over the old ones, which detaches the previous generation. There is no window in
+//! which the cgroup is unenforced.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddrV4,
+    os::fd::{AsRawFd as _, RawFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    pin::PinError,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use imds_common::{
+    COUNTER_COUNT, Caller, Counter, Endpoint4, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
+    MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_EXEMPT, PROG_CONNECT4, PROG_SOCK_OPS, SockAddr,
+};
+
+use crate::fs;
+
+/// The object built by build.rs from `imds-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
+
+const LINK_CONNECT4: &str = "connect4";
+const LINK_SOCK_OPS: &str = "sock_ops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("cannot mount bpffs at {root}: {source}", root = fs::BPFFS_ROOT)]
+    Bpffs { source: io::Error },
+    #[error("pin directory {0} is not on a bpf file system (bpffs)")]
+    PinDirNotBpffs(PathBuf),
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    /// Pinnable cgroup links (bpf_link) need kernel 5.7; without them enforcement could not
+    /// outlive the agent, so the agent refuses to run.
+    #[error("program {name}: cannot make a pinnable link (kernel >= 5.7 required): {source}")]
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: PinError },
+    #[error("replacing pin {path}: {source}")]
+    Rename { path: PathBuf, source: io::Error },
+    #[error("removing pin directory {path}: {source}")]
+    Detach { path: PathBuf, source: io::Error },
+    #[error("socket cookie: {0}")]
+    Cookie(io::Error),
+}
+
+/// What to load and where to attach it.
+pub struct AttachConfig<'a> {
+    /// The root of the enforced cgroup tree (a directory on the cgroup2 mount).
+    pub cgroup: &'a Path,
+    pub pin_dir: &'a Path,
+    /// The agent's listener; diverted connects are rewritten to it.
+    pub divert_to: SocketAddrV4,
+    /// Metadata endpoints to divert.
+    pub endpoints: &'a [SocketAddrV4],
+}
+
+/// The loaded, attached programs and the maps the agent uses at run time.
+pub struct Enforcer {
+    // Keeps the programs loaded (the links hold them too, through their pins).
+    _ebpf: Ebpf,
+    conns: HashMap<MapData, SockAddr, Caller>,
+    exempt: Mutex<HashMap<MapData, u64, u8>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Enforcer {
+    /// Loads the programs on the (possibly already pinned) maps, attaches them to the cgroup
+    /// and pins the links, replacing a previous agent's links atomically.
+    pub fn attach(config: &AttachConfig<'_>) -> Result<Self, LoaderError> {
+        prepare_pin_dir(config.pin_dir)?;
+        let cgroup = File::open(config.cgroup).map_err(|source| LoaderError::Cgroup {
+            path: config.cgroup.to_owned(),
+            source,
+        })?;
+
+        let divert_ip = u32::from_ne_bytes(config.divert_to.ip().octets());
+        let divert_port = config.divert_to.port();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(config.pin_dir)
+            .override_global(GLOBAL_DIVERT_IP4, &divert_ip, true)
+            .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
+            .load(EBPF_OBJECT)?;
+
+        // Endpoints first: once the links are in place, the programs consult this map.
+        let mut endpoints: HashMap<_, u32, Endpoint4> = take_map(&mut ebpf, MAP_ENDPOINTS4)?;
+        let wanted: Vec<u32> = config
+            .endpoints
+            .iter()
+            .map(|e| u32::from_ne_bytes(e.ip().octets()))
+            .collect();
+        for endpoint in config.endpoints {
+            let key = u32::from_ne_bytes(endpoint.ip().octets());
+            let value = Endpoint4 {
+                port: endpoint.port(),
+                _pad: 0,
+                flags: 0,
+            };
+            endpoints
+                .insert(key, value, 0)
+                .map_err(|source| LoaderError::Map {
+                    name: MAP_ENDPOINTS4,
+                    source,
+                })?;
+        }
+        // An adopted map may list endpoints a previous configuration had and this one drops.
+        let stale: Vec<u32> = endpoints
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            let _ = endpoints.remove(&key);
+        }
+
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
+        connect4.load().map_err(program_error(PROG_CONNECT4))?;
+        let id = connect4
+            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .map_err(program_error(PROG_CONNECT4))?;
+        let connect4_link: FdLink = connect4
+            .take_link(id)
+            .map_err(program_error(PROG_CONNECT4))?
+            .try_into()
+            .map_err(link_error(PROG_CONNECT4))?;
+
+        let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
+        sock_ops.load().map_err(program_error(PROG_SOCK_OPS))?;
+        let id = sock_ops
+            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .map_err(program_error(PROG_SOCK_OPS))?;
+        let sock_ops_link: FdLink = sock_ops
+            .take_link(id)
+            .map_err(program_error(PROG_SOCK_OPS))?
+            .try_into()
+            .map_err(link_error(PROG_SOCK_OPS))?;
+
+        // sock_ops first: a connect4 that diverts must always have its recorder in place.
+        replace_pin(config.pin_dir, LINK_SOCK_OPS, sock_ops_link)?;
+        replace_pin(config.pin_dir, LINK_CONNECT4, connect4_link)?;
+
+        Ok(Self {
+            conns: take_map(&mut ebpf, MAP_CONNS)?,
+            exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
+            counters: take_map(&mut ebpf, MAP_COUNTERS)?,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The kernel's record of a diverted connection, by the client's address as accepted.
+    pub fn caller(&self, peer: &SockAddr) -> Option<Caller> {
+        self.conns.get(peer, 0).ok()
+    }
+
+    /// Connects `socket` to `addr` without being diverted: registers the socket's cookie as
+    /// exempt for the duration of the connect.
+    pub async fn connect_exempt(
+        &self,
+        socket: tokio::net::TcpSocket,
+        addr: std::net::SocketAddr,
+    ) -> Result<tokio::net::TcpStream, LoaderError> {
+        let cookie = socket_cookie(socket.as_raw_fd()).map_err(LoaderError::Cookie)?;
+        self.exempt
+            .lock()
+            .expect("exempt map lock")
+            .insert(cookie, 1, 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_EXEMPT,
+                source,
+            })?;
+        let result = socket.connect(addr).await;
+        let _ = self.exempt.lock().expect("exempt map lock").remove(&cookie);
+        result.map_err(LoaderError::Cookie)
+    }
+
+    pub fn counters(&self) -> Result<Counters, LoaderError> {
+        read_counters(&self.counters)
+    }
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub diverted: u64,
+    pub passed: u64,
+    pub refused: u64,
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, LoaderError> {
+    let sum = |counter: Counter| -> Result<u64, LoaderError> {
+        let values = map
+            .get(&(counter as u32), 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_COUNTERS,
+                source,
+            })?;
+        Ok(values.iter().sum())
+    };
+    debug_assert_eq!(COUNTER_COUNT, 3);
+    Ok(Counters {
+        diverted: sum(Counter::Diverted)?,
+        passed: sum(Counter::Passed)?,
+        refused: sum(Counter::Refused)?,
+    })
+}
+
+/// Reads the counters of an installation from its pinned map, without loading anything.
+pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, LoaderError> {
+    let path = pin_dir.join(MAP_COUNTERS);
+    let data = MapData::from_pin(&path).map_err(|source| LoaderError::Map {
+        name: MAP_COUNTERS,
+        source,
+    })?;
+    let map = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| LoaderError::Map {
+        name: MAP_COUNTERS,
+        source,
+    })?;
+    read_counters(&map)
+}
+
+/// Whether an installation's links are pinned in `pin_dir`.
+pub fn is_attached(pin_dir: &Path) -> bool {
+    pin_dir.join(LINK_CONNECT4).exists()
+}
+
+/// Removes an installation: unpinning the links detaches the programs; unpinning the maps
+/// frees them once no program uses them. Returns whether there was anything to remove.
+pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
+    let err = |source| LoaderError::Detach {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    // Links first, so no program runs on maps that are going away.
+    for link in [LINK_CONNECT4, LINK_SOCK_OPS] {
+        match std::fs::remove_file(pin_dir.join(link)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    std::fs::remove_dir_all(pin_dir).map_err(err)?;
+    Ok(true)
+}
+
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
+    if pin_dir.starts_with(fs::BPFFS_ROOT) {
+        fs::ensure_bpffs().map_err(|source| LoaderError::Bpffs { source })?;
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    match fs::fs_magic(pin_dir) {
+        Ok(magic) if magic == libc::BPF_FS_MAGIC as i64 => Ok(()),
+        _ => Err(LoaderError::PinDirNotBpffs(pin_dir.to_owned())),
+    }
+}
+
+/// Pins `link` under a temporary name and renames it over `name`: the old link (if any) loses
+/// its last reference and detaches only after the new one is attached and pinned.
+fn replace_pin(pin_dir: &Path, name: &str, link: FdLink) -> Result<(), LoaderError> {
+    let tmp = pin_dir.join(format!("{name}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    let pinned: PinnedLink = link.pin(&tmp).map_err(|source| LoaderError::Pin {
+        path: tmp.clone(),
+        source,
+    })?;
+    let path = pin_dir.join(name);
+    std::fs::rename(&tmp, &path).map_err(|source| LoaderError::Rename { path, source })?;
+    // Closing our fd is fine: the pin keeps the link.
+    drop(pinned);
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Program {
+            name,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> LoaderError {
+    move |source| LoaderError::Program { name, source }
+}
+
+fn link_error(name: &'static str) -> impl Fn(LinkError) -> LoaderError {
+    move |source| LoaderError::Link { name, source }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoaderError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(LoaderError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| LoaderError::Map { name, source })
+}
+
+/// SO_COOKIE (linux/socket.h): a 64-bit id the kernel assigns to each socket.
+const SO_COOKIE: libc::c_int = 57;
+
+fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

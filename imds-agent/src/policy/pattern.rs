@@ -1,0 +1,297 @@
+//! Paths and path patterns, on one strict grammar.
+//!
+//! A path is `/` followed by segments separated by `/`. A segment is one or more of
+//! `A-Z a-z 0-9 - . _ ~ ! $ ' ( ) + , = : @`. Rejected, never normalised: empty segments
+//! (`//`), dot segments (`.`, `..`), `%` escapes, `\`, `;`, `&`, spaces, control and non-ASCII
+//! bytes. One trailing `/` is allowed and does not change what the path names for policy:
+//! `x` and `x/` are the same policy object (the metadata services serve both).
+//!
+//! Patterns use the same grammar plus wildcards:
+//! - `*` inside a segment matches any characters within that one segment (`role-*`);
+//! - `**` as a whole segment matches zero or more segments (`/latest/meta-data/iam/**`
+//!   matches `/latest/meta-data/iam` and everything below it);
+//! - everything else is literal and case-sensitive. Matching is per segment, so `/a/role`
+//!   never matches `/a/role-admin`.
+
+use std::fmt;
+
+/// Why a path or pattern is not in the grammar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    NotAbsolute,
+    EmptySegment,
+    DotSegment,
+    BadByte(u8),
+    /// Only in patterns: `**` mixed with other characters in a segment.
+    PartialAnyDepth,
+    /// Only in requests: a `*` is a wildcard in patterns and never part of a real path.
+    Wildcard,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotAbsolute => f.write_str("must start with '/'"),
+            Self::EmptySegment => f.write_str("empty path segment ('//')"),
+            Self::DotSegment => f.write_str("'.' and '..' segments are not allowed"),
+            Self::BadByte(b) if b.is_ascii_graphic() => {
+                write!(f, "character '{}' is not allowed", *b as char)
+            }
+            Self::BadByte(b) => write!(f, "byte 0x{b:02x} is not allowed"),
+            Self::PartialAnyDepth => f.write_str("'**' must be a whole path segment"),
+            Self::Wildcard => f.write_str("'*' is not allowed in a request path"),
+        }
+    }
+}
+
+const fn is_segment_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'\'' | b'(' | b')' | b'+' | b',' | b'=' | b':' | b'@'
+        )
+}
+
+/// Splits a path into its segments, validating the grammar. `allow_star` admits `*` (patterns).
+fn segments(path: &str, allow_star: bool) -> Result<Vec<&str>, PathError> {
+    let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
+    // One trailing slash names the same object.
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    rest.split('/')
+        .map(|segment| {
+            if segment.is_empty() {
+                return Err(PathError::EmptySegment);
+            }
+            if segment == "." || segment == ".." {
+                return Err(PathError::DotSegment);
+            }
+            for &b in segment.as_bytes() {
+                if b == b'*' {
+                    if !allow_star {
+                        return Err(PathError::Wildcard);
+                    }
+                } else if !is_segment_byte(b) {
+                    return Err(PathError::BadByte(b));
+                }
+            }
+            Ok(segment)
+        })
+        .collect()
+}
+
+/// A request path split into validated segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalPath<'a> {
+    pub segments: Vec<&'a str>,
+}
+
+impl<'a> CanonicalPath<'a> {
+    pub fn parse(path: &'a str) -> Result<Self, PathError> {
+        Ok(Self {
+            segments: segments(path, false)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// The literal parts between `*`s: `a*b*c` is `["a", "b", "c"]`.
+    Wildcard(Vec<String>),
+    AnyDepth,
+}
+
+/// A compiled path pattern (also used for cgroup paths, which follow the same grammar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    source: String,
+    segments: Vec<Segment>,
+}
+
+impl PathPattern {
+    pub fn parse(pattern: &str) -> Result<Self, PathError> {
+        let segments = segments(pattern, true)?
+            .into_iter()
+            .map(|s| match s {
+                "**" => Ok(Segment::AnyDepth),
+                _ if s.contains("**") => Err(PathError::PartialAnyDepth),
+                _ if s.contains('*') => Ok(Segment::Wildcard(
+                    s.split('*').map(str::to_owned).collect(),
+                )),
+                _ => Ok(Segment::Literal(s.to_owned())),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            source: pattern.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn matches(&self, path: &CanonicalPath<'_>) -> bool {
+        match_segments(&self.segments, &path.segments)
+    }
+}
+
+fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((Segment::AnyDepth, rest)) => (0..=path.len()).any(|i| match_segments(rest, &path[i..])),
+        Some((segment, rest)) => match path.split_first() {
+            Some((first, others)) => segment_matches(segment, first) && match_segments(rest, others),
+            None => false,
+        },
+    }
+}
+
+fn segment_matches(segment: &Segment, text: &str) -> bool {
+    match segment {
+        Segment::Literal(literal) => literal == text,
+        Segment::Wildcard(parts) => wildcard_matches(parts, text),
+        Segment::AnyDepth => true,
+    }
+}
+
+/// `parts` are the literals around `*`s; the first must be a prefix, the last a suffix, and
+/// the middle ones must appear in order in between.
+pub(crate) fn wildcard_matches(parts: &[String], text: &str) -> bool {
+    let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+        return text.is_empty();
+    };
+    if parts.len() == 1 {
+        return first == text;
+    }
+    if text.len() < first.len() + last.len() || !text.starts_with(first.as_str()) || !text.ends_with(last.as_str()) {
+        return false;
+    }
+    let mut middle = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match middle.find(part.as_str()) {
+            Some(at) => middle = &middle[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// A single-segment glob (for unit names): `*` matches any characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamePattern {
+    source: String,
+    parts: Vec<String>,
+}
+
+impl NamePattern {
+    pub fn parse(pattern: &str) -> Result<Self, PathError> {
+        if pattern.is_empty() {
+            return Err(PathError::EmptySegment);
+        }
+        if let Some(&b) = pattern
+            .as_bytes()
+            .iter()
+            .find(|&&b| b != b'*' && !is_segment_byte(b) && b != b'\\')
+        {
+            return Err(PathError::BadByte(b));
+        }
+        Ok(Self {
+            source: pattern.to_owned(),
+            parts: pattern.split('*').map(str::to_owned).collect(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        wildcard_matches(&self.parts, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(pattern: &str, path: &str) -> bool {
+        PathPattern::parse(pattern)
+            .unwrap()
+            .matches(&CanonicalPath::parse(path).unwrap())
+    }
+
+    #[test]
+    fn matching_table() {
+        let table = [
+            // (pattern, path, expected)
+            ("/latest/meta-data/instance-id", "/latest/meta-data/instance-id", true),
+            ("/latest/meta-data/instance-id", "/latest/meta-data/instance-id/", true),
+            ("/latest/meta-data/instance-id/", "/latest/meta-data/instance-id", true),
+            ("/latest/meta-data/instance-id", "/latest/meta-data/instance-id-x", false),
+            ("/latest/meta-data/instance-id", "/latest/meta-data/Instance-Id", false),
+            ("/latest/meta-data/iam/**", "/latest/meta-data/iam", true),
+            ("/latest/meta-data/iam/**", "/latest/meta-data/iam/", true),
+            ("/latest/meta-data/iam/**", "/latest/meta-data/iam/security-credentials/r", true),
+            ("/latest/meta-data/iam/**", "/latest/meta-data/iamx", false),
+            ("/latest/meta-data/iam/security-credentials/role", "/latest/meta-data/iam/security-credentials/role-admin", false),
+            ("/latest/meta-data/placement/*", "/latest/meta-data/placement/region", true),
+            ("/latest/meta-data/placement/*", "/latest/meta-data/placement", false),
+            ("/latest/meta-data/placement/*", "/latest/meta-data/placement/a/b", false),
+            ("/*/meta-data/ami-id", "/2021-03-23/meta-data/ami-id", true),
+            ("/latest/meta-data/tags/instance/env-*", "/latest/meta-data/tags/instance/env-prod", true),
+            ("/latest/meta-data/tags/instance/env-*", "/latest/meta-data/tags/instance/team", false),
+            ("/a/*-x-*", "/a/1-x-2", true),
+            ("/a/*-x-*", "/a/1-y-2", false),
+            ("/**", "/", true),
+            ("/**", "/anything/at/all", true),
+            ("/", "/", true),
+            ("/", "/latest", false),
+            ("/a/**/c", "/a/c", true),
+            ("/a/**/c", "/a/b/b/c", true),
+            ("/a/**/c", "/a/b/b/d", false),
+        ];
+        for (pattern, path, expected) in table {
+            assert_eq!(matches(pattern, path), expected, "{pattern} vs {path}");
+        }
+    }
+
+    #[test]
+    fn request_paths_are_rejected_not_normalised() {
+        let table = [
+            ("latest", PathError::NotAbsolute),
+            ("/latest//meta-data", PathError::EmptySegment),
+            ("/latest/./meta-data", PathError::DotSegment),
+            ("/latest/../latest", PathError::DotSegment),
+            ("/latest/meta%2Ddata", PathError::BadByte(b'%')),
+            ("/metadata/identity\\oauth2", PathError::BadByte(b'\\')),
+            ("/a/..;/b", PathError::BadByte(b';')),
+            ("/a/b c", PathError::BadByte(b' ')),
+            ("/a/\u{e9}", PathError::BadByte(0xc3)),
+            ("/a/\x01", PathError::BadByte(1)),
+            ("/a/*", PathError::Wildcard),
+        ];
+        for (path, error) in table {
+            assert_eq!(CanonicalPath::parse(path), Err(error), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn patterns_follow_the_same_grammar() {
+        assert_eq!(PathPattern::parse("/a/b**").unwrap_err(), PathError::PartialAnyDepth);
+        assert_eq!(PathPattern::parse("a/b").unwrap_err(), PathError::NotAbsolute);
+        assert_eq!(PathPattern::parse("/a/%41").unwrap_err(), PathError::BadByte(b'%'));
+    }
+
+    #[test]
+    fn name_patterns() {
+        let p = NamePattern::parse("nginx*.service").unwrap();
+        assert!(p.matches("nginx.service"));
+        assert!(p.matches("nginx-2.service"));
+        assert!(!p.matches("nginx.scope"));
+        assert!(NamePattern::parse("*").unwrap().matches("x"));
+    }
+}

@@ -1,0 +1,131 @@
+//! Types and constants shared by the kernel programs (`imds-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and no `bool`, because the
+//! same bytes are read by BPF programs and by the agent through map syscalls.
+#![no_std]
+
+/// Metadata endpoints to divert, keyed by IPv4 address in network byte order (exactly as the
+/// kernel presents `bpf_sock_addr.user_ip4`). Value: [`Endpoint4`].
+pub const MAP_ENDPOINTS4: &str = "IMDS_ENDPOINTS4";
+/// Callers recorded by the connect program, keyed by socket cookie, until the sock_ops program
+/// learns the connection's source address. Value: [`Caller`].
+pub const MAP_PENDING: &str = "IMDS_PENDING";
+/// Diverted connections keyed by the client's source address as the agent sees it on accept
+/// ([`SockAddr`]). Value: [`Caller`]. Removed by the kernel when the connection closes.
+pub const MAP_CONNS: &str = "IMDS_CONNS";
+/// Socket cookies of the agent's own upstream sockets, which are never diverted.
+pub const MAP_EXEMPT: &str = "IMDS_EXEMPT";
+/// Per-CPU counters, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "IMDS_COUNTERS";
+
+/// Global set at load time: the agent's listener (IPv4, network byte order).
+pub const GLOBAL_DIVERT_IP4: &str = "IMDS_DIVERT_IP4";
+/// Global set at load time: the agent's listener port (host byte order).
+pub const GLOBAL_DIVERT_PORT: &str = "IMDS_DIVERT_PORT";
+
+/// Program names as they appear in the object file.
+pub const PROG_CONNECT4: &str = "imds_connect4";
+pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
+
+/// Bounds for the maps; all connection maps are LRU so they can never fill up and block.
+pub const MAX_ENDPOINTS: u32 = 64;
+pub const MAX_CONNS: u32 = 65_536;
+pub const MAX_EXEMPT: u32 = 4_096;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// One metadata endpoint on an IPv4 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint4 {
+    /// The metadata service's TCP port, host byte order.
+    pub port: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+    /// Reserved, zero (room for per-endpoint flags without changing the layout).
+    pub flags: u32,
+}
+
+/// An IP socket address. IPv4 addresses use `addr[0]` in network byte order and zero the rest,
+/// as the kernel does in `bpf_sock_ops.local_ip4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+}
+
+/// Who connected, as attested by the kernel at `connect()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// cgroup v2 id (the cgroup directory's inode number) of the connecting task.
+    pub cgroup_id: u64,
+    /// Thread-group id (the process id) of the connecting task.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad0: u32,
+    /// The metadata endpoint the caller asked for before the rewrite.
+    pub original: SockAddr,
+    pub _pad1: u32,
+}
+
+/// Indexes into [`MAP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Connects to a metadata endpoint rewritten to the agent.
+    Diverted = 0,
+    /// Connects to a metadata endpoint let through unchanged: the agent's own upstream sockets.
+    Passed = 1,
+    /// Connects to a metadata address on a port that is not the endpoint's, refused (EPERM).
+    Refused = 2,
+}
+
+pub const COUNTER_COUNT: u32 = 3;
+
+impl SockAddr {
+    pub const fn v4(addr_be: u32, port: u16) -> Self {
+        Self {
+            addr: [addr_be, 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all fields are plain integers with explicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for Endpoint4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Caller {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
+        assert_eq!(core::mem::size_of::<SockAddr>(), 20);
+        assert_eq!(core::mem::size_of::<Caller>(), 48);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in [MAP_ENDPOINTS4, MAP_PENDING, MAP_CONNS, MAP_EXEMPT, MAP_COUNTERS] {
+            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
+        }
+    }
+}

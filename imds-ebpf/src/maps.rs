@@ -1,0 +1,41 @@
+//! The maps shared with the agent. Names come from `imds-common` (the agent looks them up by
+//! the same constants). Maps that must survive an agent restart are pinned by name under the
+//! agent's pin directory, so a new agent adopts the live state instead of starting empty.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use imds_common::{Caller, Counter, Endpoint4, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, SockAddr};
+
+#[map]
+pub static IMDS_ENDPOINTS4: HashMap<u32, Endpoint4> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+#[map]
+pub static IMDS_PENDING: LruHashMap<u64, Caller> = LruHashMap::pinned(MAX_CONNS, 0);
+
+#[map]
+pub static IMDS_CONNS: LruHashMap<SockAddr, Caller> = LruHashMap::pinned(MAX_CONNS, 0);
+
+#[map]
+pub static IMDS_EXEMPT: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_EXEMPT, 0);
+
+#[map]
+pub static IMDS_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::pinned(imds_common::COUNTER_COUNT, 0);
+
+/// The agent's listener, set by the loader (`EbpfLoader::override_global`). IPv4 in network
+/// byte order, port in host byte order.
+#[unsafe(no_mangle)]
+pub static IMDS_DIVERT_IP4: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static IMDS_DIVERT_PORT: Global<u16> = Global::new(0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(value) = IMDS_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+        unsafe { *value += 1 };
+    }
+}
