@@ -1,7 +1,10 @@
 //! The imds-agent: loads the kernel programs that divert metadata connections from enforced
 //! cgroups to the agent, identifies each caller, and serves or denies each request by policy.
 
+pub mod cli;
 pub mod fs;
 pub mod identity;
 pub mod loader;
 pub mod policy;
+pub mod proxy;
+pub mod run;

@@ -1,4 +1,118 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
-    println!("{}", obj.len());
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use imds_agent::{
+    cli::{Cli, Command, LogFormat, PolicyCommand},
+    loader,
+    policy::{Action, PolicySet},
+    run::{self, format_policy_errors},
+};
+use tracing_subscriber::EnvFilter;
+
+/// sysexits(3) EX_USAGE: bad configuration or arguments.
+const EXIT_CONFIG: u8 = 64;
+const EXIT_RUNTIME: u8 = 1;
+
+/// An error and its causes on one line: "a: b: c".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("IMDS_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("imds-agent: cannot start the runtime: {error}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            match runtime.block_on(run::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("imds-agent: {}", chain(&error));
+                    ExitCode::from(if error.is_config() {
+                        EXIT_CONFIG
+                    } else {
+                        EXIT_RUNTIME
+                    })
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Check { paths }) => {
+            match PolicySet::load(&paths, Action::Deny) {
+                Ok(set) => {
+                    for policy in set.policies() {
+                        println!(
+                            "{}: ok: policy '{}', {} rules",
+                            policy.source().display(),
+                            policy.name(),
+                            policy.rule_count()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{}", format_policy_errors(&errors));
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::Detach { pin_dir } => match loader::detach(&pin_dir) {
+            Ok(true) => {
+                println!("detached: removed {}", pin_dir.display());
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("nothing attached at {}", pin_dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("imds-agent: {}", chain(&error));
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        Command::Status { pin_dir } => {
+            let attached = loader::is_attached(&pin_dir);
+            let counters = loader::pinned_counters(&pin_dir).unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "pin_dir": pin_dir,
+                    "attached": attached,
+                    "counters": counters,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+    }
 }

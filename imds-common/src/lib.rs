@@ -124,8 +124,17 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        for name in [MAP_ENDPOINTS4, MAP_PENDING, MAP_CONNS, MAP_EXEMPT, MAP_COUNTERS] {
-            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
+        for name in [
+            MAP_ENDPOINTS4,
+            MAP_PENDING,
+            MAP_CONNS,
+            MAP_EXEMPT,
+            MAP_COUNTERS,
+        ] {
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
         }
     }
 }

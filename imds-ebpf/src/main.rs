@@ -43,8 +43,10 @@ pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
+    // Map keys must live on the stack (the verifier refuses pointers into the context).
+    let ip: u32 = sa.user_ip4;
     // The fast path for every other destination: one hash lookup, nothing before it.
-    let Some(endpoint) = (unsafe { IMDS_ENDPOINTS4.get(&sa.user_ip4) }) else {
+    let Some(endpoint) = (unsafe { IMDS_ENDPOINTS4.get(&ip) }) else {
         return Ok(ALLOW);
     };
     if sa.protocol != IPPROTO_TCP {
@@ -78,7 +80,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         _pad0: 0,
-        original: SockAddr::v4(sa.user_ip4, port),
+        original: SockAddr::v4(ip, port),
         _pad1: 0,
     };
     // A connection the agent cannot attribute would be refused there anyway; refusing it here

@@ -22,8 +22,7 @@ pub static IMDS_CONNS: LruHashMap<SockAddr, Caller> = LruHashMap::pinned(MAX_CON
 pub static IMDS_EXEMPT: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_EXEMPT, 0);
 
 #[map]
-pub static IMDS_COUNTERS: PerCpuArray<u64> =
-    PerCpuArray::pinned(imds_common::COUNTER_COUNT, 0);
+pub static IMDS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(imds_common::COUNTER_COUNT, 0);
 
 /// The agent's listener, set by the loader (`EbpfLoader::override_global`). IPv4 in network
 /// byte order, port in host byte order.

@@ -31,8 +31,8 @@ use aya::{
     },
 };
 use imds_common::{
-    COUNTER_COUNT, Caller, Counter, Endpoint4, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
-    MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_EXEMPT, PROG_CONNECT4, PROG_SOCK_OPS, SockAddr,
+    COUNTER_COUNT, Caller, Counter, Endpoint4, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT, MAP_CONNS,
+    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_EXEMPT, PROG_CONNECT4, PROG_SOCK_OPS, SockAddr,
 };
 
 use crate::fs;
@@ -153,10 +153,12 @@ impl Enforcer {
             let _ = endpoints.remove(&key);
         }
 
+        // Cgroup links always run alongside other programs (the kernel attaches them with
+        // multi-attach semantics); link_create takes no flags, so the mode is "Single" here.
         let connect4: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
         connect4.load().map_err(program_error(PROG_CONNECT4))?;
         let id = connect4
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error(PROG_CONNECT4))?;
         let connect4_link: FdLink = connect4
             .take_link(id)
@@ -167,7 +169,7 @@ impl Enforcer {
         let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
         sock_ops.load().map_err(program_error(PROG_SOCK_OPS))?;
         let id = sock_ops
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error(PROG_SOCK_OPS))?;
         let sock_ops_link: FdLink = sock_ops
             .take_link(id)
@@ -302,7 +304,8 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
 /// Pins `link` under a temporary name and renames it over `name`: the old link (if any) loses
 /// its last reference and detaches only after the new one is attached and pinned.
 fn replace_pin(pin_dir: &Path, name: &str, link: FdLink) -> Result<(), LoaderError> {
-    let tmp = pin_dir.join(format!("{name}.new"));
+    // bpffs refuses names with dots (reserved by the kernel).
+    let tmp = pin_dir.join(format!("{name}_new"));
     let _ = std::fs::remove_file(&tmp);
     let pinned: PinnedLink = link.pin(&tmp).map_err(|source| LoaderError::Pin {
         path: tmp.clone(),

@@ -327,9 +327,7 @@ impl PolicySet {
                 Methods::Any => true,
                 Methods::Only(methods) => methods.iter().any(|m| m == method),
             };
-            method_ok
-                && rule.paths.iter().any(|p| p.matches(path))
-                && rule.callers.matches(&caller)
+            method_ok && rule.paths.iter().any(|p| p.matches(path)) && rule.callers.matches(&caller)
         });
         match rule {
             Some(rule) => Decision {
@@ -396,7 +394,8 @@ fn load_file(file: &Path) -> Result<Policy, Vec<PolicyError>> {
 
 /// Parses and validates one policy document.
 pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
-    let doc: PolicyDoc = serde_saphyr::from_str(text).map_err(|e| vec![yaml_error(file, text, &e)])?;
+    let doc: PolicyDoc =
+        serde_saphyr::from_str(text).map_err(|e| vec![yaml_error(file, text, &e)])?;
     let mut at = Located {
         file,
         errors: Vec::new(),
@@ -413,18 +412,34 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
         .map(|(i, rule)| {
             let field = format!("rules[{i}]");
             if !valid_name(&rule.name.value) {
-                at.error(&rule.name, format!("{field}.name"), "must be 1-128 of A-Z a-z 0-9 - _ .");
+                at.error(
+                    &rule.name,
+                    format!("{field}.name"),
+                    "must be 1-128 of A-Z a-z 0-9 - _ .",
+                );
             } else if rule.name.value == DEFAULT_RULE {
-                at.error(&rule.name, format!("{field}.name"), "'default' names the policy's default");
+                at.error(
+                    &rule.name,
+                    format!("{field}.name"),
+                    "'default' names the policy's default",
+                );
             } else if !rule_names.insert(rule.name.value.clone()) {
-                at.error(&rule.name, format!("{field}.name"), "duplicate rule name in this policy");
+                at.error(
+                    &rule.name,
+                    format!("{field}.name"),
+                    "duplicate rule name in this policy",
+                );
             }
             Rule {
                 name: rule.name.value.clone(),
                 action: rule.action,
                 methods: compile_methods(&mut at, &field, &rule.methods),
                 paths: compile_paths(&mut at, &field, &rule.paths),
-                callers: compile_selector(&mut at, &format!("{field}.callers"), rule.callers.as_ref()),
+                callers: compile_selector(
+                    &mut at,
+                    &format!("{field}.callers"),
+                    rule.callers.as_ref(),
+                ),
             }
         })
         .collect();
@@ -440,9 +455,17 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
     })
 }
 
-fn compile_methods(at: &mut Located<'_>, field: &str, methods: &Spanned<Vec<Spanned<String>>>) -> Methods {
+fn compile_methods(
+    at: &mut Located<'_>,
+    field: &str,
+    methods: &Spanned<Vec<Spanned<String>>>,
+) -> Methods {
     if methods.value.is_empty() {
-        at.error(methods, format!("{field}.methods"), "must name at least one method, or \"*\"");
+        at.error(
+            methods,
+            format!("{field}.methods"),
+            "must name at least one method, or \"*\"",
+        );
     }
     if methods.value.iter().any(|m| m.value == "*") {
         if methods.value.len() > 1 {
@@ -455,16 +478,28 @@ fn compile_methods(at: &mut Located<'_>, field: &str, methods: &Spanned<Vec<Span
             at.error(
                 method,
                 format!("{field}.methods[{i}]"),
-                format_args!("unknown method {:?} (expected one of {}, or \"*\")", method.value, METHODS.join(", ")),
+                format_args!(
+                    "unknown method {:?} (expected one of {}, or \"*\")",
+                    method.value,
+                    METHODS.join(", ")
+                ),
             );
         }
     }
     Methods::Only(methods.value.iter().map(|m| m.value.clone()).collect())
 }
 
-fn compile_paths(at: &mut Located<'_>, field: &str, paths: &Spanned<Vec<Spanned<String>>>) -> Vec<PathPattern> {
+fn compile_paths(
+    at: &mut Located<'_>,
+    field: &str,
+    paths: &Spanned<Vec<Spanned<String>>>,
+) -> Vec<PathPattern> {
     if paths.value.is_empty() {
-        at.error(paths, format!("{field}.paths"), "must list at least one path pattern");
+        at.error(
+            paths,
+            format!("{field}.paths"),
+            "must list at least one path pattern",
+        );
     }
     paths
         .value
@@ -473,7 +508,11 @@ fn compile_paths(at: &mut Located<'_>, field: &str, paths: &Spanned<Vec<Spanned<
         .filter_map(|(i, path)| match PathPattern::parse(&path.value) {
             Ok(pattern) => Some(pattern),
             Err(e) => {
-                at.error(path, format!("{field}.paths[{i}]"), format_args!("{:?}: {e}", path.value));
+                at.error(
+                    path,
+                    format!("{field}.paths[{i}]"),
+                    format_args!("{:?}: {e}", path.value),
+                );
                 None
             }
         })
@@ -491,7 +530,11 @@ fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDoc>
         .filter_map(|(i, c)| match PathPattern::parse(&c.value) {
             Ok(p) => Some(p),
             Err(e) => {
-                at.error(c, format!("{field}.cgroups[{i}]"), format_args!("{:?}: {e}", c.value));
+                at.error(
+                    c,
+                    format!("{field}.cgroups[{i}]"),
+                    format_args!("{:?}: {e}", c.value),
+                );
                 None
             }
         })
@@ -503,7 +546,11 @@ fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDoc>
         .filter_map(|(i, u)| match NamePattern::parse(&u.value) {
             Ok(p) => Some(p),
             Err(e) => {
-                at.error(u, format!("{field}.units[{i}]"), format_args!("{:?}: {e}", u.value));
+                at.error(
+                    u,
+                    format!("{field}.units[{i}]"),
+                    format_args!("{:?}: {e}", u.value),
+                );
                 None
             }
         })
@@ -517,9 +564,7 @@ fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDoc>
 }
 
 fn yaml_error(file: &Path, text: &str, error: &serde_saphyr::Error) -> PolicyError {
-    let (line, column) = error
-        .location()
-        .map_or((0, 0), |l| (l.line(), l.column()));
+    let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
     // serde-saphyr's Display is "error: line L column C: message", sometimes followed by a
     // source snippet; keep the message only, the location is printed in front of it.
     let display = error.to_string();
@@ -541,11 +586,19 @@ fn yaml_error(file: &Path, text: &str, error: &serde_saphyr::Error) -> PolicyErr
 
 /// The mapping key written on a (1-based) line, e.g. `default` for `  - default: alow`.
 fn key_on_line(text: &str, line: u64) -> Option<String> {
-    let source = text.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
-    let (key, _) = source.trim_start().trim_start_matches("- ").split_once(':')?;
+    let source = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let (key, _) = source
+        .trim_start()
+        .trim_start_matches("- ")
+        .split_once(':')?;
     let key = key.trim();
-    (!key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
-        .then(|| key.to_owned())
+    (!key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    .then(|| key.to_owned())
 }
 
 #[cfg(test)]

@@ -48,7 +48,19 @@ const fn is_segment_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
-            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'\'' | b'(' | b')' | b'+' | b',' | b'=' | b':' | b'@'
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'\''
+                | b'('
+                | b')'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
         )
 }
 
@@ -118,9 +130,9 @@ impl PathPattern {
             .map(|s| match s {
                 "**" => Ok(Segment::AnyDepth),
                 _ if s.contains("**") => Err(PathError::PartialAnyDepth),
-                _ if s.contains('*') => Ok(Segment::Wildcard(
-                    s.split('*').map(str::to_owned).collect(),
-                )),
+                _ if s.contains('*') => {
+                    Ok(Segment::Wildcard(s.split('*').map(str::to_owned).collect()))
+                }
                 _ => Ok(Segment::Literal(s.to_owned())),
             })
             .collect::<Result<_, _>>()?;
@@ -142,9 +154,13 @@ impl PathPattern {
 fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
     match pattern.split_first() {
         None => path.is_empty(),
-        Some((Segment::AnyDepth, rest)) => (0..=path.len()).any(|i| match_segments(rest, &path[i..])),
+        Some((Segment::AnyDepth, rest)) => {
+            (0..=path.len()).any(|i| match_segments(rest, &path[i..]))
+        }
         Some((segment, rest)) => match path.split_first() {
-            Some((first, others)) => segment_matches(segment, first) && match_segments(rest, others),
+            Some((first, others)) => {
+                segment_matches(segment, first) && match_segments(rest, others)
+            }
             None => false,
         },
     }
@@ -167,7 +183,10 @@ pub(crate) fn wildcard_matches(parts: &[String], text: &str) -> bool {
     if parts.len() == 1 {
         return first == text;
     }
-    if text.len() < first.len() + last.len() || !text.starts_with(first.as_str()) || !text.ends_with(last.as_str()) {
+    if text.len() < first.len() + last.len()
+        || !text.starts_with(first.as_str())
+        || !text.ends_with(last.as_str())
+    {
         return false;
     }
     let mut middle = &text[first.len()..text.len() - last.len()];
@@ -228,22 +247,70 @@ mod tests {
     fn matching_table() {
         let table = [
             // (pattern, path, expected)
-            ("/latest/meta-data/instance-id", "/latest/meta-data/instance-id", true),
-            ("/latest/meta-data/instance-id", "/latest/meta-data/instance-id/", true),
-            ("/latest/meta-data/instance-id/", "/latest/meta-data/instance-id", true),
-            ("/latest/meta-data/instance-id", "/latest/meta-data/instance-id-x", false),
-            ("/latest/meta-data/instance-id", "/latest/meta-data/Instance-Id", false),
+            (
+                "/latest/meta-data/instance-id",
+                "/latest/meta-data/instance-id",
+                true,
+            ),
+            (
+                "/latest/meta-data/instance-id",
+                "/latest/meta-data/instance-id/",
+                true,
+            ),
+            (
+                "/latest/meta-data/instance-id/",
+                "/latest/meta-data/instance-id",
+                true,
+            ),
+            (
+                "/latest/meta-data/instance-id",
+                "/latest/meta-data/instance-id-x",
+                false,
+            ),
+            (
+                "/latest/meta-data/instance-id",
+                "/latest/meta-data/Instance-Id",
+                false,
+            ),
             ("/latest/meta-data/iam/**", "/latest/meta-data/iam", true),
             ("/latest/meta-data/iam/**", "/latest/meta-data/iam/", true),
-            ("/latest/meta-data/iam/**", "/latest/meta-data/iam/security-credentials/r", true),
+            (
+                "/latest/meta-data/iam/**",
+                "/latest/meta-data/iam/security-credentials/r",
+                true,
+            ),
             ("/latest/meta-data/iam/**", "/latest/meta-data/iamx", false),
-            ("/latest/meta-data/iam/security-credentials/role", "/latest/meta-data/iam/security-credentials/role-admin", false),
-            ("/latest/meta-data/placement/*", "/latest/meta-data/placement/region", true),
-            ("/latest/meta-data/placement/*", "/latest/meta-data/placement", false),
-            ("/latest/meta-data/placement/*", "/latest/meta-data/placement/a/b", false),
+            (
+                "/latest/meta-data/iam/security-credentials/role",
+                "/latest/meta-data/iam/security-credentials/role-admin",
+                false,
+            ),
+            (
+                "/latest/meta-data/placement/*",
+                "/latest/meta-data/placement/region",
+                true,
+            ),
+            (
+                "/latest/meta-data/placement/*",
+                "/latest/meta-data/placement",
+                false,
+            ),
+            (
+                "/latest/meta-data/placement/*",
+                "/latest/meta-data/placement/a/b",
+                false,
+            ),
             ("/*/meta-data/ami-id", "/2021-03-23/meta-data/ami-id", true),
-            ("/latest/meta-data/tags/instance/env-*", "/latest/meta-data/tags/instance/env-prod", true),
-            ("/latest/meta-data/tags/instance/env-*", "/latest/meta-data/tags/instance/team", false),
+            (
+                "/latest/meta-data/tags/instance/env-*",
+                "/latest/meta-data/tags/instance/env-prod",
+                true,
+            ),
+            (
+                "/latest/meta-data/tags/instance/env-*",
+                "/latest/meta-data/tags/instance/team",
+                false,
+            ),
             ("/a/*-x-*", "/a/1-x-2", true),
             ("/a/*-x-*", "/a/1-y-2", false),
             ("/**", "/", true),
@@ -281,9 +348,18 @@ mod tests {
 
     #[test]
     fn patterns_follow_the_same_grammar() {
-        assert_eq!(PathPattern::parse("/a/b**").unwrap_err(), PathError::PartialAnyDepth);
-        assert_eq!(PathPattern::parse("a/b").unwrap_err(), PathError::NotAbsolute);
-        assert_eq!(PathPattern::parse("/a/%41").unwrap_err(), PathError::BadByte(b'%'));
+        assert_eq!(
+            PathPattern::parse("/a/b**").unwrap_err(),
+            PathError::PartialAnyDepth
+        );
+        assert_eq!(
+            PathPattern::parse("a/b").unwrap_err(),
+            PathError::NotAbsolute
+        );
+        assert_eq!(
+            PathPattern::parse("/a/%41").unwrap_err(),
+            PathError::BadByte(b'%')
+        );
     }
 
     #[test]

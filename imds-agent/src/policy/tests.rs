@@ -71,16 +71,45 @@ fn first_matching_rule_decides_in_order() {
     let allow = |rule: &str| (Action::Allow, "web".to_owned(), rule.to_owned());
     let deny = |rule: &str| (Action::Deny, "web".to_owned(), rule.to_owned());
 
-    assert_eq!(decide(&set, &app, "GET", "/latest/meta-data/instance-id"), allow("instance-info"));
-    assert_eq!(decide(&set, &app, "GET", "/latest/meta-data/placement/region"), allow("instance-info"));
+    assert_eq!(
+        decide(&set, &app, "GET", "/latest/meta-data/instance-id"),
+        allow("instance-info")
+    );
+    assert_eq!(
+        decide(&set, &app, "GET", "/latest/meta-data/placement/region"),
+        allow("instance-info")
+    );
     // The deny rule comes first, so not even root reads credentials.
-    assert_eq!(decide(&set, &root, "GET", "/latest/meta-data/iam/security-credentials/r"), deny("no-credentials"));
-    assert_eq!(decide(&set, &root, "GET", "/latest/user-data"), allow("root-reads-everything"));
-    assert_eq!(decide(&set, &app, "GET", "/latest/user-data"), deny(DEFAULT_RULE));
+    assert_eq!(
+        decide(
+            &set,
+            &root,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/r"
+        ),
+        deny("no-credentials")
+    );
+    assert_eq!(
+        decide(&set, &root, "GET", "/latest/user-data"),
+        allow("root-reads-everything")
+    );
+    assert_eq!(
+        decide(&set, &app, "GET", "/latest/user-data"),
+        deny(DEFAULT_RULE)
+    );
     // Methods are part of the rule.
-    assert_eq!(decide(&set, &app, "PUT", "/latest/meta-data/instance-id"), deny(DEFAULT_RULE));
-    assert_eq!(decide(&set, &app, "PUT", "/latest/api/token"), allow("token"));
-    assert_eq!(decide(&set, &app, "POST", "/latest/api/token"), deny(DEFAULT_RULE));
+    assert_eq!(
+        decide(&set, &app, "PUT", "/latest/meta-data/instance-id"),
+        deny(DEFAULT_RULE)
+    );
+    assert_eq!(
+        decide(&set, &app, "PUT", "/latest/api/token"),
+        allow("token")
+    );
+    assert_eq!(
+        decide(&set, &app, "POST", "/latest/api/token"),
+        deny(DEFAULT_RULE)
+    );
 }
 
 #[test]
@@ -89,7 +118,11 @@ fn callers_no_policy_selects_get_the_unmatched_decision() {
     let deny_set = set(&[WEB], Action::Deny);
     assert_eq!(
         decide(&deny_set, &other, "GET", "/latest/meta-data/instance-id"),
-        (Action::Deny, UNMATCHED_POLICY.to_owned(), "unmatched".to_owned())
+        (
+            Action::Deny,
+            UNMATCHED_POLICY.to_owned(),
+            "unmatched".to_owned()
+        )
     );
     let allow_set = set(&[WEB], Action::Allow);
     assert_eq!(decide(&allow_set, &other, "GET", "/x").0, Action::Allow);
@@ -102,7 +135,11 @@ fn unresolved_callers_are_denied_even_when_unmatched_is_allow() {
     assert_eq!(set.select(&ghost), Selection::Unresolved);
     assert_eq!(
         decide(&set, &ghost, "GET", "/latest/meta-data/instance-id"),
-        (Action::Deny, UNMATCHED_POLICY.to_owned(), "unresolved-cgroup".to_owned())
+        (
+            Action::Deny,
+            UNMATCHED_POLICY.to_owned(),
+            "unresolved-cgroup".to_owned()
+        )
     );
 }
 
@@ -114,7 +151,10 @@ fn the_first_policy_that_selects_a_caller_governs_it() {
     let batch = identity(Some("/batch"), 1000);
     assert_eq!(set.select(&web), Selection::Policy(0));
     assert_eq!(set.select(&batch), Selection::Policy(1));
-    assert_eq!(decide(&set, &batch, "GET", "/latest/user-data").1, "everyone");
+    assert_eq!(
+        decide(&set, &batch, "GET", "/latest/user-data").1,
+        "everyone"
+    );
 }
 
 #[test]
@@ -141,7 +181,9 @@ default: allow
 fn errors_name_file_line_column_and_field() {
     assert_eq!(
         errors("name: a\ndefault: allow\nrulez: []\n"),
-        ["p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, callers, default, rules"]
+        [
+            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, callers, default, rules"
+        ]
     );
     assert_eq!(
         errors("name: a\ndefault: alow\n"),
@@ -174,7 +216,11 @@ rules:
         ]
     );
     assert_eq!(errors("default: deny\n").len(), 1, "name is required");
-    assert!(errors("name: a\n")[0].contains("default"), "default is required: {:?}", errors("name: a\n"));
+    assert!(
+        errors("name: a\n")[0].contains("default"),
+        "default is required: {:?}",
+        errors("name: a\n")
+    );
 }
 
 #[test]
@@ -182,5 +228,8 @@ fn every_example_policy_in_the_repository_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let set = PolicySet::load(&[dir], Action::Deny)
         .unwrap_or_else(|e| panic!("example policies are invalid: {e:#?}"));
-    assert!(!set.policies().is_empty(), "policies/ has no example policies");
+    assert!(
+        !set.policies().is_empty(),
+        "policies/ has no example policies"
+    );
 }

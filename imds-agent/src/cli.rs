@@ -1,0 +1,88 @@
+//! Command line. The doc comments are the help text.
+
+use std::{net::SocketAddrV4, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::policy::Action;
+
+/// Default pin directory: one installation per host.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imds-agent";
+
+/// Per-cgroup enforcer for the cloud instance metadata service (IMDS).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log format on stderr. Audit lines (one per request) are log events with target
+    /// imds_agent::audit. Filter with IMDS_AGENT_LOG (e.g. "info", "imds_agent=debug").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the programs and serve diverted metadata requests until SIGTERM or SIGINT.
+    ///
+    /// The programs stay attached (pinned) when the agent exits, on purpose: enforced
+    /// cgroups then cannot reach the metadata service at all until an agent serves again.
+    /// Use `imds-agent detach` to remove enforcement.
+    Run(RunArgs),
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Remove enforcement: unpin the links (detaching the programs) and the maps.
+    Detach {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Print whether enforcement is attached and the kernel counters, as JSON.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Root of the enforced cgroup tree: a cgroup v2 directory. Default: the cgroup v2 root
+    /// found in /proc/self/mountinfo. Policy cgroup paths are relative to it.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Policy file or directory (*.yaml, *.yml in name order); repeatable.
+    #[arg(long, required = true)]
+    pub policy: Vec<PathBuf>,
+    /// Decision for callers that no policy selects.
+    #[arg(long, value_enum, default_value_t = Action::Deny)]
+    pub unmatched: Action,
+    /// bpffs directory for the pinned links and maps (mounted at /sys/fs/bpf if needed).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Where the agent listens for diverted connections. A port below 1024, so that an
+    /// unprivileged process cannot take it over while the agent is down.
+    #[arg(long, default_value = "127.0.0.1:954")]
+    pub listen: SocketAddrV4,
+    /// Metadata endpoint to divert (IPv4 address:port); repeatable.
+    #[arg(long = "endpoint", default_value = "169.254.169.254:80")]
+    pub endpoints: Vec<SocketAddrV4>,
+    /// Upper bound on finishing in-flight requests at shutdown, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub drain_seconds: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files or directories without starting anything; prints every error
+    /// as FILE:LINE:COLUMN: FIELD: REASON and exits 64 if there is one.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}

@@ -1,0 +1,370 @@
+//! The HTTP filter: serves connections the kernel diverted, one caller per connection.
+//!
+//! Per connection: look up the kernel's record by the client's address (no record: refused),
+//! resolve the identity, select the governing policy once. Per request: validate, decide
+//! (a pure function of request, identity and policy), then either answer 403 naming the policy
+//! and rule, or forward a request rebuilt from what was parsed to the endpoint the caller asked
+//! for, over an upstream connection that belongs to this client connection alone.
+
+pub mod request;
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use imds_common::{AF_INET, Caller, SockAddr};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Mutex,
+};
+
+use crate::{
+    identity::{Identity, Resolver},
+    loader::Enforcer,
+    policy::{Action, PolicySet, Selection},
+};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How long a client may take to send a request's headers (slowloris bound).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to the metadata service may take.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Everything the filter needs, shared by all connections.
+pub struct Filter {
+    pub enforcer: Arc<Enforcer>,
+    pub resolver: Resolver,
+    pub policy: Arc<PolicySet>,
+}
+
+/// One accepted, attributed client connection.
+struct Connection {
+    identity: Identity,
+    selection: Selection,
+    policy: Arc<PolicySet>,
+    /// Where the caller was going before the kernel diverted it.
+    original: SocketAddr,
+    /// Created on the first allowed request; never shared with another client connection.
+    upstream: Mutex<Option<SendRequest<Empty<Bytes>>>>,
+}
+
+/// Accepts connections until `shutdown` resolves, then lets in-flight requests finish for at
+/// most `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    filter: Arc<Filter>,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let filter = filter.clone();
+                    let watcher = graceful.watcher();
+                    tokio::spawn(async move {
+                        let Some(connection) = attribute(&filter, peer) else {
+                            refuse_unrecorded(stream, peer).await;
+                            return;
+                        };
+                        let connection = Arc::new(connection);
+                        let service = service_fn(move |request| {
+                            let (filter, connection) = (filter.clone(), connection.clone());
+                            async move { Ok::<_, Infallible>(handle(&filter, &connection, request).await) }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service);
+                        if let Err(error) = watcher.watch(conn).await {
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    tracing::info!("stopped accepting; draining in-flight requests");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?drain, "drain timed out; closing remaining connections");
+    }
+}
+
+fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
+    let key = match peer.ip() {
+        IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), peer.port()),
+        // TODO(issue 5): connect6 diversion records IPv6 clients.
+        IpAddr::V6(_) => return None,
+    };
+    let caller: Caller = filter.enforcer.caller(&key)?;
+    let identity = filter.resolver.identify(&caller);
+    let policy = filter.policy.clone();
+    let selection = policy.select(&identity);
+    Some(Connection {
+        identity,
+        selection,
+        policy,
+        original: original_destination(&caller)?,
+        upstream: Mutex::new(None),
+    })
+}
+
+fn original_destination(caller: &Caller) -> Option<SocketAddr> {
+    (caller.original.family == AF_INET).then(|| {
+        let ip = std::net::Ipv4Addr::from(caller.original.addr[0].to_ne_bytes());
+        SocketAddr::from((ip, caller.original.port))
+    })
+}
+
+/// A connection the kernel did not divert reached the listener: someone connected to it
+/// directly. It is answered with a fixed 403 and closed.
+async fn refuse_unrecorded(mut stream: TcpStream, peer: SocketAddr) {
+    const BODY: &str = "imds-agent: refused: this connection was not diverted by the kernel\n";
+    tracing::info!(
+        target: "imds_agent::audit",
+        %peer,
+        decision = "refuse",
+        reason = "not-diverted",
+        "connection refused"
+    );
+    let response = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
+    let _ = stream.shutdown().await;
+}
+
+async fn handle(
+    filter: &Filter,
+    connection: &Connection,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let target = request.uri().path().to_owned();
+    let valid = match request::validate(&request) {
+        Ok(valid) => valid,
+        Err(rejection) => {
+            let body = format!("imds-agent: bad request: {}\n", rejection.reason);
+            audit(
+                connection,
+                &method,
+                &target,
+                Outcome {
+                    decision: "reject",
+                    policy: "",
+                    rule: "",
+                    status: rejection.status,
+                    upstream_status: None,
+                    detail: rejection.detail.as_deref().unwrap_or(rejection.reason),
+                },
+                started,
+            );
+            return text(rejection.status, body);
+        }
+    };
+    let decision = connection.policy.decide(
+        connection.selection,
+        &connection.identity,
+        valid.method.as_str(),
+        &valid.canonical_path(),
+    );
+    if decision.action == Action::Deny {
+        // Names from the policy file only; nothing from the request is reflected.
+        let body = format!(
+            "imds-agent: denied by policy '{}' rule '{}'\n",
+            decision.policy, decision.rule
+        );
+        audit(
+            connection,
+            &method,
+            &target,
+            Outcome {
+                decision: "deny",
+                policy: decision.policy,
+                rule: decision.rule,
+                status: StatusCode::FORBIDDEN,
+                upstream_status: None,
+                detail: "",
+            },
+            started,
+        );
+        return text(StatusCode::FORBIDDEN, body);
+    }
+    let response = forward(filter, connection, &valid).await;
+    let (status, upstream_status, detail) = match &response {
+        Ok(r) => (r.status(), Some(r.status()), ""),
+        Err(detail) => (StatusCode::BAD_GATEWAY, None, *detail),
+    };
+    audit(
+        connection,
+        &method,
+        &target,
+        Outcome {
+            decision: "allow",
+            policy: decision.policy,
+            rule: decision.rule,
+            status,
+            upstream_status,
+            detail,
+        },
+        started,
+    );
+    match response {
+        Ok(response) => response,
+        Err(detail) => text(
+            StatusCode::BAD_GATEWAY,
+            format!("imds-agent: metadata service unavailable: {detail}\n"),
+        ),
+    }
+}
+
+async fn forward(
+    filter: &Filter,
+    connection: &Connection,
+    valid: &request::ValidRequest,
+) -> Result<Response<Body>, &'static str> {
+    let uri: Uri = valid.target().parse().map_err(|_| "invalid target")?;
+    let mut upstream_request = Request::builder()
+        .method(valid.method.clone())
+        .uri(uri)
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| "invalid request")?;
+    *upstream_request.headers_mut() = valid.headers.clone();
+    let host = match connection.original.port() {
+        80 => connection.original.ip().to_string(),
+        _ => connection.original.to_string(),
+    };
+    upstream_request.headers_mut().insert(
+        header::HOST,
+        HeaderValue::from_str(&host).map_err(|_| "invalid host")?,
+    );
+
+    let mut upstream = connection.upstream.lock().await;
+    let reusable = match upstream.as_mut() {
+        Some(sender) => sender.ready().await.is_ok(),
+        None => false,
+    };
+    if !reusable {
+        *upstream = Some(connect_upstream(filter, connection.original).await?);
+    }
+    let sender = upstream.as_mut().expect("set above");
+    let mut response = sender
+        .send_request(upstream_request)
+        .await
+        .map_err(|_| "upstream request failed")?;
+    request::strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(BodyExt::boxed))
+}
+
+async fn connect_upstream(
+    filter: &Filter,
+    addr: SocketAddr,
+) -> Result<SendRequest<Empty<Bytes>>, &'static str> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|_| "socket failed")?;
+    let stream = tokio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        filter.enforcer.connect_exempt(socket, addr),
+    )
+    .await
+    .map_err(|_| "connect timed out")?
+    .map_err(|_| "connect failed")?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| "handshake failed")?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+struct Outcome<'a> {
+    decision: &'static str,
+    policy: &'a str,
+    rule: &'a str,
+    status: StatusCode,
+    upstream_status: Option<StatusCode>,
+    detail: &'a str,
+}
+
+/// One structured line per request: who, what, the decision and what made it, and the result.
+fn audit(
+    connection: &Connection,
+    method: &str,
+    target: &str,
+    outcome: Outcome<'_>,
+    started: Instant,
+) {
+    let id = &connection.identity;
+    tracing::info!(
+        target: "imds_agent::audit",
+        cgroup = id.cgroup.as_deref().unwrap_or("?"),
+        cgroup_id = id.cgroup_id,
+        unit = id.unit.as_deref().unwrap_or(""),
+        uid = id.uid,
+        gid = id.gid,
+        pid = id.pid,
+        comm = id.comm.as_deref().unwrap_or("?"),
+        method,
+        path = target,
+        decision = outcome.decision,
+        policy = outcome.policy,
+        rule = outcome.rule,
+        status = outcome.status.as_u16(),
+        upstream_status = outcome.upstream_status.map_or(0, |s| s.as_u16()),
+        detail = outcome.detail,
+        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+}

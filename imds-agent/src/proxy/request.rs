@@ -1,0 +1,269 @@
+//! Strict checks on a parsed request, and the canonical request forwarded upstream.
+//!
+//! The decision and the forwarded bytes come from the same parse: what is forwarded is built
+//! from the validated method, path, query and an explicit set of headers, never copied from
+//! the client's bytes.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
+
+use crate::policy::{CanonicalPath, PathError};
+
+/// Why a request is refused before policy is consulted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    /// Fixed text: never includes request bytes.
+    pub reason: &'static str,
+    /// For the audit log only (not sent to the client).
+    pub detail: Option<String>,
+}
+
+impl Rejection {
+    fn bad(reason: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+            detail: None,
+        }
+    }
+}
+
+/// A request that passed every check, ready for policy and forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    /// End-to-end headers to forward (no Host, no hop-by-hop headers).
+    pub headers: HeaderMap,
+}
+
+impl ValidRequest {
+    pub fn canonical_path(&self) -> CanonicalPath<'_> {
+        CanonicalPath::parse(&self.path).expect("validated at construction")
+    }
+
+    pub fn target(&self) -> String {
+        match &self.query {
+            Some(query) => format!("{}?{query}", self.path),
+            None => self.path.clone(),
+        }
+    }
+}
+
+/// Headers that proxies use to claim a client address. The metadata services reject requests
+/// carrying them (AWS on the token PUT, GCP, Azure, OCI); so does the filter, for every request.
+const FORWARDING_HEADERS: [&str; 4] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+/// Hop-by-hop headers (RFC 9110 7.6.1): about this connection, never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
+    if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
+        return Err(Rejection::bad("unsupported HTTP version"));
+    }
+    let uri = request.uri();
+    // Only origin-form: absolute-form, authority-form (CONNECT) and asterisk-form name a target
+    // other than this metadata service, or none.
+    if uri.scheme().is_some() || uri.authority().is_some() || *request.method() == Method::CONNECT {
+        return Err(Rejection::bad(
+            "only origin-form request targets are accepted",
+        ));
+    }
+    let path = uri.path();
+    if let Err(error) = CanonicalPath::parse(path) {
+        return Err(Rejection {
+            detail: Some(path_error_detail(&error)),
+            ..Rejection::bad("invalid request path")
+        });
+    }
+    let query = uri.query().map(str::to_owned);
+    if let Some(query) = &query
+        && !query.bytes().all(is_query_byte)
+    {
+        return Err(Rejection::bad("invalid query string"));
+    }
+
+    let headers = request.headers();
+    if FORWARDING_HEADERS.iter().any(|h| headers.contains_key(*h)) {
+        return Err(Rejection {
+            status: StatusCode::FORBIDDEN,
+            reason: "requests carrying forwarding headers are refused",
+            detail: None,
+        });
+    }
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+        return Err(Rejection::bad("exactly one Host header is required"));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(Rejection::bad("request bodies are not accepted"));
+    }
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if lengths.len() > 1 || lengths.first().is_some_and(|v| v.as_bytes() != b"0") {
+        return Err(Rejection::bad("request bodies are not accepted"));
+    }
+    if headers.contains_key(header::UPGRADE) {
+        return Err(Rejection::bad("protocol upgrades are not accepted"));
+    }
+    // A Connection header may only say keep-alive or close: anything else would nominate an
+    // end-to-end header (a token, say) for removal between client and service.
+    for value in headers.get_all(header::CONNECTION) {
+        let ok = value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .all(|t| t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close"))
+        });
+        if !ok {
+            return Err(Rejection::bad("Connection may only be keep-alive or close"));
+        }
+    }
+
+    let mut forwarded = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    Ok(ValidRequest {
+        method: request.method().clone(),
+        path: path.to_owned(),
+        query,
+        headers: forwarded,
+    })
+}
+
+/// Query strings are forwarded as received once every byte is in this set (RFC 3986 query
+/// characters); `#`, spaces, quotes, backslashes, controls and non-ASCII are refused.
+fn is_query_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+fn path_error_detail(error: &PathError) -> String {
+    error.to_string()
+}
+
+/// Removes hop-by-hop headers from an upstream response before it is relayed; hyper frames
+/// the relayed body itself.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP.iter().filter(|h| **h != "host") {
+        headers.remove(HeaderName::from_static(name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri(target);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn rejected(request: Request<()>) -> (StatusCode, &'static str) {
+        let r = validate(&request).expect_err("request should be rejected");
+        (r.status, r.reason)
+    }
+
+    const HOST: (&str, &str) = ("host", "169.254.169.254");
+
+    #[test]
+    fn forwards_only_end_to_end_headers() {
+        let request = req(
+            "GET",
+            "/latest/meta-data/?x=1",
+            &[
+                HOST,
+                ("x-aws-ec2-metadata-token", "t"),
+                ("connection", "keep-alive"),
+                ("user-agent", "curl"),
+            ],
+        );
+        let valid = validate(&request).unwrap();
+        assert_eq!(valid.path, "/latest/meta-data/");
+        assert_eq!(valid.query.as_deref(), Some("x=1"));
+        assert_eq!(valid.target(), "/latest/meta-data/?x=1");
+        let names: Vec<&str> = valid.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-aws-ec2-metadata-token", "user-agent"]);
+    }
+
+    #[test]
+    fn rejects_what_could_be_read_two_ways() {
+        let bad = StatusCode::BAD_REQUEST;
+        assert_eq!(rejected(req("GET", "http://evil/latest", &[HOST])).0, bad);
+        assert_eq!(rejected(req("GET", "/latest//meta-data", &[HOST])).0, bad);
+        assert_eq!(
+            rejected(req("GET", "/latest/meta-data/%69am", &[HOST])).0,
+            bad
+        );
+        assert_eq!(
+            rejected(req("GET", "/latest", &[])).0,
+            bad,
+            "HTTP/1.1 needs Host"
+        );
+        assert_eq!(rejected(req("GET", "/latest", &[HOST, HOST])).0, bad);
+        assert_eq!(
+            rejected(req(
+                "PUT",
+                "/latest/api/token",
+                &[HOST, ("content-length", "5")]
+            ))
+            .0,
+            bad
+        );
+        assert_eq!(
+            rejected(req(
+                "PUT",
+                "/latest/api/token",
+                &[HOST, ("transfer-encoding", "chunked")]
+            ))
+            .0,
+            bad
+        );
+        assert_eq!(
+            rejected(req("GET", "/latest", &[HOST, ("upgrade", "h2c")])).0,
+            bad
+        );
+        assert_eq!(
+            rejected(req(
+                "GET",
+                "/latest",
+                &[HOST, ("connection", "x-aws-ec2-metadata-token")]
+            ))
+            .0,
+            bad
+        );
+        assert_eq!(rejected(req("GET", "/latest?a=\"b\"", &[HOST])).0, bad);
+    }
+
+    #[test]
+    fn forwarding_headers_are_forbidden() {
+        for name in FORWARDING_HEADERS {
+            let (status, _) = rejected(req("PUT", "/latest/api/token", &[HOST, (name, "1.2.3.4")]));
+            assert_eq!(status, StatusCode::FORBIDDEN, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_empty_body_is_fine() {
+        let request = req("PUT", "/latest/api/token", &[HOST, ("content-length", "0")]);
+        assert!(validate(&request).is_ok());
+    }
+}
