@@ -250,7 +250,7 @@ mod tests {
             .0,
             bad
         );
-        assert_eq!(rejected(req("GET", "/latest?a=\"b\"", &[HOST])).0, bad);
+        assert_eq!(rejected(req("GET", "/latest?a={", &[HOST])).0, bad);
     }
 
     #[test]
