@@ -1,0 +1,375 @@
+//! A fake AWS instance metadata service with IMDSv2 behaviour, for tests and the demo. It
+//! follows shared/reference/imds-protocols.md (A1) and the AWS metadata mock:
+//! - `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds` 1..=21600 returns a
+//!   token and echoes the TTL header; a missing, non-integer or out-of-range TTL is 400; a
+//!   request carrying `X-Forwarded-For` is 403 (the reference says "rejected" without a code:
+//!   403 is the safe reading); PUT on a versioned path is 403.
+//! - GET/HEAD: a token that is unknown or expired is 401; with tokens required, no token is 401.
+//! - Listings end in LF-separated names, directories with a trailing `/`; `x` and `x/` both
+//!   serve, as the real service is lenient; unknown paths are 404; other methods 405.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+pub const INSTANCE_ID: &str = "i-0fa4e1d2c3b4a5968";
+pub const USER_DATA: &str = "#!/bin/bash\nexport DB_PASSWORD=hunter2\n";
+/// Prefix of every access key id the fake issues, so tests can recognise real answers.
+pub const ACCESS_KEY_PREFIX: &str = "ASIAFAKE";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tokens_required: bool,
+    pub role: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            tokens_required: false,
+            role: "demo-node-role".into(),
+        }
+    }
+}
+
+struct State {
+    config: Config,
+    tokens: Mutex<HashMap<String, Instant>>,
+}
+
+/// Serves on every listener until the process ends.
+pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
+    let state = Arc::new(State {
+        config,
+        tokens: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = Vec::new();
+    for listener in listeners {
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(respond(&state, &request)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let method = request.method();
+    let headers = request.headers();
+    if *method == Method::PUT {
+        return token(state, request);
+    }
+    if *method != Method::GET && *method != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "");
+    }
+    match headers.get(TOKEN_HEADER).map(HeaderValue::to_str) {
+        Some(Ok(token)) => {
+            let valid = state
+                .tokens
+                .lock()
+                .unwrap()
+                .get(token)
+                .is_some_and(|expiry| *expiry > Instant::now());
+            if !valid {
+                return reply(StatusCode::UNAUTHORIZED, "");
+            }
+        }
+        Some(Err(_)) => return reply(StatusCode::UNAUTHORIZED, ""),
+        None if state.config.tokens_required => return reply(StatusCode::UNAUTHORIZED, ""),
+        None => {}
+    }
+    let key = path.trim_end_matches('/');
+    match content(&state.config, key) {
+        Some(body) => reply(StatusCode::OK, &body),
+        None => reply(StatusCode::NOT_FOUND, ""),
+    }
+}
+
+fn token<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+    let headers = request.headers();
+    if headers.contains_key("x-forwarded-for") {
+        return reply(StatusCode::FORBIDDEN, "");
+    }
+    if request.uri().path().trim_end_matches('/') != "/latest/api/token" {
+        // Versioned token paths are 403, other PUTs are not allowed at all.
+        return if request.uri().path().ends_with("/api/token") {
+            reply(StatusCode::FORBIDDEN, "")
+        } else {
+            reply(StatusCode::METHOD_NOT_ALLOWED, "")
+        };
+    }
+    let ttl = headers
+        .get(TTL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    let Some(ttl) = ttl.filter(|t| (1..=21_600).contains(t)) else {
+        return reply(StatusCode::BAD_REQUEST, "");
+    };
+    let token = random_hex(28);
+    state.tokens.lock().unwrap().insert(
+        token.clone(),
+        Instant::now() + Duration::from_secs(ttl.unsigned_abs()),
+    );
+    let mut response = reply(StatusCode::OK, &token);
+    response
+        .headers_mut()
+        .insert(TTL_HEADER, HeaderValue::from(ttl));
+    response
+}
+
+fn content(config: &Config, key: &str) -> Option<String> {
+    let role = &config.role;
+    let listing = |items: &[&str]| items.join("\n");
+    Some(match key {
+        "" => "latest".into(),
+        "/latest" => listing(&["dynamic/", "meta-data/", "user-data"]),
+        "/latest/meta-data" => listing(&[
+            "ami-id",
+            "hostname",
+            "iam/",
+            "instance-id",
+            "instance-type",
+            "local-ipv4",
+            "placement/",
+        ]),
+        "/latest/meta-data/ami-id" => "ami-0abcdef1234567890".into(),
+        "/latest/meta-data/hostname" => "ip-10-0-0-12.ec2.internal".into(),
+        "/latest/meta-data/instance-id" => INSTANCE_ID.into(),
+        "/latest/meta-data/instance-type" => "m6i.large".into(),
+        "/latest/meta-data/local-ipv4" => "10.0.0.12".into(),
+        "/latest/meta-data/placement" => listing(&["availability-zone", "region"]),
+        "/latest/meta-data/placement/availability-zone" => "us-east-1a".into(),
+        "/latest/meta-data/placement/region" => "us-east-1".into(),
+        "/latest/meta-data/iam" => listing(&["info", "security-credentials/"]),
+        "/latest/meta-data/iam/info" => format!(
+            "{{\"Code\":\"Success\",\"LastUpdated\":\"{}\",\"InstanceProfileArn\":\"arn:aws:iam::123456789012:instance-profile/{role}\",\"InstanceProfileId\":\"AIPAFAKE\"}}",
+            iso8601(SystemTime::now())
+        ),
+        "/latest/meta-data/iam/security-credentials" => role.clone(),
+        k if k == format!("/latest/meta-data/iam/security-credentials/{role}") => credentials(),
+        "/latest/user-data" => USER_DATA.into(),
+        "/latest/dynamic" => listing(&["instance-identity/"]),
+        "/latest/dynamic/instance-identity" => listing(&["document", "pkcs7", "signature"]),
+        "/latest/dynamic/instance-identity/document" => format!(
+            "{{\"accountId\":\"123456789012\",\"instanceId\":\"{INSTANCE_ID}\",\"region\":\"us-east-1\",\"availabilityZone\":\"us-east-1a\"}}"
+        ),
+        _ => return None,
+    })
+}
+
+fn credentials() -> String {
+    let now = SystemTime::now();
+    format!(
+        "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"{ACCESS_KEY_PREFIX}{}\",\n  \"SecretAccessKey\" : \"{}\",\n  \"Token\" : \"{}\",\n  \"Expiration\" : \"{}\"\n}}",
+        iso8601(now),
+        random_hex(6).to_uppercase(),
+        random_hex(20),
+        random_hex(40),
+        iso8601(now + Duration::from_secs(6 * 3600)),
+    )
+}
+
+fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+    response
+}
+
+fn random_hex(bytes: usize) -> String {
+    use std::io::Read as _;
+    let mut buffer = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buffer))
+        .expect("read /dev/urandom");
+    buffer.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC), as the credential JSON uses.
+fn iso8601(time: SystemTime) -> String {
+    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// Binds every address (the caller runs in the right network namespace).
+pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        listeners.push(TcpListener::bind(addr).await?);
+    }
+    Ok(listeners)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(tokens_required: bool) -> State {
+        State {
+            config: Config {
+                tokens_required,
+                ..Config::default()
+            },
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(path);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn token_ttl_rules() {
+        let s = state(true);
+        for (ttl, status) in [
+            ("0", 400),
+            ("21601", 400),
+            ("abc", 400),
+            ("-5", 400),
+            ("1", 200),
+            ("21600", 200),
+        ] {
+            let r = respond(
+                &s,
+                &request("PUT", "/latest/api/token", &[(TTL_HEADER, ttl)]),
+            );
+            assert_eq!(r.status().as_u16(), status, "ttl {ttl}");
+        }
+        let missing = respond(&s, &request("PUT", "/latest/api/token", &[]));
+        assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+        let ok = respond(
+            &s,
+            &request("PUT", "/latest/api/token", &[(TTL_HEADER, "60")]),
+        );
+        assert_eq!(ok.headers()[TTL_HEADER], "60");
+        let xff = respond(
+            &s,
+            &request(
+                "PUT",
+                "/latest/api/token",
+                &[(TTL_HEADER, "60"), ("x-forwarded-for", "1.2.3.4")],
+            ),
+        );
+        assert_eq!(xff.status(), StatusCode::FORBIDDEN);
+        let versioned = respond(
+            &s,
+            &request("PUT", "/2021-03-23/api/token", &[(TTL_HEADER, "60")]),
+        );
+        assert_eq!(versioned.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn tokens_gate_reads_when_required() {
+        let s = state(true);
+        let id = "/latest/meta-data/instance-id";
+        assert_eq!(
+            respond(&s, &request("GET", id, &[])).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            respond(&s, &request("GET", id, &[(TOKEN_HEADER, "nope")])).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        s.tokens
+            .lock()
+            .unwrap()
+            .insert("t".into(), Instant::now() + Duration::from_secs(60));
+        assert_eq!(
+            respond(&s, &request("GET", id, &[(TOKEN_HEADER, "t")])).status(),
+            StatusCode::OK
+        );
+        s.tokens
+            .lock()
+            .unwrap()
+            .insert("old".into(), Instant::now() - Duration::from_secs(1));
+        assert_eq!(
+            respond(&s, &request("GET", id, &[(TOKEN_HEADER, "old")])).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            respond(&state(false), &request("GET", id, &[])).status(),
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn tree_listings_and_unknown_paths() {
+        let s = state(false);
+        let get = |p: &str| respond(&s, &request("GET", p, &[])).status();
+        assert_eq!(get("/latest/meta-data/"), StatusCode::OK);
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/demo-node-role"),
+            StatusCode::OK
+        );
+        assert_eq!(
+            get("/latest/meta-data/iam/security-credentials/demo-node-role/"),
+            StatusCode::OK
+        );
+        assert_eq!(get("/latest/meta-data/nope"), StatusCode::NOT_FOUND);
+        assert_eq!(
+            respond(&s, &request("POST", "/latest/meta-data/", &[])).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[test]
+    fn timestamps_are_iso8601_utc() {
+        assert_eq!(iso8601(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            iso8601(UNIX_EPOCH + Duration::from_secs(1_795_478_400)),
+            "2026-11-24T00:00:00Z"
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! A test sandbox: a private network namespace where the metadata address is local, a parent
+//! cgroup of its own with child cgroups for workloads, the agent and the fake IMDS, and a pin
+//! directory of its own. Everything is removed on drop, also when a test panics.
+//!
+//! Safety rules this enforces: every process that sends traffic (workloads, the agent, the
+//! fake IMDS) is started inside the sandbox's namespace and one of its cgroups; the test
+//! process itself never connects anywhere, and programs attach only below the sandbox's own
+//! parent cgroup.
+
+use std::{
+    ffi::{CString, OsStr},
+    fs::File,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// The metadata address inside every sandbox.
+pub const METADATA_IP: &str = "169.254.169.254";
+/// A non-metadata server inside every sandbox (served by the fake IMDS on a second listener).
+pub const OTHER_SERVER: &str = "127.0.0.1:8080";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Skips a test that cannot run here, or fails it under CI (`CI=true`), where a skip would
+/// hide a broken set-up.
+pub fn skip(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("cannot run under CI: {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+}
+
+/// The directory holding the workspace's binaries (target/debug), found from this process.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe has a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --bins, or cargo xtask test)",
+        path.display()
+    );
+    path
+}
+
+pub struct Sandbox {
+    pub name: String,
+    netns: File,
+    pub cgroup_mount: PathBuf,
+    /// The sandbox's parent cgroup; every cgroup it creates is below it.
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+    pub work_dir: PathBuf,
+}
+
+impl Sandbox {
+    /// A new sandbox, or `None` (after [`skip`]) when this machine cannot run one.
+    pub fn new(label: &str) -> Option<Self> {
+        if let Some(reason) = missing_prerequisite() {
+            skip(&reason);
+            return None;
+        }
+        let name = format!(
+            "imds-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup_mount = imds_agent::fs::cgroup2_mount().expect("cgroup2 mount");
+        let cgroup_root = cgroup_mount.join(&name);
+        let work_dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&work_dir).expect("work dir");
+        std::fs::create_dir(&cgroup_root).expect("sandbox cgroup");
+        // Constructed before the namespace so that Drop cleans up whatever succeeded.
+        run("ip", &["netns", "add", &name]);
+        let netns = File::open(format!("/run/netns/{name}"));
+        let sandbox = Self {
+            pin_dir: PathBuf::from(imds_agent::fs::BPFFS_ROOT).join(&name),
+            netns: netns.expect("open netns"),
+            name,
+            cgroup_mount,
+            cgroup_root,
+            work_dir,
+        };
+        let ns = sandbox.name.as_str();
+        run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{METADATA_IP}/32"),
+                "dev",
+                "lo",
+            ],
+        );
+        Some(sandbox)
+    }
+
+    /// Creates (if needed) a cgroup below the sandbox root; `path` like "enforced/web".
+    pub fn cgroup(&self, path: &str) -> PathBuf {
+        let dir = self.cgroup_root.join(path);
+        std::fs::create_dir_all(&dir).expect("create cgroup");
+        dir
+    }
+
+    /// A command that runs in the sandbox's network namespace and in cgroup `cgroup`.
+    pub fn command(&self, program: impl AsRef<OsStr>, cgroup: &str) -> Command {
+        self.command_as(program, cgroup, None)
+    }
+
+    /// As [`Self::command`], then drops to `uid` (and the same gid) before exec. Joining the
+    /// cgroup and the namespace needs root, so it must happen first: std's `Command::uid`
+    /// switches before `pre_exec` hooks run.
+    pub fn command_as(
+        &self,
+        program: impl AsRef<OsStr>,
+        cgroup: &str,
+        uid: Option<u32>,
+    ) -> Command {
+        let procs = CString::new(
+            self.cgroup(cgroup)
+                .join("cgroup.procs")
+                .as_os_str()
+                .as_bytes(),
+        )
+        .expect("path has no NUL");
+        let netns = self.netns.as_raw_fd();
+        let mut command = Command::new(program);
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close,
+        // setns) on data prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(id) = uid
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(id) != 0
+                        || libc::setuid(id) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+
+    /// Starts the fake IMDS on the metadata address and on [`OTHER_SERVER`].
+    pub fn start_fake_imds(&self, tokens_required: bool) -> Process {
+        let mut command = self.command(binary("fake-imds"), "imds");
+        command
+            .args([
+                "--listen",
+                &format!("{METADATA_IP}:80"),
+                "--listen",
+                OTHER_SERVER,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if tokens_required {
+            command.arg("--tokens-required");
+        }
+        let mut child = command.spawn().expect("spawn fake-imds");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("read fake-imds readiness");
+        let process = Process { child, log: None };
+        assert!(
+            line.starts_with("listening"),
+            "fake-imds did not start: {line:?}"
+        );
+        process
+    }
+
+    /// Starts the agent enforcing `enforce` (a cgroup below the sandbox root), with the agent
+    /// process itself in `agent_cgroup`, and waits until it is enforcing or has exited.
+    pub fn start_agent(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let log = self.work_dir.join(format!(
+            "agent-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut command = self.command(binary("imds-agent"), agent_cgroup);
+        command
+            .arg("--log-format=json")
+            .arg("run")
+            .arg("--cgroup")
+            .arg(self.cgroup(enforce))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("agent log"));
+        for policy in policies {
+            command.arg("--policy").arg(policy);
+        }
+        let child = command.spawn().expect("spawn imds-agent");
+        let mut agent = Agent {
+            process: Process {
+                child,
+                log: Some(log),
+            },
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if agent.log().contains("\"enforcing\"") {
+                return agent;
+            }
+            if let Ok(Some(_)) = agent.process.child.try_wait() {
+                return agent;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not start within 20 s:\n{}", agent.log());
+    }
+
+    /// `curl` from a workload in `cgroup` (as `uid`, if given) with extra arguments.
+    pub fn curl(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> Curl {
+        let mut command = self.command_as("curl", cgroup, uid);
+        command
+            .args(["-sS", "--noproxy", "*", "-m", "5", "-w", "\n%{http_code}"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin");
+        let output = command.output().expect("run curl");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        Curl {
+            status: status.trim().parse().unwrap_or(0),
+            body: body.to_owned(),
+            exit: output.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // 1. Every process in the sandbox's cgroups (cgroup.kill, kernel >= 5.14).
+        let _ = std::fs::write(self.cgroup_root.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && has_processes(&self.cgroup_root) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // 2. Enforcement: unpinning the links detaches the programs.
+        if let Err(error) = imds_agent::loader::detach(&self.pin_dir) {
+            eprintln!("sandbox {}: detach: {error}", self.name);
+        }
+        // 3. Cgroups, deepest first (a cgroup's links go with it).
+        remove_cgroups(&self.cgroup_root);
+        // 4. The namespace and scratch files.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+fn has_processes(cgroup: &Path) -> bool {
+    let own =
+        std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
+    own || subdirs(cgroup).iter().any(|d| has_processes(d))
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn remove_cgroups(dir: &Path) {
+    for sub in subdirs(dir) {
+        remove_cgroups(&sub);
+    }
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            // EBUSY while the last process is still exiting.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    eprintln!("sandbox: could not remove cgroup {}", dir.display());
+}
+
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (eBPF, cgroups, network namespaces)".into());
+    }
+    if let Err(e) = imds_agent::fs::cgroup2_mount() {
+        return Some(e.to_string());
+    }
+    for tool in ["ip", "curl"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Some(format!(
+                "`{tool}` is not installed (cargo xtask setup installs it)"
+            ));
+        }
+    }
+    None
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A child process that is killed when dropped.
+pub struct Process {
+    pub child: Child,
+    log: Option<PathBuf>,
+}
+
+impl Process {
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Waits for the process to exit, up to `timeout`; its exit code (None: killed by a
+    /// signal or still running).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent process and its JSON log.
+pub struct Agent {
+    pub process: Process,
+}
+
+impl Agent {
+    pub fn log(&self) -> String {
+        self.process
+            .log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// The audit lines logged so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["target"] == "imds_agent::audit")
+            .collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.child.try_wait(), Ok(None))
+    }
+}
+
+/// What a workload's curl saw.
+#[derive(Debug)]
+pub struct Curl {
+    /// HTTP status, 0 when no response arrived.
+    pub status: u16,
+    pub body: String,
+    /// curl's exit code: 0 ok, 7 connection refused or failed, 28 timeout.
+    pub exit: i32,
+    pub stderr: String,
+}

@@ -1,0 +1,466 @@
+//! The enforcer end to end, on the real kernel, in a sandbox per test.
+//!
+//! Layout in every sandbox (paths relative to the sandbox's parent cgroup):
+//! `enforced/` is the attach point (the agent's --cgroup) with workloads `enforced/web` and
+//! `enforced/batch`; `outside/` is a sibling that is not enforced; `agent/` holds the agent
+//! and `imds/` the fake metadata service.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use imds_tests::{
+    fake_imds::{ACCESS_KEY_PREFIX, INSTANCE_ID, TTL_HEADER, USER_DATA},
+    sandbox::{Agent, OTHER_SERVER, Process, Sandbox, binary},
+};
+
+const IMDS: &str = "http://169.254.169.254";
+const INSTANCE_ID_PATH: &str = "/latest/meta-data/instance-id";
+const CREDENTIALS_PATH: &str = "/latest/meta-data/iam/security-credentials/demo-node-role";
+
+fn repo_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+fn url(path: &str) -> String {
+    format!("{IMDS}{path}")
+}
+
+struct Env {
+    agent: Agent,
+    _imds: Process,
+    // Last: dropped after the processes it hosts.
+    sandbox: Sandbox,
+}
+
+/// A sandbox with the fake IMDS and an agent enforcing `enforced/` with the repo's policies.
+fn start(label: &str, tokens_required: bool) -> Option<Env> {
+    let sandbox = Sandbox::new(label)?;
+    let imds = sandbox.start_fake_imds(tokens_required);
+    let agent = sandbox.start_agent("enforced", "agent", &[&repo_policies()], &[]);
+    let mut env = Env {
+        agent,
+        _imds: imds,
+        sandbox,
+    };
+    assert!(env.agent.is_running(), "agent exited:\n{}", env.agent.log());
+    Some(env)
+}
+
+fn counters(sandbox: &Sandbox) -> serde_json::Value {
+    let output = std::process::Command::new(binary("imds-agent"))
+        .args(["status", "--pin-dir"])
+        .arg(&sandbox.pin_dir)
+        .output()
+        .expect("imds-agent status");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status is JSON");
+    status["counters"].clone()
+}
+
+#[test]
+fn allowed_path_gets_the_upstream_body_and_a_denied_path_names_the_rule() {
+    let Some(env) = start("allow-deny", false) else {
+        return;
+    };
+    let sb = &env.sandbox;
+
+    let allowed = sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        (allowed.status, allowed.body.as_str()),
+        (200, INSTANCE_ID),
+        "{allowed:?}"
+    );
+
+    let denied = sb.curl("enforced/web", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(
+        denied.body,
+        "imds-agent: denied by policy 'web' rule 'default'\n"
+    );
+    assert!(!denied.body.contains(ACCESS_KEY_PREFIX));
+
+    let user_data = sb.curl("enforced/web", None, &[&url("/latest/user-data")]);
+    assert_eq!(user_data.status, 403);
+    assert!(!user_data.body.contains("hunter2"));
+
+    let audit = env.agent.audit();
+    let line = |path: &str| {
+        audit
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no audit line for {path}: {audit:#?}"))
+            .clone()
+    };
+    let allow = line(INSTANCE_ID_PATH);
+    assert_eq!(allow["decision"], "allow");
+    assert_eq!(allow["cgroup"], "/web");
+    assert_eq!(allow["policy"], "web");
+    assert_eq!(allow["rule"], "instance-info");
+    assert_eq!(allow["upstream_status"], 200);
+    assert_eq!(allow["comm"], "curl");
+    assert_eq!(allow["uid"], 0);
+    assert!(allow["latency_us"].as_u64().is_some());
+    let deny = line(CREDENTIALS_PATH);
+    assert_eq!(
+        (deny["decision"].as_str(), deny["status"].as_u64()),
+        (Some("deny"), Some(403))
+    );
+}
+
+#[test]
+fn a_cgroup_outside_the_attach_point_goes_direct() {
+    let Some(env) = start("outside", false) else {
+        return;
+    };
+    let direct = env.sandbox.curl("outside", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(direct.status, 200, "{direct:?}");
+    assert!(direct.body.contains(ACCESS_KEY_PREFIX), "{direct:?}");
+    assert!(
+        env.agent.audit().is_empty(),
+        "the agent saw it: {:#?}",
+        env.agent.audit()
+    );
+}
+
+#[test]
+fn other_destinations_from_an_enforced_cgroup_connect_unchanged() {
+    let Some(env) = start("other-dest", false) else {
+        return;
+    };
+    let before = counters(&env.sandbox);
+    // The same path that policy denies on the metadata address, on another server.
+    let other = env.sandbox.curl(
+        "enforced/web",
+        None,
+        &[&format!("http://{OTHER_SERVER}{CREDENTIALS_PATH}")],
+    );
+    assert_eq!(other.status, 200, "{other:?}");
+    assert!(other.body.contains(ACCESS_KEY_PREFIX));
+    assert!(
+        env.agent.audit().is_empty(),
+        "diverted: {:#?}",
+        env.agent.audit()
+    );
+    assert_eq!(counters(&env.sandbox)["diverted"], before["diverted"]);
+}
+
+#[test]
+fn imdsv2_token_flow_works_through_the_filter() {
+    let Some(env) = start("imdsv2", true) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    let token = sb.curl(
+        "enforced/web",
+        None,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("{TTL_HEADER}: 300"),
+            "-D",
+            "/dev/stderr",
+            &url("/latest/api/token"),
+        ],
+    );
+    assert_eq!(token.status, 200, "{token:?}");
+    assert!(!token.body.is_empty());
+    // The TTL header the SDKs parse comes back unchanged.
+    assert!(
+        token
+            .stderr
+            .to_ascii_lowercase()
+            .contains(&format!("{TTL_HEADER}: 300")),
+        "{token:?}"
+    );
+
+    let with_token = sb.curl(
+        "enforced/web",
+        None,
+        &[
+            "-H",
+            &format!("x-aws-ec2-metadata-token: {}", token.body),
+            &url(INSTANCE_ID_PATH),
+        ],
+    );
+    assert_eq!(
+        (with_token.status, with_token.body.as_str()),
+        (200, INSTANCE_ID)
+    );
+
+    // The service's own answers pass through: no token, and a forged token, are 401.
+    let without = sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(without.status, 401, "{without:?}");
+    let forged = sb.curl(
+        "enforced/web",
+        None,
+        &[
+            "-H",
+            "x-aws-ec2-metadata-token: forged",
+            &url(INSTANCE_ID_PATH),
+        ],
+    );
+    assert_eq!(forged.status, 401);
+
+    // A bad TTL is the service's 400, not the filter's.
+    let bad_ttl = sb.curl(
+        "enforced/web",
+        None,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("{TTL_HEADER}: 0"),
+            &url("/latest/api/token"),
+        ],
+    );
+    assert_eq!(bad_ttl.status, 400);
+    // The filter refuses forwarding headers itself.
+    let xff = sb.curl(
+        "enforced/web",
+        None,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("{TTL_HEADER}: 60"),
+            "-H",
+            "X-Forwarded-For: 10.0.0.1",
+            &url("/latest/api/token"),
+        ],
+    );
+    assert_eq!(xff.status, 403);
+    assert!(xff.body.contains("forwarding headers"), "{xff:?}");
+}
+
+#[test]
+fn the_uid_rule_separates_two_processes_in_one_cgroup() {
+    let Some(env) = start("uid", false) else {
+        return;
+    };
+    let job = env
+        .sandbox
+        .curl("enforced/batch", Some(1000), &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(job.status, 200, "{job:?}");
+    assert!(job.body.contains(ACCESS_KEY_PREFIX));
+
+    let other = env
+        .sandbox
+        .curl("enforced/batch", Some(0), &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(other.status, 403);
+    assert_eq!(
+        other.body,
+        "imds-agent: denied by policy 'batch' rule 'default'\n"
+    );
+    // Both may read what the policy grants everyone in the cgroup.
+    let id = env
+        .sandbox
+        .curl("enforced/batch", Some(0), &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(id.status, 200);
+}
+
+#[test]
+fn a_killed_agent_fails_closed_and_a_restarted_agent_serves_again() {
+    let Some(mut env) = start("restart", false) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    assert_eq!(
+        sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        200
+    );
+
+    env.agent.process.signal(libc::SIGKILL);
+    env.agent.process.wait(Duration::from_secs(5));
+    let refused = sb.curl("enforced/batch", Some(1000), &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(refused.status, 0, "served without an agent: {refused:?}");
+    assert_eq!(refused.exit, 7, "expected connection refused: {refused:?}");
+    // Not enforced: unaffected.
+    assert_eq!(
+        sb.curl("outside", None, &[&url(INSTANCE_ID_PATH)]).status,
+        200
+    );
+
+    let agent = sb.start_agent("enforced", "agent", &[&repo_policies()], &[]);
+    let served = sb.curl("enforced/batch", Some(1000), &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(served.status, 200, "{served:?}\n{}", agent.log());
+    let denied = sb.curl("enforced/web", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(denied.status, 403);
+}
+
+#[test]
+fn sigterm_exits_zero_and_leaves_enforcement_in_place() {
+    let Some(mut env) = start("sigterm", false) else {
+        return;
+    };
+    env.agent.process.signal(libc::SIGTERM);
+    assert_eq!(
+        env.agent.process.wait(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        env.agent.log()
+    );
+    let refused = env
+        .sandbox
+        .curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!((refused.status, refused.exit), (0, 7), "{refused:?}");
+}
+
+#[test]
+fn a_bad_policy_file_is_a_clear_error_and_nothing_is_attached() {
+    let Some(sandbox) = Sandbox::new("bad-policy") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let bad = sandbox.work_dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "name: broken\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    paths: [\"/latest//x\"]\n",
+    )
+    .unwrap();
+    let mut agent = sandbox.start_agent("enforced", "agent", &[&bad], &[]);
+    assert_eq!(agent.process.wait(Duration::from_secs(10)), Some(64));
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("{}:7:13: rules[0].paths[0]", bad.display()))
+            && log.contains("empty path segment"),
+        "{log}"
+    );
+    assert!(!imds_agent::loader::is_attached(&sandbox.pin_dir));
+    // Nothing in the kernel either: the enforced cgroup still reaches the service directly.
+    let direct = sandbox.curl("enforced/web", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(direct.status, 200, "{direct:?}");
+}
+
+#[test]
+fn the_agent_inside_the_enforced_tree_is_not_diverted_to_itself() {
+    let Some(sandbox) = Sandbox::new("exempt") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let agent = sandbox.start_agent("enforced", "enforced/agent", &[&repo_policies()], &[]);
+    let allowed = sandbox.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(allowed.status, 200, "{allowed:?}\n{}", agent.log());
+    let counters = counters(&sandbox);
+    assert_eq!(counters["diverted"], 1, "{counters}");
+    assert_eq!(
+        counters["passed"], 1,
+        "the agent's upstream connect: {counters}"
+    );
+}
+
+#[test]
+fn connections_the_kernel_did_not_divert_are_refused_by_the_agent() {
+    let Some(env) = start("direct-listener", false) else {
+        return;
+    };
+    // Straight to the agent's listener, from enforced and unenforced cgroups alike.
+    for cgroup in ["enforced/web", "outside"] {
+        let direct = env.sandbox.curl(
+            cgroup,
+            None,
+            &[&format!("http://127.0.0.1:954{INSTANCE_ID_PATH}")],
+        );
+        assert_eq!(direct.status, 403, "{cgroup}: {direct:?}");
+        assert!(
+            direct.body.contains("not diverted by the kernel"),
+            "{direct:?}"
+        );
+        assert!(!direct.body.contains(INSTANCE_ID));
+    }
+}
+
+#[test]
+fn unmatched_callers_are_denied_by_default() {
+    let Some(env) = start("unmatched", false) else {
+        return;
+    };
+    let stray = env
+        .sandbox
+        .curl("enforced/stray", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(stray.status, 403);
+    assert_eq!(
+        stray.body,
+        "imds-agent: denied by policy '(none)' rule 'unmatched'\n"
+    );
+    assert!(
+        !env.sandbox
+            .curl("enforced/stray", None, &[&url("/latest/user-data")])
+            .body
+            .contains(USER_DATA)
+    );
+}
+
+const SDK_POLICY: &str = r#"
+name: sdk
+callers:
+  cgroups: ["/sdk-allowed"]
+default: deny
+rules:
+  - name: token
+    action: allow
+    methods: [PUT]
+    paths: ["/latest/api/token"]
+  - name: credentials
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/iam/security-credentials/**"]
+"#;
+
+/// botocore's own instance-metadata credential fetcher, as every AWS SDK for Python uses it.
+const BOTOCORE_FETCH: &str = r#"
+import json
+from botocore.utils import InstanceMetadataFetcher
+creds = InstanceMetadataFetcher(timeout=2, num_attempts=1).retrieve_iam_role_credentials()
+print(json.dumps({"role": creds.get("role_name"), "access_key": creds.get("access_key")}))
+"#;
+
+#[test]
+fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
+    let has_botocore = std::process::Command::new("python3")
+        .args(["-c", "import botocore"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_botocore {
+        imds_tests::sandbox::skip(
+            "python3 with botocore is not installed (cargo xtask setup installs it)",
+        );
+        return;
+    }
+    let Some(sandbox) = Sandbox::new("botocore") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(true);
+    let policy = sandbox.work_dir.join("sdk.yaml");
+    std::fs::write(&policy, SDK_POLICY).unwrap();
+    let _agent = sandbox.start_agent("enforced", "agent", &[&policy], &[]);
+
+    let fetch = |cgroup: &str| -> serde_json::Value {
+        let output = sandbox
+            .command("python3", cgroup)
+            .args(["-c", BOTOCORE_FETCH])
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .output()
+            .expect("run python3");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("script prints JSON")
+    };
+    let allowed = fetch("enforced/sdk-allowed");
+    assert_eq!(allowed["role"], "demo-node-role", "{allowed}");
+    assert!(
+        allowed["access_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with(ACCESS_KEY_PREFIX)),
+        "{allowed}"
+    );
+
+    let denied = fetch("enforced/sdk-denied");
+    assert_eq!(denied["access_key"], serde_json::Value::Null, "{denied}");
+}
