@@ -60,22 +60,20 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The file system magic of a path (statfs(2) f_type).
-pub fn fs_magic(path: &Path) -> io::Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+/// Whether `path` is on a bpf file system (statfs(2) magic).
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into the zeroed struct; the path is a valid C string.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stat.f_type as i64)
+    (unsafe { libc::statfs(c_path.as_ptr(), &mut stat) }) == 0 && stat.f_type == libc::BPF_FS_MAGIC
 }
 
 /// Mounts bpffs at [`BPFFS_ROOT`] unless it is mounted there already.
 pub fn ensure_bpffs() -> io::Result<()> {
     let root = Path::new(BPFFS_ROOT);
-    if fs_magic(root).is_ok_and(|magic| magic == libc::BPF_FS_MAGIC as i64) {
+    if is_bpffs(root) {
         return Ok(());
     }
     std::fs::create_dir_all(root)?;

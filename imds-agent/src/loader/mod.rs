@@ -295,9 +295,10 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
         path: pin_dir.to_owned(),
         source,
     })?;
-    match fs::fs_magic(pin_dir) {
-        Ok(magic) if magic == libc::BPF_FS_MAGIC as i64 => Ok(()),
-        _ => Err(LoaderError::PinDirNotBpffs(pin_dir.to_owned())),
+    if fs::is_bpffs(pin_dir) {
+        Ok(())
+    } else {
+        Err(LoaderError::PinDirNotBpffs(pin_dir.to_owned()))
     }
 }
 
