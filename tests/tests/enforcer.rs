@@ -291,6 +291,33 @@ fn a_killed_agent_fails_closed_and_a_restarted_agent_serves_again() {
 }
 
 #[test]
+fn detach_removes_enforcement() {
+    let Some(mut env) = start("detach", false) else {
+        return;
+    };
+    env.agent.process.signal(libc::SIGTERM);
+    env.agent.process.wait(Duration::from_secs(15));
+    let output = std::process::Command::new(binary("imds-agent"))
+        .args(["detach", "--pin-dir"])
+        .arg(&env.sandbox.pin_dir)
+        .output()
+        .expect("imds-agent detach");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("detached"));
+    assert!(!env.sandbox.pin_dir.exists());
+    // No longer diverted: the enforced cgroup reaches the service directly.
+    let direct = env
+        .sandbox
+        .curl("enforced/web", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(direct.status, 200, "{direct:?}");
+    assert!(direct.body.contains(ACCESS_KEY_PREFIX));
+}
+
+#[test]
 fn sigterm_exits_zero_and_leaves_enforcement_in_place() {
     let Some(mut env) = start("sigterm", false) else {
         return;

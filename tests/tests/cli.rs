@@ -1,0 +1,70 @@
+//! The agent's command line as a user runs it (no privileges needed).
+
+use std::{path::Path, process::Command};
+
+use imds_tests::sandbox::binary;
+
+fn agent(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(binary("imds-agent"))
+        .args(args)
+        .output()
+        .expect("run imds-agent");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn policy_check_accepts_the_example_policies() {
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let (code, stdout, stderr) = agent(&["policy", "check", policies.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("10-web.yaml: ok: policy 'web', 2 rules"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("20-batch.yaml: ok: policy 'batch', 3 rules"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn policy_check_reports_every_error_with_its_location_and_exits_64() {
+    let dir = std::env::temp_dir().join(format!("imds-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "name: x\ndefault: maybe\n").unwrap();
+    let worse = dir.join("worse.yaml");
+    std::fs::write(&worse, "name: y\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    paths: [\"/a/../b\"]\n").unwrap();
+    let (code, _, stderr) = agent(&[
+        "policy",
+        "check",
+        bad.to_str().unwrap(),
+        worse.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("bad.yaml:2:10: default: unknown variant `maybe`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "worse.yaml:7:13: rules[0].paths[0]: \"/a/../b\": '.' and '..' segments are not allowed"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_policy_file_is_named() {
+    let (code, _, stderr) = agent(&["policy", "check", "/nonexistent/p.yaml"]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("/nonexistent/p.yaml: No such file"),
+        "{stderr}"
+    );
+}
