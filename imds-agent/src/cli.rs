@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// Decision for callers that no policy selects.
     #[arg(long, value_enum, default_value_t = Action::Deny)]
     pub unmatched: Action,
+    /// Pod metadata file (`pods: [{uid, namespace, name, labels, serviceAccount,
+    /// containers: [{name, id}]}]`), for pod selectors on hosts without an API server.
+    #[arg(long)]
+    pub pods: Option<PathBuf>,
     /// bpffs directory for the pinned links and maps (mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
@@ -85,4 +89,37 @@ pub enum PolicyCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print the decision for one request, the policy and rule that made it, and why each
+    /// other policy did not apply.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Policy file or directory; repeatable.
+    #[arg(long, required = true)]
+    pub policy: Vec<PathBuf>,
+    /// The caller's cgroup path, relative to the enforced root (e.g. /web, or a kubepods path).
+    #[arg(long, conflicts_with = "pod", required_unless_present = "pod")]
+    pub cgroup: Option<String>,
+    /// The caller as NAMESPACE/NAME[/CONTAINER], looked up in --pods.
+    #[arg(long, requires = "pods")]
+    pub pod: Option<String>,
+    /// Pod metadata file, as for `run --pods`.
+    #[arg(long)]
+    pub pods: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    /// Default: the uid.
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// The caller's executable, for `executables` selectors.
+    #[arg(long)]
+    pub exe: Option<String>,
+    #[arg(long, value_enum, default_value_t = Action::Deny)]
+    pub unmatched: Action,
+    /// HTTP method.
+    pub method: String,
+    /// Request path.
+    pub path: String,
 }

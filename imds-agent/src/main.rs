@@ -87,6 +87,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Policy(PolicyCommand::Explain(args)) => {
+            match imds_agent::explain::explain(&args) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("imds-agent: {error}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Detach { pin_dir } => match loader::detach(&pin_dir) {
             Ok(true) => {
                 println!("detached: removed {}", pin_dir.display());

@@ -14,9 +14,9 @@ use tokio::{
 use crate::{
     cli::RunArgs,
     fs,
-    identity::Resolver,
+    identity::{Resolver, pods::PodDirectory},
     loader::{AttachConfig, Enforcer, LoaderError},
-    policy::{PolicyError, PolicySet},
+    policy::{PolicyError, store::PolicyStore},
     proxy::{self, Filter},
 };
 
@@ -76,7 +76,12 @@ fn enforced_root(mount: &Path, cgroup: Option<&Path>) -> Result<PathBuf, RunErro
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Everything that can be wrong with the configuration is found before anything is bound
     // or attached.
-    let policy = PolicySet::load(&args.policy, args.unmatched).map_err(RunError::Policy)?;
+    let policy =
+        Arc::new(PolicyStore::load(args.policy.clone(), args.unmatched).map_err(RunError::Policy)?);
+    let pods = Arc::new(PodDirectory::default());
+    if let Some(file) = &args.pods {
+        pods.load_file(file).map_err(RunError::Config)?;
+    }
     let mount = fs::cgroup2_mount().map_err(|e| RunError::Config(e.to_string()))?;
     let cgroup = enforced_root(&mount, args.cgroup.as_deref())?;
     if args.endpoints.is_empty() {
@@ -84,7 +89,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             "at least one --endpoint is required".into(),
         ));
     }
-    let resolver = Resolver::new(&mount, &cgroup)?;
+    let resolver = Resolver::new(&mount, &cgroup, pods)?;
 
     // Listen before attaching: once the programs divert, the listener must be there.
     let listener = TcpListener::bind(args.listen)
@@ -104,7 +109,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pin_dir = %args.pin_dir.display(),
         listen = %args.listen,
         endpoints = ?args.endpoints,
-        policies = ?policy.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
+        policies = ?policy.current().set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
         unmatched = %args.unmatched,
         "enforcing"
     );
@@ -112,7 +117,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let filter = Arc::new(Filter {
         enforcer: Arc::new(enforcer),
         resolver,
-        policy: Arc::new(policy),
+        policy: policy.clone(),
+    });
+    let watcher = tokio::spawn(policy.clone().watch());
+    let mut sighup = signal(SignalKind::hangup())?;
+    let reload_on_hup = tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            let store = policy.clone();
+            let _ = tokio::task::spawn_blocking(move || store.reload_and_log("SIGHUP")).await;
+        }
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -129,6 +142,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Duration::from_secs(args.drain_seconds),
     )
     .await;
+    watcher.abort();
+    reload_on_hup.abort();
     if let Ok(counters) = filter.enforcer.counters() {
         tracing::info!(?counters, "stopped; programs stay attached (pinned)");
     }

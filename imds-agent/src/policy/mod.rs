@@ -1,30 +1,42 @@
-//! Policy v1: YAML files of ordered rules, compiled once and evaluated per request.
+//! Policies: YAML documents of ordered rules, compiled once and evaluated per request.
 //!
 //! ```yaml
 //! name: web                  # names the policy in denials and audit lines
+//! mode: enforce              # enforce (default) | audit: would-deny is logged, then allowed
 //! callers:                   # which callers this policy governs (omitted: every caller)
 //!   cgroups: ["/web/**"]     # cgroup path globs, relative to the enforced root (--cgroup)
-//!   uids: [1000]             # any of these uids (omitted: any uid)
-//!   gids: [1000]
+//!   uids: [1000]             # any of these uids (omitted: any uid); gids likewise
 //!   units: ["nginx.service"] # systemd unit globs
+//!   executables: ["/usr/bin/python3*"]
+//!   namespaces: [payments]   # pods: namespace, labels (all must match), service account,
+//!   podLabels: {app: api}    #       container name
+//!   serviceAccounts: [api]
+//!   containers: [app]
 //! default: deny              # required: the decision when no rule matches
-//! rules:                     # in order; the first rule that matches decides
+//! rules:                     # in order; the first rule that matches decides for this policy
 //!   - name: instance-info
 //!     action: allow          # allow | deny
 //!     methods: [GET, HEAD]   # required; "*" for any method
-//!     paths: ["/latest/meta-data/instance-id", "/latest/meta-data/placement/**"]
+//!     groups: [instance-info]            # named path groups (see `groups`)
+//!     paths: ["/latest/meta-data/tags/**"] # and/or path patterns (see `pattern`)
 //!     callers: {uids: [0]}   # optional: narrows the rule further
 //! ```
 //!
-//! Several policies: files are read in the order given (a directory in file-name order). A
-//! caller is governed by the first policy whose `callers` selects it; a caller no policy
-//! selects gets the agent's `--unmatched` decision (deny unless set otherwise). Path pattern
-//! syntax: see [`pattern`].
+//! Precedence when several policies select one caller: each policy gives its verdict (its
+//! first matching rule, else its default). A rule beats a default; between rules the more
+//! specific path pattern wins (`pattern::Specificity`), and at equal specificity deny wins.
+//! Between defaults only, deny wins. A caller no policy selects gets the agent's `--unmatched`
+//! decision (deny unless set otherwise). Audit-mode policies never change a decision: the
+//! decision is made by the enforcing policies alone (allow if only audit policies select the
+//! caller), and where the audit policies would have denied, the request is logged and counted
+//! as would-deny.
 
+pub mod groups;
 pub mod pattern;
+pub mod store;
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt, io,
     path::{Path, PathBuf},
 };
@@ -33,7 +45,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::identity::Identity;
-pub use pattern::{CanonicalPath, NamePattern, PathError, PathPattern};
+pub use pattern::{CanonicalPath, NamePattern, PathError, PathPattern, Specificity};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -51,6 +63,14 @@ impl fmt::Display for Action {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
 // ---------------------------------------------------------------------------------------------
 // The file format. Spanned values carry their line and column for error messages.
 
@@ -61,6 +81,8 @@ struct PolicyDoc {
     #[serde(default)]
     #[expect(dead_code, reason = "documentation for people reading the file")]
     description: Option<String>,
+    #[serde(default)]
+    mode: Mode,
     #[serde(default)]
     callers: Option<SelectorDoc>,
     default: Action,
@@ -74,13 +96,16 @@ struct RuleDoc {
     name: Spanned<String>,
     action: Action,
     methods: Spanned<Vec<Spanned<String>>>,
-    paths: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
     #[serde(default)]
     callers: Option<SelectorDoc>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SelectorDoc {
     #[serde(default)]
     cgroups: Vec<Spanned<String>>,
@@ -90,6 +115,16 @@ struct SelectorDoc {
     gids: Vec<u32>,
     #[serde(default)]
     units: Vec<Spanned<String>>,
+    #[serde(default)]
+    executables: Vec<Spanned<String>>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    pod_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    service_accounts: Vec<String>,
+    #[serde(default)]
+    containers: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,24 +166,91 @@ impl Located<'_> {
 // ---------------------------------------------------------------------------------------------
 // Compiled form.
 
-/// Which callers a policy or rule applies to. Empty lists do not constrain.
+/// Which callers a policy or rule applies to. Empty lists do not constrain; a field that is
+/// given must match (AND), and any of its values may (OR). Pod fields never match a caller
+/// that is not a known pod.
 #[derive(Debug, Clone, Default)]
 pub struct Selector {
     cgroups: Vec<PathPattern>,
     units: Vec<NamePattern>,
+    executables: Vec<PathPattern>,
     uids: Vec<u32>,
     gids: Vec<u32>,
+    namespaces: Vec<String>,
+    pod_labels: BTreeMap<String, String>,
+    service_accounts: Vec<String>,
+    containers: Vec<String>,
 }
 
 impl Selector {
     fn matches(&self, caller: &ResolvedCaller<'_>) -> bool {
-        (self.cgroups.is_empty() || self.cgroups.iter().any(|p| p.matches(&caller.cgroup)))
-            && (self.units.is_empty()
-                || caller
-                    .unit
-                    .is_some_and(|unit| self.units.iter().any(|p| p.matches(unit))))
-            && (self.uids.is_empty() || self.uids.contains(&caller.uid))
-            && (self.gids.is_empty() || self.gids.contains(&caller.gid))
+        self.mismatch(caller).is_none()
+    }
+
+    /// The first field that does not match, for `policy explain`.
+    fn mismatch(&self, caller: &ResolvedCaller<'_>) -> Option<&'static str> {
+        let any = |empty: bool, hit: bool| empty || hit;
+        let pod = caller.identity.pod.as_deref();
+        if !any(
+            self.cgroups.is_empty(),
+            self.cgroups.iter().any(|p| p.matches(&caller.cgroup)),
+        ) {
+            return Some("cgroups");
+        }
+        if !any(
+            self.uids.is_empty(),
+            self.uids.contains(&caller.identity.uid),
+        ) {
+            return Some("uids");
+        }
+        if !any(
+            self.gids.is_empty(),
+            self.gids.contains(&caller.identity.gid),
+        ) {
+            return Some("gids");
+        }
+        let unit = caller.identity.unit.as_deref();
+        if !any(
+            self.units.is_empty(),
+            unit.is_some_and(|u| self.units.iter().any(|p| p.matches(u))),
+        ) {
+            return Some("units");
+        }
+        let exe = caller.exe.as_ref();
+        if !any(
+            self.executables.is_empty(),
+            exe.is_some_and(|e| self.executables.iter().any(|p| p.matches(e))),
+        ) {
+            return Some("executables");
+        }
+        if !any(
+            self.namespaces.is_empty(),
+            pod.is_some_and(|p| self.namespaces.contains(&p.namespace)),
+        ) {
+            return Some("namespaces");
+        }
+        let labels_match = pod.is_some_and(|p| {
+            self.pod_labels
+                .iter()
+                .all(|(k, v)| p.labels.get(k) == Some(v))
+        });
+        if !any(self.pod_labels.is_empty(), labels_match) {
+            return Some("podLabels");
+        }
+        if !any(
+            self.service_accounts.is_empty(),
+            pod.is_some_and(|p| self.service_accounts.contains(&p.service_account)),
+        ) {
+            return Some("serviceAccounts");
+        }
+        let container = caller.identity.container.as_ref();
+        if !any(
+            self.containers.is_empty(),
+            container.is_some_and(|c| self.containers.contains(c)),
+        ) {
+            return Some("containers");
+        }
+        None
     }
 }
 
@@ -156,6 +258,15 @@ impl Selector {
 enum Methods {
     Any,
     Only(Vec<String>),
+}
+
+impl Methods {
+    fn contains(&self, method: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(methods) => methods.iter().any(|m| m == method),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -167,10 +278,30 @@ pub struct Rule {
     callers: Selector,
 }
 
+impl Rule {
+    /// The specificity of the most specific pattern matching `path`, if the rule applies.
+    fn matches(
+        &self,
+        caller: &ResolvedCaller<'_>,
+        method: &str,
+        path: &CanonicalPath<'_>,
+    ) -> Option<Specificity> {
+        if !self.methods.contains(method) || !self.callers.matches(caller) {
+            return None;
+        }
+        self.paths
+            .iter()
+            .filter(|p| p.matches(path))
+            .map(PathPattern::specificity)
+            .max()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     name: String,
     source: PathBuf,
+    mode: Mode,
     callers: Selector,
     default: Action,
     rules: Vec<Rule>,
@@ -188,6 +319,67 @@ impl Policy {
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// This policy's verdict: its first matching rule, else its default.
+    fn verdict<'a>(
+        &'a self,
+        caller: &ResolvedCaller<'_>,
+        method: &str,
+        path: &CanonicalPath<'_>,
+    ) -> Verdict<'a> {
+        self.rules
+            .iter()
+            .find_map(|rule| {
+                rule.matches(caller, method, path)
+                    .map(|specificity| Verdict {
+                        action: rule.action,
+                        policy: self,
+                        rule: Some(rule),
+                        specificity: Some(specificity),
+                    })
+            })
+            .unwrap_or(Verdict {
+                action: self.default,
+                policy: self,
+                rule: None,
+                specificity: None,
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Verdict<'a> {
+    action: Action,
+    policy: &'a Policy,
+    rule: Option<&'a Rule>,
+    /// `None` for a default.
+    specificity: Option<Specificity>,
+}
+
+impl<'a> Verdict<'a> {
+    fn rule_name(&self) -> &'a str {
+        self.rule.map_or(DEFAULT_RULE, |r| r.name.as_str())
+    }
+
+    /// Precedence: a rule beats a default, a more specific rule beats a less specific one,
+    /// and deny beats allow when they are otherwise equal.
+    fn rank(&self) -> (bool, Option<Specificity>, bool) {
+        (
+            self.specificity.is_some(),
+            self.specificity,
+            self.action == Action::Deny,
+        )
+    }
+}
+
+/// The winning verdict of several; defaults only: deny wins.
+fn combine<'a>(verdicts: impl Iterator<Item = Verdict<'a>>) -> Option<Verdict<'a>> {
+    // max_by_key keeps the last of equals; ranks that tie are the same decision anyway.
+    verdicts.max_by_key(Verdict::rank)
 }
 
 /// All loaded policies plus the decision for callers none of them selects.
@@ -203,6 +395,9 @@ pub struct Decision<'a> {
     pub action: Action,
     pub policy: &'a str,
     pub rule: &'a str,
+    /// Set when an audit-mode policy would have denied this allowed request:
+    /// (policy, rule) of that would-be denial.
+    pub would_deny: Option<(&'a str, &'a str)>,
 }
 
 /// The policy name in decisions for callers that no policy selects.
@@ -212,28 +407,30 @@ pub const DEFAULT_RULE: &str = "default";
 
 /// The parts of an identity the policy uses, for a caller whose cgroup was resolved.
 struct ResolvedCaller<'a> {
+    identity: &'a Identity,
     cgroup: CanonicalPath<'a>,
-    unit: Option<&'a str>,
-    uid: u32,
-    gid: u32,
+    exe: Option<CanonicalPath<'a>>,
 }
 
 impl<'a> ResolvedCaller<'a> {
     fn new(identity: &'a Identity) -> Option<Self> {
         Some(Self {
+            identity,
             cgroup: CanonicalPath::parse(identity.cgroup.as_deref()?).ok()?,
-            unit: identity.unit.as_deref(),
-            uid: identity.uid,
-            gid: identity.gid,
+            exe: identity
+                .exe
+                .as_deref()
+                .and_then(|e| CanonicalPath::parse(e).ok()),
         })
     }
 }
 
-/// Which policy governs a caller; computed once per connection (the identity is fixed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which policies govern a caller; computed once per caller and policy version, so the cost
+/// of a request depends on the policies that select its caller, not on how many are loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
-    Policy(usize),
-    Unmatched,
+    /// Indexes of the selecting policies, in file order (empty: no policy selects the caller).
+    Policies(Vec<usize>),
     /// The caller's cgroup could not be resolved: every request is denied.
     Unresolved,
 }
@@ -286,61 +483,165 @@ impl PolicySet {
         &self.policies
     }
 
+    pub fn unmatched(&self) -> Action {
+        self.unmatched
+    }
+
     pub fn select(&self, identity: &Identity) -> Selection {
         let Some(caller) = ResolvedCaller::new(identity) else {
             return Selection::Unresolved;
         };
-        self.policies
-            .iter()
-            .position(|p| p.callers.matches(&caller))
-            .map_or(Selection::Unmatched, Selection::Policy)
+        Selection::Policies(
+            self.policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.callers.matches(&caller))
+                .map(|(i, _)| i)
+                .collect(),
+        )
     }
 
     /// The decision for one request. Pure: no I/O, no clock; the proxy calls it per request
-    /// with the connection's selection.
+    /// with the caller's selection.
     pub fn decide<'a>(
         &'a self,
-        selection: Selection,
+        selection: &Selection,
         identity: &Identity,
         method: &str,
         path: &CanonicalPath<'_>,
     ) -> Decision<'a> {
-        let (policy, caller) = match (selection, ResolvedCaller::new(identity)) {
-            (Selection::Policy(index), Some(caller)) => (&self.policies[index], caller),
-            (Selection::Unmatched, Some(_)) => {
-                return Decision {
-                    action: self.unmatched,
-                    policy: UNMATCHED_POLICY,
-                    rule: "unmatched",
-                };
-            }
+        let (indexes, caller) = match (selection, ResolvedCaller::new(identity)) {
+            (Selection::Policies(indexes), Some(caller)) => (indexes, caller),
             _ => {
                 return Decision {
                     action: Action::Deny,
                     policy: UNMATCHED_POLICY,
                     rule: "unresolved-cgroup",
+                    would_deny: None,
                 };
             }
         };
-        let rule = policy.rules.iter().find(|rule| {
-            let method_ok = match &rule.methods {
-                Methods::Any => true,
-                Methods::Only(methods) => methods.iter().any(|m| m == method),
-            };
-            method_ok && rule.paths.iter().any(|p| p.matches(path)) && rule.callers.matches(&caller)
-        });
-        match rule {
-            Some(rule) => Decision {
-                action: rule.action,
-                policy: &policy.name,
-                rule: &rule.name,
+        let verdicts = || {
+            indexes
+                .iter()
+                .map(|&i| self.policies[i].verdict(&caller, method, path))
+        };
+        let enforced = combine(verdicts().filter(|v| v.policy.mode == Mode::Enforce));
+        let all = combine(verdicts());
+        let would_deny = |effective: Action| match all {
+            Some(v) if effective == Action::Allow && v.action == Action::Deny => {
+                Some((v.policy.name.as_str(), v.rule_name()))
+            }
+            _ => None,
+        };
+        match (enforced, all) {
+            (Some(v), _) => Decision {
+                action: v.action,
+                policy: &v.policy.name,
+                rule: v.rule_name(),
+                would_deny: would_deny(v.action),
             },
-            None => Decision {
-                action: policy.default,
-                policy: &policy.name,
-                rule: DEFAULT_RULE,
+            // Only audit policies select the caller: allowed, and reported.
+            (None, Some(v)) => Decision {
+                action: Action::Allow,
+                policy: &v.policy.name,
+                rule: v.rule_name(),
+                would_deny: would_deny(Action::Allow),
+            },
+            (None, None) => Decision {
+                action: self.unmatched,
+                policy: UNMATCHED_POLICY,
+                rule: "unmatched",
+                would_deny: None,
             },
         }
+    }
+
+    /// Whether an entry of an allowed listing may be shown: a leaf when the caller may read
+    /// it, a directory (ending in `/`) when the caller may read it or anything below it. A
+    /// denied role name in `iam/security-credentials/` is thus never disclosed.
+    pub fn listing_entry_visible(
+        &self,
+        selection: &Selection,
+        identity: &Identity,
+        dir: &str,
+        entry: &str,
+    ) -> bool {
+        let child = format!("{}/{}", dir.trim_end_matches('/'), entry);
+        let Ok(path) = CanonicalPath::parse(&child) else {
+            return false;
+        };
+        if self.decide(selection, identity, "GET", &path).action == Action::Allow {
+            return true;
+        }
+        if !entry.ends_with('/') {
+            return false;
+        }
+        let (Selection::Policies(indexes), Some(caller)) =
+            (selection, ResolvedCaller::new(identity))
+        else {
+            return false;
+        };
+        indexes
+            .iter()
+            .map(|&i| &self.policies[i])
+            .filter(|p| p.mode == Mode::Enforce)
+            .flat_map(|p| &p.rules)
+            .filter(|r| {
+                r.action == Action::Allow && r.methods.contains("GET") && r.callers.matches(&caller)
+            })
+            .any(|r| r.paths.iter().any(|p| p.matches_below(&path)))
+    }
+
+    /// Why a request gets its decision: the decision, then one line per policy saying whether
+    /// it selected the caller (and if not, which field did not match) and what it decided.
+    pub fn explain(&self, identity: &Identity, method: &str, path: &CanonicalPath<'_>) -> String {
+        use std::fmt::Write as _;
+        let selection = self.select(identity);
+        let decision = self.decide(&selection, identity, method, path);
+        let mut out = format!(
+            "decision: {} by policy '{}' rule '{}'\n",
+            decision.action, decision.policy, decision.rule
+        );
+        if let Some((policy, rule)) = decision.would_deny {
+            let _ = writeln!(out, "audit: policy '{policy}' rule '{rule}' would deny");
+        }
+        let Some(caller) = ResolvedCaller::new(identity) else {
+            out.push_str("the caller's cgroup could not be resolved\n");
+            return out;
+        };
+        for policy in &self.policies {
+            let _ = write!(
+                out,
+                "policy '{}' ({}): ",
+                policy.name,
+                policy.source.display()
+            );
+            if let Some(field) = policy.callers.mismatch(&caller) {
+                let _ = writeln!(out, "does not select this caller ({field} do not match)");
+                continue;
+            }
+            let verdict = policy.verdict(&caller, method, path);
+            let mode = if policy.mode == Mode::Audit {
+                " [audit mode]"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "selects this caller; {} by rule '{}'{mode}",
+                verdict.action,
+                verdict.rule_name()
+            );
+        }
+        if matches!(&selection, Selection::Policies(p) if p.is_empty()) {
+            let _ = writeln!(
+                out,
+                "no policy selects this caller: --unmatched {}",
+                self.unmatched
+            );
+        }
+        out
     }
 }
 
@@ -434,7 +735,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
                 name: rule.name.value.clone(),
                 action: rule.action,
                 methods: compile_methods(&mut at, &field, &rule.methods),
-                paths: compile_paths(&mut at, &field, &rule.paths),
+                paths: compile_paths(&mut at, &field, rule),
                 callers: compile_selector(
                     &mut at,
                     &format!("{field}.callers"),
@@ -449,6 +750,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
     Ok(Policy {
         name: doc.name.value,
         source: file.to_owned(),
+        mode: doc.mode,
         callers,
         default: doc.default,
         rules,
@@ -489,34 +791,44 @@ fn compile_methods(
     Methods::Only(methods.value.iter().map(|m| m.value.clone()).collect())
 }
 
-fn compile_paths(
-    at: &mut Located<'_>,
-    field: &str,
-    paths: &Spanned<Vec<Spanned<String>>>,
-) -> Vec<PathPattern> {
-    if paths.value.is_empty() {
+fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDoc) -> Vec<PathPattern> {
+    if rule.paths.is_empty() && rule.groups.is_empty() {
         at.error(
-            paths,
+            &rule.name,
             format!("{field}.paths"),
-            "must list at least one path pattern",
+            "a rule needs at least one path pattern or group",
         );
     }
-    paths
-        .value
-        .iter()
-        .enumerate()
-        .filter_map(|(i, path)| match PathPattern::parse(&path.value) {
-            Ok(pattern) => Some(pattern),
-            Err(e) => {
-                at.error(
-                    path,
-                    format!("{field}.paths[{i}]"),
-                    format_args!("{:?}: {e}", path.value),
-                );
-                None
-            }
-        })
-        .collect()
+    let mut patterns = Vec::new();
+    for (i, path) in rule.paths.iter().enumerate() {
+        match PathPattern::parse(&path.value) {
+            Ok(pattern) => patterns.push(pattern),
+            Err(e) => at.error(
+                path,
+                format!("{field}.paths[{i}]"),
+                format_args!("{:?}: {e}", path.value),
+            ),
+        }
+    }
+    for (i, group) in rule.groups.iter().enumerate() {
+        match groups::patterns(&group.value) {
+            Some(group_patterns) => patterns.extend(
+                group_patterns
+                    .iter()
+                    .map(|p| PathPattern::parse(p).expect("built-in groups parse (unit-tested)")),
+            ),
+            None => at.error(
+                group,
+                format!("{field}.groups[{i}]"),
+                format_args!(
+                    "unknown group {:?} (expected one of {})",
+                    group.value,
+                    groups::NAMES.join(", ")
+                ),
+            ),
+        }
+    }
+    patterns
 }
 
 fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDoc>) -> Selector {
@@ -555,11 +867,32 @@ fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDoc>
             }
         })
         .collect();
+    let executables = doc
+        .executables
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match PathPattern::parse(&e.value) {
+            Ok(p) => Some(p),
+            Err(err) => {
+                at.error(
+                    e,
+                    format!("{field}.executables[{i}]"),
+                    format_args!("{:?}: {err}", e.value),
+                );
+                None
+            }
+        })
+        .collect();
     Selector {
         cgroups,
         units,
+        executables,
         uids: doc.uids.clone(),
         gids: doc.gids.clone(),
+        namespaces: doc.namespaces.clone(),
+        pod_labels: doc.pod_labels.clone(),
+        service_accounts: doc.service_accounts.clone(),
+        containers: doc.containers.clone(),
     }
 }
 

@@ -149,6 +149,48 @@ impl PathPattern {
     pub fn matches(&self, path: &CanonicalPath<'_>) -> bool {
         match_segments(&self.segments, &path.segments)
     }
+
+    /// How specific the pattern is, for precedence between policies: more literal segments
+    /// win, then more partial wildcards (`role-*` over `*`), then patterns without `**`.
+    pub fn specificity(&self) -> Specificity {
+        let count = |f: fn(&Segment) -> bool| {
+            u16::try_from(self.segments.iter().filter(|s| f(s)).count()).unwrap_or(u16::MAX)
+        };
+        Specificity {
+            literal: count(|s| matches!(s, Segment::Literal(_))),
+            partial: count(
+                |s| matches!(s, Segment::Wildcard(parts) if parts.iter().any(|p| !p.is_empty())),
+            ),
+            bounded: !self.segments.contains(&Segment::AnyDepth),
+        }
+    }
+
+    /// Whether the pattern can match some path strictly below `dir` (for listings: a
+    /// directory entry stays visible when something under it may be read).
+    pub fn matches_below(&self, dir: &CanonicalPath<'_>) -> bool {
+        match_prefix(&self.segments, &dir.segments)
+    }
+}
+
+/// Ordered: a greater value is more specific.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Specificity {
+    literal: u16,
+    partial: u16,
+    bounded: bool,
+}
+
+/// Whether `pattern` matches some path that extends `prefix` by at least one segment.
+fn match_prefix(pattern: &[Segment], prefix: &[&str]) -> bool {
+    match (pattern.split_first(), prefix.split_first()) {
+        (Some((Segment::AnyDepth, _)), _) => true,
+        // The prefix is used up: anything left in the pattern names something below it.
+        (Some(_), None) => true,
+        (None, _) => false,
+        (Some((segment, rest)), Some((first, others))) => {
+            segment_matches(segment, first) && match_prefix(rest, others)
+        }
+    }
 }
 
 fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
@@ -360,6 +402,37 @@ mod tests {
             PathPattern::parse("/a/%41").unwrap_err(),
             PathError::BadByte(b'%')
         );
+    }
+
+    #[test]
+    fn specificity_orders_patterns() {
+        let spec = |p: &str| PathPattern::parse(p).unwrap().specificity();
+        assert!(spec("/latest/meta-data/iam/**") > spec("/latest/meta-data/**"));
+        assert!(spec("/latest/meta-data/instance-id") > spec("/latest/meta-data/*"));
+        assert!(spec("/a/b") > spec("/a/b/**"));
+        assert!(spec("/a/role-*") > spec("/a/*"));
+        assert_eq!(spec("/a/b"), spec("/x/y"));
+    }
+
+    #[test]
+    fn matches_below_a_directory() {
+        let below = |p: &str, dir: &str| {
+            PathPattern::parse(p)
+                .unwrap()
+                .matches_below(&CanonicalPath::parse(dir).unwrap())
+        };
+        assert!(below(
+            "/latest/meta-data/iam/info",
+            "/latest/meta-data/iam/"
+        ));
+        assert!(below("/latest/meta-data/iam/**", "/latest/meta-data/iam/"));
+        assert!(below("/latest/**", "/latest/meta-data/iam/"));
+        assert!(below("/latest/*/iam/info", "/latest/meta-data/"));
+        assert!(!below("/latest/meta-data/iam", "/latest/meta-data/iam/"));
+        assert!(!below(
+            "/latest/meta-data/placement/**",
+            "/latest/meta-data/iam/"
+        ));
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::identity::pods::{ContainerInfo, PodDirectory, PodInfo};
 
 fn errors(text: &str) -> Vec<String> {
     parse(Path::new("p.yaml"), text)
@@ -9,14 +10,12 @@ fn errors(text: &str) -> Vec<String> {
 }
 
 fn identity(cgroup: Option<&str>, uid: u32) -> Identity {
-    Identity {
-        cgroup_id: 1,
-        unit: cgroup.and_then(crate::identity::unit_of),
-        cgroup: cgroup.map(str::to_owned),
-        uid,
-        gid: uid,
-        pid: 1,
-        comm: None,
+    match cgroup {
+        Some(cgroup) => Identity::for_cgroup(cgroup, uid, uid, &PodDirectory::default()),
+        None => Identity {
+            cgroup: None,
+            ..Identity::for_cgroup("/", uid, uid, &PodDirectory::default())
+        },
     }
 }
 
@@ -34,7 +33,12 @@ fn set(docs: &[&str], unmatched: Action) -> PolicySet {
 /// (action, policy, rule) for one request.
 fn decide(set: &PolicySet, who: &Identity, method: &str, path: &str) -> (Action, String, String) {
     let selection = set.select(who);
-    let d = set.decide(selection, who, method, &CanonicalPath::parse(path).unwrap());
+    let d = set.decide(
+        &selection,
+        who,
+        method,
+        &CanonicalPath::parse(path).unwrap(),
+    );
     (d.action, d.policy.to_owned(), d.rule.to_owned())
 }
 
@@ -144,16 +148,290 @@ fn unresolved_callers_are_denied_even_when_unmatched_is_allow() {
 }
 
 #[test]
-fn the_first_policy_that_selects_a_caller_governs_it() {
+fn every_policy_that_selects_a_caller_has_a_say() {
     let everyone = "name: everyone\ndefault: allow\n";
     let set = set(&[WEB, everyone], Action::Deny);
     let web = identity(Some("/web"), 1000);
     let batch = identity(Some("/batch"), 1000);
-    assert_eq!(set.select(&web), Selection::Policy(0));
-    assert_eq!(set.select(&batch), Selection::Policy(1));
+    assert_eq!(set.select(&web), Selection::Policies(vec![0, 1]));
+    assert_eq!(set.select(&batch), Selection::Policies(vec![1]));
     assert_eq!(
         decide(&set, &batch, "GET", "/latest/user-data").1,
         "everyone"
+    );
+    // Two defaults disagree: deny wins.
+    assert_eq!(
+        decide(&set, &web, "GET", "/latest/user-data"),
+        (Action::Deny, "web".to_owned(), DEFAULT_RULE.to_owned())
+    );
+    // A rule beats another policy's default.
+    assert_eq!(decide(&set, &web, "GET", INSTANCE_ID).0, Action::Allow);
+}
+
+const INSTANCE_ID: &str = "/latest/meta-data/instance-id";
+
+#[test]
+fn across_policies_the_more_specific_rule_wins_and_deny_wins_ties() {
+    let base = r#"
+name: base
+default: deny
+rules:
+  - name: no-iam
+    action: deny
+    methods: ["*"]
+    paths: ["/latest/meta-data/iam/**"]
+"#;
+    let grant = r#"
+name: grant
+callers: {cgroups: ["/batch"]}
+default: deny
+rules:
+  - name: role
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/iam/security-credentials/*"]
+  - name: iam-tree
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/iam/**"]
+"#;
+    let set = set(&[base, grant], Action::Deny);
+    let batch = identity(Some("/batch"), 0);
+    // 4 literal segments beat base's 3.
+    assert_eq!(
+        decide(
+            &set,
+            &batch,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/r"
+        ),
+        (Action::Allow, "grant".to_owned(), "role".to_owned())
+    );
+    // Same pattern, same specificity: deny wins.
+    assert_eq!(
+        decide(&set, &batch, "GET", "/latest/meta-data/iam/info"),
+        (Action::Deny, "base".to_owned(), "no-iam".to_owned())
+    );
+    // base alone for everyone else.
+    let web = identity(Some("/web"), 0);
+    assert_eq!(
+        decide(
+            &set,
+            &web,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/r"
+        )
+        .0,
+        Action::Deny
+    );
+}
+
+#[test]
+fn audit_mode_reports_would_deny_and_never_decides() {
+    let audit = r#"
+name: trial
+mode: audit
+default: deny
+rules:
+  - name: id-only
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/instance-id"]
+"#;
+    let enforce_nothing = "name: open\ncallers: {cgroups: [\"/web\"]}\ndefault: allow\n";
+    let deny_all = "name: closed\ncallers: {cgroups: [\"/batch\"]}\ndefault: deny\n";
+    let set = set(&[audit, enforce_nothing, deny_all], Action::Deny);
+    let d = |who: &Identity, path: &str| {
+        let selection = set.select(who);
+        let d = set.decide(&selection, who, "GET", &CanonicalPath::parse(path).unwrap());
+        (d.action, d.would_deny.map(|(p, r)| format!("{p}/{r}")))
+    };
+    let web = identity(Some("/web"), 0);
+    assert_eq!(d(&web, INSTANCE_ID), (Action::Allow, None));
+    assert_eq!(
+        d(&web, "/latest/user-data"),
+        (Action::Allow, Some("trial/default".into()))
+    );
+    // Audit policies cannot loosen an enforcing deny.
+    let batch = identity(Some("/batch"), 0);
+    assert_eq!(d(&batch, INSTANCE_ID), (Action::Deny, None));
+    // Only an audit policy selects the caller: allowed, reported.
+    let other = identity(Some("/other"), 0);
+    assert_eq!(
+        d(&other, "/latest/user-data"),
+        (Action::Allow, Some("trial/default".into()))
+    );
+}
+
+#[test]
+fn pod_selectors_use_pod_metadata() {
+    let uid = "8f5c4d2e-1a2b-4c3d-9e8f-0123456789ab";
+    let cid = "3b1f0e9c2d8a7f6e5d4c3b2a19080706f5e4d3c2b1a09f8e7d6c5b4a39281706";
+    let pods = PodDirectory::default();
+    pods.replace([PodInfo {
+        uid: uid.into(),
+        namespace: "payments".into(),
+        name: "api-0".into(),
+        labels: [
+            ("app".to_owned(), "api".to_owned()),
+            ("tier".to_owned(), "web".to_owned()),
+        ]
+        .into(),
+        service_account: "api".into(),
+        containers: vec![ContainerInfo {
+            name: "app".into(),
+            id: format!("containerd://{cid}"),
+        }],
+    }]);
+    let cgroup = format!(
+        "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{cid}.scope",
+        uid.replace('-', "_")
+    );
+    let who = Identity::for_cgroup(&cgroup, 0, 0, &pods);
+    let selects = |selector: &str| {
+        let doc = format!("name: p\ncallers: {selector}\ndefault: allow\n");
+        set(&[&doc], Action::Deny).select(&who) == Selection::Policies(vec![0])
+    };
+    assert!(selects("{namespaces: [payments]}"));
+    assert!(!selects("{namespaces: [kube-system]}"));
+    assert!(selects("{podLabels: {app: api}}"));
+    assert!(selects("{podLabels: {app: api, tier: web}}"));
+    assert!(!selects("{podLabels: {app: api, tier: db}}"));
+    assert!(selects("{serviceAccounts: [api]}"));
+    assert!(selects("{containers: [app]}"));
+    assert!(!selects("{containers: [sidecar]}"));
+    assert!(selects(
+        "{namespaces: [payments], containers: [app], serviceAccounts: [api]}"
+    ));
+    // A pod the directory does not know matches no pod selector.
+    let unknown = Identity::for_cgroup(&cgroup, 0, 0, &PodDirectory::default());
+    let doc = "name: p\ncallers: {namespaces: [payments]}\ndefault: allow\n";
+    assert_eq!(
+        set(&[doc], Action::Deny).select(&unknown),
+        Selection::Policies(vec![])
+    );
+}
+
+#[test]
+fn executables_select_by_path_pattern() {
+    let doc = "name: p\ncallers: {executables: [\"/usr/bin/python3*\"]}\ndefault: allow\n";
+    let set = set(&[doc], Action::Deny);
+    let mut who = identity(Some("/web"), 0);
+    assert_eq!(
+        set.select(&who),
+        Selection::Policies(vec![]),
+        "unknown exe matches nothing"
+    );
+    who.exe = Some("/usr/bin/python3.11".into());
+    assert_eq!(set.select(&who), Selection::Policies(vec![0]));
+    who.exe = Some("/usr/bin/curl".into());
+    assert_eq!(set.select(&who), Selection::Policies(vec![]));
+}
+
+#[test]
+fn groups_name_provider_paths() {
+    let doc = r#"
+name: g
+default: deny
+rules:
+  - name: info
+    action: allow
+    methods: [GET]
+    groups: [instance-info, network]
+"#;
+    let set = set(&[doc], Action::Deny);
+    let who = identity(Some("/web"), 0);
+    for path in [
+        INSTANCE_ID,
+        "/computeMetadata/v1/instance/zone",
+        "/metadata/instance/network/interface",
+        "/latest/meta-data/local-ipv4",
+    ] {
+        assert_eq!(decide(&set, &who, "GET", path).0, Action::Allow, "{path}");
+    }
+    for path in [
+        "/latest/meta-data/iam/info",
+        "/latest/user-data",
+        "/computeMetadata/v1/instance/attributes/kube-env",
+    ] {
+        assert_eq!(decide(&set, &who, "GET", path).0, Action::Deny, "{path}");
+    }
+    assert_eq!(
+        errors(
+            "name: g\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    groups: [secrets]\n"
+        ),
+        [
+            "p.yaml:7:14: rules[0].groups[0]: unknown group \"secrets\" (expected one of credentials, user-data, identity-document, instance-info, network, token)"
+        ]
+    );
+    assert!(
+        errors(
+            "name: g\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n"
+        )[0]
+        .contains("at least one path pattern or group")
+    );
+}
+
+#[test]
+fn listings_show_only_what_the_caller_may_read() {
+    let doc = r#"
+name: l
+default: deny
+rules:
+  - name: listing
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/", "/latest/meta-data/iam/", "/latest/meta-data/iam/security-credentials/"]
+  - name: one-role
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/iam/security-credentials/app-role", "/latest/meta-data/instance-id"]
+"#;
+    let set = set(&[doc], Action::Deny);
+    let who = identity(Some("/web"), 0);
+    let selection = set.select(&who);
+    let visible = |dir: &str, entry: &str| set.listing_entry_visible(&selection, &who, dir, entry);
+    assert!(visible(
+        "/latest/meta-data/iam/security-credentials/",
+        "app-role"
+    ));
+    assert!(!visible(
+        "/latest/meta-data/iam/security-credentials/",
+        "node-admin-role"
+    ));
+    assert!(visible("/latest/meta-data/", "instance-id"));
+    assert!(!visible("/latest/meta-data/", "ami-id"));
+    assert!(
+        visible("/latest/meta-data/", "iam/"),
+        "something below iam/ is readable"
+    );
+    assert!(!visible("/latest/meta-data/", "placement/"));
+    assert!(
+        !visible("/latest/meta-data/", "../x"),
+        "entries that are not path segments are dropped"
+    );
+}
+
+#[test]
+fn explain_names_the_deciding_rule_and_why_others_did_not_apply() {
+    let set = set(
+        &[
+            WEB,
+            "name: batch\ncallers: {cgroups: [\"/batch/**\"]}\ndefault: allow\n",
+        ],
+        Action::Deny,
+    );
+    let who = identity(Some("/web/app"), 0);
+    let text = set.explain(
+        &who,
+        "GET",
+        &CanonicalPath::parse("/latest/meta-data/iam/info").unwrap(),
+    );
+    assert_eq!(
+        text,
+        "decision: deny by policy 'web' rule 'no-credentials'\n\
+         policy 'web' (0.yaml): selects this caller; deny by rule 'no-credentials'\n\
+         policy 'batch' (1.yaml): does not select this caller (cgroups do not match)\n"
     );
 }
 
@@ -168,13 +446,13 @@ default: allow
 "#;
     let set = set(&[doc], Action::Deny);
     let mut who = identity(Some("/system.slice/app-1.service"), 33);
-    assert_eq!(set.select(&who), Selection::Policy(0));
+    assert_eq!(set.select(&who), Selection::Policies(vec![0]));
     who.gid = 35;
-    assert_eq!(set.select(&who), Selection::Unmatched);
+    assert_eq!(set.select(&who), Selection::Policies(vec![]));
     let elsewhere = identity(Some("/system.slice/sshd.service"), 33);
-    assert_eq!(set.select(&elsewhere), Selection::Unmatched);
+    assert_eq!(set.select(&elsewhere), Selection::Policies(vec![]));
     let no_unit = identity(Some("/web"), 33);
-    assert_eq!(set.select(&no_unit), Selection::Unmatched);
+    assert_eq!(set.select(&no_unit), Selection::Policies(vec![]));
 }
 
 #[test]
@@ -182,7 +460,7 @@ fn errors_name_file_line_column_and_field() {
     assert_eq!(
         errors("name: a\ndefault: allow\nrulez: []\n"),
         [
-            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, callers, default, rules"
+            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, mode, callers, default, rules"
         ]
     );
     assert_eq!(
@@ -211,7 +489,7 @@ rules:
             r#"p.yaml:7:29: rules[0].paths[2]: "latest": must start with '/'"#,
             "p.yaml:8:11: rules[1].name: duplicate rule name in this policy",
             r#"p.yaml:10:14: rules[1].methods: must name at least one method, or "*""#,
-            "p.yaml:11:12: rules[1].paths: must list at least one path pattern",
+            "p.yaml:8:11: rules[1].paths: a rule needs at least one path pattern or group",
             r#"p.yaml:13:17: rules[1].callers.cgroups[0]: "/web/x**": '**' must be a whole path segment"#,
         ]
     );

@@ -33,7 +33,7 @@ use tokio::{
 use crate::{
     identity::{Identity, Resolver},
     loader::Enforcer,
-    policy::{Action, PolicySet, Selection},
+    policy::{Action, Selection, store::PolicyStore, store::Versioned},
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -43,18 +43,22 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to the metadata service may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A listing larger than this is refused (502) rather than passed unfiltered, so that no
+/// listing can carry a name the caller may not see.
+const MAX_LISTING_BYTES: usize = 1 << 20;
+
 /// Everything the filter needs, shared by all connections.
 pub struct Filter {
     pub enforcer: Arc<Enforcer>,
     pub resolver: Resolver,
-    pub policy: Arc<PolicySet>,
+    pub policy: Arc<PolicyStore>,
 }
 
 /// One accepted, attributed client connection.
 struct Connection {
     identity: Identity,
-    selection: Selection,
-    policy: Arc<PolicySet>,
+    /// Which policies select this caller, for the policy version it was computed with.
+    selection: std::sync::Mutex<(u64, Arc<Selection>)>,
     /// Where the caller was going before the kernel diverted it.
     original: SocketAddr,
     /// Created on the first allowed request; never shared with another client connection.
@@ -123,15 +127,27 @@ fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
     };
     let caller: Caller = filter.enforcer.caller(&key)?;
     let identity = filter.resolver.identify(&caller);
-    let policy = filter.policy.clone();
-    let selection = policy.select(&identity);
+    let policy = filter.policy.current();
+    let selection = Arc::new(policy.set.select(&identity));
     Some(Connection {
         identity,
-        selection,
-        policy,
+        selection: std::sync::Mutex::new((policy.version, selection)),
         original: original_destination(&caller)?,
         upstream: Mutex::new(None),
     })
+}
+
+impl Connection {
+    /// The selection for `policy`, recomputed only when the policy version changed since the
+    /// last request on this connection: each request is decided by the policy in force when
+    /// it arrives, while the per-request cost stays independent of how many policies exist.
+    fn selection(&self, policy: &Versioned) -> Arc<Selection> {
+        let mut cached = self.selection.lock().expect("selection lock");
+        if cached.0 != policy.version {
+            *cached = (policy.version, Arc::new(policy.set.select(&self.identity)));
+        }
+        cached.1.clone()
+    }
 }
 
 fn original_destination(caller: &Caller) -> Option<SocketAddr> {
@@ -193,8 +209,10 @@ async fn handle(
             return text(rejection.status, body);
         }
     };
-    let decision = connection.policy.decide(
-        connection.selection,
+    let policy = filter.policy.current();
+    let selection = connection.selection(&policy);
+    let decision = policy.set.decide(
+        &selection,
         &connection.identity,
         valid.method.as_str(),
         &valid.canonical_path(),
@@ -221,19 +239,35 @@ async fn handle(
         );
         return text(StatusCode::FORBIDDEN, body);
     }
-    let response = forward(filter, connection, &valid).await;
+    let mut response = forward(filter, connection, &valid).await;
+    if let Ok(upstream) = &response
+        && is_listing(&valid, upstream)
+    {
+        let upstream = response.expect("checked above");
+        response = filter_listing(upstream, |entry| {
+            policy
+                .set
+                .listing_entry_visible(&selection, &connection.identity, &valid.path, entry)
+        })
+        .await;
+    }
     let (status, upstream_status, detail) = match &response {
         Ok(r) => (r.status(), Some(r.status()), ""),
         Err(detail) => (StatusCode::BAD_GATEWAY, None, *detail),
+    };
+    // An audit-mode policy that would have denied is named in the audit line.
+    let (verdict, policy_name, rule_name) = match decision.would_deny {
+        Some((policy, rule)) => ("would-deny", policy, rule),
+        None => ("allow", decision.policy, decision.rule),
     };
     audit(
         connection,
         &method,
         &target,
         Outcome {
-            decision: "allow",
-            policy: decision.policy,
-            rule: decision.rule,
+            decision: verdict,
+            policy: policy_name,
+            rule: rule_name,
             status,
             upstream_status,
             detail,
@@ -313,6 +347,45 @@ async fn connect_upstream(
         }
     });
     Ok(sender)
+}
+
+/// A directory listing: a successful GET of a path ending in `/`, as plain text.
+fn is_listing(request: &request::ValidRequest, response: &Response<Body>) -> bool {
+    request.method == http::Method::GET
+        && request.path.ends_with('/')
+        && response.status() == StatusCode::OK
+        && response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_none_or(|t| t.as_bytes().starts_with(b"text/plain"))
+}
+
+/// Keeps the listing's lines for which `visible` holds; the rest of the response is unchanged
+/// (the length is recomputed).
+async fn filter_listing(
+    response: Response<Body>,
+    visible: impl Fn(&str) -> bool,
+) -> Result<Response<Body>, &'static str> {
+    let (mut parts, body) = response.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_LISTING_BYTES);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|_| "listing too large or truncated")?
+        .to_bytes();
+    let text = std::str::from_utf8(&bytes).map_err(|_| "listing is not UTF-8")?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.is_empty() && visible(line))
+        .collect();
+    let filtered = kept.join("\n");
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(Response::from_parts(
+        parts,
+        Full::new(Bytes::from(filtered))
+            .map_err(|never| match never {})
+            .boxed(),
+    ))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
