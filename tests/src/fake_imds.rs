@@ -7,6 +7,9 @@
 //! - GET/HEAD: a token that is unknown or expired is 401; with tokens required, no token is 401.
 //! - Listings end in LF-separated names, directories with a trailing `/`; `x` and `x/` both
 //!   serve, as the real service is lenient; unknown paths are 404; other methods 405.
+//!
+//! Test hook, not IMDS behaviour: a `fake_delay_ms=N` query parameter delays the answer by N
+//! milliseconds (at most 10 s), so tests can hold a request in flight.
 
 use std::{
     collections::HashMap,
@@ -68,7 +71,12 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(respond(&state, &request)) }
+                        async move {
+                            if let Some(delay) = requested_delay(&request) {
+                                tokio::time::sleep(delay).await;
+                            }
+                            Ok::<_, Infallible>(respond(&state, &request))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -80,6 +88,16 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
     for task in tasks {
         let _ = task.await;
     }
+}
+
+fn requested_delay<B>(request: &Request<B>) -> Option<Duration> {
+    let query = request.uri().query()?;
+    let ms: u64 = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("fake_delay_ms="))?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(10_000)))
 }
 
 fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {

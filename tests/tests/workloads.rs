@@ -1,0 +1,421 @@
+//! Workload identity, policy language and live reload, end to end: fake pods in cgroups named
+//! as kubelet names them, a systemd-style unit, policy edits while the agent runs.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use imds_tests::{
+    fake_imds::{ACCESS_KEY_PREFIX, INSTANCE_ID},
+    sandbox::{Agent, Process, Sandbox, binary},
+};
+
+const IMDS: &str = "http://169.254.169.254";
+const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/demo-node-role";
+const INSTANCE_ID_PATH: &str = "/latest/meta-data/instance-id";
+
+const POD_A: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+const POD_B: &str = "6fa459ea-ee8a-3ca4-894e-db77e160355e";
+const CONTAINER_A: &str = "aa11bb22cc33dd44ee55ff6600112233445566778899aabbccddeeff00112233";
+const CONTAINER_B: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+fn url(path: &str) -> String {
+    format!("{IMDS}{path}")
+}
+
+/// The cgroup kubelet's systemd driver creates for a burstable pod's container.
+fn pod_cgroup(pod_uid: &str, container: &str) -> String {
+    let uid = pod_uid.replace('-', "_");
+    format!(
+        "enforced/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{container}.scope"
+    )
+}
+
+const PODS: &str = r#"
+pods:
+  - uid: 1b4e28ba-2fa1-11d2-883f-0016d3cca427
+    namespace: payments
+    name: api-0
+    serviceAccount: api
+    labels: {app: api}
+    containers:
+      - name: app
+        id: containerd://aa11bb22cc33dd44ee55ff6600112233445566778899aabbccddeeff00112233
+  - uid: 6fa459ea-ee8a-3ca4-894e-db77e160355e
+    namespace: frontend
+    name: web-0
+    labels: {app: web}
+    containers:
+      - name: nginx
+        id: containerd://0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0
+"#;
+
+const NAMESPACE_POLICIES: [(&str, &str); 3] = [
+    (
+        "10-payments.yaml",
+        r#"
+name: payments-api
+callers:
+  namespaces: [payments]
+  serviceAccounts: [api]
+default: deny
+rules:
+  - name: credentials
+    action: allow
+    methods: [GET, HEAD]
+    groups: [credentials, instance-info]
+"#,
+    ),
+    (
+        "20-frontend.yaml",
+        r#"
+name: frontend
+callers:
+  namespaces: [frontend]
+default: deny
+rules:
+  - name: instance-info-only
+    action: allow
+    methods: [GET, HEAD]
+    groups: [instance-info]
+"#,
+    ),
+    (
+        "30-units.yaml",
+        r#"
+name: agents
+callers:
+  units: ["metrics-agent.service"]
+default: deny
+rules:
+  - name: instance-id
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/instance-id"]
+"#,
+    ),
+];
+
+struct Env {
+    agent: Agent,
+    policy_dir: PathBuf,
+    _imds: Process,
+    sandbox: Sandbox,
+}
+
+fn start(label: &str, policies: &[(&str, &str)]) -> Option<Env> {
+    let sandbox = Sandbox::new(label)?;
+    let imds = sandbox.start_fake_imds(false);
+    let policy_dir = sandbox.work_dir.join("policies");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    for (name, text) in policies {
+        std::fs::write(policy_dir.join(name), text).unwrap();
+    }
+    let pods = sandbox.work_dir.join("pods.yaml");
+    std::fs::write(&pods, PODS).unwrap();
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policy_dir],
+        &["--pods", pods.to_str().unwrap()],
+    );
+    Some(Env {
+        agent,
+        policy_dir,
+        _imds: imds,
+        sandbox,
+    })
+}
+
+/// Waits until the agent's log contains `needle` `count` times (reloads are polled).
+fn wait_for_log(agent: &Agent, needle: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if agent.log().matches(needle).count() >= count {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "agent log never showed {needle:?} x{count}:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn pods_in_two_namespaces_get_what_their_namespace_policy_grants() {
+    let Some(env) = start("pods", &NAMESPACE_POLICIES) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    let pod_a = pod_cgroup(POD_A, CONTAINER_A);
+    let pod_b = pod_cgroup(POD_B, CONTAINER_B);
+
+    let creds_a = sb.curl(&pod_a, None, &[&url(CREDENTIALS)]);
+    assert_eq!(creds_a.status, 200, "{creds_a:?}\n{}", env.agent.log());
+    assert!(creds_a.body.contains(ACCESS_KEY_PREFIX));
+
+    let creds_b = sb.curl(&pod_b, None, &[&url(CREDENTIALS)]);
+    assert_eq!(creds_b.status, 403);
+    assert_eq!(
+        creds_b.body,
+        "imds-agent: denied by policy 'frontend' rule 'default'\n"
+    );
+    assert_eq!(
+        sb.curl(&pod_b, None, &[&url(INSTANCE_ID_PATH)]).body,
+        INSTANCE_ID
+    );
+
+    // The listing shows pod B only what instance-info covers: no iam/, no local-ipv4.
+    let listing = sb.curl(&pod_b, None, &[&url("/latest/meta-data/")]);
+    assert_eq!(listing.status, 200);
+    assert_eq!(
+        listing.body,
+        "ami-id\nhostname\ninstance-id\ninstance-type\nplacement/"
+    );
+    // Pod A may read credentials, so it sees iam/ and the role name.
+    let roles = sb.curl(
+        &pod_a,
+        None,
+        &[&url("/latest/meta-data/iam/security-credentials/")],
+    );
+    assert_eq!(roles.body, "demo-node-role");
+
+    // Audit lines name the pod's cgroup; a child cgroup inside the container is the same pod.
+    let nested = format!("{pod_a}/worker");
+    assert_eq!(sb.curl(&nested, None, &[&url(CREDENTIALS)]).status, 200);
+    let audit = env.agent.audit();
+    assert!(
+        audit.iter().any(|l| l["decision"] == "allow"
+            && l["policy"] == "payments-api"
+            && l["cgroup"].as_str().is_some_and(|c| c.ends_with("/worker"))),
+        "{audit:#?}"
+    );
+}
+
+#[test]
+fn a_systemd_unit_is_selected_by_its_unit_name() {
+    let Some(env) = start("unit", &NAMESPACE_POLICIES) else {
+        return;
+    };
+    let unit = "enforced/system.slice/metrics-agent.service";
+    let allowed = env.sandbox.curl(unit, None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!((allowed.status, allowed.body.as_str()), (200, INSTANCE_ID));
+    let denied = env.sandbox.curl(unit, None, &[&url(CREDENTIALS)]);
+    assert_eq!(
+        denied.body,
+        "imds-agent: denied by policy 'agents' rule 'default'\n"
+    );
+    let other_unit = env.sandbox.curl(
+        "enforced/system.slice/sshd.service",
+        None,
+        &[&url(INSTANCE_ID_PATH)],
+    );
+    assert_eq!(
+        other_unit.body,
+        "imds-agent: denied by policy '(none)' rule 'unmatched'\n"
+    );
+    let line = env
+        .agent
+        .audit()
+        .into_iter()
+        .find(|l| l["decision"] == "allow")
+        .expect("audit line");
+    assert_eq!(line["unit"], "metrics-agent.service");
+}
+
+const OPEN: &str = r#"
+name: web
+callers: {cgroups: ["/web"]}
+default: deny
+rules:
+  - name: instance-id
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/instance-id"]
+"#;
+
+const CLOSED: &str = r#"
+name: web
+callers: {cgroups: ["/web"]}
+default: deny
+rules:
+  - name: locked-down
+    action: deny
+    methods: ["*"]
+    paths: ["/**"]
+"#;
+
+#[test]
+fn a_live_policy_change_flips_a_decision_without_restart_or_dropping_in_flight_requests() {
+    let Some(mut env) = start("reload", &[("web.yaml", OPEN)]) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    assert_eq!(
+        sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        200
+    );
+    let pid = env.agent.process.child.id();
+
+    // A request that is in flight while the policy changes.
+    let slow = sb
+        .command_as("curl", "enforced/web", None)
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &url(&format!("{INSTANCE_ID_PATH}?fake_delay_ms=1500")),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("slow curl");
+    std::thread::sleep(Duration::from_millis(300));
+
+    std::fs::write(env.policy_dir.join("web.yaml"), CLOSED).unwrap();
+    wait_for_log(&env.agent, "policy reloaded", 1);
+    let denied = sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        denied.body,
+        "imds-agent: denied by policy 'web' rule 'locked-down'\n"
+    );
+
+    // The in-flight request was decided before the change and completes.
+    let output = slow.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!("{INSTANCE_ID}\n200")
+    );
+    assert!(env.agent.is_running());
+    assert_eq!(env.agent.process.child.id(), pid);
+
+    // SIGHUP reloads too.
+    std::fs::write(env.policy_dir.join("web.yaml"), OPEN).unwrap();
+    env.agent.process.signal(libc::SIGHUP);
+    wait_for_log(&env.agent, "policy reloaded", 2);
+    assert_eq!(
+        sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        200
+    );
+}
+
+#[test]
+fn a_broken_edit_leaves_enforcement_unchanged() {
+    let Some(env) = start("broken-edit", &[("web.yaml", OPEN)]) else {
+        return;
+    };
+    let file = env.policy_dir.join("web.yaml");
+    std::fs::write(&file, OPEN.replace("action: allow", "action: alow")).unwrap();
+    wait_for_log(&env.agent, "policy reload rejected", 1);
+    let log = env.agent.log();
+    assert!(
+        log.contains(&format!(
+            "{}:7:13: action: unknown variant `alow`",
+            file.display()
+        )),
+        "{log}"
+    );
+    // The previous policy is still in force: allowed stays allowed, denied stays denied.
+    assert_eq!(
+        env.sandbox
+            .curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        200
+    );
+    assert_eq!(
+        env.sandbox
+            .curl("enforced/web", None, &[&url(CREDENTIALS)])
+            .status,
+        403
+    );
+    assert_eq!(
+        env.sandbox
+            .curl("enforced/stray", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        403
+    );
+}
+
+#[test]
+fn audit_mode_allows_and_logs_would_deny() {
+    let trial = r#"
+name: trial
+mode: audit
+callers: {cgroups: ["/web"]}
+default: deny
+rules:
+  - name: instance-id
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/instance-id"]
+"#;
+    let Some(env) = start("audit", &[("trial.yaml", trial)]) else {
+        return;
+    };
+    let creds = env.sandbox.curl("enforced/web", None, &[&url(CREDENTIALS)]);
+    assert_eq!(creds.status, 200, "audit mode must not deny: {creds:?}");
+    assert!(creds.body.contains(ACCESS_KEY_PREFIX));
+    let line = env
+        .agent
+        .audit()
+        .into_iter()
+        .find(|l| l["path"] == CREDENTIALS)
+        .expect("audit line");
+    assert_eq!(line["decision"], "would-deny");
+    assert_eq!(
+        (line["policy"].as_str(), line["rule"].as_str()),
+        (Some("trial"), Some("default"))
+    );
+    assert_eq!(line["status"], 200);
+}
+
+#[test]
+fn policy_explain_describes_a_pod_by_name() {
+    let root = std::env::temp_dir().join(format!("imds-explain-{}", std::process::id()));
+    let dir = root.join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in NAMESPACE_POLICIES {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let pods = root.join("pods.yaml");
+    std::fs::write(&pods, PODS).unwrap();
+    let output = std::process::Command::new(binary("imds-agent"))
+        .args(["policy", "explain", "--policy"])
+        .arg(&dir)
+        .arg("--pods")
+        .arg(&pods)
+        .args(["--pod", "frontend/web-0/nginx", "GET", CREDENTIALS])
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].ends_with(", pod frontend/web-0"), "{text}");
+    assert_eq!(
+        lines[1],
+        "decision: deny by policy 'frontend' rule 'default'"
+    );
+    assert!(
+        lines[2].ends_with("does not select this caller (namespaces do not match)"),
+        "{text}"
+    );
+    assert!(
+        lines[3].ends_with("selects this caller; deny by rule 'default'"),
+        "{text}"
+    );
+    assert!(
+        lines[4].ends_with("does not select this caller (units do not match)"),
+        "{text}"
+    );
+}
