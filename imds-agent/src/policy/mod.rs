@@ -935,4 +935,6 @@ fn key_on_line(text: &str, line: u64) -> Option<String> {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
