@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// Metadata endpoint to divert (IPv4 address:port); repeatable.
     #[arg(long = "endpoint", default_value = "169.254.169.254:80")]
     pub endpoints: Vec<SocketAddrV4>,
+    /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Upper bound on finishing in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,

@@ -6,6 +6,7 @@ pub mod explain;
 pub mod fs;
 pub mod identity;
 pub mod loader;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod run;

@@ -16,6 +16,7 @@ use crate::{
     fs,
     identity::{Resolver, pods::PodDirectory},
     loader::{AttachConfig, Enforcer, LoaderError},
+    metrics::{self, Metrics},
     policy::{PolicyError, store::PolicyStore},
     proxy::{self, Filter},
 };
@@ -98,6 +99,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             addr: args.listen,
             source,
         })?;
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|e| RunError::Config(format!("--metrics-listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let enforcer = Enforcer::attach(&AttachConfig {
         cgroup: &cgroup,
         pin_dir: &args.pin_dir,
@@ -114,11 +123,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "enforcing"
     );
 
+    let enforcer = Arc::new(enforcer);
+    let metrics = Arc::new(Metrics::default());
     let filter = Arc::new(Filter {
-        enforcer: Arc::new(enforcer),
+        enforcer: enforcer.clone(),
         resolver,
         policy: policy.clone(),
+        metrics: metrics.clone(),
     });
+    // Ready (and healthy) from here on: attached, policy loaded.
+    let metrics_server = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, metrics, policy.clone(), enforcer)));
     let watcher = tokio::spawn(policy.clone().watch());
     let mut sighup = signal(SignalKind::hangup())?;
     let reload_on_hup = tokio::spawn(async move {
@@ -144,6 +159,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     .await;
     watcher.abort();
     reload_on_hup.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     if let Ok(counters) = filter.enforcer.counters() {
         tracing::info!(?counters, "stopped; programs stay attached (pinned)");
     }

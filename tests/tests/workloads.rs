@@ -98,6 +98,15 @@ rules:
     ),
 ];
 
+const METRICS: &str = "127.0.0.1:9754";
+
+/// The agent's metrics, scraped from inside the sandbox.
+fn scrape(sandbox: &Sandbox) -> String {
+    let scrape = sandbox.curl("outside", None, &[&format!("http://{METRICS}/metrics")]);
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+    scrape.body
+}
+
 struct Env {
     agent: Agent,
     policy_dir: PathBuf,
@@ -119,7 +128,12 @@ fn start(label: &str, policies: &[(&str, &str)]) -> Option<Env> {
         "enforced",
         "agent",
         &[&policy_dir],
-        &["--pods", pods.to_str().unwrap()],
+        &[
+            "--pods",
+            pods.to_str().unwrap(),
+            "--metrics-listen",
+            METRICS,
+        ],
     );
     Some(Env {
         agent,
@@ -182,6 +196,19 @@ fn pods_in_two_namespaces_get_what_their_namespace_policy_grants() {
         &[&url("/latest/meta-data/iam/security-credentials/")],
     );
     assert_eq!(roles.body, "demo-node-role");
+
+    let metrics = scrape(sb);
+    for line in [
+        r#"imds_agent_requests_total{decision="allow",namespace="payments",group="credentials"} 2"#,
+        r#"imds_agent_requests_total{decision="deny",namespace="frontend",group="credentials"} 1"#,
+        r#"imds_agent_requests_total{decision="allow",namespace="frontend",group="instance-info"} 2"#,
+        r#"imds_agent_kernel_connects{counter="diverted"} 5"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line}:\n{metrics}"
+        );
+    }
 
     // Audit lines name the pod's cgroup; a child cgroup inside the container is the same pod.
     let nested = format!("{pod_a}/worker");
@@ -320,6 +347,17 @@ fn a_broken_edit_leaves_enforcement_unchanged() {
             file.display()
         )),
         "{log}"
+    );
+    let metrics = scrape(&env.sandbox);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"imds_agent_policy_reloads_total{result="rejected"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "imds_agent_policy_version 1"),
+        "{metrics}"
     );
     // The previous policy is still in force: allowed stays allowed, denied stays denied.
     assert_eq!(

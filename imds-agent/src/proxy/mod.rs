@@ -33,6 +33,7 @@ use tokio::{
 use crate::{
     identity::{Identity, Resolver},
     loader::Enforcer,
+    metrics::Metrics,
     policy::{Action, Selection, store::PolicyStore, store::Versioned},
 };
 
@@ -52,6 +53,7 @@ pub struct Filter {
     pub enforcer: Arc<Enforcer>,
     pub resolver: Resolver,
     pub policy: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One accepted, attributed client connection.
@@ -84,6 +86,7 @@ pub async fn serve(
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
                         let Some(connection) = attribute(&filter, peer) else {
+                            filter.metrics.request("refuse", "", "");
                             refuse_unrecorded(stream, peer).await;
                             return;
                         };
@@ -193,6 +196,7 @@ async fn handle(
         Err(rejection) => {
             let body = format!("imds-agent: bad request: {}\n", rejection.reason);
             audit(
+                filter,
                 connection,
                 &method,
                 &target,
@@ -224,6 +228,7 @@ async fn handle(
             decision.policy, decision.rule
         );
         audit(
+            filter,
             connection,
             &method,
             &target,
@@ -261,6 +266,7 @@ async fn handle(
         None => ("allow", decision.policy, decision.rule),
     };
     audit(
+        filter,
         connection,
         &method,
         &target,
@@ -313,10 +319,14 @@ async fn forward(
         *upstream = Some(connect_upstream(filter, connection.original).await?);
     }
     let sender = upstream.as_mut().expect("set above");
+    let sent = Instant::now();
     let mut response = sender
         .send_request(upstream_request)
         .await
         .map_err(|_| "upstream request failed")?;
+    filter
+        .metrics
+        .upstream_latency(sent.elapsed().as_secs_f64());
     request::strip_hop_by_hop(response.headers_mut());
     Ok(response.map(BodyExt::boxed))
 }
@@ -413,6 +423,7 @@ struct Outcome<'a> {
 
 /// One structured line per request: who, what, the decision and what made it, and the result.
 fn audit(
+    filter: &Filter,
     connection: &Connection,
     method: &str,
     target: &str,
@@ -420,6 +431,8 @@ fn audit(
     started: Instant,
 ) {
     let id = &connection.identity;
+    let namespace = id.pod.as_ref().map_or("", |p| p.namespace.as_str());
+    filter.metrics.request(outcome.decision, namespace, target);
     tracing::info!(
         target: "imds_agent::audit",
         cgroup = id.cgroup.as_deref().unwrap_or("?"),

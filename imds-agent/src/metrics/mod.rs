@@ -1,0 +1,246 @@
+//! Prometheus metrics and health endpoints (`--metrics-listen`): `/metrics`, `/healthz`,
+//! `/readyz`. The agent serves them only once the programs are attached and the policy is
+//! loaded, so readiness means enforcing.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, LazyLock, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    loader::Enforcer,
+    policy::{CanonicalPath, PathPattern, groups, store::PolicyStore},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// allow, deny, would-deny, reject, refuse
+    pub decision: String,
+    /// The caller's pod namespace, or "" for callers that are not pods.
+    pub namespace: String,
+    /// The first named path group the path falls in (see `policy::groups`), or "other".
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KernelLabels {
+    counter: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_seconds: Histogram,
+    reloads: Family<ResultLabels, Counter>,
+    policy_version: Gauge,
+    kernel: Family<KernelLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("imds_agent");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by decision, pod namespace and path group",
+            requests.clone(),
+        );
+        // 50 us .. ~1.6 s
+        let upstream_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "upstream_seconds",
+            "Time from forwarding a request to the metadata service's response headers",
+            upstream_seconds.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by result (ok, rejected)",
+            reloads.clone(),
+        );
+        let policy_version = Gauge::default();
+        registry.register(
+            "policy_version",
+            "Version of the policy in force",
+            policy_version.clone(),
+        );
+        let kernel = Family::<KernelLabels, Gauge>::default();
+        registry.register(
+            "kernel_connects",
+            "Connects to metadata endpoints seen by the kernel programs (diverted, passed, refused)",
+            kernel.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            upstream_seconds,
+            reloads,
+            policy_version,
+            kernel,
+        }
+    }
+}
+
+/// Every named group's patterns, compiled once.
+static GROUPS: LazyLock<Vec<(&'static str, Vec<PathPattern>)>> = LazyLock::new(|| {
+    groups::NAMES
+        .iter()
+        .map(|name| {
+            let patterns = groups::patterns(name)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| PathPattern::parse(p).ok())
+                .collect();
+            (*name, patterns)
+        })
+        .collect()
+});
+
+/// The first group whose patterns match `path`, for the `group` label.
+pub fn group_of(path: &str) -> &'static str {
+    let Ok(path) = CanonicalPath::parse(path) else {
+        return "other";
+    };
+    GROUPS
+        .iter()
+        .find(|(_, patterns)| patterns.iter().any(|p| p.matches(&path)))
+        .map_or("other", |(name, _)| name)
+}
+
+impl Metrics {
+    pub fn request(&self, decision: &str, namespace: &str, path: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                decision: decision.to_owned(),
+                namespace: namespace.to_owned(),
+                group: group_of(path).to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn upstream_latency(&self, seconds: f64) {
+        self.upstream_seconds.observe(seconds);
+    }
+
+    /// The Prometheus text exposition, with the values read at scrape time refreshed.
+    pub fn render(&self, policy: &PolicyStore, enforcer: &Enforcer) -> String {
+        self.policy_version
+            .set(i64::try_from(policy.current().version).unwrap_or(i64::MAX));
+        let set_result = |result: &str, value: u64| {
+            let counter = self.reloads.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+            let seen = counter.get();
+            counter.inc_by(value.saturating_sub(seen));
+        };
+        set_result("ok", policy.reloads.load(Ordering::Relaxed));
+        set_result("rejected", policy.reload_failures.load(Ordering::Relaxed));
+        if let Ok(counters) = enforcer.counters() {
+            for (name, value) in [
+                ("diverted", counters.diverted),
+                ("passed", counters.passed),
+                ("refused", counters.refused),
+            ] {
+                self.kernel
+                    .get_or_create(&KernelLabels {
+                        counter: name.into(),
+                    })
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+        }
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serves the endpoints until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    policy: Arc<PolicyStore>,
+    enforcer: Arc<Enforcer>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, policy, enforcer) = (metrics.clone(), policy.clone(), enforcer.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = match request.uri().path() {
+                    "/metrics" => (
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.render(&policy, &enforcer),
+                    ),
+                    "/healthz" | "/readyz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        "not found\n".to_owned(),
+                    ),
+                };
+                async move {
+                    let (status, content_type, body) = response;
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static(content_type),
+                    );
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics listener (before anything is attached, so a bad address is a config
+/// error).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_labelled_with_their_group() {
+        assert_eq!(
+            group_of("/latest/meta-data/iam/security-credentials/r"),
+            "credentials"
+        );
+        assert_eq!(group_of("/latest/user-data"), "user-data");
+        assert_eq!(group_of("/latest/meta-data/instance-id"), "instance-info");
+        assert_eq!(group_of("/latest/api/token"), "token");
+        assert_eq!(group_of("/something/else"), "other");
+    }
+}
