@@ -4,7 +4,7 @@ use std::{net::SocketAddrV4, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::policy::Action;
+use crate::policy::Unmatched;
 
 /// Default pin directory: one installation per host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imds-agent";
@@ -59,9 +59,9 @@ pub struct RunArgs {
     /// Policy file or directory (*.yaml, *.yml in name order); repeatable.
     #[arg(long, required = true)]
     pub policy: Vec<PathBuf>,
-    /// Decision for callers that no policy selects.
-    #[arg(long, value_enum, default_value_t = Action::Deny)]
-    pub unmatched: Action,
+    /// What happens to callers that no policy selects.
+    #[arg(long, value_enum, default_value_t = Unmatched::Deny)]
+    pub unmatched: Unmatched,
     /// Pod metadata file (`pods: [{uid, namespace, name, labels, serviceAccount,
     /// containers: [{name, id}]}]`), for pod selectors on hosts without an API server.
     #[arg(long)]
@@ -119,8 +119,8 @@ pub struct ExplainArgs {
     /// The caller's executable, for `executables` selectors.
     #[arg(long)]
     pub exe: Option<String>,
-    #[arg(long, value_enum, default_value_t = Action::Deny)]
-    pub unmatched: Action,
+    #[arg(long, value_enum, default_value_t = Unmatched::Deny)]
+    pub unmatched: Unmatched,
     /// HTTP method.
     pub method: String,
     /// Request path.

@@ -4,7 +4,7 @@ use clap::Parser as _;
 use imds_agent::{
     cli::{Cli, Command, LogFormat, PolicyCommand},
     loader,
-    policy::{Action, PolicySet},
+    policy::{PolicySet, Unmatched},
     run::{self, format_policy_errors},
 };
 use tracing_subscriber::EnvFilter;
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Policy(PolicyCommand::Check { paths }) => {
-            match PolicySet::load(&paths, Action::Deny) {
+            match PolicySet::load(&paths, Unmatched::Deny) {
                 Ok(set) => {
                     for policy in set.policies() {
                         println!(

@@ -132,9 +132,25 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: metrics.clone(),
     });
     // Ready (and healthy) from here on: attached, policy loaded.
-    let metrics_server = metrics_listener
-        .map(|listener| tokio::spawn(metrics::serve(listener, metrics, policy.clone(), enforcer)));
+    let metrics_server = metrics_listener.map(|listener| {
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics,
+            policy.clone(),
+            enforcer.clone(),
+        ))
+    });
     let watcher = tokio::spawn(policy.clone().watch());
+    // Kernel verdicts were derived from the old policy: drop them on every change.
+    let mut changes = policy.subscribe();
+    let verdict_reset = {
+        let enforcer = enforcer.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                enforcer.clear_verdicts();
+            }
+        })
+    };
     let mut sighup = signal(SignalKind::hangup())?;
     let reload_on_hup = tokio::spawn(async move {
         while sighup.recv().await.is_some() {
@@ -159,6 +175,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     .await;
     watcher.abort();
     reload_on_hup.abort();
+    verdict_reset.abort();
     if let Some(server) = metrics_server {
         server.abort();
     }

@@ -15,6 +15,10 @@ pub const MAP_PENDING: &str = "IMDS_PENDING";
 pub const MAP_CONNS: &str = "IMDS_CONNS";
 /// Socket cookies of the agent's own upstream sockets, which are never diverted.
 pub const MAP_EXEMPT: &str = "IMDS_EXEMPT";
+/// Verdicts the agent installs for callers whose decision does not depend on the request,
+/// keyed by [`VerdictKey`]; value [`VERDICT_REFUSE`] or [`VERDICT_BYPASS`]. A caller without an
+/// entry is diverted to the agent.
+pub const MAP_VERDICTS: &str = "IMDS_VERDICTS";
 /// Per-CPU counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "IMDS_COUNTERS";
 
@@ -31,6 +35,12 @@ pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
 pub const MAX_ENDPOINTS: u32 = 64;
 pub const MAX_CONNS: u32 = 65_536;
 pub const MAX_EXEMPT: u32 = 4_096;
+pub const MAX_VERDICTS: u32 = 16_384;
+
+/// The caller may read nothing: connect() fails with EPERM, no agent round trip.
+pub const VERDICT_REFUSE: u32 = 1;
+/// No policy governs the caller and the agent is set to leave such callers alone.
+pub const VERDICT_BYPASS: u32 = 2;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -75,6 +85,16 @@ pub struct Caller {
     pub _pad1: u32,
 }
 
+/// Whose verdict: the policy depends on the cgroup, uid and gid (and on the executable, which
+/// is why the agent installs no verdicts while any policy selects by executable).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VerdictKey {
+    pub cgroup_id: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// Indexes into [`MAP_COUNTERS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,11 +103,14 @@ pub enum Counter {
     Diverted = 0,
     /// Connects to a metadata endpoint let through unchanged: the agent's own upstream sockets.
     Passed = 1,
-    /// Connects to a metadata address on a port that is not the endpoint's, refused (EPERM).
+    /// Connects refused (EPERM): a metadata address on another port, or a caller whose
+    /// installed verdict is refuse.
     Refused = 2,
+    /// Connects let through unchanged because the caller's verdict is bypass.
+    Bypassed = 3,
 }
 
-pub const COUNTER_COUNT: u32 = 3;
+pub const COUNTER_COUNT: u32 = 4;
 
 impl SockAddr {
     pub const fn v4(addr_be: u32, port: u16) -> Self {
@@ -109,6 +132,8 @@ mod user {
     unsafe impl aya::Pod for SockAddr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Caller {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VerdictKey {}
 }
 
 #[cfg(test)]
@@ -120,6 +145,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<Caller>(), 48);
+        assert_eq!(core::mem::size_of::<VerdictKey>(), 16);
     }
 
     #[test]

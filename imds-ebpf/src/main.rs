@@ -16,10 +16,10 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
-use imds_common::{AF_INET, Caller, Counter, SockAddr};
+use imds_common::{AF_INET, Caller, Counter, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey};
 use maps::{
     IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_EXEMPT, IMDS_PENDING,
-    count,
+    IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -73,12 +73,31 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
 
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let caller = Caller {
-        // SAFETY: helper valid for cgroup sock_addr programs.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid: (pid_tgid >> 32) as u32,
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let key = VerdictKey {
+        cgroup_id,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
+    };
+    // A verdict the agent installed for a caller whose decision does not depend on the
+    // request: no round trip to the agent.
+    match unsafe { IMDS_VERDICTS.get(&key) } {
+        Some(&VERDICT_REFUSE) => {
+            count(Counter::Refused);
+            return Ok(REFUSE);
+        }
+        Some(&VERDICT_BYPASS) => {
+            count(Counter::Bypassed);
+            return Ok(ALLOW);
+        }
+        _ => {}
+    }
+    let caller = Caller {
+        cgroup_id,
+        pid: (pid_tgid >> 32) as u32,
+        uid: key.uid,
+        gid: key.gid,
         _pad0: 0,
         original: SockAddr::v4(ip, port),
         _pad1: 0,

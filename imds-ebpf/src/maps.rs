@@ -7,7 +7,10 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
-use imds_common::{Caller, Counter, Endpoint4, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, SockAddr};
+use imds_common::{
+    Caller, Counter, Endpoint4, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, MAX_VERDICTS, SockAddr,
+    VerdictKey,
+};
 
 #[map]
 pub static IMDS_ENDPOINTS4: HashMap<u32, Endpoint4> = HashMap::pinned(MAX_ENDPOINTS, 0);
@@ -20,6 +23,9 @@ pub static IMDS_CONNS: LruHashMap<SockAddr, Caller> = LruHashMap::pinned(MAX_CON
 
 #[map]
 pub static IMDS_EXEMPT: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_EXEMPT, 0);
+
+#[map]
+pub static IMDS_VERDICTS: LruHashMap<VerdictKey, u32> = LruHashMap::pinned(MAX_VERDICTS, 0);
 
 #[map]
 pub static IMDS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(imds_common::COUNTER_COUNT, 0);

@@ -457,3 +457,103 @@ fn policy_explain_describes_a_pod_by_name() {
         "{text}"
     );
 }
+
+const LOCKED: &str = r#"
+name: locked
+callers: {cgroups: ["/locked"]}
+default: deny
+"#;
+
+fn kernel_counter(sandbox: &Sandbox, name: &str) -> u64 {
+    let needle = format!("imds_agent_kernel_connects{{counter=\"{name}\"}} ");
+    scrape(sandbox)
+        .lines()
+        .find_map(|l| l.strip_prefix(needle.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} counter"))
+}
+
+#[test]
+fn callers_that_may_read_nothing_are_refused_in_the_kernel_until_the_policy_changes() {
+    let Some(env) = start("verdicts", &[("locked.yaml", LOCKED), ("web.yaml", OPEN)]) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    // The first request reaches the agent, so the caller learns which policy denies it.
+    let first = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        first.body,
+        "imds-agent: denied by policy 'locked' rule 'default'\n"
+    );
+    // Then the kernel refuses the connect itself.
+    let refused_before = kernel_counter(sb, "refused");
+    let second = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!((second.status, second.exit), (0, 7), "{second:?}");
+    assert_eq!(kernel_counter(sb, "refused"), refused_before + 1);
+    assert_eq!(
+        env.agent
+            .audit()
+            .iter()
+            .filter(|l| l["cgroup"] == "/locked")
+            .count(),
+        1
+    );
+    // Callers with something to read are still served by the agent.
+    assert_eq!(
+        sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        200
+    );
+
+    // The verdict goes with the policy that made it.
+    std::fs::write(
+        env.policy_dir.join("locked.yaml"),
+        OPEN.replace("web", "locked"),
+    )
+    .unwrap();
+    wait_for_log(&env.agent, "policy reloaded", 1);
+    let after = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        (after.status, after.body.as_str()),
+        (200, INSTANCE_ID),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn unmatched_bypass_leaves_unselected_callers_undiverted() {
+    let Some(sandbox) = Sandbox::new("bypass") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let policy_dir = sandbox.work_dir.join("policies");
+    std::fs::create_dir_all(&policy_dir).unwrap();
+    std::fs::write(policy_dir.join("web.yaml"), OPEN).unwrap();
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policy_dir],
+        &["--unmatched", "bypass", "--metrics-listen", METRICS],
+    );
+    for _ in 0..3 {
+        let stray = sandbox.curl("enforced/stray", None, &[&url(CREDENTIALS)]);
+        assert_eq!(stray.status, 200, "{stray:?}");
+    }
+    // Seen once by the agent, then straight to the service.
+    assert_eq!(
+        agent
+            .audit()
+            .iter()
+            .filter(|l| l["cgroup"] == "/stray")
+            .count(),
+        1
+    );
+    assert_eq!(kernel_counter(&sandbox, "bypassed"), 2);
+    // Selected callers are still filtered.
+    assert_eq!(
+        sandbox
+            .curl("enforced/web", None, &[&url(CREDENTIALS)])
+            .status,
+        403
+    );
+}

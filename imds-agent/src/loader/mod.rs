@@ -32,7 +32,8 @@ use aya::{
 };
 use imds_common::{
     COUNTER_COUNT, Caller, Counter, Endpoint4, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT, MAP_CONNS,
-    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_EXEMPT, PROG_CONNECT4, PROG_SOCK_OPS, SockAddr,
+    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4, PROG_SOCK_OPS, SockAddr,
+    VerdictKey,
 };
 
 use crate::fs;
@@ -101,6 +102,7 @@ pub struct Enforcer {
     _ebpf: Ebpf,
     conns: HashMap<MapData, SockAddr, Caller>,
     exempt: Mutex<HashMap<MapData, u64, u8>>,
+    verdicts: Mutex<HashMap<MapData, VerdictKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -184,6 +186,7 @@ impl Enforcer {
         Ok(Self {
             conns: take_map(&mut ebpf, MAP_CONNS)?,
             exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
+            verdicts: Mutex::new(take_map(&mut ebpf, MAP_VERDICTS)?),
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
             _ebpf: ebpf,
         })
@@ -218,6 +221,28 @@ impl Enforcer {
     pub fn counters(&self) -> Result<Counters, LoaderError> {
         read_counters(&self.counters)
     }
+
+    /// Installs a kernel verdict for a caller (`VERDICT_REFUSE` or `VERDICT_BYPASS`).
+    pub fn set_verdict(&self, key: VerdictKey, verdict: u32) -> Result<(), LoaderError> {
+        self.verdicts
+            .lock()
+            .expect("verdicts lock")
+            .insert(key, verdict, 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_VERDICTS,
+                source,
+            })
+    }
+
+    /// Forgets every installed verdict (the policy or the pods changed): callers are diverted
+    /// to the agent again, which decides afresh and reinstalls what still holds.
+    pub fn clear_verdicts(&self) {
+        let mut verdicts = self.verdicts.lock().expect("verdicts lock");
+        let keys: Vec<VerdictKey> = verdicts.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = verdicts.remove(&key);
+        }
+    }
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -226,6 +251,7 @@ pub struct Counters {
     pub diverted: u64,
     pub passed: u64,
     pub refused: u64,
+    pub bypassed: u64,
 }
 
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, LoaderError> {
@@ -238,11 +264,12 @@ fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, LoaderErro
             })?;
         Ok(values.iter().sum())
     };
-    debug_assert_eq!(COUNTER_COUNT, 3);
+    debug_assert_eq!(COUNTER_COUNT, 4);
     Ok(Counters {
         diverted: sum(Counter::Diverted)?,
         passed: sum(Counter::Passed)?,
         refused: sum(Counter::Refused)?,
+        bypassed: sum(Counter::Bypassed)?,
     })
 }
 

@@ -90,7 +90,7 @@ impl Default for Metrics {
         let kernel = Family::<KernelLabels, Gauge>::default();
         registry.register(
             "kernel_connects",
-            "Connects to metadata endpoints seen by the kernel programs (diverted, passed, refused)",
+            "Connects to metadata endpoints seen by the kernel programs (diverted, passed, refused, bypassed)",
             kernel.clone(),
         );
         Self {
@@ -163,6 +163,7 @@ impl Metrics {
                 ("diverted", counters.diverted),
                 ("passed", counters.passed),
                 ("refused", counters.refused),
+                ("bypassed", counters.bypassed),
             ] {
                 self.kernel
                     .get_or_create(&KernelLabels {

@@ -63,6 +63,43 @@ impl fmt::Display for Action {
     }
 }
 
+/// What happens to callers that no policy selects (`--unmatched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Unmatched {
+    /// Served through the filter, with audit lines.
+    Allow,
+    /// Denied (403), and refused in the kernel after the first request.
+    Deny,
+    /// Not diverted at all once the agent has seen them: no filter, no audit line, no cost.
+    Bypass,
+}
+
+impl Unmatched {
+    pub fn action(self) -> Action {
+        match self {
+            Self::Deny => Action::Deny,
+            Self::Allow | Self::Bypass => Action::Allow,
+        }
+    }
+}
+
+impl fmt::Display for Unmatched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Bypass => "bypass",
+        })
+    }
+}
+
+/// A decision the kernel can make for a caller without asking the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelVerdict {
+    Refuse,
+    Bypass,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -324,6 +361,11 @@ impl Policy {
         self.mode
     }
 
+    fn uses_executables(&self) -> bool {
+        !self.callers.executables.is_empty()
+            || self.rules.iter().any(|r| !r.callers.executables.is_empty())
+    }
+
     /// This policy's verdict: its first matching rule, else its default.
     fn verdict<'a>(
         &'a self,
@@ -386,7 +428,7 @@ fn combine<'a>(verdicts: impl Iterator<Item = Verdict<'a>>) -> Option<Verdict<'a
 #[derive(Debug, Clone)]
 pub struct PolicySet {
     policies: Vec<Policy>,
-    unmatched: Action,
+    unmatched: Unmatched,
 }
 
 /// The outcome for one request, naming what decided it.
@@ -438,7 +480,7 @@ pub enum Selection {
 impl PolicySet {
     /// Loads policy files; a directory contributes its `*.yaml`/`*.yml` files in name order.
     /// Returns every error found, so one run of `policy check` shows them all.
-    pub fn load(paths: &[PathBuf], unmatched: Action) -> Result<Self, Vec<PolicyError>> {
+    pub fn load(paths: &[PathBuf], unmatched: Unmatched) -> Result<Self, Vec<PolicyError>> {
         let mut files = Vec::new();
         let mut errors = Vec::new();
         for path in paths {
@@ -483,8 +525,45 @@ impl PolicySet {
         &self.policies
     }
 
-    pub fn unmatched(&self) -> Action {
+    pub fn unmatched(&self) -> Unmatched {
         self.unmatched
+    }
+
+    /// A verdict the kernel may enforce for this caller from now on, when no request can
+    /// change the outcome: refuse when nothing can be allowed (the connect fails at once),
+    /// bypass for unmatched callers under `--unmatched bypass`. `None` when the agent must see
+    /// each request: something may be allowed, an audit policy wants the requests logged, or
+    /// a policy selects by executable (the kernel verdict is keyed by cgroup, uid and gid).
+    pub fn kernel_verdict(
+        &self,
+        selection: &Selection,
+        identity: &Identity,
+    ) -> Option<KernelVerdict> {
+        let Selection::Policies(indexes) = selection else {
+            return None;
+        };
+        if self.policies.iter().any(Policy::uses_executables) {
+            return None;
+        }
+        if indexes.is_empty() {
+            return match self.unmatched {
+                Unmatched::Deny => Some(KernelVerdict::Refuse),
+                Unmatched::Bypass => Some(KernelVerdict::Bypass),
+                Unmatched::Allow => None,
+            };
+        }
+        let caller = ResolvedCaller::new(identity)?;
+        let policies = || indexes.iter().map(|&i| &self.policies[i]);
+        if policies().any(|p| p.mode == Mode::Audit) {
+            return None;
+        }
+        let may_allow = policies().any(|p| {
+            p.default == Action::Allow
+                || p.rules
+                    .iter()
+                    .any(|r| r.action == Action::Allow && r.callers.matches(&caller))
+        });
+        (!may_allow).then_some(KernelVerdict::Refuse)
     }
 
     pub fn select(&self, identity: &Identity) -> Selection {
@@ -549,7 +628,7 @@ impl PolicySet {
                 would_deny: would_deny(Action::Allow),
             },
             (None, None) => Decision {
-                action: self.unmatched,
+                action: self.unmatched.action(),
                 policy: UNMATCHED_POLICY,
                 rule: "unmatched",
                 would_deny: None,

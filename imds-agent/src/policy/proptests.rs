@@ -3,7 +3,7 @@
 use http::Request;
 use proptest::prelude::*;
 
-use super::{Action, CanonicalPath, PathPattern, PolicySet, parse};
+use super::{Action, CanonicalPath, PathPattern, PolicySet, Unmatched, parse};
 use crate::{
     identity::{Identity, pods::PodDirectory},
     proxy::request,
@@ -95,7 +95,7 @@ proptest! {
         let doc = format!(
             "name: p\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    paths: [\"{pattern_text}\"]\n"
         );
-        let set = PolicySet { policies: vec![parse(std::path::Path::new("p.yaml"), &doc).unwrap()], unmatched: Action::Deny };
+        let set = PolicySet { policies: vec![parse(std::path::Path::new("p.yaml"), &doc).unwrap()], unmatched: Unmatched::Deny };
         let Ok(http_request) = Request::get(path.as_str()).header("host", "x").body(()) else {
             return Ok(());
         };

@@ -16,7 +16,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{Action, PolicyError, PolicySet};
+use super::{PolicyError, PolicySet, Unmatched};
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -29,18 +29,20 @@ pub struct Versioned {
 
 pub struct PolicyStore {
     sources: Vec<PathBuf>,
-    unmatched: Action,
+    unmatched: Unmatched,
     current: ArcSwap<Versioned>,
     fingerprint: std::sync::Mutex<Fingerprint>,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// The version in force, for those who must act on a change (kernel verdicts).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the sources look like on disk: (path, size, mtime) of every file, in order.
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl PolicyStore {
-    pub fn load(sources: Vec<PathBuf>, unmatched: Action) -> Result<Self, Vec<PolicyError>> {
+    pub fn load(sources: Vec<PathBuf>, unmatched: Unmatched) -> Result<Self, Vec<PolicyError>> {
         let fingerprint = fingerprint(&sources);
         let set = PolicySet::load(&sources, unmatched)?;
         Ok(Self {
@@ -50,7 +52,13 @@ impl PolicyStore {
             fingerprint: std::sync::Mutex::new(fingerprint),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(1),
         })
+    }
+
+    /// Notified with the new version after every successful reload.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The policy in force. Cheap (an atomic load); callers hold the Arc for as long as they
@@ -68,6 +76,7 @@ impl PolicyStore {
                 let version = self.current.load().version + 1;
                 self.current.store(Arc::new(Versioned { version, set }));
                 self.reloads.fetch_add(1, Ordering::Relaxed);
+                self.changes.send_replace(version);
                 Ok(version)
             }
             Err(errors) => {
@@ -157,7 +166,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("p.yaml");
         std::fs::write(&file, "name: one\ndefault: deny\n").unwrap();
-        let store = PolicyStore::load(vec![dir.clone()], Action::Deny).unwrap();
+        let store = PolicyStore::load(vec![dir.clone()], Unmatched::Deny).unwrap();
         assert_eq!(store.current().version, 1);
         assert!(!store.changed());
 

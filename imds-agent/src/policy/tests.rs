@@ -19,7 +19,7 @@ fn identity(cgroup: Option<&str>, uid: u32) -> Identity {
     }
 }
 
-fn set(docs: &[&str], unmatched: Action) -> PolicySet {
+fn set(docs: &[&str], unmatched: Unmatched) -> PolicySet {
     PolicySet {
         policies: docs
             .iter()
@@ -69,7 +69,7 @@ rules:
 
 #[test]
 fn first_matching_rule_decides_in_order() {
-    let set = set(&[WEB], Action::Deny);
+    let set = set(&[WEB], Unmatched::Deny);
     let app = identity(Some("/web/app"), 1000);
     let root = identity(Some("/web/app"), 0);
     let allow = |rule: &str| (Action::Allow, "web".to_owned(), rule.to_owned());
@@ -119,7 +119,7 @@ fn first_matching_rule_decides_in_order() {
 #[test]
 fn callers_no_policy_selects_get_the_unmatched_decision() {
     let other = identity(Some("/batch"), 1000);
-    let deny_set = set(&[WEB], Action::Deny);
+    let deny_set = set(&[WEB], Unmatched::Deny);
     assert_eq!(
         decide(&deny_set, &other, "GET", "/latest/meta-data/instance-id"),
         (
@@ -128,13 +128,13 @@ fn callers_no_policy_selects_get_the_unmatched_decision() {
             "unmatched".to_owned()
         )
     );
-    let allow_set = set(&[WEB], Action::Allow);
+    let allow_set = set(&[WEB], Unmatched::Allow);
     assert_eq!(decide(&allow_set, &other, "GET", "/x").0, Action::Allow);
 }
 
 #[test]
 fn unresolved_callers_are_denied_even_when_unmatched_is_allow() {
-    let set = set(&[WEB], Action::Allow);
+    let set = set(&[WEB], Unmatched::Allow);
     let ghost = identity(None, 0);
     assert_eq!(set.select(&ghost), Selection::Unresolved);
     assert_eq!(
@@ -150,7 +150,7 @@ fn unresolved_callers_are_denied_even_when_unmatched_is_allow() {
 #[test]
 fn every_policy_that_selects_a_caller_has_a_say() {
     let everyone = "name: everyone\ndefault: allow\n";
-    let set = set(&[WEB, everyone], Action::Deny);
+    let set = set(&[WEB, everyone], Unmatched::Deny);
     let web = identity(Some("/web"), 1000);
     let batch = identity(Some("/batch"), 1000);
     assert_eq!(set.select(&web), Selection::Policies(vec![0, 1]));
@@ -195,7 +195,7 @@ rules:
     methods: [GET]
     paths: ["/latest/meta-data/iam/**"]
 "#;
-    let set = set(&[base, grant], Action::Deny);
+    let set = set(&[base, grant], Unmatched::Deny);
     let batch = identity(Some("/batch"), 0);
     // 4 literal segments beat base's 3.
     assert_eq!(
@@ -240,7 +240,7 @@ rules:
 "#;
     let enforce_nothing = "name: open\ncallers: {cgroups: [\"/web\"]}\ndefault: allow\n";
     let deny_all = "name: closed\ncallers: {cgroups: [\"/batch\"]}\ndefault: deny\n";
-    let set = set(&[audit, enforce_nothing, deny_all], Action::Deny);
+    let set = set(&[audit, enforce_nothing, deny_all], Unmatched::Deny);
     let d = |who: &Identity, path: &str| {
         let selection = set.select(who);
         let d = set.decide(&selection, who, "GET", &CanonicalPath::parse(path).unwrap());
@@ -290,7 +290,7 @@ fn pod_selectors_use_pod_metadata() {
     let who = Identity::for_cgroup(&cgroup, 0, 0, &pods);
     let selects = |selector: &str| {
         let doc = format!("name: p\ncallers: {selector}\ndefault: allow\n");
-        set(&[&doc], Action::Deny).select(&who) == Selection::Policies(vec![0])
+        set(&[&doc], Unmatched::Deny).select(&who) == Selection::Policies(vec![0])
     };
     assert!(selects("{namespaces: [payments]}"));
     assert!(!selects("{namespaces: [kube-system]}"));
@@ -307,7 +307,7 @@ fn pod_selectors_use_pod_metadata() {
     let unknown = Identity::for_cgroup(&cgroup, 0, 0, &PodDirectory::default());
     let doc = "name: p\ncallers: {namespaces: [payments]}\ndefault: allow\n";
     assert_eq!(
-        set(&[doc], Action::Deny).select(&unknown),
+        set(&[doc], Unmatched::Deny).select(&unknown),
         Selection::Policies(vec![])
     );
 }
@@ -315,7 +315,7 @@ fn pod_selectors_use_pod_metadata() {
 #[test]
 fn executables_select_by_path_pattern() {
     let doc = "name: p\ncallers: {executables: [\"/usr/bin/python3*\"]}\ndefault: allow\n";
-    let set = set(&[doc], Action::Deny);
+    let set = set(&[doc], Unmatched::Deny);
     let mut who = identity(Some("/web"), 0);
     assert_eq!(
         set.select(&who),
@@ -339,7 +339,7 @@ rules:
     methods: [GET]
     groups: [instance-info, network]
 "#;
-    let set = set(&[doc], Action::Deny);
+    let set = set(&[doc], Unmatched::Deny);
     let who = identity(Some("/web"), 0);
     for path in [
         INSTANCE_ID,
@@ -387,7 +387,7 @@ rules:
     methods: [GET]
     paths: ["/latest/meta-data/iam/security-credentials/app-role", "/latest/meta-data/instance-id"]
 "#;
-    let set = set(&[doc], Action::Deny);
+    let set = set(&[doc], Unmatched::Deny);
     let who = identity(Some("/web"), 0);
     let selection = set.select(&who);
     let visible = |dir: &str, entry: &str| set.listing_entry_visible(&selection, &who, dir, entry);
@@ -419,7 +419,7 @@ fn explain_names_the_deciding_rule_and_why_others_did_not_apply() {
             WEB,
             "name: batch\ncallers: {cgroups: [\"/batch/**\"]}\ndefault: allow\n",
         ],
-        Action::Deny,
+        Unmatched::Deny,
     );
     let who = identity(Some("/web/app"), 0);
     let text = set.explain(
@@ -444,7 +444,7 @@ callers:
   gids: [33, 34]
 default: allow
 "#;
-    let set = set(&[doc], Action::Deny);
+    let set = set(&[doc], Unmatched::Deny);
     let mut who = identity(Some("/system.slice/app-1.service"), 33);
     assert_eq!(set.select(&who), Selection::Policies(vec![0]));
     who.gid = 35;
@@ -504,10 +504,58 @@ rules:
 #[test]
 fn every_example_policy_in_the_repository_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let set = PolicySet::load(&[dir], Action::Deny)
+    let set = PolicySet::load(&[dir], Unmatched::Deny)
         .unwrap_or_else(|e| panic!("example policies are invalid: {e:#?}"));
     assert!(
         !set.policies().is_empty(),
         "policies/ has no example policies"
     );
+}
+
+#[test]
+fn kernel_verdicts_only_where_no_request_can_change_the_outcome() {
+    let locked = "name: locked\ncallers: {cgroups: [\"/locked\"]}\ndefault: deny\nrules:\n  - name: no\n    action: deny\n    methods: [\"*\"]\n    paths: [\"/**\"]\n";
+    let root_only = "name: rootonly\ncallers: {cgroups: [\"/svc\"]}\ndefault: deny\nrules:\n  - name: root\n    action: allow\n    methods: [GET]\n    paths: [\"/**\"]\n    callers: {uids: [0]}\n";
+    let trial = "name: trial\nmode: audit\ncallers: {cgroups: [\"/trial\"]}\ndefault: deny\n";
+    let verdict = |unmatched: Unmatched, cgroup: &str, uid: u32| {
+        let set = set(&[WEB, locked, root_only, trial], unmatched);
+        let who = identity(Some(cgroup), uid);
+        set.kernel_verdict(&set.select(&who), &who)
+    };
+    assert_eq!(
+        verdict(Unmatched::Deny, "/locked", 0),
+        Some(KernelVerdict::Refuse)
+    );
+    // Something may be allowed: the agent must see every request.
+    assert_eq!(verdict(Unmatched::Deny, "/web", 0), None);
+    assert_eq!(verdict(Unmatched::Deny, "/svc", 0), None);
+    // The same cgroup, a uid that no allow rule covers: nothing can be allowed.
+    assert_eq!(
+        verdict(Unmatched::Deny, "/svc", 1000),
+        Some(KernelVerdict::Refuse)
+    );
+    // Audit policies want every request logged.
+    assert_eq!(verdict(Unmatched::Deny, "/trial", 0), None);
+    // Unmatched callers follow --unmatched.
+    assert_eq!(
+        verdict(Unmatched::Deny, "/stray", 0),
+        Some(KernelVerdict::Refuse)
+    );
+    assert_eq!(
+        verdict(Unmatched::Bypass, "/stray", 0),
+        Some(KernelVerdict::Bypass)
+    );
+    assert_eq!(verdict(Unmatched::Allow, "/stray", 0), None);
+    // Unresolved callers are never given a kernel verdict.
+    let bypass_set = set(&[locked], Unmatched::Bypass);
+    let ghost = identity(None, 0);
+    assert_eq!(
+        bypass_set.kernel_verdict(&bypass_set.select(&ghost), &ghost),
+        None
+    );
+    // A policy that selects by executable makes verdicts keyed by uid/gid unsafe.
+    let by_exe = "name: exe\ncallers: {executables: [\"/usr/bin/curl\"]}\ndefault: allow\n";
+    let exe_set = set(&[locked, by_exe], Unmatched::Deny);
+    let who = identity(Some("/locked"), 0);
+    assert_eq!(exe_set.kernel_verdict(&exe_set.select(&who), &who), None);
 }

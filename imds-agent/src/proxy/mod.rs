@@ -23,7 +23,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use imds_common::{AF_INET, Caller, SockAddr};
+use imds_common::{AF_INET, Caller, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -34,7 +34,7 @@ use crate::{
     identity::{Identity, Resolver},
     loader::Enforcer,
     metrics::Metrics,
-    policy::{Action, Selection, store::PolicyStore, store::Versioned},
+    policy::{Action, KernelVerdict, Selection, store::PolicyStore, store::Versioned},
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -132,12 +132,37 @@ fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
     let identity = filter.resolver.identify(&caller);
     let policy = filter.policy.current();
     let selection = Arc::new(policy.set.select(&identity));
+    if let Some(verdict) = policy.set.kernel_verdict(&selection, &identity) {
+        install_verdict(filter, &caller, verdict, policy.version);
+    }
     Some(Connection {
         identity,
         selection: std::sync::Mutex::new((policy.version, selection)),
         original: original_destination(&caller)?,
         upstream: Mutex::new(None),
     })
+}
+
+/// Lets the kernel decide this caller's next connects. This connection is still served (the
+/// caller sees the 403 once, with the policy's name); later ones fail at connect().
+fn install_verdict(filter: &Filter, caller: &Caller, verdict: KernelVerdict, version: u64) {
+    let key = VerdictKey {
+        cgroup_id: caller.cgroup_id,
+        uid: caller.uid,
+        gid: caller.gid,
+    };
+    let value = match verdict {
+        KernelVerdict::Refuse => VERDICT_REFUSE,
+        KernelVerdict::Bypass => VERDICT_BYPASS,
+    };
+    if let Err(error) = filter.enforcer.set_verdict(key, value) {
+        tracing::warn!(%error, "cannot install a kernel verdict; the agent keeps deciding");
+        return;
+    }
+    // A reload between deciding and installing would leave a stale verdict: start over.
+    if filter.policy.current().version != version {
+        filter.enforcer.clear_verdicts();
+    }
 }
 
 impl Connection {
