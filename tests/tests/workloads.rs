@@ -557,3 +557,51 @@ fn unmatched_bypass_leaves_unselected_callers_undiverted() {
         403
     );
 }
+
+#[test]
+fn executables_select_by_the_calling_program() {
+    let by_exe = r#"
+name: curl-only
+callers: {executables: ["/usr/bin/curl"]}
+default: deny
+rules:
+  - name: instance-id
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/instance-id"]
+"#;
+    let Some(env) = start("exe", &[("exe.yaml", by_exe)]) else {
+        return;
+    };
+    let curl = env
+        .sandbox
+        .curl("enforced/app", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        (curl.status, curl.body.as_str()),
+        (200, INSTANCE_ID),
+        "{curl:?}"
+    );
+    // The same cgroup and uid, another program: bash's /dev/tcp.
+    let script = format!(
+        "exec 3<>/dev/tcp/169.254.169.254/80; printf 'GET {INSTANCE_ID_PATH} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let output = env
+        .sandbox
+        .command("/bin/bash", "enforced/app")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let response = String::from_utf8_lossy(&output.stdout);
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    assert!(
+        response.contains("denied by policy '(none)' rule 'unmatched'"),
+        "{response}"
+    );
+    let line = env
+        .agent
+        .audit()
+        .into_iter()
+        .find(|l| l["status"] == 403)
+        .expect("audit line");
+    assert_eq!(line["comm"], "bash");
+}
