@@ -73,9 +73,13 @@ pub struct RunArgs {
     /// unprivileged process cannot take it over while the agent is down.
     #[arg(long, default_value = "127.0.0.1:954")]
     pub listen: SocketAddrV4,
-    /// Metadata endpoint to divert (IPv4 address:port); repeatable.
-    #[arg(long = "endpoint", default_value = "169.254.169.254:80")]
-    pub endpoints: Vec<SocketAddrV4>,
+    /// Metadata endpoint to divert (ADDRESS:PORT, IPv6 as [ADDRESS]:PORT); repeatable. IPv6
+    /// connects to addresses embedding an IPv4 endpoint (::ffff:a.b.c.d, ::a.b.c.d,
+    /// 64:ff9b::a.b.c.d) are diverted too. Other ports on an endpoint's address are refused
+    /// (except DNS, port 53). Add 169.254.170.2:80 (ECS task credentials) or
+    /// 100.100.100.200:80 (Alibaba) where they apply.
+    #[arg(long = "endpoint", default_values = ["169.254.169.254:80", "[fd00:ec2::254]:80"])]
+    pub endpoints: Vec<std::net::SocketAddr>,
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -5,8 +5,12 @@
 #![no_std]
 
 /// Metadata endpoints to divert, keyed by IPv4 address in network byte order (exactly as the
-/// kernel presents `bpf_sock_addr.user_ip4`). Value: [`Endpoint4`].
+/// kernel presents `bpf_sock_addr.user_ip4`). Value: [`Endpoint`]. IPv6 connects to an
+/// address that embeds an IPv4 one (v4-mapped, v4-compatible, NAT64) are looked up here too.
 pub const MAP_ENDPOINTS4: &str = "IMDS_ENDPOINTS4";
+/// IPv6 metadata endpoints, keyed by the address as four network-order words (as
+/// `bpf_sock_addr.user_ip6`). Value: [`Endpoint`].
+pub const MAP_ENDPOINTS6: &str = "IMDS_ENDPOINTS6";
 /// Callers recorded by the connect program, keyed by socket cookie, until the sock_ops program
 /// learns the connection's source address. Value: [`Caller`].
 pub const MAP_PENDING: &str = "IMDS_PENDING";
@@ -29,6 +33,7 @@ pub const GLOBAL_DIVERT_PORT: &str = "IMDS_DIVERT_PORT";
 
 /// Program names as they appear in the object file.
 pub const PROG_CONNECT4: &str = "imds_connect4";
+pub const PROG_CONNECT6: &str = "imds_connect6";
 pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
 
 /// Bounds for the maps; all connection maps are LRU so they can never fill up and block.
@@ -45,10 +50,10 @@ pub const VERDICT_BYPASS: u32 = 2;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// One metadata endpoint on an IPv4 address.
+/// One metadata endpoint on an address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoint4 {
+pub struct Endpoint {
     /// The metadata service's TCP port, host byte order.
     pub port: u16,
     /// Reserved, zero.
@@ -120,6 +125,14 @@ impl SockAddr {
             family: AF_INET,
         }
     }
+
+    pub const fn v6(addr: [u32; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            family: AF_INET6,
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -127,7 +140,7 @@ mod user {
     use super::*;
 
     // SAFETY: all fields are plain integers with explicit padding; any bit pattern is valid.
-    unsafe impl aya::Pod for Endpoint4 {}
+    unsafe impl aya::Pod for Endpoint {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockAddr {}
     // SAFETY: as above.
@@ -142,7 +155,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Endpoint4>(), 8);
+        assert_eq!(core::mem::size_of::<Endpoint>(), 8);
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<Caller>(), 48);
         assert_eq!(core::mem::size_of::<VerdictKey>(), 16);

@@ -16,10 +16,13 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
-use imds_common::{AF_INET, Caller, Counter, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey};
+use imds_common::{
+    AF_INET, AF_INET6, Caller, Counter, Endpoint, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE,
+    VerdictKey,
+};
 use maps::{
-    IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_EXEMPT, IMDS_PENDING,
-    IMDS_VERDICTS, count,
+    IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
+    IMDS_PENDING, IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -35,40 +38,138 @@ const DNS_PORT: u16 = 53;
 /// rewriting `user_ip4`/`user_port` changes where the socket connects.
 #[cgroup_sock_addr(connect4)]
 pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
-    match try_connect4(&ctx) {
-        Ok(verdict) | Err(verdict) => verdict,
-    }
-}
-
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     // Map keys must live on the stack (the verifier refuses pointers into the context).
     let ip: u32 = sa.user_ip4;
     // The fast path for every other destination: one hash lookup, nothing before it.
     let Some(endpoint) = (unsafe { IMDS_ENDPOINTS4.get(&ip) }) else {
-        return Ok(ALLOW);
+        return ALLOW;
     };
-    if sa.protocol != IPPROTO_TCP {
-        // TODO(issue 5): UDP connect/sendmsg to the metadata address.
-        return Ok(ALLOW);
-    }
     let port = u16::from_be(sa.user_port as u16);
-    if port != endpoint.port {
-        if port == DNS_PORT {
-            return Ok(ALLOW);
+    match decide(&ctx, sa.protocol, *endpoint, SockAddr::v4(ip, port)) {
+        Connect::Divert => {
+            sa.user_ip4 = IMDS_DIVERT_IP4.load();
+            sa.user_port = u32::from(IMDS_DIVERT_PORT.load().to_be());
+            ALLOW
+        }
+        Connect::Allow => ALLOW,
+        Connect::Refuse => REFUSE,
+    }
+}
+
+/// `BPF_CGROUP_INET6_CONNECT` (kernel >= 4.17). Also the only hook that runs for an AF_INET6
+/// socket connecting to a v4-mapped address (`tcp_v6_connect` hands those to
+/// `tcp_v4_connect` without the INET4 hook), so embedded IPv4 addresses are checked here
+/// against the IPv4 endpoints. Diverted connects go to the agent's IPv4 listener as a
+/// v4-mapped address; an IPV6_V6ONLY socket then cannot connect at all (fail closed).
+#[cgroup_sock_addr(connect6)]
+pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip6 = read_ip6(&sa.user_ip6);
+    let port = u16::from_be(sa.user_port as u16);
+    let (endpoint, original) = match embedded_ipv4(&ip6) {
+        Some(ip) => match unsafe { IMDS_ENDPOINTS4.get(&ip) } {
+            // Forwarded to the IPv4 endpoint: the embedding is only a route to it.
+            Some(endpoint) => (*endpoint, SockAddr::v4(ip, port)),
+            None => return ALLOW,
+        },
+        None => match unsafe { IMDS_ENDPOINTS6.get(&ip6) } {
+            Some(endpoint) => (*endpoint, SockAddr::v6(ip6, port)),
+            None => return ALLOW,
+        },
+    };
+    match decide(&ctx, sa.protocol, endpoint, original) {
+        Connect::Divert => {
+            write_ip6(
+                &mut sa.user_ip6,
+                [0, 0, V4_MAPPED_WORD.to_be(), IMDS_DIVERT_IP4.load()],
+            );
+            sa.user_port = u32::from(IMDS_DIVERT_PORT.load().to_be());
+            ALLOW
+        }
+        Connect::Allow => ALLOW,
+        Connect::Refuse => REFUSE,
+    }
+}
+
+/// Context fields must be accessed one word at a time at a fixed offset from the context
+/// pointer: the verifier refuses a copy of the whole array (a load through an offset pointer).
+#[inline(always)]
+fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: in-bounds reads of a valid context field.
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(words: &mut [u32; 4], value: [u32; 4]) {
+    // SAFETY: in-bounds writes of a valid, writable context field.
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], value[0]);
+        core::ptr::write_volatile(&mut words[1], value[1]);
+        core::ptr::write_volatile(&mut words[2], value[2]);
+        core::ptr::write_volatile(&mut words[3], value[3]);
+    }
+}
+
+/// The third word of a v4-mapped address (`::ffff:a.b.c.d`), host order.
+const V4_MAPPED_WORD: u32 = 0x0000_ffff;
+/// The first word of the NAT64 well-known prefix `64:ff9b::/96`, host order.
+const NAT64_WORD: u32 = 0x0064_ff9b;
+
+/// The IPv4 address inside a v4-mapped, v4-compatible or NAT64 IPv6 address (network order).
+fn embedded_ipv4(ip6: &[u32; 4]) -> Option<u32> {
+    let (w0, w1, w2) = (
+        u32::from_be(ip6[0]),
+        u32::from_be(ip6[1]),
+        u32::from_be(ip6[2]),
+    );
+    let embeds = (w0 == 0 && w1 == 0 && (w2 == V4_MAPPED_WORD || w2 == 0))
+        || (w0 == NAT64_WORD && w1 == 0 && w2 == 0);
+    embeds.then_some(ip6[3])
+}
+
+enum Connect {
+    Divert,
+    Allow,
+    Refuse,
+}
+
+/// What to do with a connect to a metadata endpoint, for both address families.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: SockAddr) -> Connect {
+    if protocol != IPPROTO_TCP {
+        // UDP: cgroup/sendmsg covers unconnected sends; a connected UDP socket gets the same
+        // rule here: DNS passes, anything else to the metadata address is refused.
+        if original.port == DNS_PORT {
+            return Connect::Allow;
         }
         count(Counter::Refused);
-        return Ok(REFUSE);
+        return Connect::Refuse;
+    }
+    if original.port != endpoint.port {
+        if original.port == DNS_PORT {
+            return Connect::Allow;
+        }
+        count(Counter::Refused);
+        return Connect::Refuse;
     }
 
-    // SAFETY: helper valid for cgroup/connect4; ctx is the program's context.
+    // SAFETY: helper valid for cgroup sock_addr programs; ctx is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // The agent registers its upstream sockets' cookies before connecting: a cookie is
     // assigned by the kernel and cannot be claimed by a workload, unlike a mark or a uid.
     if unsafe { IMDS_EXEMPT.get(&cookie) }.is_some() {
         count(Counter::Passed);
-        return Ok(ALLOW);
+        return Connect::Allow;
     }
 
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -85,11 +186,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     match unsafe { IMDS_VERDICTS.get(&key) } {
         Some(&VERDICT_REFUSE) => {
             count(Counter::Refused);
-            return Ok(REFUSE);
+            return Connect::Refuse;
         }
         Some(&VERDICT_BYPASS) => {
             count(Counter::Bypassed);
-            return Ok(ALLOW);
+            return Connect::Allow;
         }
         _ => {}
     }
@@ -99,19 +200,17 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         uid: key.uid,
         gid: key.gid,
         _pad0: 0,
-        original: SockAddr::v4(ip, port),
+        original,
         _pad1: 0,
     };
     // A connection the agent cannot attribute would be refused there anyway; refusing it here
     // is faster and keeps the rule "unrecorded means refused" in one place.
     if IMDS_PENDING.insert(&cookie, &caller, 0).is_err() {
         count(Counter::Refused);
-        return Ok(REFUSE);
+        return Connect::Refuse;
     }
-    sa.user_ip4 = IMDS_DIVERT_IP4.load();
-    sa.user_port = u32::from(IMDS_DIVERT_PORT.load().to_be());
     count(Counter::Diverted);
-    Ok(ALLOW)
+    Connect::Divert
 }
 
 /// `BPF_CGROUP_SOCK_OPS` (kernel >= 4.13). `TCP_CONNECT_CB` runs in `tcp_connect()` after the
@@ -128,13 +227,33 @@ pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// The client's address as the agent's IPv4 listener sees it. For a v4-mapped AF_INET6
+/// socket `local_ip4` holds the IPv4 source too.
 fn local_addr(ctx: &SockOpsContext) -> SockAddr {
     // local_port is in host byte order in bpf_sock_ops; local_ip4 in network byte order.
     SockAddr::v4(ctx.local_ip4(), ctx.local_port() as u16)
 }
 
+/// Whether the socket is connecting to the agent's listener: directly (AF_INET), or as a
+/// v4-mapped address from an AF_INET6 socket that connect6 diverted.
+fn to_agent(ctx: &SockOpsContext) -> bool {
+    let divert = IMDS_DIVERT_IP4.load();
+    match ctx.family() {
+        f if f == u32::from(AF_INET) => ctx.remote_ip4() == divert,
+        f if f == u32::from(AF_INET6) => {
+            // SAFETY: the kernel passes a valid bpf_sock_ops.
+            let remote = read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
+            remote[0] == 0
+                && remote[1] == 0
+                && u32::from_be(remote[2]) == V4_MAPPED_WORD
+                && remote[3] == divert
+        }
+        _ => false,
+    }
+}
+
 fn on_connect(ctx: &SockOpsContext) {
-    if ctx.family() != u32::from(AF_INET) || ctx.remote_ip4() != IMDS_DIVERT_IP4.load() {
+    if !to_agent(ctx) {
         return;
     }
     // SAFETY: helper valid for sock_ops; ctx is the program's context.

@@ -8,12 +8,15 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use imds_common::{
-    Caller, Counter, Endpoint4, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, MAX_VERDICTS, SockAddr,
+    Caller, Counter, Endpoint, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, MAX_VERDICTS, SockAddr,
     VerdictKey,
 };
 
 #[map]
-pub static IMDS_ENDPOINTS4: HashMap<u32, Endpoint4> = HashMap::pinned(MAX_ENDPOINTS, 0);
+pub static IMDS_ENDPOINTS4: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+#[map]
+pub static IMDS_ENDPOINTS6: HashMap<[u32; 4], Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
 #[map]
 pub static IMDS_PENDING: LruHashMap<u64, Caller> = LruHashMap::pinned(MAX_CONNS, 0);

@@ -20,6 +20,8 @@ use std::{
 
 /// The metadata address inside every sandbox.
 pub const METADATA_IP: &str = "169.254.169.254";
+/// AWS's IPv6 metadata address, also local (and served) inside every sandbox.
+pub const METADATA_IP6: &str = "fd00:ec2::254";
 /// A non-metadata server inside every sandbox (served by the fake IMDS on a second listener).
 pub const OTHER_SERVER: &str = "127.0.0.1:8080";
 
@@ -107,6 +109,20 @@ impl Sandbox {
                 "lo",
             ],
         );
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{METADATA_IP6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ],
+        );
         Some(sandbox)
     }
 
@@ -178,6 +194,8 @@ impl Sandbox {
                 "--listen",
                 &format!("{METADATA_IP}:80"),
                 "--listen",
+                &format!("[{METADATA_IP6}]:80"),
+                "--listen",
                 OTHER_SERVER,
             ])
             .stdout(Stdio::piped())
@@ -199,8 +217,23 @@ impl Sandbox {
     }
 
     /// Starts the agent enforcing `enforce` (a cgroup below the sandbox root), with the agent
-    /// process itself in `agent_cgroup`, and waits until it is enforcing or has exited.
+    /// process itself in `agent_cgroup`, and waits until it is enforcing; panics with its log
+    /// if it exits instead.
     pub fn start_agent(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let mut agent = self.launch_agent(enforce, agent_cgroup, policies, extra);
+        assert!(agent.is_running(), "the agent exited:\n{}", agent.log());
+        agent
+    }
+
+    /// Starts the agent and waits until it is enforcing or has exited (for tests of start-up
+    /// failures).
+    pub fn launch_agent(
         &self,
         enforce: &str,
         agent_cgroup: &str,

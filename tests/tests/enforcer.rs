@@ -347,7 +347,7 @@ fn a_bad_policy_file_is_a_clear_error_and_nothing_is_attached() {
         "name: broken\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    paths: [\"/latest//x\"]\n",
     )
     .unwrap();
-    let mut agent = sandbox.start_agent("enforced", "agent", &[&bad], &[]);
+    let mut agent = sandbox.launch_agent("enforced", "agent", &[&bad], &[]);
     assert_eq!(agent.process.wait(Duration::from_secs(10)), Some(64));
     let log = agent.log();
     assert!(

@@ -15,7 +15,7 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     sync::Mutex,
@@ -31,9 +31,9 @@ use aya::{
     },
 };
 use imds_common::{
-    COUNTER_COUNT, Caller, Counter, Endpoint4, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT, MAP_CONNS,
-    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4, PROG_SOCK_OPS, SockAddr,
-    VerdictKey,
+    COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT, MAP_CONNS,
+    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_SOCK_OPS, SockAddr, VerdictKey,
 };
 
 use crate::fs;
@@ -42,6 +42,7 @@ use crate::fs;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
 
 const LINK_CONNECT4: &str = "connect4";
+const LINK_CONNECT6: &str = "connect6";
 const LINK_SOCK_OPS: &str = "sock_ops";
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,11 @@ pub enum LoaderError {
     Detach { path: PathBuf, source: io::Error },
     #[error("socket cookie: {0}")]
     Cookie(io::Error),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// What to load and where to attach it.
@@ -92,8 +98,8 @@ pub struct AttachConfig<'a> {
     pub pin_dir: &'a Path,
     /// The agent's listener; diverted connects are rewritten to it.
     pub divert_to: SocketAddrV4,
-    /// Metadata endpoints to divert.
-    pub endpoints: &'a [SocketAddrV4],
+    /// Metadata endpoints to divert (IPv4 and IPv6).
+    pub endpoints: &'a [SocketAddr],
 }
 
 /// The loaded, attached programs and the maps the agent uses at run time.
@@ -124,36 +130,34 @@ impl Enforcer {
             .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
             .load(EBPF_OBJECT)?;
 
-        // Endpoints first: once the links are in place, the programs consult this map.
-        let mut endpoints: HashMap<_, u32, Endpoint4> = take_map(&mut ebpf, MAP_ENDPOINTS4)?;
-        let wanted: Vec<u32> = config
+        // Endpoints first: once the links are in place, the programs consult these maps.
+        let mut v4: HashMap<_, u32, Endpoint> = take_map(&mut ebpf, MAP_ENDPOINTS4)?;
+        let mut v6: HashMap<_, [u32; 4], Endpoint> = take_map(&mut ebpf, MAP_ENDPOINTS6)?;
+        let endpoint = |port| Endpoint {
+            port,
+            _pad: 0,
+            flags: 0,
+        };
+        let v4_wanted: Vec<(u32, Endpoint)> = config
             .endpoints
             .iter()
-            .map(|e| u32::from_ne_bytes(e.ip().octets()))
+            .filter_map(|e| match e {
+                SocketAddr::V4(e) => {
+                    Some((u32::from_ne_bytes(e.ip().octets()), endpoint(e.port())))
+                }
+                SocketAddr::V6(_) => None,
+            })
             .collect();
-        for endpoint in config.endpoints {
-            let key = u32::from_ne_bytes(endpoint.ip().octets());
-            let value = Endpoint4 {
-                port: endpoint.port(),
-                _pad: 0,
-                flags: 0,
-            };
-            endpoints
-                .insert(key, value, 0)
-                .map_err(|source| LoaderError::Map {
-                    name: MAP_ENDPOINTS4,
-                    source,
-                })?;
-        }
-        // An adopted map may list endpoints a previous configuration had and this one drops.
-        let stale: Vec<u32> = endpoints
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
+        let v6_wanted: Vec<([u32; 4], Endpoint)> = config
+            .endpoints
+            .iter()
+            .filter_map(|e| match e {
+                SocketAddr::V6(e) => Some((ipv6_words(e.ip()), endpoint(e.port()))),
+                SocketAddr::V4(_) => None,
+            })
             .collect();
-        for key in stale {
-            let _ = endpoints.remove(&key);
-        }
+        sync_endpoints(&mut v4, &v4_wanted, MAP_ENDPOINTS4)?;
+        sync_endpoints(&mut v6, &v6_wanted, MAP_ENDPOINTS6)?;
 
         // Cgroup links always run alongside other programs (the kernel attaches them with
         // multi-attach semantics); link_create takes no flags, so the mode is "Single" here.
@@ -167,6 +171,17 @@ impl Enforcer {
             .map_err(program_error(PROG_CONNECT4))?
             .try_into()
             .map_err(link_error(PROG_CONNECT4))?;
+
+        let connect6: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT6)?;
+        connect6.load().map_err(program_error(PROG_CONNECT6))?;
+        let id = connect6
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(PROG_CONNECT6))?;
+        let connect6_link: FdLink = connect6
+            .take_link(id)
+            .map_err(program_error(PROG_CONNECT6))?
+            .try_into()
+            .map_err(link_error(PROG_CONNECT6))?;
 
         let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
         sock_ops.load().map_err(program_error(PROG_SOCK_OPS))?;
@@ -182,6 +197,7 @@ impl Enforcer {
         // sock_ops first: a connect4 that diverts must always have its recorder in place.
         replace_pin(config.pin_dir, LINK_SOCK_OPS, sock_ops_link)?;
         replace_pin(config.pin_dir, LINK_CONNECT4, connect4_link)?;
+        replace_pin(config.pin_dir, LINK_CONNECT6, connect6_link)?;
 
         Ok(Self {
             conns: take_map(&mut ebpf, MAP_CONNS)?,
@@ -215,7 +231,7 @@ impl Enforcer {
             })?;
         let result = socket.connect(addr).await;
         let _ = self.exempt.lock().expect("exempt map lock").remove(&cookie);
-        result.map_err(LoaderError::Cookie)
+        result.map_err(|source| LoaderError::Connect { addr, source })
     }
 
     pub fn counters(&self) -> Result<Counters, LoaderError> {
@@ -303,7 +319,7 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
         return Ok(false);
     }
     // Links first, so no program runs on maps that are going away.
-    for link in [LINK_CONNECT4, LINK_SOCK_OPS] {
+    for link in [LINK_CONNECT4, LINK_CONNECT6, LINK_SOCK_OPS] {
         match std::fs::remove_file(pin_dir.join(link)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -375,6 +391,39 @@ where
         .take_map(name)
         .ok_or(LoaderError::MissingMap { name })?;
     T::try_from(map).map_err(|source| LoaderError::Map { name, source })
+}
+
+/// An IPv6 address as the kernel's four network-order words (`bpf_sock_addr.user_ip6`).
+pub fn ipv6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// Makes an endpoint map hold exactly `wanted` (an adopted map may list endpoints that a
+/// previous configuration had and this one drops).
+fn sync_endpoints<K>(
+    map: &mut HashMap<MapData, K, Endpoint>,
+    wanted: &[(K, Endpoint)],
+    name: &'static str,
+) -> Result<(), LoaderError>
+where
+    K: aya::Pod + PartialEq,
+{
+    for (key, value) in wanted {
+        map.insert(key, value, 0)
+            .map_err(|source| LoaderError::Map { name, source })?;
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+        .collect();
+    for key in stale {
+        let _ = map.remove(&key);
+    }
+    Ok(())
 }
 
 /// SO_COOKIE (linux/socket.h): a 64-bit id the kernel assigns to each socket.

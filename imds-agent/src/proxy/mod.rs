@@ -23,7 +23,9 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use imds_common::{AF_INET, Caller, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey};
+use imds_common::{
+    AF_INET, AF_INET6, Caller, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey,
+};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -179,10 +181,24 @@ impl Connection {
 }
 
 fn original_destination(caller: &Caller) -> Option<SocketAddr> {
-    (caller.original.family == AF_INET).then(|| {
-        let ip = std::net::Ipv4Addr::from(caller.original.addr[0].to_ne_bytes());
-        SocketAddr::from((ip, caller.original.port))
-    })
+    let original = &caller.original;
+    match original.family {
+        AF_INET => {
+            let ip = std::net::Ipv4Addr::from(original.addr[0].to_ne_bytes());
+            Some(SocketAddr::from((ip, original.port)))
+        }
+        AF_INET6 => {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.chunks_exact_mut(4).zip(original.addr) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            Some(SocketAddr::from((
+                std::net::Ipv6Addr::from(octets),
+                original.port,
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// A connection the kernel did not divert reached the listener: someone connected to it
@@ -326,9 +342,10 @@ async fn forward(
         .body(Empty::<Bytes>::new())
         .map_err(|_| "invalid request")?;
     *upstream_request.headers_mut() = valid.headers.clone();
-    let host = match connection.original.port() {
-        80 => connection.original.ip().to_string(),
-        _ => connection.original.to_string(),
+    let host = match (connection.original, connection.original.port()) {
+        (SocketAddr::V4(addr), 80) => addr.ip().to_string(),
+        (SocketAddr::V6(addr), 80) => format!("[{}]", addr.ip()),
+        (addr, _) => addr.to_string(),
     };
     upstream_request.headers_mut().insert(
         header::HOST,
@@ -371,7 +388,10 @@ async fn connect_upstream(
     )
     .await
     .map_err(|_| "connect timed out")?
-    .map_err(|_| "connect failed")?;
+    .map_err(|error| {
+        tracing::warn!(%error, "upstream connect failed");
+        "connect failed"
+    })?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
