@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Let enforced cgroups create raw IP sockets. By default they cannot: a raw socket can
+    /// forge a TCP handshake to the metadata service past the connect hooks.
+    #[arg(long)]
+    pub allow_raw_sockets: bool,
     /// Upper bound on finishing in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,

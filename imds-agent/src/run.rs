@@ -112,6 +112,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pin_dir: &args.pin_dir,
         divert_to: args.listen,
         endpoints: &args.endpoints,
+        refuse_raw_sockets: !args.allow_raw_sockets,
     })?;
     tracing::info!(
         cgroup = %cgroup.display(),

@@ -31,10 +31,16 @@ pub const GLOBAL_DIVERT_IP4: &str = "IMDS_DIVERT_IP4";
 /// Global set at load time: the agent's listener port (host byte order).
 pub const GLOBAL_DIVERT_PORT: &str = "IMDS_DIVERT_PORT";
 
+/// Global set at load time: 1 to refuse raw sockets in enforced cgroups.
+pub const GLOBAL_REFUSE_RAW: &str = "IMDS_REFUSE_RAW";
+
 /// Program names as they appear in the object file.
 pub const PROG_CONNECT4: &str = "imds_connect4";
 pub const PROG_CONNECT6: &str = "imds_connect6";
 pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
+pub const PROG_SENDMSG4: &str = "imds_sendmsg4";
+pub const PROG_SENDMSG6: &str = "imds_sendmsg6";
+pub const PROG_SOCK_CREATE: &str = "imds_sock_create";
 
 /// Bounds for the maps; all connection maps are LRU so they can never fill up and block.
 pub const MAX_ENDPOINTS: u32 = 64;

@@ -13,8 +13,8 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use imds_common::{
     AF_INET, AF_INET6, Caller, Counter, Endpoint, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE,
@@ -22,7 +22,7 @@ use imds_common::{
 };
 use maps::{
     IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
-    IMDS_PENDING, IMDS_VERDICTS, count,
+    IMDS_PENDING, IMDS_REFUSE_RAW, IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -119,6 +119,61 @@ fn write_ip6(words: &mut [u32; 4], value: [u32; 4]) {
         core::ptr::write_volatile(&mut words[3], value[3]);
     }
 }
+
+/// `BPF_CGROUP_UDP4_SENDMSG` (kernel >= 4.18): unconnected UDP sends (`sendto`) to a metadata
+/// address fail with EPERM, except DNS (GCP's resolver lives on the metadata address).
+/// Connected UDP sockets are covered by the connect hooks.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn imds_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    let ip: u32 = sa.user_ip4;
+    if unsafe { IMDS_ENDPOINTS4.get(&ip) }.is_none() {
+        return ALLOW;
+    }
+    udp_verdict(sa.user_port)
+}
+
+/// `BPF_CGROUP_UDP6_SENDMSG`: as sendmsg4, for IPv6 endpoints and IPv4 embeddings.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn imds_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    let ip6 = read_ip6(&sa.user_ip6);
+    let metadata = match embedded_ipv4(&ip6) {
+        Some(ip) => unsafe { IMDS_ENDPOINTS4.get(&ip) }.is_some(),
+        None => unsafe { IMDS_ENDPOINTS6.get(&ip6) }.is_some(),
+    };
+    if !metadata {
+        return ALLOW;
+    }
+    udp_verdict(sa.user_port)
+}
+
+#[inline(always)]
+fn udp_verdict(user_port: u32) -> i32 {
+    if u16::from_be(user_port as u16) == DNS_PORT {
+        return ALLOW;
+    }
+    count(Counter::Refused);
+    REFUSE
+}
+
+/// `BPF_CGROUP_INET_SOCK_CREATE` (kernel >= 4.10): raw IP sockets could forge a TCP handshake
+/// to the metadata service past every hook above, so enforced cgroups cannot create them
+/// (EPERM), unless the agent was started with --allow-raw-sockets. The kernel runs this hook
+/// for AF_INET and AF_INET6 only: AF_PACKET sockets are not covered (drop CAP_NET_RAW).
+#[cgroup_sock(sock_create)]
+pub fn imds_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock for the program's lifetime.
+    let sock_type = unsafe { core::ptr::read_volatile(&(*ctx.sock).type_) };
+    if sock_type == SOCK_RAW && IMDS_REFUSE_RAW.load() != 0 {
+        return REFUSE;
+    }
+    ALLOW
+}
+
+const SOCK_RAW: u32 = 3;
 
 /// The third word of a v4-mapped address (`::ffff:a.b.c.d`), host order.
 const V4_MAPPED_WORD: u32 = 0x0000_ffff;

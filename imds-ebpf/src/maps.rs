@@ -39,6 +39,9 @@ pub static IMDS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(imds_common::CO
 pub static IMDS_DIVERT_IP4: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static IMDS_DIVERT_PORT: Global<u16> = Global::new(0);
+/// 1: enforced cgroups cannot create raw IP sockets. Set by the loader.
+#[unsafe(no_mangle)]
+pub static IMDS_REFUSE_RAW: Global<u32> = Global::new(1);
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -26,14 +26,15 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray},
     pin::PinError,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
 use imds_common::{
-    COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT, MAP_CONNS,
-    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_SOCK_OPS, SockAddr, VerdictKey,
+    COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
+    GLOBAL_REFUSE_RAW, MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT,
+    MAP_VERDICTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE,
+    PROG_SOCK_OPS, SockAddr, VerdictKey,
 };
 
 use crate::fs;
@@ -43,7 +44,19 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const LINK_CONNECT4: &str = "connect4";
 const LINK_CONNECT6: &str = "connect6";
+const LINK_SENDMSG4: &str = "sendmsg4";
+const LINK_SENDMSG6: &str = "sendmsg6";
+const LINK_SOCK_CREATE: &str = "sock_create";
 const LINK_SOCK_OPS: &str = "sock_ops";
+/// Every link an installation pins.
+const LINKS: [&str; 6] = [
+    LINK_CONNECT4,
+    LINK_CONNECT6,
+    LINK_SENDMSG4,
+    LINK_SENDMSG6,
+    LINK_SOCK_CREATE,
+    LINK_SOCK_OPS,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -100,6 +113,8 @@ pub struct AttachConfig<'a> {
     pub divert_to: SocketAddrV4,
     /// Metadata endpoints to divert (IPv4 and IPv6).
     pub endpoints: &'a [SocketAddr],
+    /// Whether enforced cgroups may not create raw IP sockets.
+    pub refuse_raw_sockets: bool,
 }
 
 /// The loaded, attached programs and the maps the agent uses at run time.
@@ -128,6 +143,11 @@ impl Enforcer {
             .default_map_pin_directory(config.pin_dir)
             .override_global(GLOBAL_DIVERT_IP4, &divert_ip, true)
             .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
+            .override_global(
+                GLOBAL_REFUSE_RAW,
+                &u32::from(config.refuse_raw_sockets),
+                true,
+            )
             .load(EBPF_OBJECT)?;
 
         // Endpoints first: once the links are in place, the programs consult these maps.
@@ -161,43 +181,33 @@ impl Enforcer {
 
         // Cgroup links always run alongside other programs (the kernel attaches them with
         // multi-attach semantics); link_create takes no flags, so the mode is "Single" here.
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT4)?;
-        connect4.load().map_err(program_error(PROG_CONNECT4))?;
-        let id = connect4
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(PROG_CONNECT4))?;
-        let connect4_link: FdLink = connect4
-            .take_link(id)
-            .map_err(program_error(PROG_CONNECT4))?
-            .try_into()
-            .map_err(link_error(PROG_CONNECT4))?;
-
-        let connect6: &mut CgroupSockAddr = program(&mut ebpf, PROG_CONNECT6)?;
-        connect6.load().map_err(program_error(PROG_CONNECT6))?;
-        let id = connect6
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(PROG_CONNECT6))?;
-        let connect6_link: FdLink = connect6
-            .take_link(id)
-            .map_err(program_error(PROG_CONNECT6))?
-            .try_into()
-            .map_err(link_error(PROG_CONNECT6))?;
-
-        let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
-        sock_ops.load().map_err(program_error(PROG_SOCK_OPS))?;
-        let id = sock_ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(PROG_SOCK_OPS))?;
-        let sock_ops_link: FdLink = sock_ops
-            .take_link(id)
-            .map_err(program_error(PROG_SOCK_OPS))?
-            .try_into()
-            .map_err(link_error(PROG_SOCK_OPS))?;
-
-        // sock_ops first: a connect4 that diverts must always have its recorder in place.
-        replace_pin(config.pin_dir, LINK_SOCK_OPS, sock_ops_link)?;
-        replace_pin(config.pin_dir, LINK_CONNECT4, connect4_link)?;
-        replace_pin(config.pin_dir, LINK_CONNECT6, connect6_link)?;
+        macro_rules! attach {
+            ($kind:ty, $name:expr) => {{
+                let program: &mut $kind = program(&mut ebpf, $name)?;
+                program.load().map_err(program_error($name))?;
+                let id = program
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(program_error($name))?;
+                let link: FdLink = program
+                    .take_link(id)
+                    .map_err(program_error($name))?
+                    .try_into()
+                    .map_err(link_error($name))?;
+                link
+            }};
+        }
+        // The recorder first: a connect program that diverts must always have it in place.
+        let links = [
+            (LINK_SOCK_OPS, attach!(SockOps, PROG_SOCK_OPS)),
+            (LINK_CONNECT4, attach!(CgroupSockAddr, PROG_CONNECT4)),
+            (LINK_CONNECT6, attach!(CgroupSockAddr, PROG_CONNECT6)),
+            (LINK_SENDMSG4, attach!(CgroupSockAddr, PROG_SENDMSG4)),
+            (LINK_SENDMSG6, attach!(CgroupSockAddr, PROG_SENDMSG6)),
+            (LINK_SOCK_CREATE, attach!(CgroupSock, PROG_SOCK_CREATE)),
+        ];
+        for (name, link) in links {
+            replace_pin(config.pin_dir, name, link)?;
+        }
 
         Ok(Self {
             conns: take_map(&mut ebpf, MAP_CONNS)?,
@@ -319,7 +329,7 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
         return Ok(false);
     }
     // Links first, so no program runs on maps that are going away.
-    for link in [LINK_CONNECT4, LINK_CONNECT6, LINK_SOCK_OPS] {
+    for link in LINKS {
         match std::fs::remove_file(pin_dir.join(link)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
