@@ -87,6 +87,13 @@ pub struct RunArgs {
     /// forge a TCP handshake to the metadata service past the connect hooks.
     #[arg(long)]
     pub allow_raw_sockets: bool,
+    /// How long a client may take to send one request head, from its first byte (slowloris
+    /// bound), in milliseconds; then 408 and close.
+    #[arg(long, default_value_t = 10_000)]
+    pub head_timeout_ms: u64,
+    /// How long a keep-alive connection may sit idle between requests, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
     /// Upper bound on finishing in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,

@@ -131,6 +131,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         resolver,
         policy: policy.clone(),
         metrics: metrics.clone(),
+        timeouts: crate::proxy::gate::Timeouts {
+            head: Duration::from_millis(args.head_timeout_ms),
+            idle: Duration::from_millis(args.idle_timeout_ms),
+        },
     });
     // Ready (and healthy) from here on: attached, policy loaded.
     let metrics_server = metrics_listener.map(|listener| {

@@ -31,11 +31,15 @@ struct Env {
 }
 
 fn start(label: &str) -> Option<Env> {
+    start_with(label, &[])
+}
+
+fn start_with(label: &str, extra: &[&str]) -> Option<Env> {
     let sandbox = Sandbox::new(label)?;
     let imds = sandbox.start_fake_imds(false);
     let policy = sandbox.work_dir.join("attacker.yaml");
     std::fs::write(&policy, POLICY).unwrap();
-    let agent = sandbox.start_agent("enforced", "agent", &[&policy], &[]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policy], extra);
     Some(Env {
         agent,
         _imds: imds,
@@ -231,5 +235,230 @@ print(data.decode().split("\r\n\r\n", 1)[1])
     assert_eq!(
         result,
         "HTTP/1.1 403 Forbidden\nimds-agent: denied by policy 'attacker' rule 'default'"
+    );
+}
+
+/// Sends raw bytes to the metadata address from the attacker's cgroup (so they are diverted
+/// to the agent) and returns everything the server sent back before closing. `pause_ms`
+/// waits after the bytes before reading, for slow-client cases.
+fn raw(sandbox: &Sandbox, request: &str, pause_ms: u64) -> String {
+    let script = format!(
+        r#"
+import socket, time, sys
+s = socket.create_connection(("169.254.169.254", 80), timeout=5)
+s.sendall({request:?}.encode("latin-1"))
+time.sleep({pause_ms} / 1000)
+data = b""
+try:
+    while chunk := s.recv(65536):
+        data += chunk
+except socket.timeout:
+    data += b"<timeout>"
+sys.stdout.write(data.decode("latin-1"))
+"#
+    );
+    probe(sandbox, ATTACKER, &script)
+}
+
+/// The status codes of every response in a raw exchange, in order.
+fn statuses(response: &str) -> Vec<u16> {
+    response
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|r| r.get(..3)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn request_smuggling_shapes_are_rejected_with_400_and_closed() {
+    let Some(env) = start("smuggle") else { return };
+    let creds = CREDENTIALS;
+    let cases = [
+        ("bare LF", format!("GET {creds} HTTP/1.1\nHost: x\n\n")),
+        (
+            "CL.TE",
+            format!(
+                "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET {creds} HTTP/1.1\r\nHost: x\r\n\r\n"
+            ),
+        ),
+        (
+            "TE only",
+            format!(
+                "GET {creds} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "body",
+            "PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".to_owned(),
+        ),
+        (
+            "duplicate length",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"
+                .to_owned(),
+        ),
+        (
+            "obs-fold",
+            format!("GET {creds} HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n"),
+        ),
+        (
+            "space before colon",
+            format!("GET {creds} HTTP/1.1\r\nHost : x\r\n\r\n"),
+        ),
+        (
+            "absolute-form",
+            format!("GET http://169.254.169.254{creds} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ),
+        (
+            "authority-form",
+            "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+        ),
+        (
+            "asterisk-form",
+            "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(),
+        ),
+        ("h2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_owned()),
+        (
+            "h2c upgrade",
+            format!(
+                "GET {creds} HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n"
+            ),
+        ),
+        ("no Host", format!("GET {creds} HTTP/1.1\r\n\r\n")),
+        (
+            "two Hosts",
+            format!("GET {creds} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ),
+        (
+            "duplicate token",
+            format!(
+                "GET {creds} HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: a\r\nx-aws-ec2-metadata-token: b\r\n\r\n"
+            ),
+        ),
+        (
+            "connection nominates a header",
+            format!(
+                "GET {creds} HTTP/1.1\r\nHost: x\r\nConnection: x-aws-ec2-metadata-token\r\n\r\n"
+            ),
+        ),
+    ];
+    for (name, request) in cases {
+        let response = raw(&env.sandbox, &request, 0);
+        assert!(!response.contains(ACCESS_KEY_PREFIX), "{name}: {response}");
+        assert_eq!(statuses(&response), [400], "{name}: {response}");
+        assert!(
+            response.contains("imds-agent: bad request: "),
+            "{name}: {response}"
+        );
+    }
+}
+
+#[test]
+fn path_tricks_never_reach_a_denied_object() {
+    let Some(env) = start("paths") else { return };
+    let tricks = [
+        "/latest/meta-data/iam/security-credentials/demo-node-role/",
+        "/latest/meta-data/iam/security-credentials//demo-node-role",
+        "/latest/meta-data/./iam/security-credentials/demo-node-role",
+        "/latest/meta-data/instance-id/../iam/security-credentials/demo-node-role",
+        "/latest/meta-data/%69am/security-credentials/demo-node-role",
+        "/latest/meta-data/iam%2Fsecurity-credentials/demo-node-role",
+        "/latest/meta-data\\iam\\security-credentials\\demo-node-role",
+        "/latest/meta-data/instance-id;/../iam/security-credentials/demo-node-role",
+        "/latest/meta-data/IAM/security-credentials/demo-node-role",
+        "/2021-03-23/meta-data/iam/security-credentials/demo-node-role",
+        "/latest/meta-data/iam/security-credentials/demo-node-role?x=../../",
+        "/latest/meta-data/instance-id#/../iam",
+    ];
+    for path in tricks {
+        let response = raw(
+            &env.sandbox,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            0,
+        );
+        assert!(!response.contains(ACCESS_KEY_PREFIX), "{path}: {response}");
+        let status = statuses(&response);
+        assert!(status == [400] || status == [403], "{path}: {response}");
+        // Denials are fixed text: nothing from the request comes back.
+        assert!(
+            !response.contains("security-credentials"),
+            "{path}: {response}"
+        );
+    }
+}
+
+#[test]
+fn forwarding_headers_are_refused() {
+    let Some(env) = start("forwarded") else {
+        return;
+    };
+    for header in [
+        "X-Forwarded-For: 10.0.0.1",
+        "Forwarded: for=10.0.0.1",
+        "X-Forwarded-Host: evil",
+        "X-Real-IP: 10.0.0.1",
+    ] {
+        let response = raw(
+            &env.sandbox,
+            &format!(
+                "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n"
+            ),
+            0,
+        );
+        assert_eq!(statuses(&response), [403], "{header}: {response}");
+        assert!(!response.contains(INSTANCE_ID));
+    }
+}
+
+#[test]
+fn pipelined_requests_are_each_decided() {
+    let Some(env) = start("pipeline") else { return };
+    let allowed = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n";
+    let denied = format!("GET {CREDENTIALS} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let last = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let response = raw(
+        &env.sandbox,
+        &format!("{allowed}{denied}{allowed}{last}"),
+        0,
+    );
+    assert_eq!(statuses(&response), [200, 403, 200, 200], "{response}");
+    assert!(!response.contains(ACCESS_KEY_PREFIX));
+    // A malformed request in the pipeline ends it there, after the earlier ones are answered.
+    let response = raw(
+        &env.sandbox,
+        &format!("{allowed}GET {CREDENTIALS} HTTP/1.1\nHost: x\n\n{allowed}"),
+        0,
+    );
+    assert_eq!(statuses(&response), [200, 400], "{response}");
+}
+
+#[test]
+fn slow_heads_time_out_and_idle_connections_are_closed() {
+    let Some(env) = start_with(
+        "slow",
+        &["--head-timeout-ms", "300", "--idle-timeout-ms", "300"],
+    ) else {
+        return;
+    };
+    // Slowloris: a head that never ends gets 408 and the connection closes.
+    let response = raw(
+        &env.sandbox,
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n",
+        0,
+    );
+    assert_eq!(statuses(&response), [408], "{response}");
+    assert!(
+        !response.contains("<timeout>"),
+        "the connection was not closed: {response}"
+    );
+    // Idle keep-alive: answered, then closed by the agent without another request.
+    let response = raw(
+        &env.sandbox,
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n",
+        0,
+    );
+    assert_eq!(statuses(&response), [200], "{response}");
+    assert!(
+        !response.contains("<timeout>"),
+        "the idle connection was not closed: {response}"
     );
 }

@@ -6,6 +6,7 @@
 //! and rule, or forward a request rebuilt from what was parsed to the endpoint the caller asked
 //! for, over an upstream connection that belongs to this client connection alone.
 
+pub mod gate;
 pub mod request;
 
 use std::{
@@ -19,10 +20,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use imds_common::{
     AF_INET, AF_INET6, Caller, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey,
 };
@@ -41,8 +39,6 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long a client may take to send a request's headers (slowloris bound).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to the metadata service may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -56,6 +52,7 @@ pub struct Filter {
     pub resolver: Resolver,
     pub policy: Arc<PolicyStore>,
     pub metrics: Arc<Metrics>,
+    pub timeouts: gate::Timeouts,
 }
 
 /// One accepted, attributed client connection.
@@ -93,14 +90,19 @@ pub async fn serve(
                             return;
                         };
                         let connection = Arc::new(connection);
+                        let filter_timeouts = filter.timeouts;
                         let service = service_fn(move |request| {
                             let (filter, connection) = (filter.clone(), connection.clone());
                             async move { Ok::<_, Infallible>(handle(&filter, &connection, request).await) }
                         });
+                        // Every request head passes the strict gate before hyper sees it;
+                        // the gate enforces the head and idle timeouts.
+                        let gated = gate::Gate::new(stream, filter_timeouts);
+                        // half_close: after a rejection the gate reads as EOF; hyper must still
+                        // answer the request in hand instead of dropping the connection.
                         let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_READ_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service);
+                            .half_close(true)
+                            .serve_connection(TokioIo::new(gated), service);
                         if let Err(error) = watcher.watch(conn).await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
@@ -232,6 +234,33 @@ async fn handle(
     let started = Instant::now();
     let method = request.method().as_str().to_owned();
     let target = request.uri().path().to_owned();
+    if request.method().as_str() == gate::REJECT_METHOD {
+        // The gate found the request head malformed and said why in the target.
+        let violation = gate::violation_from_target(request.uri().path());
+        audit(
+            filter,
+            connection,
+            "",
+            "",
+            Outcome {
+                decision: "reject",
+                policy: "",
+                rule: "",
+                status: violation.status,
+                upstream_status: None,
+                detail: violation.reason,
+            },
+            started,
+        );
+        let mut response = text(
+            violation.status,
+            format!("imds-agent: bad request: {}\n", violation.reason),
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     let valid = match request::validate(&request) {
         Ok(valid) => valid,
         Err(rejection) => {

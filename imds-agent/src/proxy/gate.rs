@@ -1,0 +1,558 @@
+//! A strict gate in front of hyper: each request head is read whole, checked byte by byte,
+//! and only then handed to hyper. hyper's parser is lenient where a smuggling attack lives
+//! (bare LF line endings, for one) and forgets what it tolerated once parsed, so these rules
+//! are checked on the raw bytes:
+//!
+//! - request line `METHOD SP origin-form SP HTTP/1.0|HTTP/1.1 CRLF`, no more than
+//!   [`MAX_REQUEST_LINE`] bytes (else 414);
+//! - every line ends in CRLF: no bare CR, no bare LF; no obs-fold; no whitespace before a
+//!   colon; header names are tokens; values have no control bytes but HTAB;
+//! - at most [`MAX_HEADERS`] headers and [`MAX_HEAD`] bytes (else 431);
+//! - no Transfer-Encoding, Content-Length only `0` and once, one Host, no Upgrade or Expect,
+//!   no duplicated security header (tokens, TTLs, Metadata-Flavor, ...).
+//!
+//! Because requests carry no body, a head's end is the start of the next pipelined request,
+//! so every request on a connection passes the gate.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+pub const MAX_HEAD: usize = 16 * 1024;
+pub const MAX_HEADERS: usize = 64;
+
+/// The method of the synthetic request that carries a rejection to the service: not a
+/// request a client can make, because the gate refuses it from clients.
+pub const REJECT_METHOD: &str = "IMDS-AGENT-REJECT";
+
+/// Headers that carry a credential or a security decision: exactly one of each, or none.
+const SECURITY_HEADERS: [&str; 9] = [
+    "x-aws-ec2-metadata-token",
+    "x-aws-ec2-metadata-token-ttl-seconds",
+    "metadata-flavor",
+    "x-google-metadata-request",
+    "metadata",
+    "authorization",
+    "x-aliyun-ecs-metadata-token",
+    "x-aliyun-ecs-metadata-token-ttl-seconds",
+    "x-forwarded-for",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub status: StatusCode,
+    /// Fixed text (never request bytes).
+    pub reason: &'static str,
+}
+
+/// Reason codes carried in the synthetic request's target, so the service can name them.
+pub const REASONS: [&str; 19] = [
+    "bare CR or LF in the request head",
+    "malformed request line",
+    "only origin-form request targets are accepted",
+    "unsupported HTTP version",
+    "obsolete line folding",
+    "whitespace before a colon or in a header name",
+    "control character in a header value",
+    "request bodies are not accepted",
+    "duplicate Content-Length",
+    "exactly one Host header is required",
+    "protocol upgrades are not accepted",
+    "duplicate security header",
+    "request line too long",
+    "request head too large",
+    "too many headers",
+    "request head timed out",
+    "Expect is not accepted",
+    "malformed header line",
+    "method not accepted",
+];
+
+fn violation(index: usize) -> Violation {
+    let status = match index {
+        12 => StatusCode::URI_TOO_LONG,
+        13 | 14 => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        15 => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    Violation {
+        status,
+        reason: REASONS[index],
+    }
+}
+
+fn reason_index(reason: &str) -> usize {
+    REASONS.iter().position(|r| *r == reason).unwrap_or(1)
+}
+
+/// The violation named by index in a synthetic request's target.
+pub fn violation_from_target(target: &str) -> Violation {
+    let index = target
+        .trim_start_matches('/')
+        .parse::<usize>()
+        .ok()
+        .filter(|i| *i < REASONS.len())
+        .unwrap_or(1);
+    violation(index)
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Where the head ends (the index after CRLFCRLF), if it is complete in `buffer`.
+pub fn head_end(buffer: &[u8]) -> Option<usize> {
+    buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+}
+
+/// The index of the first CR not followed by LF, or LF not preceded by CR. A CR at the very
+/// end may still be followed by its LF.
+fn first_bare_line_break(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().enumerate().position(|(i, &b)| {
+        (b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+            || (b == b'\r' && bytes.get(i + 1).is_some_and(|n| *n != b'\n'))
+    })
+}
+
+/// Checks a complete head (ending in CRLFCRLF).
+pub fn check_head(head: &[u8]) -> Result<(), Violation> {
+    if head.len() > MAX_HEAD {
+        return Err(violation(13));
+    }
+    // Every CR is followed by LF and every LF is preceded by CR.
+    for (i, &b) in head.iter().enumerate() {
+        let bare_cr = b == b'\r' && head.get(i + 1) != Some(&b'\n');
+        let bare_lf = b == b'\n' && (i == 0 || head[i - 1] != b'\r');
+        if bare_cr || bare_lf {
+            return Err(violation(0));
+        }
+    }
+    let text = &head[..head.len() - 4];
+    let mut lines = text
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    check_request_line(request_line)?;
+
+    let mut count = 0;
+    let (mut hosts, mut lengths) = (0, 0);
+    let mut seen_security = [false; SECURITY_HEADERS.len()];
+    for line in lines {
+        count += 1;
+        if count > MAX_HEADERS {
+            return Err(violation(14));
+        }
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            return Err(violation(4));
+        }
+        let colon = line.iter().position(|&b| b == b':').ok_or(violation(17))?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || !name.iter().all(|&b| is_token_byte(b)) {
+            return Err(violation(5));
+        }
+        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(violation(6));
+        }
+        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+        let value = trim_ows(value);
+        match name.as_str() {
+            "transfer-encoding" => return Err(violation(7)),
+            "content-length" => {
+                lengths += 1;
+                if lengths > 1 {
+                    return Err(violation(8));
+                }
+                if value != b"0" {
+                    return Err(violation(7));
+                }
+            }
+            "host" => hosts += 1,
+            "upgrade" | "http2-settings" => return Err(violation(10)),
+            "expect" => return Err(violation(16)),
+            _ => {}
+        }
+        if let Some(i) = SECURITY_HEADERS.iter().position(|h| *h == name) {
+            if seen_security[i] {
+                return Err(violation(11));
+            }
+            seen_security[i] = true;
+        }
+    }
+    let http11 = request_line.ends_with(b"HTTP/1.1");
+    if hosts > 1 || (hosts == 0 && http11) {
+        return Err(violation(9));
+    }
+    Ok(())
+}
+
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let start = value
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+fn check_request_line(line: &[u8]) -> Result<(), Violation> {
+    if line.len() > MAX_REQUEST_LINE {
+        return Err(violation(12));
+    }
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(violation(1));
+    };
+    if method.is_empty() || !method.iter().all(|&b| is_token_byte(b)) {
+        return Err(violation(1));
+    }
+    if method == REJECT_METHOD.as_bytes() || method == b"CONNECT" || method == b"PRI" {
+        return Err(violation(18));
+    }
+    if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
+        return Err(violation(3));
+    }
+    if target.first() != Some(&b'/') {
+        return Err(violation(2));
+    }
+    // RFC 3986 path and query characters only: no fragment, quotes, backslashes, spaces,
+    // brackets or non-ASCII (each a way for two parsers to read one target differently).
+    if !target
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
+    {
+        return Err(violation(1));
+    }
+    Ok(())
+}
+
+/// The bytes of the synthetic request that carries a violation to the service.
+fn reject_request(violation: Violation) -> Vec<u8> {
+    format!(
+        "{REJECT_METHOD} /{} HTTP/1.1\r\nhost: imds-agent\r\nconnection: close\r\n\r\n",
+        reason_index(violation.reason)
+    )
+    .into_bytes()
+}
+
+/// Timeouts the gate enforces while reading heads.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From a head's first byte to its last (slowloris).
+    pub head: Duration,
+    /// Between requests on a keep-alive connection (and before the first).
+    pub idle: Duration,
+}
+
+/// The gate as an I/O wrapper: reads are served from checked heads only; writes pass through.
+pub struct Gate<S> {
+    inner: S,
+    timeouts: Timeouts,
+    /// Bytes read but not yet checked (the head in progress).
+    pending: Vec<u8>,
+    /// Checked bytes not yet handed to hyper.
+    ready: Vec<u8>,
+    ready_at: usize,
+    /// After a violation or EOF: nothing more is read from the client.
+    closed: bool,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the deadline is the head timeout (a head is in progress) or the idle one.
+    in_head: bool,
+}
+
+impl<S> Gate<S> {
+    pub fn new(inner: S, timeouts: Timeouts) -> Self {
+        Self {
+            inner,
+            timeouts,
+            pending: Vec::new(),
+            ready: Vec::new(),
+            ready_at: 0,
+            closed: false,
+            deadline: None,
+            in_head: false,
+        }
+    }
+
+    /// Queues the rejection behind the heads already checked (earlier pipelined requests are
+    /// still answered) and stops reading from the client.
+    fn reject(&mut self, violation: Violation) {
+        self.ready.extend_from_slice(&reject_request(violation));
+        self.pending.clear();
+        self.closed = true;
+        self.deadline = None;
+    }
+
+    /// Moves complete, checked heads from `pending` to `ready`. A bare CR or LF rejects at
+    /// once (with them a head might never "complete"), after the heads before it.
+    fn check_pending(&mut self) {
+        loop {
+            let bare = first_bare_line_break(&self.pending);
+            match head_end(&self.pending) {
+                Some(end) if bare.is_none_or(|b| b >= end) => {
+                    let head: Vec<u8> = self.pending.drain(..end).collect();
+                    if let Err(violation) = check_head(&head) {
+                        self.reject(violation);
+                        return;
+                    }
+                    self.ready.extend_from_slice(&head);
+                }
+                _ if bare.is_some() => {
+                    self.reject(violation(0));
+                    return;
+                }
+                _ => break,
+            }
+        }
+        // An incomplete head that is already too large, or a request line that is too long.
+        if self.pending.len() > MAX_HEAD {
+            self.reject(violation(13));
+        } else if !self.pending.contains(&b'\n') && self.pending.len() > MAX_REQUEST_LINE {
+            self.reject(violation(12));
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready_at < this.ready.len() {
+                let n = out.remaining().min(this.ready.len() - this.ready_at);
+                out.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
+                this.ready_at += n;
+                if this.ready_at == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.closed {
+                return Poll::Ready(Ok(()));
+            }
+            // Arm the right timer: the head timeout while a head is in progress, else idle.
+            let in_head = !this.pending.is_empty();
+            if this.deadline.is_none() || in_head != this.in_head {
+                let timeout = if in_head {
+                    this.timeouts.head
+                } else {
+                    this.timeouts.idle
+                };
+                this.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+                this.in_head = in_head;
+            }
+            let mut buffer = [0u8; 4096];
+            let mut read = ReadBuf::new(&mut buffer);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let bytes = read.filled();
+                    if bytes.is_empty() {
+                        // EOF: an unfinished head is dropped, never half-passed on.
+                        this.closed = true;
+                        this.pending.clear();
+                        continue;
+                    }
+                    this.pending.extend_from_slice(bytes);
+                    let before = this.ready.len();
+                    this.check_pending();
+                    if this.ready.len() > before || this.closed {
+                        // Progress: the next head gets a fresh timer.
+                        this.deadline = None;
+                    }
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {
+                    let deadline = this.deadline.as_mut().expect("armed above");
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        if this.in_head {
+                            this.reject(violation(15));
+                            continue;
+                        }
+                        // Idle keep-alive connection: close quietly.
+                        this.closed = true;
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(head: &str) -> Result<(), (u16, &'static str)> {
+        check_head(head.as_bytes()).map_err(|v| (v.status.as_u16(), v.reason))
+    }
+
+    const OK: &str = "GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token: t\r\n\r\n";
+
+    #[test]
+    fn a_plain_request_passes() {
+        assert_eq!(check(OK), Ok(()));
+        assert_eq!(check("GET / HTTP/1.0\r\n\r\n"), Ok(()));
+        assert_eq!(
+            check("PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn smuggling_shapes_are_rejected() {
+        let table: [(&str, u16, &str); 17] = [
+            ("GET / HTTP/1.1\nHost: x\n\n", 400, REASONS[0]),
+            ("GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", 400, REASONS[0]),
+            (
+                "GET http://evil/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                400,
+                REASONS[2],
+            ),
+            ("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400, REASONS[2]),
+            (
+                "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+                400,
+                REASONS[18],
+            ),
+            ("PRI * HTTP/2.0\r\n\r\n", 400, REASONS[18]),
+            ("GET  / HTTP/1.1\r\nHost: x\r\n\r\n", 400, REASONS[1]),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
+                400,
+                REASONS[4],
+            ),
+            ("GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400, REASONS[5]),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+                REASONS[7],
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+                400,
+                REASONS[7],
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+                400,
+                REASONS[8],
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+                400,
+                REASONS[9],
+            ),
+            ("GET / HTTP/1.1\r\n\r\n", 400, REASONS[9]),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
+                400,
+                REASONS[10],
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nx-aws-ec2-metadata-token: a\r\nX-AWS-EC2-METADATA-TOKEN: b\r\n\r\n",
+                400,
+                REASONS[11],
+            ),
+            (
+                "IMDS-AGENT-REJECT /0 HTTP/1.1\r\nHost: x\r\n\r\n",
+                400,
+                REASONS[18],
+            ),
+        ];
+        for (head, status, reason) in table {
+            assert_eq!(check(head), Err((status, reason)), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn limits_have_their_own_statuses() {
+        let long = format!(
+            "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "a".repeat(MAX_REQUEST_LINE)
+        );
+        assert_eq!(check(&long).unwrap_err().0, 414);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            check(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n"))
+                .unwrap_err()
+                .0,
+            431
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_that_never_ends_times_out_with_408() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut client, server) = tokio::io::duplex(1024);
+        let timeouts = Timeouts {
+            head: Duration::from_millis(100),
+            idle: Duration::from_secs(30),
+        };
+        let mut gate = Gate::new(server, timeouts);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut out = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), gate.read(&mut out))
+            .await
+            .expect("the gate must time the head out")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out[..n]).starts_with("IMDS-AGENT-REJECT /15 "));
+    }
+
+    #[tokio::test]
+    async fn pipelined_heads_each_pass_the_gate_and_a_bad_one_stops_the_stream() {
+        use tokio::io::AsyncReadExt as _;
+        let input = format!("{OK}{OK}GET / HTTP/1.1\nHost: x\n\n{OK}");
+        // (the bare LF is caught before the head could complete)
+        let timeouts = Timeouts {
+            head: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        };
+        let mut gate = Gate::new(input.as_bytes(), timeouts);
+        let mut out = String::new();
+        gate.read_to_string(&mut out).await.unwrap();
+        let reject =
+            format!("{REJECT_METHOD} /0 HTTP/1.1\r\nhost: imds-agent\r\nconnection: close\r\n\r\n");
+        assert_eq!(out, format!("{OK}{OK}{reject}"));
+        assert_eq!(violation_from_target("/0").reason, REASONS[0]);
+    }
+}
