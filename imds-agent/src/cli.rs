@@ -94,6 +94,18 @@ pub struct RunArgs {
     /// How long a keep-alive connection may sit idle between requests, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
+    /// Requests one caller (cgroup and uid) may have in flight at once; more get 429.
+    #[arg(long, default_value_t = 16)]
+    pub max_in_flight_per_caller: u32,
+    /// Sustained requests per second per caller; beyond it (and the burst), 429.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate_per_caller: f64,
+    /// Requests a caller may make in a burst above the rate.
+    #[arg(long, default_value_t = 100.0)]
+    pub burst_per_caller: f64,
+    /// Client connections open at once, over all callers; more get 503 and are closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
     /// Upper bound on finishing in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,

@@ -131,6 +131,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         resolver,
         policy: policy.clone(),
         metrics: metrics.clone(),
+        limits: crate::proxy::limits::Limits::new(crate::proxy::limits::LimitsConfig {
+            max_in_flight: args.max_in_flight_per_caller,
+            rate: args.rate_per_caller,
+            burst: args.burst_per_caller,
+            max_connections: args.max_connections,
+        }),
         timeouts: crate::proxy::gate::Timeouts {
             head: Duration::from_millis(args.head_timeout_ms),
             idle: Duration::from_millis(args.idle_timeout_ms),

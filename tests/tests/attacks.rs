@@ -462,3 +462,105 @@ fn slow_heads_time_out_and_idle_connections_are_closed() {
         "the idle connection was not closed: {response}"
     );
 }
+
+#[test]
+fn a_flooding_caller_gets_429_and_others_are_still_served() {
+    let Some(env) = start_with(
+        "flood",
+        &["--rate-per-caller", "1", "--burst-per-caller", "5"],
+    ) else {
+        return;
+    };
+    let id = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n";
+    let last = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let flood = format!("{}{last}", id.repeat(7));
+    let response = raw(&env.sandbox, &flood, 0);
+    assert_eq!(
+        statuses(&response),
+        [200, 200, 200, 200, 200, 429, 429, 429],
+        "{response}"
+    );
+    assert!(response.contains("imds-agent: request rate exceeded for this caller"));
+    // Another caller has its own budget.
+    let other = env.sandbox.curl(
+        "enforced/other",
+        None,
+        &["http://169.254.169.254/latest/meta-data/instance-id"],
+    );
+    assert_eq!(
+        other.status, 403,
+        "served by policy, not refused by the limit: {other:?}"
+    );
+}
+
+#[test]
+fn too_many_requests_in_flight_get_429() {
+    let Some(env) = start_with("inflight", &["--max-in-flight-per-caller", "1"]) else {
+        return;
+    };
+    let slow = env
+        .sandbox
+        .command_as("curl", ATTACKER, None)
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &["http://169.254.169.254/latest/meta-data/instance-id"],
+    );
+    assert_eq!(second.status, 429, "{second:?}");
+    assert_eq!(
+        second.body,
+        "imds-agent: too many requests in flight from this caller\n"
+    );
+    let first = slow.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&first.stdout), INSTANCE_ID);
+}
+
+#[test]
+fn overload_refuses_new_connections_and_never_bypasses() {
+    let Some(env) = start_with("overload", &["--max-connections", "1"]) else {
+        return;
+    };
+    // One connection held open (a request in flight)...
+    let slow = env
+        .sandbox
+        .command_as("curl", ATTACKER, None)
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // ...so the next is refused by the agent, not passed to the metadata service.
+    let refused = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &["http://169.254.169.254/latest/meta-data/instance-id"],
+    );
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(!refused.body.contains(INSTANCE_ID));
+    assert_eq!(
+        String::from_utf8_lossy(&slow.wait_with_output().unwrap().stdout),
+        INSTANCE_ID
+    );
+    // Once the load is gone, callers are served again.
+    let later = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &["http://169.254.169.254/latest/meta-data/instance-id"],
+    );
+    assert_eq!(later.body, INSTANCE_ID, "{later:?}\n{}", env.agent.log());
+}

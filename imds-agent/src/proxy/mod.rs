@@ -7,6 +7,7 @@
 //! for, over an upstream connection that belongs to this client connection alone.
 
 pub mod gate;
+pub mod limits;
 pub mod request;
 
 use std::{
@@ -53,6 +54,7 @@ pub struct Filter {
     pub policy: Arc<PolicyStore>,
     pub metrics: Arc<Metrics>,
     pub timeouts: gate::Timeouts,
+    pub limits: Arc<limits::Limits>,
 }
 
 /// One accepted, attributed client connection.
@@ -75,12 +77,20 @@ pub async fn serve(
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        filter.limits.config().max_connections,
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = connections.clone().try_acquire_owned() else {
+                        filter.metrics.request("overload", "", "");
+                        tokio::spawn(refuse(stream, peer, "503 Service Unavailable", "imds-agent: overloaded, try again later\n", "overload"));
+                        continue;
+                    };
                     let filter = filter.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
@@ -106,6 +116,7 @@ pub async fn serve(
                         if let Err(error) = watcher.watch(conn).await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(error) => {
@@ -205,18 +216,29 @@ fn original_destination(caller: &Caller) -> Option<SocketAddr> {
 
 /// A connection the kernel did not divert reached the listener: someone connected to it
 /// directly. It is answered with a fixed 403 and closed.
-async fn refuse_unrecorded(mut stream: TcpStream, peer: SocketAddr) {
-    const BODY: &str = "imds-agent: refused: this connection was not diverted by the kernel\n";
+async fn refuse_unrecorded(stream: TcpStream, peer: SocketAddr) {
+    refuse(
+        stream,
+        peer,
+        "403 Forbidden",
+        "imds-agent: refused: this connection was not diverted by the kernel\n",
+        "not-diverted",
+    )
+    .await;
+}
+
+/// Answers a connection with a fixed response, without reading it, and closes it.
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, status: &str, body: &str, reason: &str) {
     tracing::info!(
         target: "imds_agent::audit",
         %peer,
         decision = "refuse",
-        reason = "not-diverted",
+        reason,
         "connection refused"
     );
     let response = format!(
-        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
-        BODY.len()
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
@@ -234,6 +256,39 @@ async fn handle(
     let started = Instant::now();
     let method = request.method().as_str().to_owned();
     let target = request.uri().path().to_owned();
+    let key = (connection.identity.cgroup_id, connection.identity.uid);
+    let _permit = match filter.limits.admit(key, started) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            let reason = match refusal {
+                limits::Refusal::TooManyInFlight => "too many requests in flight from this caller",
+                limits::Refusal::RateExceeded => "request rate exceeded for this caller",
+            };
+            audit(
+                filter,
+                connection,
+                &method,
+                &target,
+                Outcome {
+                    decision: "limit",
+                    policy: "",
+                    rule: "",
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    upstream_status: None,
+                    detail: reason,
+                },
+                started,
+            );
+            let mut response = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("imds-agent: {reason}\n"),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+    };
     if request.method().as_str() == gate::REJECT_METHOD {
         // The gate found the request head malformed and said why in the target.
         let violation = gate::violation_from_target(request.uri().path());
