@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Run although a cgroup v1 net_cls or net_prio hierarchy is mounted (by default the agent
+    /// refuses: their use disables the kernel's cgroup v2 socket matching).
+    #[arg(long)]
+    pub allow_cgroup_v1_net: bool,
     /// Let enforced cgroups create raw IP sockets. By default they cannot: a raw socket can
     /// forge a TCP handshake to the metadata service past the connect hooks.
     #[arg(long)]
@@ -94,6 +98,13 @@ pub struct RunArgs {
     /// How long a keep-alive connection may sit idle between requests, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
+    /// How long to wait for the metadata service's answer, in milliseconds; then 504.
+    #[arg(long, default_value_t = 15_000)]
+    pub upstream_timeout_ms: u64,
+    /// Cap on GCP wait_for_change long-polls (their timeout_sec, plus the upstream timeout),
+    /// in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub long_poll_max_seconds: u64,
     /// Requests one caller (cgroup and uid) may have in flight at once; more get 429.
     #[arg(long, default_value_t = 16)]
     pub max_in_flight_per_caller: u32,

@@ -60,6 +60,31 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// cgroup v1 controllers whose activation makes the kernel stop matching sockets to their
+/// cgroup v2 cgroup ("cgroup: disabling cgroup2 socket matching due to net_prio or net_cls
+/// activation"): every socket then looks like the v2 root's, and per-cgroup enforcement would
+/// silently collapse.
+const COLLAPSING_V1_CONTROLLERS: [&str; 2] = ["net_cls", "net_prio"];
+
+/// The v1 controllers from [`COLLAPSING_V1_CONTROLLERS`] mounted in this mount namespace.
+pub fn collapsing_v1_controllers(mountinfo: &str) -> Vec<&'static str> {
+    COLLAPSING_V1_CONTROLLERS
+        .into_iter()
+        .filter(|controller| {
+            mountinfo.lines().any(|line| {
+                let Some((_, right)) = line.split_once(" - ") else {
+                    return false;
+                };
+                let mut fields = right.split(' ');
+                fields.next() == Some("cgroup")
+                    && fields
+                        .nth(1)
+                        .is_some_and(|options| options.split(',').any(|o| o == *controller))
+            })
+        })
+        .collect()
+}
+
 /// Whether `path` is on a bpf file system (statfs(2) magic).
 pub fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
@@ -112,6 +137,20 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(find_mount(HYBRID, "bpf"), None);
+    }
+
+    #[test]
+    fn finds_net_cls_and_net_prio_v1_hierarchies() {
+        assert!(collapsing_v1_controllers(HYBRID).is_empty());
+        let with_net = format!(
+            "{HYBRID}42 31 0:39 / /sys/fs/cgroup/net_cls,net_prio rw - cgroup cgroup rw,net_cls,net_prio\n"
+        );
+        assert_eq!(
+            collapsing_v1_controllers(&with_net),
+            ["net_cls", "net_prio"]
+        );
+        let only_prio = format!("{HYBRID}42 31 0:39 / /x rw - cgroup cgroup rw,net_prio\n");
+        assert_eq!(collapsing_v1_controllers(&only_prio), ["net_prio"]);
     }
 
     #[test]

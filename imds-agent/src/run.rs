@@ -84,6 +84,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pods.load_file(file).map_err(RunError::Config)?;
     }
     let mount = fs::cgroup2_mount().map_err(|e| RunError::Config(e.to_string()))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let collapsing = fs::collapsing_v1_controllers(&mountinfo);
+    if !collapsing.is_empty() && !args.allow_cgroup_v1_net {
+        return Err(RunError::Config(format!(
+            "cgroup v1 {} is mounted: once used, the kernel stops matching sockets to cgroup v2 \
+             and per-cgroup enforcement would silently apply to the wrong cgroups. Unmount it \
+             (or pass --allow-cgroup-v1-net if it is certainly unused). Any enforcement already \
+             pinned stays in place.",
+            collapsing.join(" and ")
+        )));
+    }
     let cgroup = enforced_root(&mount, args.cgroup.as_deref())?;
     if args.endpoints.is_empty() {
         return Err(RunError::Config(
@@ -137,6 +148,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             burst: args.burst_per_caller,
             max_connections: args.max_connections,
         }),
+        upstream: crate::proxy::UpstreamTimeouts {
+            request: Duration::from_millis(args.upstream_timeout_ms),
+            long_poll: Duration::from_secs(args.long_poll_max_seconds),
+        },
         timeouts: crate::proxy::gate::Timeouts {
             head: Duration::from_millis(args.head_timeout_ms),
             idle: Duration::from_millis(args.idle_timeout_ms),

@@ -564,3 +564,27 @@ fn overload_refuses_new_connections_and_never_bypasses() {
     );
     assert_eq!(later.body, INSTANCE_ID, "{later:?}\n{}", env.agent.log());
 }
+
+#[test]
+fn a_hung_metadata_service_gives_504_but_long_polls_may_wait() {
+    let Some(env) = start_with("upstream-timeout", &["--upstream-timeout-ms", "400"]) else {
+        return;
+    };
+    let hung = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &["http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500"],
+    );
+    assert_eq!(hung.status, 504, "{hung:?}");
+    // A GCP-style hanging GET with its own timeout_sec is not cut at the ordinary bound.
+    let long_poll = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &["http://169.254.169.254/latest/meta-data/instance-id?wait_for_change=true&timeout_sec=3&fake_delay_ms=1500"],
+    );
+    assert_eq!(
+        (long_poll.status, long_poll.body.as_str()),
+        (200, INSTANCE_ID),
+        "{long_poll:?}"
+    );
+}

@@ -55,6 +55,33 @@ pub struct Filter {
     pub metrics: Arc<Metrics>,
     pub timeouts: gate::Timeouts,
     pub limits: Arc<limits::Limits>,
+    pub upstream: UpstreamTimeouts,
+}
+
+/// How long to wait for the metadata service's response headers.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeouts {
+    /// Ordinary requests.
+    pub request: Duration,
+    /// Upper bound for GCP `wait_for_change` long-polls, which may legitimately hang for
+    /// their `timeout_sec` (or, without one, until the value changes).
+    pub long_poll: Duration,
+}
+
+impl UpstreamTimeouts {
+    /// The bound for one request: a long-poll gets its `timeout_sec` plus slack, within the
+    /// long-poll cap; everything else the ordinary bound.
+    pub fn for_query(&self, query: Option<&str>) -> Duration {
+        let params = || query.into_iter().flat_map(|q| q.split('&'));
+        if !params().any(|p| p == "wait_for_change=true") {
+            return self.request;
+        }
+        params()
+            .find_map(|p| p.strip_prefix("timeout_sec=")?.parse::<u64>().ok())
+            .map_or(self.long_poll, |secs| {
+                (Duration::from_secs(secs) + self.request).min(self.long_poll)
+            })
+    }
 }
 
 /// One accepted, attributed client connection.
@@ -383,7 +410,7 @@ async fn handle(
     }
     let (status, upstream_status, detail) = match &response {
         Ok(r) => (r.status(), Some(r.status()), ""),
-        Err(detail) => (StatusCode::BAD_GATEWAY, None, *detail),
+        Err(detail) => (gateway_status(detail), None, *detail),
     };
     // An audit-mode policy that would have denied is named in the audit line.
     let (verdict, policy_name, rule_name) = match decision.would_deny {
@@ -408,7 +435,7 @@ async fn handle(
     match response {
         Ok(response) => response,
         Err(detail) => text(
-            StatusCode::BAD_GATEWAY,
+            gateway_status(detail),
             format!("imds-agent: metadata service unavailable: {detail}\n"),
         ),
     }
@@ -446,9 +473,10 @@ async fn forward(
     }
     let sender = upstream.as_mut().expect("set above");
     let sent = Instant::now();
-    let mut response = sender
-        .send_request(upstream_request)
+    let bound = filter.upstream.for_query(valid.query.as_deref());
+    let mut response = tokio::time::timeout(bound, sender.send_request(upstream_request))
         .await
+        .map_err(|_| UPSTREAM_TIMED_OUT)?
         .map_err(|_| "upstream request failed")?;
     filter
         .metrics
@@ -486,6 +514,16 @@ async fn connect_upstream(
         }
     });
     Ok(sender)
+}
+
+const UPSTREAM_TIMED_OUT: &str = "no answer in time";
+
+fn gateway_status(detail: &str) -> StatusCode {
+    if detail == UPSTREAM_TIMED_OUT {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    }
 }
 
 /// A directory listing: a successful GET of a path ending in `/`, as plain text.
@@ -582,4 +620,31 @@ fn audit(
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "request"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_polls_get_their_own_bound() {
+        let t = UpstreamTimeouts {
+            request: Duration::from_secs(10),
+            long_poll: Duration::from_secs(3600),
+        };
+        assert_eq!(t.for_query(None), Duration::from_secs(10));
+        assert_eq!(t.for_query(Some("recursive=true")), Duration::from_secs(10));
+        assert_eq!(
+            t.for_query(Some("wait_for_change=true&timeout_sec=60")),
+            Duration::from_secs(70)
+        );
+        assert_eq!(
+            t.for_query(Some("wait_for_change=true")),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            t.for_query(Some("wait_for_change=true&timeout_sec=99999")),
+            Duration::from_secs(3600)
+        );
+    }
 }
