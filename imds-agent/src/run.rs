@@ -74,6 +74,50 @@ fn enforced_root(mount: &Path, cgroup: Option<&Path>) -> Result<PathBuf, RunErro
     Ok(root)
 }
 
+/// Aborts TCP connections from the enforced tree to a metadata endpoint that predate the
+/// programs (see `loader::sockdiag`). Failure to do so is logged, not fatal: the kernel
+/// already enforces every new connection.
+fn close_preexisting(resolver: &Resolver, endpoints: &[std::net::SocketAddr]) {
+    use crate::loader::sockdiag;
+    let sockets = match sockdiag::tcp_sockets() {
+        Ok(sockets) => sockets,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list existing connections; those to the metadata service stay open");
+            return;
+        }
+    };
+    let to_metadata = |s: &sockdiag::DiagSocket| {
+        endpoints.iter().any(|e| {
+            e.port() == s.destination.port()
+                && match e {
+                    std::net::SocketAddr::V4(e) => sockdiag::destination_ipv4(s) == Some(*e.ip()),
+                    std::net::SocketAddr::V6(_) => s.destination.ip() == e.ip(),
+                }
+        })
+    };
+    let mut closed = 0;
+    for socket in sockets.iter().filter(|s| to_metadata(s)) {
+        let Some(cgroup_id) = socket.cgroup_id else {
+            continue;
+        };
+        if !resolver.is_enforced(cgroup_id) {
+            continue;
+        }
+        match sockdiag::destroy(socket) {
+            Ok(()) => closed += 1,
+            Err(error) => {
+                tracing::warn!(%error, source = %socket.source, "cannot close an existing connection to the metadata service")
+            }
+        }
+    }
+    if closed > 0 {
+        tracing::info!(
+            closed,
+            "closed connections to the metadata service that predate enforcement"
+        );
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Everything that can be wrong with the configuration is found before anything is bound
     // or attached.
@@ -125,6 +169,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         endpoints: &args.endpoints,
         refuse_raw_sockets: !args.allow_raw_sockets,
     })?;
+    // Connects are diverted from here on; connections made before are closed, so that an
+    // open keep-alive connection cannot dodge the policy.
+    close_preexisting(&resolver, &args.endpoints);
     tracing::info!(
         cgroup = %cgroup.display(),
         pin_dir = %args.pin_dir.display(),

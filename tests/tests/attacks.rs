@@ -588,3 +588,60 @@ fn a_hung_metadata_service_gives_504_but_long_polls_may_wait() {
         "{long_poll:?}"
     );
 }
+
+#[test]
+fn connections_opened_before_enforcement_are_closed() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let Some(sandbox) = Sandbox::new("preexisting") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    // Before the agent: a keep-alive connection straight to the metadata service, proven live.
+    let script = format!(
+        r#"
+import socket, sys
+s = socket.create_connection(("169.254.169.254", 80), timeout=5)
+def ask(path):
+    s.sendall(f"GET {{path}} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return s.recv(65536).decode(errors="replace")
+print("before:", ask("/latest/meta-data/instance-id").split("\r\n")[0], flush=True)
+sys.stdin.readline()
+try:
+    print("after:", ask("{CREDENTIALS}").replace("\r\n", " "), flush=True)
+except OSError as e:
+    print("after: error", e.errno, flush=True)
+"#
+    );
+    let mut holder = sandbox
+        .command("python3", ATTACKER)
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "before: HTTP/1.1 200 OK");
+
+    let policy = sandbox.work_dir.join("attacker.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let agent = sandbox.start_agent("enforced", "agent", &[&policy], &[]);
+    writeln!(holder.stdin.take().unwrap()).unwrap();
+    let after = lines.next().unwrap().unwrap();
+    let _ = holder.wait();
+    assert!(
+        !after.contains(ACCESS_KEY_PREFIX),
+        "the old connection still worked: {after}"
+    );
+    // ECONNABORTED (103) or ECONNRESET (104), or an empty read on a closed connection.
+    assert!(
+        after == "after: error 103" || after == "after: error 104" || after == "after: ",
+        "{after}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("closed connections to the metadata service that predate enforcement"),
+        "{}",
+        agent.log()
+    );
+}

@@ -207,6 +207,12 @@ impl Resolver {
         path
     }
 
+    /// Whether a live cgroup is in the enforced tree.
+    pub fn is_enforced(&self, cgroup_id: u64) -> bool {
+        self.cgroup_path(cgroup_id)
+            .is_ok_and(|path| relative_to(&self.root, &path).is_some())
+    }
+
     /// The path of a live cgroup relative to the mount, found by opening it by id: exact and
     /// O(1), where scanning the tree would be slow and racy.
     pub fn cgroup_path(&self, cgroup_id: u64) -> io::Result<String> {

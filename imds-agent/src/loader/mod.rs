@@ -39,6 +39,8 @@ use imds_common::{
 
 use crate::fs;
 
+pub mod sockdiag;
+
 /// The object built by build.rs from `imds-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
 

@@ -1,0 +1,276 @@
+//! Closing connections to the metadata service that existed before enforcement started, so a
+//! keep-alive connection opened earlier cannot dodge the policy. Uses the kernel's sock_diag
+//! netlink interface: dump TCP sockets (each with its cgroup id, kernel >= 5.7), then
+//! SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY) the ones that matter, by socket cookie.
+//!
+//! Scope: the agent's network namespace (sock_diag is per namespace). Pods in their own
+//! namespaces need the same pass there (issue 4).
+
+use std::{
+    io,
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const IPPROTO_TCP: u8 = 6;
+/// Every TCP state but LISTEN (10) and TIME_WAIT (6): sockets that can still carry a request.
+const STATES: u32 = 0xfff & !(1 << 10) & !(1 << 6);
+
+const NLMSG_HDR: usize = 16;
+const SOCKID: usize = 48;
+const REQ_V2: usize = 8 + SOCKID;
+const DIAG_MSG: usize = 4 + SOCKID + 20;
+
+/// One TCP socket as sock_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiagSocket {
+    pub family: u8,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub cgroup_id: Option<u64>,
+    /// The raw `inet_diag_sockid`, which SOCK_DESTROY takes back to name the socket.
+    id: [u8; SOCKID],
+}
+
+fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID]) -> Vec<u8> {
+    let len = NLMSG_HDR + REQ_V2;
+    let mut message = Vec::with_capacity(len);
+    message.extend_from_slice(&(len as u32).to_ne_bytes());
+    message.extend_from_slice(&kind.to_ne_bytes());
+    message.extend_from_slice(&flags.to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    message.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+    message.extend_from_slice(&STATES.to_ne_bytes());
+    message.extend_from_slice(id);
+    message
+}
+
+fn address(family: u8, bytes: &[u8], port: [u8; 2]) -> SocketAddr {
+    let port = u16::from_be_bytes(port);
+    let ip = if family == libc::AF_INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        let mut octets = [0u8; 16];
+        octets.copy_from_slice(&bytes[..16]);
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Parses one dump datagram: the sockets in it, and whether the dump is done.
+pub fn parse_dump(mut data: &[u8]) -> io::Result<(Vec<DiagSocket>, bool)> {
+    let mut sockets = Vec::new();
+    while data.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
+        if len < NLMSG_HDR || len > data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "truncated netlink message",
+            ));
+        }
+        let body = &data[NLMSG_HDR..len];
+        match kind {
+            NLMSG_DONE => return Ok((sockets, true)),
+            NLMSG_ERROR => {
+                let errno = i32::from_ne_bytes(
+                    body.get(0..4)
+                        .unwrap_or(&[0; 4])
+                        .try_into()
+                        .expect("4 bytes"),
+                );
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            SOCK_DIAG_BY_FAMILY if body.len() >= DIAG_MSG => {
+                let family = body[0];
+                let id: [u8; SOCKID] = body[4..4 + SOCKID].try_into().expect("sockid");
+                let mut cgroup_id = None;
+                let mut attrs = &body[DIAG_MSG..];
+                while attrs.len() >= 4 {
+                    let attr_len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+                    let attr_kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+                    if attr_len < 4 || attr_len > attrs.len() {
+                        break;
+                    }
+                    if attr_kind == INET_DIAG_CGROUP_ID && attr_len >= 12 {
+                        cgroup_id = Some(u64::from_ne_bytes(
+                            attrs[4..12].try_into().expect("8 bytes"),
+                        ));
+                    }
+                    attrs = attrs.get((attr_len + 3) & !3..).unwrap_or_default();
+                }
+                sockets.push(DiagSocket {
+                    family,
+                    source: address(family, &id[4..20], [id[0], id[1]]),
+                    destination: address(family, &id[20..36], [id[2], id[3]]),
+                    cgroup_id,
+                    id,
+                });
+            }
+            _ => {}
+        }
+        data = data.get((len + 3) & !3..).unwrap_or_default();
+    }
+    Ok((sockets, false))
+}
+
+fn netlink() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
+    // SAFETY: send(2) of an initialised buffer.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn receive(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv(2) into a buffer of the given length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Every TCP socket of this network namespace that can still carry a request.
+pub fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
+    let mut all = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let fd = netlink()?;
+        send(
+            &fd,
+            &request(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                family,
+                &[0; SOCKID],
+            ),
+        )?;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = receive(&fd, &mut buffer)?;
+            let (sockets, done) = parse_dump(&buffer[..n])?;
+            all.extend(sockets);
+            if done || n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Aborts a socket: its owner's next read or write fails with ECONNABORTED.
+pub fn destroy(socket: &DiagSocket) -> io::Result<()> {
+    let fd = netlink()?;
+    send(
+        &fd,
+        &request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            socket.family,
+            &socket.id,
+        ),
+    )?;
+    let mut buffer = [0u8; 512];
+    let n = receive(&fd, &mut buffer)?;
+    match parse_dump(&buffer[..n]) {
+        // An ack is an NLMSG_ERROR with errno 0.
+        Err(error) if error.raw_os_error() == Some(0) => Ok(()),
+        Err(error) => Err(error),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The IPv4 address a destination names, for IPv4 and v4-mapped IPv6 sockets.
+pub fn destination_ipv4(socket: &DiagSocket) -> Option<Ipv4Addr> {
+    match socket.destination.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+    }
+}
+
+const _: () = assert!(size_of::<[u8; SOCKID]>() == 48);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A datagram as the kernel sends it: one IPv4 socket 10.0.0.5:40000 -> 169.254.169.254:80
+    /// with a cgroup id attribute, then NLMSG_DONE.
+    fn crafted() -> Vec<u8> {
+        let mut id = [0u8; SOCKID];
+        id[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        id[2..4].copy_from_slice(&80u16.to_be_bytes());
+        id[4..8].copy_from_slice(&[10, 0, 0, 5]);
+        id[20..24].copy_from_slice(&[169, 254, 169, 254]);
+        let mut body = vec![libc::AF_INET as u8, 1, 0, 0];
+        body.extend_from_slice(&id);
+        body.extend_from_slice(&[0u8; 20]);
+        // rtattr: len 12, type CGROUP_ID, u64
+        body.extend_from_slice(&12u16.to_ne_bytes());
+        body.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        body.extend_from_slice(&4242u64.to_ne_bytes());
+        let mut data = Vec::new();
+        data.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
+        data.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        data.extend_from_slice(&[0u8; 10]);
+        data.extend_from_slice(&body);
+        data.extend_from_slice(&(NLMSG_HDR as u32).to_ne_bytes());
+        data.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        data.extend_from_slice(&[0u8; 10]);
+        data
+    }
+
+    #[test]
+    fn parses_sockets_and_their_cgroups() {
+        let (sockets, done) = parse_dump(&crafted()).unwrap();
+        assert!(done);
+        assert_eq!(sockets.len(), 1);
+        assert_eq!(sockets[0].source, "10.0.0.5:40000".parse().unwrap());
+        assert_eq!(
+            sockets[0].destination,
+            "169.254.169.254:80".parse().unwrap()
+        );
+        assert_eq!(sockets[0].cgroup_id, Some(4242));
+        assert_eq!(
+            destination_ipv4(&sockets[0]),
+            Some(Ipv4Addr::new(169, 254, 169, 254))
+        );
+    }
+
+    #[test]
+    fn a_truncated_message_is_an_error() {
+        let data = crafted();
+        assert!(parse_dump(&data[..30]).is_err() || parse_dump(&data[..30]).unwrap().0.is_empty());
+        let mut bad = data.clone();
+        bad[0..4].copy_from_slice(&9999u32.to_ne_bytes());
+        assert!(parse_dump(&bad).is_err());
+    }
+}
