@@ -16,7 +16,9 @@ commands:
   setup   install every prerequisite (idempotent): LLVM 22 dev packages, bpftool, iproute2,
           curl, rust-src for nightly, bpf-linker, botocore for the SDK test
   demo    set up, build, and run the demo in a sandbox network namespace
-  test    set up, build, and run every test (what CI runs), plus fmt and clippy checks";
+  test    set up, build, and run every test (what CI runs), plus fmt and clippy checks
+  fuzz [SECONDS]  run each fuzz target for SECONDS (default 60) with cargo-fuzz (nightly);
+          a crash stops with the input under fuzz/artifacts: make it a regression test";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect attachments, iproute2 and curl
 /// for the sandbox and its workloads.
@@ -38,6 +40,13 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("demo") => setup().and_then(|()| demo()),
         Some("test") => setup().and_then(|()| test()),
+        Some("fuzz") => {
+            let seconds = args
+                .get(1)
+                .map_or(Ok(60), |s| s.parse::<u64>())
+                .unwrap_or(60);
+            setup().and_then(|()| fuzz(seconds))
+        }
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(64);
@@ -155,6 +164,23 @@ fn build_binaries() -> Result {
 fn demo() -> Result {
     build_binaries()?;
     run(Command::new(workspace_root().join("target/debug/imds-demo")).current_dir(workspace_root()))
+}
+
+const FUZZ_TARGETS: [&str; 3] = ["request_head", "request_path", "policy"];
+
+fn fuzz(seconds: u64) -> Result {
+    if !succeeds("cargo", &["fuzz", "--version"]) {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS {
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(workspace_root().join("fuzz"))
+            // The fuzz build needs the agent's library only, not its kernel object.
+            .env("AYA_BUILD_SKIP", "1"))?;
+    }
+    Ok(())
 }
 
 fn test() -> Result {
