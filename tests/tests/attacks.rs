@@ -645,3 +645,26 @@ except OSError as e:
         agent.log()
     );
 }
+
+#[test]
+fn io_uring_connect_is_diverted_like_connect() {
+    let Some(env) = start("uring") else { return };
+    let output = env
+        .sandbox
+        .command(imds_tests::sandbox::binary("uring-connect"), ATTACKER)
+        .args(["169.254.169.254:80", CREDENTIALS])
+        .output()
+        .unwrap();
+    let response = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!response.contains(ACCESS_KEY_PREFIX), "{response}");
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    assert!(
+        response.ends_with("imds-agent: denied by policy 'attacker' rule 'default'\n"),
+        "{response}"
+    );
+}
