@@ -8,6 +8,8 @@ use crate::policy::Unmatched;
 
 /// Default pin directory: one installation per host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imds-agent";
+/// Where the running agent keeps its state for `status` (systemd's RuntimeDirectory).
+pub const DEFAULT_STATE_DIR: &str = "/run/imds-agent";
 
 /// Per-cgroup enforcer for the cloud instance metadata service (IMDS).
 #[derive(Debug, Parser)]
@@ -43,10 +45,16 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Print whether enforcement is attached and the kernel counters, as JSON.
+    /// Show whether enforcement is attached, the running agent's policy (version, files),
+    /// counters by decision and the recent denials.
     Status {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -117,6 +125,9 @@ pub struct RunArgs {
     /// Client connections open at once, over all callers; more get 503 and are closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Where the agent writes its state for `imds-agent status`.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Upper bound on finishing in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,

@@ -7,6 +7,8 @@ pub mod fs;
 pub mod identity;
 pub mod loader;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+pub mod status;

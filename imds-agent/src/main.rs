@@ -113,17 +113,30 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_RUNTIME)
             }
         },
-        Command::Status { pin_dir } => {
+        Command::Status {
+            pin_dir,
+            state_dir,
+            json,
+        } => {
             let attached = loader::is_attached(&pin_dir);
             let counters = loader::pinned_counters(&pin_dir).unwrap_or_default();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "pin_dir": pin_dir,
-                    "attached": attached,
-                    "counters": counters,
-                })
-            );
+            let state = imds_agent::status::read_state(&state_dir);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "pin_dir": pin_dir,
+                        "attached": attached,
+                        "counters": counters,
+                        "agent": state,
+                    })
+                );
+            } else {
+                print!(
+                    "{}",
+                    imds_agent::status::render(&pin_dir, attached, counters, state.as_ref())
+                );
+            }
             ExitCode::SUCCESS
         }
     }

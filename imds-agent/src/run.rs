@@ -123,6 +123,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // or attached.
     let policy =
         Arc::new(PolicyStore::load(args.policy.clone(), args.unmatched).map_err(RunError::Policy)?);
+    if policy.current().set.policies().is_empty() {
+        tracing::warn!(
+            unmatched = %args.unmatched,
+            "no policy files: every caller gets the --unmatched decision"
+        );
+    }
     let pods = Arc::new(PodDirectory::default());
     if let Some(file) = &args.pods {
         pods.load_file(file).map_err(RunError::Config)?;
@@ -184,11 +190,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let enforcer = Arc::new(enforcer);
     let metrics = Arc::new(Metrics::default());
+    let tally = Arc::new(crate::status::Tally::default());
     let filter = Arc::new(Filter {
         enforcer: enforcer.clone(),
         resolver,
         policy: policy.clone(),
         metrics: metrics.clone(),
+        tally: tally.clone(),
         limits: crate::proxy::limits::Limits::new(crate::proxy::limits::LimitsConfig {
             max_in_flight: args.max_in_flight_per_caller,
             rate: args.rate_per_caller,
@@ -231,6 +239,32 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             let _ = tokio::task::spawn_blocking(move || store.reload_and_log("SIGHUP")).await;
         }
     });
+    // Attached, policy loaded, listening: tell systemd (Type=notify) and start the watchdog.
+    let status = format!(
+        "STATUS=enforcing {} with {} policies",
+        cgroup.display(),
+        filter.policy.current().set.policies().len()
+    );
+    if let Err(error) = crate::notify::notify(&format!("READY=1\n{status}")) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+    let state_writer = tokio::spawn(crate::status::write_periodically(
+        args.state_dir.clone(),
+        crate::status::AgentState {
+            pid: std::process::id(),
+            cgroup: cgroup.clone(),
+            listen: args.listen.to_string(),
+            policy_version: 0,
+            policy_sources: Vec::new(),
+            policies: Vec::new(),
+            decisions: Default::default(),
+            recent_denials: Vec::new(),
+        },
+        filter.policy.clone(),
+        tally,
+    ));
+    let watchdog = crate::notify::watchdog_interval()
+        .map(|interval| tokio::spawn(crate::notify::watchdog(interval)));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let shutdown = async move {
@@ -246,6 +280,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Duration::from_secs(args.drain_seconds),
     )
     .await;
+    let _ = crate::notify::notify("STOPPING=1");
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    state_writer.abort();
+    let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
     watcher.abort();
     reload_on_hup.abort();
     verdict_reset.abort();

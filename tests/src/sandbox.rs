@@ -240,6 +240,18 @@ impl Sandbox {
         policies: &[&Path],
         extra: &[&str],
     ) -> Agent {
+        self.launch_agent_with_env(enforce, agent_cgroup, policies, extra, &[])
+    }
+
+    /// As [`Self::launch_agent`], with extra environment variables for the agent.
+    pub fn launch_agent_with_env(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let log = self.work_dir.join(format!(
             "agent-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -252,12 +264,15 @@ impl Sandbox {
             .arg(self.cgroup(enforce))
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(self.work_dir.join("state"))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("agent log"));
         for policy in policies {
             command.arg("--policy").arg(policy);
         }
+        command.envs(env.iter().copied());
         let child = command.spawn().expect("spawn imds-agent");
         let mut agent = Agent {
             process: Process {

@@ -50,7 +50,7 @@ fn start(label: &str, tokens_required: bool) -> Option<Env> {
 
 fn counters(sandbox: &Sandbox) -> serde_json::Value {
     let output = std::process::Command::new(binary("imds-agent"))
-        .args(["status", "--pin-dir"])
+        .args(["status", "--json", "--pin-dir"])
         .arg(&sandbox.pin_dir)
         .output()
         .expect("imds-agent status");

@@ -17,6 +17,7 @@ commands:
           curl, rust-src for nightly, bpf-linker, botocore for the SDK test
   demo    set up, build, and run the demo in a sandbox network namespace
   test    set up, build, and run every test (what CI runs), plus fmt and clippy checks
+  package build the Debian package (target/debian/imds-agent_*.deb)
   fuzz [SECONDS]  run each fuzz target for SECONDS (default 60) with cargo-fuzz (nightly);
           a crash stops with the input under fuzz/artifacts: make it a regression test";
 
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("demo") => setup().and_then(|()| demo()),
         Some("test") => setup().and_then(|()| test()),
+        Some("package") => setup().and_then(|()| package()),
         Some("fuzz") => {
             let seconds = args
                 .get(1)
@@ -144,6 +146,9 @@ fn setup() -> Result {
             .env("LLVM_PREFIX", llvm)
             .env("PATH", path))?;
     }
+    if !succeeds("cargo", &["deb", "--version"]) {
+        run(cargo().args(["install", "cargo-deb", "--locked"]))?;
+    }
     if !succeeds("python3", &["-c", "import botocore"]) {
         run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "botocore"]))?;
     }
@@ -164,6 +169,10 @@ fn build_binaries() -> Result {
 fn demo() -> Result {
     build_binaries()?;
     run(Command::new(workspace_root().join("target/debug/imds-demo")).current_dir(workspace_root()))
+}
+
+fn package() -> Result {
+    run(cargo().args(["deb", "-p", "imds-agent"]))
 }
 
 const FUZZ_TARGETS: [&str; 3] = ["request_head", "request_path", "policy"];
@@ -187,6 +196,8 @@ fn test() -> Result {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     build_binaries()?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The packaging test checks the .deb's contents.
+    package()?;
     // Unit tests, the tests of the fake IMDS, and the end-to-end tests against the kernel.
     let mut command = cargo();
     command.args(["test"]).stdout(std::process::Stdio::piped());

@@ -179,8 +179,6 @@ pub enum PolicyError {
         field: String,
         message: String,
     },
-    #[error("{}: no policy files (*.yaml, *.yml) in this directory", .0.display())]
-    EmptyDirectory(PathBuf),
 }
 
 struct Located<'a> {
@@ -743,9 +741,8 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         })
         .collect();
     files.sort();
-    if files.is_empty() {
-        return Err(PolicyError::EmptyDirectory(path.to_owned()));
-    }
+    // An empty directory is no policies: every caller gets --unmatched (deny by default),
+    // never allow-all because a file is missing.
     Ok(files)
 }
 

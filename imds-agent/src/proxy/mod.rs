@@ -56,6 +56,7 @@ pub struct Filter {
     pub timeouts: gate::Timeouts,
     pub limits: Arc<limits::Limits>,
     pub upstream: UpstreamTimeouts,
+    pub tally: Arc<crate::status::Tally>,
 }
 
 /// How long to wait for the metadata service's response headers.
@@ -600,6 +601,20 @@ fn audit(
     let id = &connection.identity;
     let namespace = id.pod.as_ref().map_or("", |p| p.namespace.as_str());
     filter.metrics.request(outcome.decision, namespace, target);
+    filter.tally.record(outcome.decision);
+    if outcome.decision == "deny" {
+        filter.tally.denied(crate::status::Denial {
+            time: crate::status::iso8601(std::time::SystemTime::now()),
+            cgroup: id.cgroup.clone().unwrap_or_else(|| "?".into()),
+            unit: id.unit.clone().unwrap_or_default(),
+            uid: id.uid,
+            comm: id.comm.clone().unwrap_or_else(|| "?".into()),
+            method: method.to_owned(),
+            path: target.to_owned(),
+            policy: outcome.policy.to_owned(),
+            rule: outcome.rule.to_owned(),
+        });
+    }
     tracing::info!(
         target: "imds_agent::audit",
         cgroup = id.cgroup.as_deref().unwrap_or("?"),
