@@ -68,3 +68,29 @@ fn a_missing_policy_file_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn text_logs_have_no_colours_when_not_on_a_terminal() {
+    let dir = std::env::temp_dir().join(format!("imds-cli-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Fails on the cgroup after logging the empty-policy warning: nothing is attached.
+    let (code, _, stderr) = agent(&[
+        "--log-format",
+        "text",
+        "run",
+        "--policy",
+        dir.to_str().unwrap(),
+        "--cgroup",
+        "/nonexistent",
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("no policy files"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escape in logs: {stderr:?}"
+    );
+}
