@@ -605,3 +605,32 @@ rules:
         .expect("audit line");
     assert_eq!(line["comm"], "bash");
 }
+
+#[test]
+fn a_restarted_agent_does_not_inherit_the_previous_policys_kernel_verdicts() {
+    let Some(mut env) = start("stale-verdicts", &[("locked.yaml", LOCKED)]) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    let refused = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        refused.exit, 7,
+        "the kernel verdict is in place: {refused:?}"
+    );
+    // The agent dies; the policy changes while it is down; a new agent starts on the pins.
+    env.agent.process.signal(libc::SIGKILL);
+    env.agent.process.wait(Duration::from_secs(5));
+    std::fs::write(
+        env.policy_dir.join("locked.yaml"),
+        OPEN.replace("web", "locked"),
+    )
+    .unwrap();
+    let _agent = sb.start_agent("enforced", "agent", &[&env.policy_dir], &[]);
+    let served = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        (served.status, served.body.as_str()),
+        (200, INSTANCE_ID),
+        "{served:?}"
+    );
+}

@@ -211,13 +211,17 @@ impl Enforcer {
             replace_pin(config.pin_dir, name, link)?;
         }
 
-        Ok(Self {
+        let enforcer = Self {
             conns: take_map(&mut ebpf, MAP_CONNS)?,
             exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
             verdicts: Mutex::new(take_map(&mut ebpf, MAP_VERDICTS)?),
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
             _ebpf: ebpf,
-        })
+        };
+        // Verdicts in an adopted map were derived from the previous agent's policy, which
+        // may not be this one's: start from none (every caller is diverted and re-decided).
+        enforcer.clear_verdicts();
+        Ok(enforcer)
     }
 
     /// The kernel's record of a diverted connection, by the client's address as accepted.

@@ -495,6 +495,10 @@ async fn connect_upstream(
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|_| "socket failed")?;
+    // Closed with RST when its client connection ends (never mid-response: the response was
+    // read whole by then). A FIN close would leave a TIME_WAIT per client connection, and at
+    // SDK-style one-connection-per-request rates the agent would run out of source ports.
+    let _ = socket.set_zero_linger();
     let stream = tokio::time::timeout(
         UPSTREAM_CONNECT_TIMEOUT,
         filter.enforcer.connect_exempt(socket, addr),
