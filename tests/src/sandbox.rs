@@ -74,6 +74,7 @@ impl Sandbox {
             skip(&reason);
             return None;
         }
+        reap_stale();
         let name = format!(
             "imds-{label}-{}-{}",
             std::process::id(),
@@ -332,6 +333,36 @@ impl Drop for Sandbox {
             .args(["netns", "del", &self.name])
             .status();
         let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Removes sandboxes whose creating process is gone (killed before its Drop could run):
+/// names end in "-<pid>-<n>".
+fn reap_stale() {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    let cgroup_mount = imds_agent::fs::cgroup2_mount().ok();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let mut parts = name.rsplit('-');
+        let (Some(_), Some(pid)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if !name.starts_with("imds-") || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Some(mount) = &cgroup_mount {
+            let cgroup = mount.join(name);
+            let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(50));
+            remove_cgroups(&cgroup);
+        }
+        let _ = imds_agent::loader::detach(&PathBuf::from(imds_agent::fs::BPFFS_ROOT).join(name));
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
     }
 }
 

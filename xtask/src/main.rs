@@ -17,6 +17,7 @@ commands:
           curl, rust-src for nightly, bpf-linker, botocore for the SDK test
   demo    set up, build, and run the demo in a sandbox network namespace
   test    set up, build, and run every test (what CI runs), plus fmt and clippy checks
+  bench [--quick]  measure side by side in a sandbox and write BENCHMARKS.md
   package build the Debian package (target/debian/imds-agent_*.deb)
   fuzz [SECONDS]  run each fuzz target for SECONDS (default 60) with cargo-fuzz (nightly);
           a crash stops with the input under fuzz/artifacts: make it a regression test";
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         Some("demo") => setup().and_then(|()| demo()),
         Some("test") => setup().and_then(|()| test()),
         Some("package") => setup().and_then(|()| package()),
+        Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--quick"))),
         Some("fuzz") => {
             let seconds = args
                 .get(1)
@@ -169,6 +171,17 @@ fn build_binaries() -> Result {
 fn demo() -> Result {
     build_binaries()?;
     run(Command::new(workspace_root().join("target/debug/imds-demo")).current_dir(workspace_root()))
+}
+
+fn bench(quick: bool) -> Result {
+    // Release builds: timings of debug code say little.
+    run(cargo().args(["build", "--release", "--bins"]))?;
+    let mut command = Command::new(workspace_root().join("target/release/imds-bench"));
+    command.arg("run").current_dir(workspace_root());
+    if quick {
+        command.arg("--quick");
+    }
+    run(&mut command)
 }
 
 fn package() -> Result {
