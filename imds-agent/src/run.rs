@@ -197,6 +197,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         policy: policy.clone(),
         metrics: metrics.clone(),
         tally: tally.clone(),
+        selections: crate::proxy::SelectionCache::default(),
         limits: crate::proxy::limits::Limits::new(crate::proxy::limits::LimitsConfig {
             max_in_flight: args.max_in_flight_per_caller,
             rate: args.rate_per_caller,

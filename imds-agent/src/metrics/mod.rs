@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     loader::Enforcer,
-    policy::{CanonicalPath, PathPattern, groups, store::PolicyStore},
+    policy::{CanonicalPath, PathPattern, PatternSet, groups, store::PolicyStore},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,16 +105,16 @@ impl Default for Metrics {
 }
 
 /// Every named group's patterns, compiled once.
-static GROUPS: LazyLock<Vec<(&'static str, Vec<PathPattern>)>> = LazyLock::new(|| {
+static GROUPS: LazyLock<Vec<(&'static str, PatternSet)>> = LazyLock::new(|| {
     groups::NAMES
         .iter()
         .map(|name| {
-            let patterns = groups::patterns(name)
+            let patterns: Vec<PathPattern> = groups::patterns(name)
                 .unwrap_or_default()
                 .iter()
                 .filter_map(|p| PathPattern::parse(p).ok())
                 .collect();
-            (*name, patterns)
+            (*name, PatternSet::new(&patterns))
         })
         .collect()
 });
@@ -126,7 +126,7 @@ pub fn group_of(path: &str) -> &'static str {
     };
     GROUPS
         .iter()
-        .find(|(_, patterns)| patterns.iter().any(|p| p.matches(&path)))
+        .find(|(_, patterns)| patterns.best_match(&path).is_some())
         .map_or("other", |(name, _)| name)
 }
 

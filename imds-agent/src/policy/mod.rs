@@ -45,7 +45,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::identity::Identity;
-pub use pattern::{CanonicalPath, NamePattern, PathError, PathPattern, Specificity};
+pub use pattern::{CanonicalPath, NamePattern, PathError, PathPattern, PatternSet, Specificity};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -309,7 +309,10 @@ pub struct Rule {
     name: String,
     action: Action,
     methods: Methods,
+    /// As written (for listings: what may match below a directory).
     paths: Vec<PathPattern>,
+    /// The same patterns compiled for per-request matching.
+    compiled: PatternSet,
     callers: Selector,
 }
 
@@ -324,11 +327,7 @@ impl Rule {
         if !self.methods.contains(method) || !self.callers.matches(caller) {
             return None;
         }
-        self.paths
-            .iter()
-            .filter(|p| p.matches(path))
-            .map(PathPattern::specificity)
-            .max()
+        self.compiled.best_match(path)
     }
 }
 
@@ -487,9 +486,29 @@ impl PolicySet {
                 Err(error) => errors.push(error),
             }
         }
+        // Parsing dominates loading many files: spread it over the cores, keep file order.
+        let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let chunk = files.len().div_ceil(workers).max(1);
+        let parsed: Vec<(PathBuf, Result<Policy, Vec<PolicyError>>)> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = files
+                    .chunks(chunk)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|f| (f.clone(), load_file(f)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("policy parser thread"))
+                    .collect()
+            });
         let mut policies: Vec<Policy> = Vec::new();
-        for file in files {
-            match load_file(&file) {
+        for (file, result) in parsed {
+            match result {
                 Ok(policy) => {
                     if let Some(other) = policies.iter().find(|p| p.name == policy.name) {
                         errors.push(PolicyError::Invalid {
@@ -598,13 +617,18 @@ impl PolicySet {
                 };
             }
         };
-        let verdicts = || {
-            indexes
+        // Each selecting policy's verdict, once; callers are selected by few policies.
+        let verdicts: Vec<Verdict<'a>> = indexes
+            .iter()
+            .map(|&i| self.policies[i].verdict(&caller, method, path))
+            .collect();
+        let enforced = combine(
+            verdicts
                 .iter()
-                .map(|&i| self.policies[i].verdict(&caller, method, path))
-        };
-        let enforced = combine(verdicts().filter(|v| v.policy.mode == Mode::Enforce));
-        let all = combine(verdicts());
+                .copied()
+                .filter(|v| v.policy.mode == Mode::Enforce),
+        );
+        let all = combine(verdicts.iter().copied());
         let would_deny = |effective: Action| match all {
             Some(v) if effective == Action::Allow && v.action == Action::Deny => {
                 Some((v.policy.name.as_str(), v.rule_name()))
@@ -807,11 +831,15 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
                     "duplicate rule name in this policy",
                 );
             }
+            // In document order, so errors are too.
+            let methods = compile_methods(&mut at, &field, &rule.methods);
+            let paths = compile_paths(&mut at, &field, rule);
             Rule {
                 name: rule.name.value.clone(),
                 action: rule.action,
-                methods: compile_methods(&mut at, &field, &rule.methods),
-                paths: compile_paths(&mut at, &field, rule),
+                methods,
+                compiled: PatternSet::new(&paths),
+                paths,
                 callers: compile_selector(
                     &mut at,
                     &format!("{field}.callers"),

@@ -172,6 +172,76 @@ impl PathPattern {
     }
 }
 
+/// Many patterns compiled for matching in time that depends on the path's depth, not on how
+/// many patterns there are: literal patterns are one hash lookup of the canonical path,
+/// `literal/**` patterns one lookup per prefix of the path, and only patterns with wildcards
+/// elsewhere are tried one by one.
+#[derive(Debug, Clone, Default)]
+pub struct PatternSet {
+    /// "/a/b" -> specificity, for patterns without wildcards.
+    exact: std::collections::HashMap<String, Specificity>,
+    /// "/a/b" -> specificity, for patterns "/a/b/**" (matching "/a/b" and below).
+    subtree: std::collections::HashMap<String, Specificity>,
+    others: Vec<PathPattern>,
+}
+
+impl PatternSet {
+    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a PathPattern>) -> Self {
+        let mut set = Self::default();
+        for pattern in patterns {
+            let literal = |segments: &[Segment]| -> Option<String> {
+                let mut key = String::new();
+                for segment in segments {
+                    let Segment::Literal(text) = segment else {
+                        return None;
+                    };
+                    key.push('/');
+                    key.push_str(text);
+                }
+                Some(key)
+            };
+            let specificity = pattern.specificity();
+            let keep_max = |map: &mut std::collections::HashMap<String, Specificity>,
+                            key: String| {
+                let entry = map.entry(key).or_insert(specificity);
+                *entry = (*entry).max(specificity);
+            };
+            match pattern.segments.split_last() {
+                Some((Segment::AnyDepth, prefix)) if literal(prefix).is_some() => {
+                    keep_max(&mut set.subtree, literal(prefix).expect("checked"));
+                }
+                _ => match literal(&pattern.segments) {
+                    Some(key) => keep_max(&mut set.exact, key),
+                    None => set.others.push(pattern.clone()),
+                },
+            }
+        }
+        set
+    }
+
+    /// The specificity of the most specific pattern that matches `path`, if any.
+    pub fn best_match(&self, path: &CanonicalPath<'_>) -> Option<Specificity> {
+        let mut key = String::with_capacity(64);
+        let mut best = self.subtree.get("").copied();
+        for segment in &path.segments {
+            key.push('/');
+            key.push_str(segment);
+            best = best.max(self.subtree.get(key.as_str()).copied());
+        }
+        let exact_key = if path.segments.is_empty() {
+            ""
+        } else {
+            key.as_str()
+        };
+        best = best.max(self.exact.get(exact_key).copied());
+        self.others
+            .iter()
+            .filter(|p| p.matches(path))
+            .map(PathPattern::specificity)
+            .fold(best, |best, s| best.max(Some(s)))
+    }
+}
+
 /// Ordered: a greater value is more specific.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Specificity {
@@ -433,6 +503,50 @@ mod tests {
             "/latest/meta-data/placement/**",
             "/latest/meta-data/iam/"
         ));
+    }
+
+    #[test]
+    fn a_pattern_set_matches_like_its_patterns() {
+        let sources = [
+            "/",
+            "/a",
+            "/a/b",
+            "/a/**",
+            "/a/b/**",
+            "/**",
+            "/a/*/c",
+            "/x/role-*",
+            "/a/b/c",
+        ];
+        let patterns: Vec<PathPattern> = sources
+            .iter()
+            .map(|p| PathPattern::parse(p).unwrap())
+            .collect();
+        let set = PatternSet::new(&patterns);
+        for path in [
+            "/",
+            "/a",
+            "/a/",
+            "/a/b",
+            "/a/b/c",
+            "/a/z/c",
+            "/a/b/c/d",
+            "/x/role-1",
+            "/x/y",
+            "/q",
+        ] {
+            let canonical = CanonicalPath::parse(path).unwrap();
+            let expected = patterns
+                .iter()
+                .filter(|p| p.matches(&canonical))
+                .map(PathPattern::specificity)
+                .max();
+            assert_eq!(set.best_match(&canonical), expected, "{path}");
+        }
+        assert_eq!(
+            PatternSet::new(&[]).best_match(&CanonicalPath::parse("/a").unwrap()),
+            None
+        );
     }
 
     #[test]

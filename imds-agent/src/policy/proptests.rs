@@ -3,7 +3,7 @@
 use http::Request;
 use proptest::prelude::*;
 
-use super::{Action, CanonicalPath, PathPattern, PolicySet, Unmatched, parse};
+use super::{Action, CanonicalPath, PathPattern, PolicySet, Unmatched, parse, pattern::PatternSet};
 use crate::{
     identity::{Identity, pods::PodDirectory},
     proxy::request,
@@ -80,6 +80,22 @@ proptest! {
         let compiled = PathPattern::parse(&format!("/{}", pattern.join("/"))).unwrap();
         let canonical = CanonicalPath::parse(&text).unwrap();
         prop_assert_eq!(compiled.matches(&canonical), reference_matches(&pattern, &path));
+    }
+
+    /// A compiled set answers exactly what its patterns, tried one by one, would.
+    #[test]
+    fn a_pattern_set_agrees_with_its_patterns(
+        patterns in prop::collection::vec(prop::collection::vec(pattern_segment(), 0..4), 1..8),
+        path in prop::collection::vec(segment(), 0..5),
+    ) {
+        let compiled: Vec<PathPattern> = patterns
+            .iter()
+            .map(|p| PathPattern::parse(&format!("/{}", p.join("/"))).unwrap())
+            .collect();
+        let text = format!("/{}", path.join("/"));
+        let canonical = CanonicalPath::parse(&text).unwrap();
+        let expected = compiled.iter().filter(|p| p.matches(&canonical)).map(PathPattern::specificity).max();
+        prop_assert_eq!(PatternSet::new(&compiled).best_match(&canonical), expected);
     }
 
     /// Through the whole pipeline (strict parse, then policy): a request is allowed only if

@@ -57,6 +57,45 @@ pub struct Filter {
     pub limits: Arc<limits::Limits>,
     pub upstream: UpstreamTimeouts,
     pub tally: Arc<crate::status::Tally>,
+    pub selections: SelectionCache,
+}
+
+/// Which policies select a caller, shared across its connections: SDKs open a connection per
+/// request, and selecting scans every loaded policy. Keyed by what selection depends on (the
+/// kernel-attested cgroup, uid and gid, and the executable); valid for one policy version.
+/// Pod metadata is loaded once at start today; when it can change (the API watch), a change
+/// must clear this cache as a policy change does.
+#[derive(Default)]
+pub struct SelectionCache {
+    entries: std::sync::Mutex<std::collections::HashMap<SelectionKey, (u64, Arc<Selection>)>>,
+}
+
+type SelectionKey = (u64, u32, u32, Option<String>);
+
+/// Entries kept before the cache starts over (a cheap bound; a miss only costs a scan).
+const SELECTION_CACHE_MAX: usize = 8192;
+
+impl SelectionCache {
+    pub fn get(&self, identity: &Identity, policy: &Versioned) -> Arc<Selection> {
+        let key = (
+            identity.cgroup_id,
+            identity.uid,
+            identity.gid,
+            identity.exe.clone(),
+        );
+        if let Some((version, selection)) = self.entries.lock().expect("selection cache").get(&key)
+            && *version == policy.version
+        {
+            return selection.clone();
+        }
+        let selection = Arc::new(policy.set.select(identity));
+        let mut entries = self.entries.lock().expect("selection cache");
+        if entries.len() >= SELECTION_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(key, (policy.version, selection.clone()));
+        selection
+    }
 }
 
 /// How long to wait for the metadata service's response headers.
@@ -168,13 +207,14 @@ pub async fn serve(
 fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
     let key = match peer.ip() {
         IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), peer.port()),
-        // TODO(issue 5): connect6 diversion records IPv6 clients.
+        // The listener is IPv4; connect6 diverts to its v4-mapped address, so a peer that
+        // arrives over IPv6 was not diverted by the kernel.
         IpAddr::V6(_) => return None,
     };
     let caller: Caller = filter.enforcer.caller(&key)?;
     let identity = filter.resolver.identify(&caller);
     let policy = filter.policy.current();
-    let selection = Arc::new(policy.set.select(&identity));
+    let selection = filter.selections.get(&identity, &policy);
     if let Some(verdict) = policy.set.kernel_verdict(&selection, &identity) {
         install_verdict(filter, &caller, verdict, policy.version);
     }
@@ -212,10 +252,13 @@ impl Connection {
     /// The selection for `policy`, recomputed only when the policy version changed since the
     /// last request on this connection: each request is decided by the policy in force when
     /// it arrives, while the per-request cost stays independent of how many policies exist.
-    fn selection(&self, policy: &Versioned) -> Arc<Selection> {
+    fn selection(&self, filter: &Filter, policy: &Versioned) -> Arc<Selection> {
         let mut cached = self.selection.lock().expect("selection lock");
         if cached.0 != policy.version {
-            *cached = (policy.version, Arc::new(policy.set.select(&self.identity)));
+            *cached = (
+                policy.version,
+                filter.selections.get(&self.identity, policy),
+            );
         }
         cached.1.clone()
     }
@@ -367,7 +410,7 @@ async fn handle(
         }
     };
     let policy = filter.policy.current();
-    let selection = connection.selection(&policy);
+    let selection = connection.selection(filter, &policy);
     let decision = policy.set.decide(
         &selection,
         &connection.identity,
