@@ -294,6 +294,16 @@ impl Sandbox {
         panic!("agent did not start within 20 s:\n{}", agent.log());
     }
 
+    /// Starts a GET of `url` from `cgroup` in the background, for a request held in flight
+    /// (with the fake IMDS's `fake_delay_ms`); its stdout is the body.
+    pub fn spawn_get(&self, cgroup: &str, url: &str) -> Child {
+        self.command_as("curl", cgroup, None)
+            .args(["-sS", "-m", "10", url])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn curl")
+    }
+
     /// `curl` from a workload in `cgroup` (as `uid`, if given) with extra arguments.
     pub fn curl(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> Curl {
         let mut command = self.command_as("curl", cgroup, uid);

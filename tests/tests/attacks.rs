@@ -498,18 +498,10 @@ fn too_many_requests_in_flight_get_429() {
     let Some(env) = start_with("inflight", &["--max-in-flight-per-caller", "1"]) else {
         return;
     };
-    let slow = env
-        .sandbox
-        .command_as("curl", ATTACKER, None)
-        .args([
-            "-sS",
-            "-m",
-            "10",
-            "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let slow = env.sandbox.spawn_get(
+        ATTACKER,
+        "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
     let second = env.sandbox.curl(
         ATTACKER,
@@ -531,18 +523,10 @@ fn overload_refuses_new_connections_and_never_bypasses() {
         return;
     };
     // One connection held open (a request in flight)...
-    let slow = env
-        .sandbox
-        .command_as("curl", ATTACKER, None)
-        .args([
-            "-sS",
-            "-m",
-            "10",
-            "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let slow = env.sandbox.spawn_get(
+        ATTACKER,
+        "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
     // ...so the next is refused by the agent, not passed to the metadata service.
     let refused = env.sandbox.curl(

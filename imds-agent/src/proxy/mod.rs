@@ -319,39 +319,72 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, status: &str, body: &st
     let _ = stream.shutdown().await;
 }
 
+/// One request in flight: who asked what, and since when; audits and answers it.
+struct Exchange<'a> {
+    filter: &'a Filter,
+    connection: &'a Connection,
+    method: String,
+    target: String,
+    started: Instant,
+}
+
+impl Exchange<'_> {
+    fn audit(&self, outcome: Outcome<'_>) {
+        audit(
+            self.filter,
+            self.connection,
+            &self.method,
+            &self.target,
+            outcome,
+            self.started,
+        );
+    }
+
+    /// Audits an answer the agent gives itself, then gives it: fixed text, never request bytes.
+    fn answer(&self, outcome: Outcome<'_>, body: String) -> Response<Body> {
+        let status = outcome.status;
+        self.audit(outcome);
+        text(status, body)
+    }
+}
+
+impl<'a> Outcome<'a> {
+    /// An answer that no policy made (limits, malformed requests).
+    fn refused(decision: &'static str, status: StatusCode, detail: &'a str) -> Self {
+        Self {
+            decision,
+            policy: "",
+            rule: "",
+            status,
+            upstream_status: None,
+            detail,
+        }
+    }
+}
+
 async fn handle(
     filter: &Filter,
     connection: &Connection,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let target = request.uri().path().to_owned();
+    let exchange = Exchange {
+        filter,
+        connection,
+        method: request.method().as_str().to_owned(),
+        target: request.uri().path().to_owned(),
+        started: Instant::now(),
+    };
     let key = (connection.identity.cgroup_id, connection.identity.uid);
-    let _permit = match filter.limits.admit(key, started) {
+    let _permit = match filter.limits.admit(key, exchange.started) {
         Ok(permit) => permit,
         Err(refusal) => {
             let reason = match refusal {
                 limits::Refusal::TooManyInFlight => "too many requests in flight from this caller",
                 limits::Refusal::RateExceeded => "request rate exceeded for this caller",
             };
-            audit(
-                filter,
-                connection,
-                &method,
-                &target,
-                Outcome {
-                    decision: "limit",
-                    policy: "",
-                    rule: "",
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    upstream_status: None,
-                    detail: reason,
-                },
-                started,
-            );
-            let mut response = text(
-                StatusCode::TOO_MANY_REQUESTS,
+            let status = StatusCode::TOO_MANY_REQUESTS;
+            let mut response = exchange.answer(
+                Outcome::refused("limit", status, reason),
                 format!("imds-agent: {reason}\n"),
             );
             response
@@ -360,26 +393,17 @@ async fn handle(
             return response;
         }
     };
-    if request.method().as_str() == gate::REJECT_METHOD {
-        // The gate found the request head malformed and said why in the target.
-        let violation = gate::violation_from_target(request.uri().path());
-        audit(
-            filter,
-            connection,
-            "",
-            "",
-            Outcome {
-                decision: "reject",
-                policy: "",
-                rule: "",
-                status: violation.status,
-                upstream_status: None,
-                detail: violation.reason,
-            },
-            started,
-        );
-        let mut response = text(
-            violation.status,
+    if exchange.method == gate::REJECT_METHOD {
+        // The gate found the request head malformed and said why in the target. The client's
+        // method and path are unknown (the head was malformed): the audit line has neither.
+        let violation = gate::violation_from_target(&exchange.target);
+        let exchange = Exchange {
+            method: String::new(),
+            target: String::new(),
+            ..exchange
+        };
+        let mut response = exchange.answer(
+            Outcome::refused("reject", violation.status, violation.reason),
             format!("imds-agent: bad request: {}\n", violation.reason),
         );
         response
@@ -390,23 +414,11 @@ async fn handle(
     let valid = match request::validate(&request) {
         Ok(valid) => valid,
         Err(rejection) => {
-            let body = format!("imds-agent: bad request: {}\n", rejection.reason);
-            audit(
-                filter,
-                connection,
-                &method,
-                &target,
-                Outcome {
-                    decision: "reject",
-                    policy: "",
-                    rule: "",
-                    status: rejection.status,
-                    upstream_status: None,
-                    detail: rejection.detail.as_deref().unwrap_or(rejection.reason),
-                },
-                started,
+            let detail = rejection.detail.as_deref().unwrap_or(rejection.reason);
+            return exchange.answer(
+                Outcome::refused("reject", rejection.status, detail),
+                format!("imds-agent: bad request: {}\n", rejection.reason),
             );
-            return text(rejection.status, body);
         }
     };
     let policy = filter.policy.current();
@@ -418,27 +430,18 @@ async fn handle(
         &valid.canonical_path(),
     );
     if decision.action == Action::Deny {
+        let outcome = Outcome {
+            decision: "deny",
+            policy: decision.policy,
+            rule: decision.rule,
+            ..Outcome::refused("deny", StatusCode::FORBIDDEN, "")
+        };
         // Names from the policy file only; nothing from the request is reflected.
         let body = format!(
             "imds-agent: denied by policy '{}' rule '{}'\n",
             decision.policy, decision.rule
         );
-        audit(
-            filter,
-            connection,
-            &method,
-            &target,
-            Outcome {
-                decision: "deny",
-                policy: decision.policy,
-                rule: decision.rule,
-                status: StatusCode::FORBIDDEN,
-                upstream_status: None,
-                detail: "",
-            },
-            started,
-        );
-        return text(StatusCode::FORBIDDEN, body);
+        return exchange.answer(outcome, body);
     }
     let mut response = forward(filter, connection, &valid).await;
     if let Ok(upstream) = &response
@@ -461,21 +464,14 @@ async fn handle(
         Some((policy, rule)) => ("would-deny", policy, rule),
         None => ("allow", decision.policy, decision.rule),
     };
-    audit(
-        filter,
-        connection,
-        &method,
-        &target,
-        Outcome {
-            decision: verdict,
-            policy: policy_name,
-            rule: rule_name,
-            status,
-            upstream_status,
-            detail,
-        },
-        started,
-    );
+    exchange.audit(Outcome {
+        decision: verdict,
+        policy: policy_name,
+        rule: rule_name,
+        status,
+        upstream_status,
+        detail,
+    });
     match response {
         Ok(response) => response,
         Err(detail) => text(
