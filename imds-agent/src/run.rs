@@ -119,6 +119,11 @@ fn close_preexisting(resolver: &Resolver, endpoints: &[std::net::SocketAddr]) {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    // First of all: a SIGTERM during start-up must end in an orderly exit, not the default
+    // action (the handlers only exist once registered).
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     // Everything that can be wrong with the configuration is found before anything is bound
     // or attached.
     let policy =
@@ -233,7 +238,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
         })
     };
-    let mut sighup = signal(SignalKind::hangup())?;
     let reload_on_hup = tokio::spawn(async move {
         while sighup.recv().await.is_some() {
             let store = policy.clone();
@@ -266,8 +270,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     ));
     let watchdog = crate::notify::watchdog_interval()
         .map(|interval| tokio::spawn(crate::notify::watchdog(interval)));
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM"),
