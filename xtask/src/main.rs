@@ -152,7 +152,19 @@ fn setup() -> Result {
         run(cargo().args(["install", "cargo-deb", "--locked"]))?;
     }
     if !succeeds("python3", &["-c", "import botocore"]) {
-        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "botocore"]))?;
+        // Debian's own python3 refuses pip installs (PEP 668): its package first, then pip
+        // for other interpreters (pyenv and the like).
+        let _ = run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "python3-botocore",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if !succeeds("python3", &["-c", "import botocore"]) {
+            run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "botocore"]))?;
+        }
     }
     Ok(())
 }
