@@ -33,17 +33,17 @@ pub struct Denial {
 /// Counts and recent denials, updated by the proxy.
 #[derive(Debug, Default)]
 pub struct Tally {
-    decisions: Mutex<BTreeMap<String, u64>>,
+    decisions: Mutex<BTreeMap<&'static str, u64>>,
     denials: Mutex<VecDeque<Denial>>,
 }
 
 impl Tally {
-    pub fn record(&self, decision: &str) {
+    pub fn record(&self, decision: &'static str) {
         *self
             .decisions
             .lock()
             .expect("tally lock")
-            .entry(decision.to_owned())
+            .entry(decision)
             .or_default() += 1;
     }
 
@@ -99,7 +99,13 @@ pub async fn write_periodically(
                 .iter()
                 .map(|p| p.name().to_owned())
                 .collect(),
-            decisions: tally.decisions.lock().expect("tally lock").clone(),
+            decisions: tally
+                .decisions
+                .lock()
+                .expect("tally lock")
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
             recent_denials: tally
                 .denials
                 .lock()

@@ -32,12 +32,12 @@ use crate::{
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// allow, deny, would-deny, reject, refuse
-    pub decision: String,
+    /// allow, deny, would-deny, reject, refuse, limit, overload
+    pub decision: &'static str,
     /// The caller's pod namespace, or "" for callers that are not pods.
     pub namespace: String,
     /// The first named path group the path falls in (see `policy::groups`), or "other".
-    pub group: String,
+    pub group: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,12 +131,13 @@ pub fn group_of(path: &str) -> &'static str {
 }
 
 impl Metrics {
-    pub fn request(&self, decision: &str, namespace: &str, path: &str) {
+    /// Counts a request; no allocation unless the caller is a pod (the namespace label).
+    pub fn request(&self, decision: &'static str, namespace: &str, path: &str) {
         self.requests
             .get_or_create(&RequestLabels {
-                decision: decision.to_owned(),
+                decision,
                 namespace: namespace.to_owned(),
-                group: group_of(path).to_owned(),
+                group: group_of(path),
             })
             .inc();
     }
