@@ -268,10 +268,14 @@ const HISTORY: &str = "## Before and after\n\n\
 | benchmark client: one write and TCP_NODELAY (a split request waited for a delayed ACK) | keep-alive request, direct | 44 ms | 0.15 ms |\n\
 | upstream sockets close with zero linger | new connection, 16 clients | 502s (source ports exhausted) | served |\n\n\
 Open findings: an allowed keep-alive request costs about +80 us through the agent and\n\
-throughput is about 14.5k req/s with 16 clients (targets +20 us and 20k): not yet profiled\n\
-(suspects: the synchronous audit write per request, per-request allocations for metrics\n\
-labels and the status tally, the head gate's byte copy). With 16 clients opening a new\n\
-connection per request the agent's p99 reaches tens of milliseconds: to investigate.\n";
+throughput is about 14.5k req/s with 16 clients (targets +20 us and 20k). One experiment,\n\
+the same `--quick` run with audit lines off (`IMDS_AGENT_LOG=info,imds_agent::audit=warn`):\n\
++91 -> +57 us added per keep-alive request, 14.8k -> 15.2k req/s. So the synchronous audit\n\
+write is about a third of the added latency (next: write audit lines off the request path,\n\
+never dropping one); most of the rest is the extra loopback hop any proxy adds (a whole\n\
+direct request takes about 135 us here). Per-request label allocations are gone since. With\n\
+16 clients opening a new connection per request the agent's p99 reached tens of\n\
+milliseconds in one full run: to investigate.\n";
 
 /// Per-caller limits raised: the benchmarks measure the filter, not the throttle.
 const UNLIMITED: [&str; 6] = [
