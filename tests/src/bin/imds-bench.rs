@@ -333,10 +333,9 @@ fn run(quick: bool) -> Result {
     let other = "127.0.0.1:8080";
     let n = if quick { "2000" } else { "5000" };
     let (mut with, mut without) = (Vec::new(), Vec::new());
-    // The kernel's own accounting of the programs' run time (machine-wide switch, restored).
-    let stats_before =
-        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    // The kernel's own accounting of the programs' run time: a machine-wide switch, restored
+    // by the guard however this function returns.
+    let stats = BpfStats::enable();
     let mut program_ns = Vec::new();
     for _ in 0..rounds {
         let detached = child(&sandbox, "enforced/client", &["connect", other, n])?;
@@ -352,7 +351,7 @@ fn run(quick: bool) -> Result {
         without.push(detached);
         with.push(attached);
     }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+    drop(stats);
     let column = |runs: &[Vec<f64>], i: usize| runs.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let _ = writeln!(
         report,
@@ -479,6 +478,27 @@ fn run(quick: bool) -> Result {
     std::fs::write("BENCHMARKS.md", &report).map_err(|e| e.to_string())?;
     print!("{report}");
     Ok(())
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns on the kernel's BPF run-time accounting and puts the previous setting back on drop.
+struct BpfStats {
+    before: String,
+}
+
+impl BpfStats {
+    fn enable() -> Self {
+        let before = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(BPF_STATS, "1");
+        Self { before }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.before.trim());
+    }
 }
 
 /// Run time per invocation, summed over the programs attached to `cgroup`, from the kernel's
