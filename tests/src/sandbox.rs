@@ -187,6 +187,17 @@ impl Sandbox {
         command
     }
 
+    /// Writes policy files (name, YAML) into the sandbox's policy directory and returns the
+    /// directory, to pass to the agent's --policy (where it is also watched for edits).
+    pub fn write_policies(&self, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.work_dir.join("policies");
+        std::fs::create_dir_all(&dir).expect("policy directory");
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).expect("write policy");
+        }
+        dir
+    }
+
     /// Starts the fake IMDS on the metadata address and on [`OTHER_SERVER`].
     pub fn start_fake_imds(&self, tokens_required: bool) -> Process {
         let mut command = self.command(binary("fake-imds"), "imds");

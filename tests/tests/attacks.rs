@@ -37,9 +37,8 @@ fn start(label: &str) -> Option<Env> {
 fn start_with(label: &str, extra: &[&str]) -> Option<Env> {
     let sandbox = Sandbox::new(label)?;
     let imds = sandbox.start_fake_imds(false);
-    let policy = sandbox.work_dir.join("attacker.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let agent = sandbox.start_agent("enforced", "agent", &[&policy], extra);
+    let policies = sandbox.write_policies(&[("attacker.yaml", POLICY)]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], extra);
     Some(Env {
         agent,
         _imds: imds,
@@ -493,12 +492,10 @@ fn a_flooding_caller_gets_429_and_others_are_still_served() {
     );
 }
 
-#[test]
-fn too_many_requests_in_flight_get_429() {
-    let Some(env) = start_with("inflight", &["--max-in-flight-per-caller", "1"]) else {
-        return;
-    };
-    let slow = env.sandbox.spawn_get(
+/// Holds one request in flight (1.5 s at the fake IMDS), then sends a second from the same
+/// caller; returns the second's result and, once it finished, the first's body.
+fn second_while_first_in_flight(env: &Env) -> (Curl, String) {
+    let first = env.sandbox.spawn_get(
         ATTACKER,
         "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
     );
@@ -508,13 +505,22 @@ fn too_many_requests_in_flight_get_429() {
         None,
         &["http://169.254.169.254/latest/meta-data/instance-id"],
     );
+    let first = first.wait_with_output().unwrap();
+    (second, String::from_utf8_lossy(&first.stdout).into_owned())
+}
+
+#[test]
+fn too_many_requests_in_flight_get_429() {
+    let Some(env) = start_with("inflight", &["--max-in-flight-per-caller", "1"]) else {
+        return;
+    };
+    let (second, first) = second_while_first_in_flight(&env);
     assert_eq!(second.status, 429, "{second:?}");
     assert_eq!(
         second.body,
         "imds-agent: too many requests in flight from this caller\n"
     );
-    let first = slow.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&first.stdout), INSTANCE_ID);
+    assert_eq!(first, INSTANCE_ID);
 }
 
 #[test]
@@ -522,24 +528,12 @@ fn overload_refuses_new_connections_and_never_bypasses() {
     let Some(env) = start_with("overload", &["--max-connections", "1"]) else {
         return;
     };
-    // One connection held open (a request in flight)...
-    let slow = env.sandbox.spawn_get(
-        ATTACKER,
-        "http://169.254.169.254/latest/meta-data/instance-id?fake_delay_ms=1500",
-    );
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // ...so the next is refused by the agent, not passed to the metadata service.
-    let refused = env.sandbox.curl(
-        ATTACKER,
-        None,
-        &["http://169.254.169.254/latest/meta-data/instance-id"],
-    );
+    // One connection held open (a request in flight), so the next is refused by the agent,
+    // not passed to the metadata service.
+    let (refused, first) = second_while_first_in_flight(&env);
     assert_eq!(refused.status, 503, "{refused:?}");
     assert!(!refused.body.contains(INSTANCE_ID));
-    assert_eq!(
-        String::from_utf8_lossy(&slow.wait_with_output().unwrap().stdout),
-        INSTANCE_ID
-    );
+    assert_eq!(first, INSTANCE_ID);
     // Once the load is gone, callers are served again.
     let later = env.sandbox.curl(
         ATTACKER,
@@ -606,9 +600,8 @@ except OSError as e:
     let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "before: HTTP/1.1 200 OK");
 
-    let policy = sandbox.work_dir.join("attacker.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let agent = sandbox.start_agent("enforced", "agent", &[&policy], &[]);
+    let policies = sandbox.write_policies(&[("attacker.yaml", POLICY)]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
     writeln!(holder.stdin.take().unwrap()).unwrap();
     let after = lines.next().unwrap().unwrap();
     let _ = holder.wait();

@@ -460,9 +460,8 @@ fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
         return;
     };
     let _imds = sandbox.start_fake_imds(true);
-    let policy = sandbox.work_dir.join("sdk.yaml");
-    std::fs::write(&policy, SDK_POLICY).unwrap();
-    let _agent = sandbox.start_agent("enforced", "agent", &[&policy], &[]);
+    let policies = sandbox.write_policies(&[("sdk.yaml", SDK_POLICY)]);
+    let _agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
 
     let fetch = |cgroup: &str| -> serde_json::Value {
         let output = sandbox

@@ -117,11 +117,7 @@ struct Env {
 fn start(label: &str, policies: &[(&str, &str)]) -> Option<Env> {
     let sandbox = Sandbox::new(label)?;
     let imds = sandbox.start_fake_imds(false);
-    let policy_dir = sandbox.work_dir.join("policies");
-    std::fs::create_dir_all(&policy_dir).unwrap();
-    for (name, text) in policies {
-        std::fs::write(policy_dir.join(name), text).unwrap();
-    }
+    let policy_dir = sandbox.write_policies(policies);
     let pods = sandbox.work_dir.join("pods.yaml");
     std::fs::write(&pods, PODS).unwrap();
     let agent = sandbox.start_agent(
@@ -526,9 +522,7 @@ fn unmatched_bypass_leaves_unselected_callers_undiverted() {
         return;
     };
     let _imds = sandbox.start_fake_imds(false);
-    let policy_dir = sandbox.work_dir.join("policies");
-    std::fs::create_dir_all(&policy_dir).unwrap();
-    std::fs::write(policy_dir.join("web.yaml"), OPEN).unwrap();
+    let policy_dir = sandbox.write_policies(&[("web.yaml", OPEN)]);
     let agent = sandbox.start_agent(
         "enforced",
         "agent",
