@@ -411,7 +411,7 @@ async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return response;
     }
-    let valid = match request::validate(&request) {
+    let mut valid = match request::validate(&request) {
         Ok(valid) => valid,
         Err(rejection) => {
             let detail = rejection.detail.as_deref().unwrap_or(rejection.reason);
@@ -443,7 +443,9 @@ async fn handle(
         );
         return exchange.answer(outcome, body);
     }
-    let mut response = forward(filter, connection, &valid).await;
+    // The headers move into the upstream request; nothing reads them after this.
+    let headers = std::mem::take(&mut valid.headers);
+    let mut response = forward(filter, connection, &valid, headers).await;
     if let Ok(upstream) = &response
         && is_listing(&valid, upstream)
     {
@@ -485,6 +487,7 @@ async fn forward(
     filter: &Filter,
     connection: &Connection,
     valid: &request::ValidRequest,
+    headers: http::HeaderMap,
 ) -> Result<Response<Body>, &'static str> {
     let uri: Uri = valid.target().parse().map_err(|_| "invalid target")?;
     let mut upstream_request = Request::builder()
@@ -492,7 +495,7 @@ async fn forward(
         .uri(uri)
         .body(Empty::<Bytes>::new())
         .map_err(|_| "invalid request")?;
-    *upstream_request.headers_mut() = valid.headers.clone();
+    *upstream_request.headers_mut() = headers;
     let host = match (connection.original, connection.original.port()) {
         (SocketAddr::V4(addr), 80) => addr.ip().to_string(),
         (SocketAddr::V6(addr), 80) => format!("[{}]", addr.ip()),
