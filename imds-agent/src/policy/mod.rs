@@ -354,10 +354,6 @@ impl Policy {
         self.rules.len()
     }
 
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     fn uses_executables(&self) -> bool {
         !self.callers.executables.is_empty()
             || self.rules.iter().any(|r| !r.callers.executables.is_empty())
@@ -540,10 +536,6 @@ impl PolicySet {
 
     pub fn policies(&self) -> &[Policy] {
         &self.policies
-    }
-
-    pub fn unmatched(&self) -> Unmatched {
-        self.unmatched
     }
 
     /// A verdict the kernel may enforce for this caller from now on, when no request can
