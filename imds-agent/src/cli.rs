@@ -4,7 +4,7 @@ use std::{net::SocketAddrV4, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::policy::Unmatched;
+use crate::{policy::Unmatched, provider::Provider};
 
 /// Default pin directory: one installation per host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imds-agent";
@@ -81,13 +81,21 @@ pub struct RunArgs {
     /// unprivileged process cannot take it over while the agent is down.
     #[arg(long, default_value = "127.0.0.1:954")]
     pub listen: SocketAddrV4,
-    /// Metadata endpoint to divert (ADDRESS:PORT, IPv6 as [ADDRESS]:PORT); repeatable. IPv6
-    /// connects to addresses embedding an IPv4 endpoint (::ffff:a.b.c.d, ::a.b.c.d,
-    /// 64:ff9b::a.b.c.d) are diverted too. Other ports on an endpoint's address are refused
-    /// (except DNS, port 53). Add 169.254.170.2:80 (ECS task credentials) or
-    /// 100.100.100.200:80 (Alibaba) where they apply.
-    #[arg(long = "endpoint", default_values = ["169.254.169.254:80", "[fd00:ec2::254]:80"])]
+    /// The cloud the agent runs on; picks the metadata endpoints diverted by default: aws
+    /// 169.254.169.254:80 and [fd00:ec2::254]:80; openstack 169.254.169.254:80 and
+    /// [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; the others 169.254.169.254:80.
+    #[arg(long, value_enum, default_value_t = Provider::Aws)]
+    pub provider: Provider,
+    /// A further metadata endpoint to divert (ADDRESS:PORT; IPv6 as [ADDRESS]:PORT, link-local
+    /// as [ADDRESS%INTERFACE]:PORT); repeatable. E.g. 169.254.170.2:80 to govern ECS task
+    /// credentials. IPv6 connects to addresses embedding an IPv4 endpoint (::ffff:a.b.c.d,
+    /// ::a.b.c.d, 64:ff9b::a.b.c.d) are diverted too. Other TCP ports on an endpoint's address
+    /// are refused, except DNS (53).
+    #[arg(long = "endpoint", value_parser = crate::provider::parse_endpoint)]
     pub endpoints: Vec<std::net::SocketAddr>,
+    /// Divert only the --endpoint addresses, not the provider's defaults.
+    #[arg(long, requires = "endpoints")]
+    pub no_default_endpoints: bool,
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -174,4 +182,23 @@ pub struct ExplainArgs {
     pub method: String,
     /// Request path.
     pub path: String,
+}
+
+impl RunArgs {
+    /// The endpoints to divert: the provider's defaults (unless turned off) and the extra
+    /// ones, each once.
+    pub fn effective_endpoints(&self) -> Vec<std::net::SocketAddr> {
+        let mut all = if self.no_default_endpoints {
+            Vec::new()
+        } else {
+            self.provider.default_endpoints()
+        };
+        for endpoint in &self.endpoints {
+            // An explicit endpoint replaces a default on the same address and port (it may
+            // name the interface of a link-local one).
+            all.retain(|e| e.ip() != endpoint.ip() || e.port() != endpoint.port());
+            all.push(*endpoint);
+        }
+        all
+    }
 }

@@ -9,6 +9,7 @@ pub mod loader;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod provider;
 pub mod proxy;
 pub mod run;
 pub mod status;

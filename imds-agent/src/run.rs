@@ -151,10 +151,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         )));
     }
     let cgroup = enforced_root(&mount, args.cgroup.as_deref())?;
-    if args.endpoints.is_empty() {
-        return Err(RunError::Config(
-            "at least one --endpoint is required".into(),
-        ));
+    let mut endpoints = args.effective_endpoints();
+    for problem in crate::provider::resolve_link_local(&mut endpoints) {
+        tracing::warn!("{problem}");
     }
     let resolver = Resolver::new(&mount, &cgroup, pods)?;
 
@@ -177,17 +176,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         cgroup: &cgroup,
         pin_dir: &args.pin_dir,
         divert_to: args.listen,
-        endpoints: &args.endpoints,
+        endpoints: &endpoints,
         refuse_raw_sockets: !args.allow_raw_sockets,
     })?;
     // Connects are diverted from here on; connections made before are closed, so that an
     // open keep-alive connection cannot dodge the policy.
-    close_preexisting(&resolver, &args.endpoints);
+    close_preexisting(&resolver, &endpoints);
     tracing::info!(
         cgroup = %cgroup.display(),
         pin_dir = %args.pin_dir.display(),
         listen = %args.listen,
-        endpoints = ?args.endpoints,
+        provider = %args.provider,
+        endpoints = ?endpoints,
         policies = ?policy.current().set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
         unmatched = %args.unmatched,
         "enforcing"
@@ -203,6 +203,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: metrics.clone(),
         tally: tally.clone(),
         selections: crate::proxy::SelectionCache::default(),
+        endpoints,
         limits: crate::proxy::limits::Limits::new(crate::proxy::limits::LimitsConfig {
             max_in_flight: args.max_in_flight_per_caller,
             rate: args.rate_per_caller,

@@ -187,6 +187,13 @@ impl Sandbox {
         command
     }
 
+    /// Runs `ip -n SANDBOX ARGS...` (adds interfaces and addresses inside the sandbox).
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
     /// Writes policy files (name, YAML) into the sandbox's policy directory and returns the
     /// directory, to pass to the agent's --policy (where it is also watched for edits).
     pub fn write_policies(&self, files: &[(&str, &str)]) -> PathBuf {
@@ -200,6 +207,12 @@ impl Sandbox {
 
     /// Starts the fake IMDS on the metadata address and on [`OTHER_SERVER`].
     pub fn start_fake_imds(&self, tokens_required: bool) -> Process {
+        self.start_fake_imds_on(tokens_required, &[])
+    }
+
+    /// As [`Self::start_fake_imds`], also listening on `extra` (addresses the test made
+    /// local with [`Self::ip`]).
+    pub fn start_fake_imds_on(&self, tokens_required: bool, extra: &[&str]) -> Process {
         let mut command = self.command(binary("fake-imds"), "imds");
         command
             .args([
@@ -210,6 +223,7 @@ impl Sandbox {
                 "--listen",
                 OTHER_SERVER,
             ])
+            .args(extra.iter().flat_map(|addr| ["--listen", addr]))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if tokens_required {

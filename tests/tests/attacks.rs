@@ -139,6 +139,94 @@ fn nat64_and_v4_compatible_embeddings_count_as_the_metadata_address() {
     }
 }
 
+/// A sandbox set up as another cloud: the metadata addresses of OpenStack (IPv6 link-local,
+/// on a NIC of its own as on a real instance) and Alibaba, and the ECS credential endpoint,
+/// are local and served, and the agent runs with `agent_args`.
+fn start_cloud(label: &str, agent_args: &[&str]) -> Option<Env> {
+    let sandbox = Sandbox::new(label)?;
+    // A veth whose peer stays down: nic0 is the one interface that is up besides lo.
+    sandbox.ip(&[
+        "link",
+        "add",
+        "nic0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nic0-peer",
+    ]);
+    sandbox.ip(&["link", "set", "nic0", "up"]);
+    sandbox.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fe80::a9fe:a9fe/128",
+        "dev",
+        "nic0",
+        "nodad",
+    ]);
+    for ip in ["100.100.100.200/32", "169.254.170.2/32"] {
+        sandbox.ip(&["addr", "add", ip, "dev", "lo"]);
+    }
+    let imds = sandbox.start_fake_imds_on(
+        false,
+        &[
+            "[fe80::a9fe:a9fe%nic0]:80",
+            "100.100.100.200:80",
+            "169.254.170.2:80",
+        ],
+    );
+    let policies = sandbox.write_policies(&[("attacker.yaml", POLICY)]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], agent_args);
+    Some(Env {
+        agent,
+        _imds: imds,
+        sandbox,
+    })
+}
+
+/// Credentials from `base` are denied by the agent and the instance id is served through it.
+fn assert_governed(env: &Env, base: &str) {
+    let attempt = env
+        .sandbox
+        .curl(ATTACKER, None, &["-g", &format!("{base}{CREDENTIALS}")]);
+    assert_denied_by_agent(&attempt);
+    let allowed = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &["-g", &format!("{base}/latest/meta-data/instance-id")],
+    );
+    assert_eq!(
+        allowed.body,
+        INSTANCE_ID,
+        "{base}: {allowed:?}\n{}",
+        env.agent.log()
+    );
+}
+
+#[test]
+fn openstack_ipv6_link_local_endpoint_is_diverted_and_served() {
+    // The interface is not named: the agent finds the only NIC that is up.
+    let Some(env) = start_cloud("openstack", &["--provider", "openstack"]) else {
+        return;
+    };
+    assert_governed(&env, "http://[fe80::a9fe:a9fe%25nic0]");
+    assert_governed(&env, "http://169.254.169.254");
+}
+
+#[test]
+fn alibaba_endpoint_and_extra_endpoints_are_diverted() {
+    let Some(env) = start_cloud(
+        "alibaba",
+        &["--provider", "alibaba", "--endpoint", "169.254.170.2:80"],
+    ) else {
+        return;
+    };
+    assert_governed(&env, "http://100.100.100.200");
+    // The ECS task-credential endpoint, governed because it was named.
+    assert_governed(&env, "http://169.254.170.2");
+}
+
 /// Runs a Python probe in `cgroup`; it prints one line, the outcome.
 fn probe(sandbox: &Sandbox, cgroup: &str, script: &str) -> String {
     let output = sandbox

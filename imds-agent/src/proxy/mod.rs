@@ -58,6 +58,8 @@ pub struct Filter {
     pub upstream: UpstreamTimeouts,
     pub tally: Arc<crate::status::Tally>,
     pub selections: SelectionCache,
+    /// The diverted endpoints, for the interface of link-local ones.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
@@ -221,7 +223,10 @@ fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
     Some(Connection {
         identity,
         selection: std::sync::Mutex::new((policy.version, selection)),
-        original: original_destination(&caller)?,
+        original: crate::provider::upstream_address(
+            original_destination(&caller)?,
+            &filter.endpoints,
+        ),
         upstream: Mutex::new(None),
     })
 }

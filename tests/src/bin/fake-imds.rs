@@ -12,7 +12,8 @@ use imds_tests::fake_imds::{self, Config};
 #[derive(Parser)]
 struct Args {
     /// Address to serve on; repeatable.
-    #[arg(long, required = true)]
+    /// Link-local IPv6 as [ADDRESS%INTERFACE]:PORT.
+    #[arg(long, required = true, value_parser = imds_agent::provider::parse_endpoint)]
     listen: Vec<SocketAddr>,
     /// Require IMDSv2 session tokens (HttpTokens=required).
     #[arg(long)]

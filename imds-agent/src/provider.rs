@@ -1,0 +1,234 @@
+//! Cloud providers: which metadata endpoints the agent diverts by default on each.
+//!
+//! Source: shared/reference/imds-protocols.md (A1.1, A1.8, A1.10, A4). Only the metadata
+//! service's own TCP port is diverted; other ports on its address are refused except DNS
+//! (GCP's resolver lives on 169.254.169.254:53), and other link-local services (Amazon DNS
+//! 169.254.169.253, Time Sync 169.254.169.123) are other addresses, so they are untouched.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+
+use clap::ValueEnum;
+
+/// The cloud the agent runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Provider {
+    /// EC2: IPv4 and the Nitro IPv6 endpoint. The ECS (169.254.170.2) and EKS Pod Identity
+    /// (169.254.170.23, fd00:ec2::23) credential endpoints are not IMDS and carry their own
+    /// authentication; they are diverted only when named with --endpoint, so that Pod
+    /// Identity keeps working unless a policy is meant to govern it.
+    Aws,
+    Gcp,
+    Azure,
+    Oci,
+    /// Nova's IPv4 endpoint and its IPv6 link-local one (Victoria and later).
+    Openstack,
+    Digitalocean,
+    Alibaba,
+    Hetzner,
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.to_possible_value().expect("no variant is skipped");
+        f.write_str(value.get_name())
+    }
+}
+
+impl Provider {
+    /// The endpoints diverted on this provider unless --no-default-endpoints is given.
+    pub fn default_endpoints(self) -> Vec<SocketAddr> {
+        let ec2_v4 = SocketAddr::from(([169, 254, 169, 254], 80));
+        match self {
+            Self::Aws => vec![
+                ec2_v4,
+                SocketAddr::from((Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254), 80)),
+            ],
+            Self::Openstack => vec![
+                ec2_v4,
+                // Scope (interface) chosen at start-up: see resolve_link_local.
+                SocketAddr::from((Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe), 80)),
+            ],
+            Self::Alibaba => vec![SocketAddr::from(([100, 100, 100, 200], 80))],
+            Self::Gcp | Self::Azure | Self::Oci | Self::Digitalocean | Self::Hetzner => {
+                vec![ec2_v4]
+            }
+        }
+    }
+}
+
+/// Parses an endpoint as `ADDRESS:PORT` or `[IPV6%INTERFACE]:PORT`. The interface (a name or
+/// an index) matters only for link-local IPv6 endpoints: the agent's own connection to the
+/// metadata service must say which link it is on.
+pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    let named_scope = text
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(inside, port)| {
+            let (ip, scope) = inside.split_once('%')?;
+            Some((ip, scope, port))
+        });
+    let Some((ip, scope, port)) = named_scope else {
+        return text.parse().map_err(|_| {
+            format!(
+                "{text:?} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT or [ADDRESS%INTERFACE]:PORT)"
+            )
+        });
+    };
+    let ip: Ipv6Addr = ip
+        .parse()
+        .map_err(|_| format!("{text:?}: {ip:?} is not an IPv6 address"))?;
+    let port: u16 = port
+        .strip_prefix(':')
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("{text:?}: missing or invalid :PORT after ]"))?;
+    let scope_id = match scope.parse::<u32>() {
+        Ok(index) => index,
+        Err(_) => interface_index(scope)
+            .ok_or_else(|| format!("{text:?}: no network interface named {scope:?}"))?,
+    };
+    Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope_id)))
+}
+
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string; the call only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+pub fn is_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// Gives each link-local IPv6 endpoint without an interface the only one it can be on: the
+/// single non-loopback interface that is up. With none or several, the endpoint stays
+/// unscoped and the caller is told; connects to it are still diverted (and so governed), but
+/// the agent cannot forward allowed requests until the interface is configured.
+pub fn resolve_link_local(endpoints: &mut [SocketAddr]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for endpoint in endpoints.iter_mut() {
+        let SocketAddr::V6(v6) = endpoint else {
+            continue;
+        };
+        if !is_link_local(&IpAddr::V6(*v6.ip())) || v6.scope_id() != 0 {
+            continue;
+        }
+        match up_interfaces().as_slice() {
+            [(_, index)] => v6.set_scope_id(*index),
+            interfaces => problems.push(format!(
+                "link-local endpoint {v6} needs an interface, and {} non-loopback \
+                 interfaces are up ({}): pass --endpoint '[{}%INTERFACE]:{}' or allowed \
+                 requests to it will fail with 502",
+                interfaces.len(),
+                interfaces
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                v6.ip(),
+                v6.port()
+            )),
+        }
+    }
+    problems
+}
+
+/// Non-loopback interfaces that are up, in this network namespace (getifaddrs asks the
+/// kernel over netlink; /sys/class/net would show the namespace sysfs was mounted in).
+fn up_interfaces() -> Vec<(String, u32)> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that freeifaddrs releases below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Vec::new();
+    }
+    let mut up = Vec::new();
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        let flags = entry.ifa_flags;
+        if flags & libc::IFF_UP as u32 == 0 || flags & libc::IFF_LOOPBACK as u32 != 0 {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        let Ok(name) = name.to_str() else { continue };
+        if let Some(index) = interface_index(name) {
+            up.push((name.to_owned(), index));
+        }
+    }
+    // SAFETY: the list from getifaddrs above, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    // One entry per address family and address: keep each interface once.
+    up.sort();
+    up.dedup();
+    up
+}
+
+/// The address the agent connects to for a caller that was going to `original`: the same,
+/// with the configured interface when it is link-local (the kernel hook sees no scope).
+pub fn upstream_address(original: SocketAddr, endpoints: &[SocketAddr]) -> SocketAddr {
+    if !is_link_local(&original.ip()) {
+        return original;
+    }
+    endpoints
+        .iter()
+        .find(|e| e.ip() == original.ip() && e.port() == original.port())
+        .copied()
+        .unwrap_or(original)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_with_and_without_an_interface() {
+        assert_eq!(
+            parse_endpoint("169.254.169.254:80").unwrap(),
+            SocketAddr::from(([169, 254, 169, 254], 80))
+        );
+        let lo = parse_endpoint("[fe80::a9fe:a9fe%lo]:80").unwrap();
+        let SocketAddr::V6(lo) = lo else {
+            panic!("IPv6 expected")
+        };
+        assert_eq!(lo.scope_id(), 1, "lo is interface 1");
+        assert_eq!(
+            parse_endpoint("[fe80::1%7]:8080").unwrap(),
+            SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 8080, 0, 7))
+        );
+        for bad in [
+            "169.254.169.254",
+            "[fe80::1%no-such-interface0]:80",
+            "[fe80::1%lo]",
+            "[nonsense%lo]:80",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn aws_defaults_leave_pod_identity_alone() {
+        let aws = Provider::Aws.default_endpoints();
+        assert!(aws.contains(&"169.254.169.254:80".parse().unwrap()));
+        assert!(aws.contains(&"[fd00:ec2::254]:80".parse().unwrap()));
+        assert!(
+            !aws.iter()
+                .any(|e| e.ip().to_string().starts_with("169.254.170."))
+        );
+        assert_eq!(
+            Provider::Alibaba.default_endpoints(),
+            vec!["100.100.100.200:80".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn link_local_upstream_takes_the_configured_interface() {
+        let endpoints = [parse_endpoint("[fe80::a9fe:a9fe%3]:80").unwrap()];
+        let original: SocketAddr = "[fe80::a9fe:a9fe]:80".parse().unwrap();
+        assert_eq!(upstream_address(original, &endpoints), endpoints[0]);
+        let global: SocketAddr = "[fd00:ec2::254]:80".parse().unwrap();
+        assert_eq!(upstream_address(global, &endpoints), global);
+    }
+}
