@@ -33,6 +33,8 @@ pub const GLOBAL_DIVERT_PORT: &str = "IMDS_DIVERT_PORT";
 
 /// Global set at load time: 1 to refuse raw sockets in enforced cgroups.
 pub const GLOBAL_REFUSE_RAW: &str = "IMDS_REFUSE_RAW";
+/// Global set at load time: [`SocketOffsets`] of the running kernel.
+pub const GLOBAL_SOCK_OFFSETS: &str = "IMDS_SOCK_OFFSETS";
 
 /// Program names as they appear in the object file.
 pub const PROG_CONNECT4: &str = "imds_connect4";
@@ -84,10 +86,12 @@ pub struct SockAddr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
-    /// cgroup v2 id (the cgroup directory's inode number) of the connecting task.
+    /// cgroup v2 id (the cgroup directory's inode number) of the socket's creator, recorded at
+    /// `socket()`; the connecting task's for a socket created before the programs attached.
     pub cgroup_id: u64,
     /// Thread-group id (the process id) of the connecting task.
     pub pid: u32,
+    /// The socket creator's uid and gid (as `cgroup_id`).
     pub uid: u32,
     pub gid: u32,
     pub _pad0: u32,
@@ -97,13 +101,35 @@ pub struct Caller {
 }
 
 /// Whose verdict: the policy depends on the cgroup, uid and gid (and on the executable, which
-/// is why the agent installs no verdicts while any policy selects by executable).
+/// is why the agent installs no verdicts while any policy selects by executable). Also what
+/// the kernel records about each socket's creator.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     pub cgroup_id: u64,
     pub uid: u32,
     pub gid: u32,
+}
+
+/// Byte offsets of the kernel fields that lead from a connect program's context to the
+/// socket's creator: `bpf_sock_addr_kern.sk`, then the socket's cgroup (`sock.sk_cgrp_data
+/// .cgroup`, `cgroup.kn`, `kernfs_node.id`) and the credentials of the file that owns it
+/// (`sock.sk_socket`, `socket.file`, `file.f_cred`, `cred.uid`, `cred.gid`). They differ per
+/// kernel build, so the agent reads them from the kernel's BTF at load time. `valid == 0`
+/// (no BTF): the programs use the connecting task instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOffsets {
+    pub ctx_sk: u32,
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_cred: u32,
+    pub cred_uid: u32,
+    pub cred_gid: u32,
+    pub valid: u32,
 }
 
 /// Indexes into [`MAP_COUNTERS`].
@@ -153,6 +179,8 @@ mod user {
     unsafe impl aya::Pod for Caller {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VerdictKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SocketOffsets {}
 }
 
 #[cfg(test)]
@@ -165,6 +193,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<Caller>(), 48);
         assert_eq!(core::mem::size_of::<VerdictKey>(), 16);
+        assert_eq!(core::mem::size_of::<SocketOffsets>(), 40);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::bpf_get_socket_cookie,
+        bpf_probe_read_kernel, generated::bpf_get_socket_cookie,
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
@@ -22,7 +22,7 @@ use imds_common::{
 };
 use maps::{
     IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
-    IMDS_PENDING, IMDS_REFUSE_RAW, IMDS_VERDICTS, count,
+    IMDS_PENDING, IMDS_REFUSE_RAW, IMDS_SOCK_OFFSETS, IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -228,14 +228,7 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
     }
 
     let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    // SAFETY: helper valid for cgroup sock_addr programs.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let key = VerdictKey {
-        cgroup_id,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
-    };
+    let key = socket_creator(ctx).unwrap_or_else(connecting_task);
     // A verdict the agent installed for a caller whose decision does not depend on the
     // request: no round trip to the agent.
     match unsafe { IMDS_VERDICTS.get(&key) } {
@@ -250,7 +243,7 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         _ => {}
     }
     let caller = Caller {
-        cgroup_id,
+        cgroup_id: key.cgroup_id,
         pid: (pid_tgid >> 32) as u32,
         uid: key.uid,
         gid: key.gid,
@@ -266,6 +259,57 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
     }
     count(Counter::Diverted);
     Connect::Divert
+}
+
+/// The cgroup, uid and gid of the task running the program.
+#[inline(always)]
+fn connecting_task() -> VerdictKey {
+    let uid_gid = bpf_get_current_uid_gid();
+    VerdictKey {
+        // SAFETY: helper valid for cgroup sock_addr programs.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+    }
+}
+
+/// Who created the socket being connected: the socket's cgroup (the one whose programs the
+/// kernel runs, fixed at socket()) and the credentials of the file that owns it (the
+/// creator's, for the socket's lifetime). Found by following kernel pointers at offsets the
+/// agent read from BTF; only on this path, so other connects pay nothing and no socket
+/// carries extra state. `None` without offsets or if a read fails.
+#[inline(always)]
+fn socket_creator(ctx: &SockAddrContext) -> Option<VerdictKey> {
+    let at = IMDS_SOCK_OFFSETS.load();
+    if at.valid == 0 {
+        return None;
+    }
+    // The context is the kernel's bpf_sock_addr_kern, whose `sk` is the struct sock. Read as
+    // a number, not through the verifier's socket pointer, which allows no arithmetic.
+    let sk: u64 = kernel_read(ctx.sock_addr as u64, at.ctx_sk)?;
+    let cgroup: u64 = kernel_read(sk, at.sk_cgroup)?;
+    let kn: u64 = kernel_read(cgroup, at.cgroup_kn)?;
+    let cgroup_id: u64 = kernel_read(kn, at.kn_id)?;
+    let socket: u64 = kernel_read(sk, at.sk_socket)?;
+    let file: u64 = kernel_read(socket, at.socket_file)?;
+    let cred: u64 = kernel_read(file, at.file_cred)?;
+    Some(VerdictKey {
+        cgroup_id,
+        uid: kernel_read(cred, at.cred_uid)?,
+        gid: kernel_read(cred, at.cred_gid)?,
+    })
+}
+
+/// Reads a `T` at `base + offset` in kernel memory; `None` for a null base or a fault.
+#[inline(always)]
+fn kernel_read<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    let address = base.wrapping_add(u64::from(offset)) as *const T;
+    // SAFETY: bpf_probe_read_kernel copies via the kernel's fault-handling accessor: a bad
+    // address is an error, never a crash.
+    unsafe { bpf_probe_read_kernel(address) }.ok()
 }
 
 /// `BPF_CGROUP_SOCK_OPS` (kernel >= 4.13). `TCP_CONNECT_CB` runs in `tcp_connect()` after the

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use imds_common::{
     Caller, Counter, Endpoint, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, MAX_VERDICTS, SockAddr,
-    VerdictKey,
+    SocketOffsets, VerdictKey,
 };
 
 #[map]
@@ -39,6 +39,21 @@ pub static IMDS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(imds_common::CO
 pub static IMDS_DIVERT_IP4: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static IMDS_DIVERT_PORT: Global<u16> = Global::new(0);
+/// Where the socket's creator is found in this kernel's structures; set by the loader from
+/// the kernel's BTF (all zero without it).
+#[unsafe(no_mangle)]
+pub static IMDS_SOCK_OFFSETS: Global<SocketOffsets> = Global::new(SocketOffsets {
+    ctx_sk: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+    sk_socket: 0,
+    socket_file: 0,
+    file_cred: 0,
+    cred_uid: 0,
+    cred_gid: 0,
+    valid: 0,
+});
 /// 1: enforced cgroups cannot create raw IP sockets. Set by the loader.
 #[unsafe(no_mangle)]
 pub static IMDS_REFUSE_RAW: Global<u32> = Global::new(1);

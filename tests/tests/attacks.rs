@@ -227,6 +227,55 @@ fn alibaba_endpoint_and_extra_endpoints_are_diverted() {
     assert_governed(&env, "http://169.254.170.2");
 }
 
+#[test]
+fn a_socket_keeps_its_creators_identity_when_the_process_moves() {
+    let Some(sandbox) = Sandbox::new("owner") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let trusted = r#"
+name: trusted
+callers: {cgroups: ["/trusted"]}
+default: deny
+rules:
+  - {name: credentials, action: allow, methods: [GET], groups: [credentials]}
+"#;
+    let policies = sandbox.write_policies(&[("attacker.yaml", POLICY), ("trusted.yaml", trusted)]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    let trusted_procs = sandbox.cgroup("enforced/trusted").join("cgroup.procs");
+    // The attacker opens a socket, then moves itself into a cgroup that may read
+    // credentials (root in its cgroup namespace can do that within its own subtree) and
+    // connects. The socket was made in the attacker's cgroup: that is who it is.
+    let script = format!(
+        r#"
+import os, socket
+def get(s):
+    s.connect(("169.254.169.254", 80))
+    s.sendall(b"GET {CREDENTIALS} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().split("\r\n")[0] + (" CREDENTIALS" if "{ACCESS_KEY_PREFIX}" in data.decode() else "")
+before = socket.socket()
+open("{procs}", "w").write(str(os.getpid()))
+print("made-before-move:", get(before))
+print("made-after-move:", get(socket.socket()))
+"#,
+        procs = trusted_procs.display()
+    );
+    let outcome = probe(&sandbox, ATTACKER, &script);
+    assert_eq!(
+        outcome,
+        "made-before-move: HTTP/1.1 403 Forbidden\n\
+         made-after-move: HTTP/1.1 200 OK CREDENTIALS",
+        "{}",
+        agent.log()
+    );
+}
+
 /// Runs a Python probe in `cgroup`; it prints one line, the outcome.
 fn probe(sandbox: &Sandbox, cgroup: &str, script: &str) -> String {
     let output = sandbox

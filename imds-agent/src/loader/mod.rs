@@ -32,13 +32,14 @@ use aya::{
 };
 use imds_common::{
     COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
-    GLOBAL_REFUSE_RAW, MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT,
-    MAP_VERDICTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE,
-    PROG_SOCK_OPS, SockAddr, VerdictKey,
+    GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4,
+    MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4,
+    PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCK_OPS, SockAddr, SocketOffsets, VerdictKey,
 };
 
 use crate::fs;
 
+pub mod btf;
 pub mod sockdiag;
 
 /// The object built by build.rs from `imds-ebpf`.
@@ -139,12 +140,21 @@ impl Enforcer {
             source,
         })?;
 
+        let offsets = btf::socket_offsets().unwrap_or_else(|error| {
+            tracing::warn!(
+                %error,
+                "cannot find the socket fields in the kernel's BTF: connections are attributed \
+                 to the connecting task instead of the socket's creator"
+            );
+            SocketOffsets::default()
+        });
         let divert_ip = u32::from_ne_bytes(config.divert_to.ip().octets());
         let divert_port = config.divert_to.port();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(config.pin_dir)
             .override_global(GLOBAL_DIVERT_IP4, &divert_ip, true)
             .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
+            .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
             .override_global(
                 GLOBAL_REFUSE_RAW,
                 &u32::from(config.refuse_raw_sockets),
