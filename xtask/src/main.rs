@@ -185,7 +185,39 @@ fn demo() -> Result {
     run(Command::new(workspace_root().join("target/debug/imds-demo")).current_dir(workspace_root()))
 }
 
+/// What the benchmark compares against (sections 2 and 4), installed by `bench` only.
+const BENCH_PACKAGES: &[&str] = &["iptables", "nginx-light"];
+
+/// Installs the comparison tools without letting the package start nginx on the host: the
+/// benchmark runs its own nginx inside the sandbox. Debian's policy-rc.d convention (exit
+/// 101) tells maintainer scripts not to start services.
+fn install_bench_packages() -> Result {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let policy_rc = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy_rc.exists() && std::fs::write(policy_rc, "#!/bin/sh\nexit 101\n").is_ok();
+    if placed {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(policy_rc, std::fs::Permissions::from_mode(0o755));
+    }
+    let installed = run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if placed {
+        let _ = std::fs::remove_file(policy_rc);
+    }
+    installed
+}
+
 fn bench(quick: bool) -> Result {
+    install_bench_packages()?;
     // Release builds: timings of debug code say little.
     run(cargo().args(["build", "--release", "--bins"]))?;
     let mut command = Command::new(workspace_root().join("target/release/imds-bench"));

@@ -27,6 +27,10 @@ fn main() -> ExitCode {
         Some("connect") => client_connect(&args[1..]),
         Some("http") => client_http(&args[1..]),
         Some("flip") => client_flip(&args[1..]),
+        Some("serve") => server(&args[1..]),
+        Some("relay") => relay(&args[1..]),
+        Some("bulk") => client_bulk(&args[1..]),
+        Some("rr") => client_rr(&args[1..]),
         Some("run") => run(args.iter().any(|a| a == "--quick")),
         _ => Err("usage: imds-bench run [--quick]".into()),
     };
@@ -208,8 +212,256 @@ fn client_flip(args: &[String]) -> Result {
     Err("the status never flipped".into())
 }
 
+fn arg<T: std::str::FromStr>(args: &[String], index: usize, name: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    args.get(index)
+        .ok_or_else(|| format!("missing {name}"))?
+        .parse()
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+/// Pins this process to one CPU when IMDS_BENCH_CPU says so: the packet-path client and
+/// server on separate cores, so that the scheduler's placement is not what gets measured.
+fn pin_to_cpu() {
+    let Some(cpu) = std::env::var("IMDS_BENCH_CPU")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
+        return;
+    };
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn announce_listening() {
+    println!("listening");
+    let _ = std::io::stdout().flush();
+}
+
+/// `serve ADDR`: the non-metadata server of the packet-path measurements. A connection that
+/// starts with `B` is drained (bulk); one that starts with `R` gets each byte echoed back
+/// (request/response).
+fn server(args: &[String]) -> Result {
+    pin_to_cpu();
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    announce_listening();
+    for stream in listener.incoming() {
+        let mut stream = stream.map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            let mut kind = [0u8; 1];
+            if stream.read_exact(&mut kind).is_err() {
+                return;
+            }
+            if kind[0] == b'B' {
+                let _ = std::io::copy(&mut stream, &mut std::io::sink());
+            } else {
+                let _ = stream.set_nodelay(true);
+                let mut byte = [0u8; 1];
+                while stream.read_exact(&mut byte).is_ok() && stream.write_all(&byte).is_ok() {}
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `relay LISTEN TARGET`: a bare TCP relay, the floor for any proxy: what one more loopback
+/// hop costs with no parsing, policy or logging at all.
+fn relay(args: &[String]) -> Result {
+    let listen: SocketAddr = arg(args, 0, "LISTEN")?;
+    let target: SocketAddr = arg(args, 1, "TARGET")?;
+    let listener = std::net::TcpListener::bind(listen).map_err(|e| e.to_string())?;
+    announce_listening();
+    for client in listener.incoming() {
+        let client = client.map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            let Ok(upstream) = TcpStream::connect(target) else {
+                return;
+            };
+            let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+            let (Ok(mut client_in), Ok(mut upstream_out)) =
+                (client.try_clone(), upstream.try_clone())
+            else {
+                return;
+            };
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut client_in, &mut upstream_out);
+                let _ = upstream_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut upstream_in, mut client_out) = (upstream, client);
+            let _ = std::io::copy(&mut upstream_in, &mut client_out);
+            let _ = client_out.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+        });
+    }
+    Ok(())
+}
+
+/// `bulk ADDR MIB`: sends MIB mebibytes on one connection; prints MiB/s.
+fn client_bulk(args: &[String]) -> Result {
+    pin_to_cpu();
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let mib: usize = arg(args, 1, "MIB")?;
+    let chunk = vec![0x5a_u8; 1 << 20];
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.write_all(b"B").map_err(|e| e.to_string())?;
+    for _ in 0..mib {
+        stream.write_all(&chunk).map_err(|e| e.to_string())?;
+    }
+    // Done when the server has read everything: it closes after our FIN.
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let _ = stream.read(&mut [0u8; 1]);
+    println!("{:.0}", mib as f64 / started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `rr ADDR N`: N one-byte request/response round trips on one connection; prints round
+/// trips per second.
+fn client_rr(args: &[String]) -> Result {
+    pin_to_cpu();
+    let addr: SocketAddr = arg(args, 0, "ADDR")?;
+    let n: usize = arg(args, 1, "N")?;
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.write_all(b"R").map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    for _ in 0..n {
+        stream.write_all(b"x").map_err(|e| e.to_string())?;
+        stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+    }
+    println!("{:.0}", n as f64 / started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Driver.
+
+/// A long-running helper in the sandbox (server, relay, nginx), killed on drop.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `imds-bench ARGS` in `cgroup` and waits for its "listening".
+/// `pinned`: on CPU 1, for the packet-path server.
+fn background(sandbox: &Sandbox, cgroup: &str, args: &[&str], pinned: bool) -> Result<Background> {
+    let mut command = sandbox.command(binary("imds-bench"), cgroup);
+    if pinned {
+        command.env("IMDS_BENCH_CPU", "1");
+    }
+    let mut child = command
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+        &mut line,
+    )
+    .map_err(|e| e.to_string())?;
+    let helper = Background(child);
+    if line.trim() != "listening" {
+        return Err(format!("{args:?} did not start"));
+    }
+    Ok(helper)
+}
+
+/// Runs a command inside the sandbox's network namespace (nsenter, not `ip netns exec`,
+/// which remounts /sys); for iptables.
+fn in_netns(sandbox: &Sandbox, program: &str, args: &[&str]) -> Result {
+    let output = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", sandbox.name))
+        .arg(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// The kube2iam/kiam way, in its own sandbox: a DNAT rule sends the metadata address to a
+/// local proxy. Its mere presence turns on connection tracking for every packet in the
+/// namespace, which section 2 measures.
+fn add_dnat(sandbox: &Sandbox, to: &str) -> Result {
+    in_netns(
+        sandbox,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "169.254.169.254",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            to,
+        ],
+    )
+}
+
+/// nginx as the classic reverse proxy with location rules: the instance id is proxied (with
+/// upstream keep-alive), everything else gets 403; one access-log line per request, as the
+/// agent writes one audit line.
+fn start_nginx(sandbox: &Sandbox, listen: &str, upstream: &str) -> Result<Background> {
+    let dir = sandbox.work_dir.join("nginx");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let d = dir.display();
+    let config = format!(
+        "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log {d}/access.log;\n\
+           upstream imds {{ server {upstream}; keepalive 32; }}\n\
+           server {{\n    listen {listen};\n\
+             location = {ID} {{ proxy_pass http://imds; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
+             location / {{ return 403; }}\n  }}\n}}\n"
+    );
+    let config_path = dir.join("nginx.conf");
+    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    let child = sandbox
+        .command("nginx", "nginx")
+        .args(["-p", &d.to_string(), "-c"])
+        .arg(&config_path)
+        .spawn()
+        .map_err(|e| format!("nginx: {e}"))?;
+    let nginx = Background(child);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dir.join("nginx.pid").exists() {
+        if Instant::now() > deadline {
+            return Err("nginx did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(nginx)
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Stats {
@@ -239,9 +491,24 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn child(sandbox: &Sandbox, cgroup: &str, args: &[&str]) -> Result<Vec<f64>> {
+    child_with(sandbox, cgroup, args, &[])
+}
+
+/// A packet-path client on CPU 0 (its server is on CPU 1).
+fn pinned_child(sandbox: &Sandbox, cgroup: &str, args: &[&str]) -> Result<Vec<f64>> {
+    child_with(sandbox, cgroup, args, &[("IMDS_BENCH_CPU", "0")])
+}
+
+fn child_with(
+    sandbox: &Sandbox,
+    cgroup: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Vec<f64>> {
     let output = sandbox
         .command(binary("imds-bench"), cgroup)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .map_err(|e| e.to_string())?;
     if !output.status.success() {
@@ -335,16 +602,46 @@ fn run(quick: bool) -> Result {
     let (mut with, mut without) = (Vec::new(), Vec::new());
     // The kernel's own accounting of the programs' run time: a machine-wide switch, restored
     // by the guard however this function returns.
+    // 2. Other traffic, packet path: the same server in both sandboxes; the second one has
+    // a kube2iam-style DNAT rule for the metadata address and none of our programs.
+    let nat = Sandbox::new("bench-nat")
+        .ok_or("cannot create the second sandbox (for the iptables comparison)")?;
+    let _nat_imds = nat.start_fake_imds(false);
+    let packet_server = "127.0.0.1:5001";
+    let _server = background(&sandbox, "servers", &["serve", packet_server], true)?;
+    let _nat_server = background(&nat, "servers", &["serve", packet_server], true)?;
+    let iptables = add_dnat(&nat, NGINX_LISTEN);
+    let (mib, round_trips) = if quick {
+        ("256", "10000")
+    } else {
+        ("512", "20000")
+    };
+    let packet = |sandbox: &Sandbox| -> Result<[f64; 2]> {
+        let bulk = pinned_child(sandbox, "enforced/client", &["bulk", packet_server, mib])?;
+        let rr = pinned_child(
+            sandbox,
+            "enforced/client",
+            &["rr", packet_server, round_trips],
+        )?;
+        Ok([bulk[0], rr[0]])
+    };
+    let (mut packet_nothing, mut packet_ours, mut packet_nat) =
+        (Vec::new(), Vec::new(), Vec::new());
     let stats = BpfStats::enable();
     let mut program_ns = Vec::new();
     for _ in 0..rounds {
         let detached = child(&sandbox, "enforced/client", &["connect", other, n])?;
+        packet_nothing.push(packet(&sandbox)?);
+        if iptables.is_ok() {
+            packet_nat.push(packet(&nat)?);
+        }
         // Programs only: the agent is stopped (its links stay pinned), so its process does
         // not compete for the two cores while other traffic is measured.
         let mut agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], &[]);
         agent.process.signal(libc::SIGKILL);
         agent.process.wait(Duration::from_secs(5));
         let attached = child(&sandbox, "enforced/client", &["connect", other, n])?;
+        packet_ours.push(packet(&sandbox)?);
         program_ns.push(program_run_time(&sandbox.cgroup_root.join("enforced")));
         drop(agent);
         imds_agent::loader::detach(&sandbox.pin_dir).map_err(|e| e.to_string())?;
@@ -376,6 +673,48 @@ fn run(quick: bool) -> Result {
         "\nThe programs' own run time (kernel BPF stats; per invocation, summed over every program\nattached to the cgroup): {:.0} ns. \"With programs\" means attached and pinned with the agent\nprocess stopped, so the ratio isolates the kernel side from CPU contention with the agent\non this 2-core machine; the connect figures move by several microseconds between runs.\n",
         median(program_ns)
     );
+
+    let _ = writeln!(
+        report,
+        "## 2. Other traffic: packet path to a non-metadata server, from an enforced cgroup\n"
+    );
+    match &iptables {
+        Ok(()) => {
+            let column =
+                |runs: &[[f64; 2]], i: usize| runs.iter().map(|r| r[i]).collect::<Vec<f64>>();
+            let _ = writeln!(
+                report,
+                "| | nothing | our programs | ratio | iptables DNAT rule for the metadata address | ratio |\n|---|---|---|---|---|---|"
+            );
+            for (label, unit, i) in [
+                ("bulk TCP, one connection", "MiB/s", 0),
+                (
+                    "1-byte request/response, one connection",
+                    "round trips/s",
+                    1,
+                ),
+            ] {
+                let (base, ours, dnat) = (
+                    median(column(&packet_nothing, i)),
+                    median(column(&packet_ours, i)),
+                    median(column(&packet_nat, i)),
+                );
+                let _ = writeln!(
+                    report,
+                    "| {label} | {base:.0} {unit} | {ours:.0} {unit} | {:.3} | {dnat:.0} {unit} | {:.3} |",
+                    ours / base,
+                    dnat / base
+                );
+            }
+            let _ = writeln!(
+                report,
+                "\nOur programs run at connect() only, so the packet path is untouched (target: within\nnoise of nothing). The DNAT rule, though it matches only the metadata address, makes\nthe kernel track every connection in the namespace (conntrack) and look up the NAT table\nfor every packet; that is the per-packet price of the iptables approach.\n"
+            );
+        }
+        Err(error) => {
+            let _ = writeln!(report, "Not measured: iptables failed: {error}\n");
+        }
+    }
 
     // 3. Metadata requests through the agent vs straight to the fake IMDS. The per-caller
     // limits (50 req/s by default) are raised: this measures the filter, not the throttle.
@@ -450,6 +789,14 @@ fn run(quick: bool) -> Result {
         "\nTargets: added p50 <= 20 us and p99 <= 60 us per keep-alive request (measured: {:+.0} / {:+.0} us); >= 20k requests/s through the agent (measured: {agent_rps_16:.0} with 16 keep-alive clients).\n",
         added_keepalive.0, added_keepalive.1
     );
+    eprintln!("bench: 4. alternatives");
+    report.push_str(&alternatives(
+        &sandbox,
+        &nat,
+        iptables.is_ok(),
+        rounds,
+        per_worker,
+    )?);
     let rss_loaded = rss_kib(agent.process.child.id());
     drop(agent);
 
@@ -472,12 +819,110 @@ fn run(quick: bool) -> Result {
     );
     let _ = writeln!(
         report,
-        "\nNot measured yet: 2 (bulk throughput and request rate against an iptables DNAT rule and\nagainst nothing) and 4 (iptables DNAT to nginx with location rules). Reproduce with\n`cargo xtask bench` (about {} minutes here; `--quick` for fewer rounds).\n\n{HISTORY}",
+        "\nReproduce with `cargo xtask bench` (about {} minutes here; `--quick` for fewer rounds).\n\n{HISTORY}",
         if quick { 1 } else { 5 }
     );
     std::fs::write("BENCHMARKS.md", &report).map_err(|e| e.to_string())?;
     print!("{report}");
     Ok(())
+}
+
+/// Where nginx listens in the iptables sandbox (the DNAT target).
+const NGINX_LISTEN: &str = "127.0.0.1:8954";
+/// Where the bare relay listens in the main sandbox.
+const RELAY_LISTEN: &str = "127.0.0.1:9100";
+
+/// Section 4: the same allowed GETs four ways, side by side: straight to the metadata service, through
+/// a bare TCP relay (the floor for any proxy), through the agent, and through iptables DNAT to
+/// nginx with location rules (in the second sandbox, where the DNAT rule lives).
+fn alternatives(
+    sandbox: &Sandbox,
+    nat: &Sandbox,
+    iptables: bool,
+    rounds: usize,
+    per_worker: &str,
+) -> Result<String> {
+    let mut report = String::from(
+        "## 4. The same requests through the alternatives\n\n\
+         Allowed GETs of the instance id: direct; through a bare TCP relay (no parsing, policy\n\
+         or log: what one more loopback hop costs any proxy); through the agent; through an\n\
+         iptables DNAT rule to nginx with location rules (the classic set-up; its access log on,\n\
+         as the agent writes an audit line per request). p50 / p99 and requests/s, ratio to the\n\
+         agent in brackets.\n\n",
+    );
+    let nginx = match (iptables, which("nginx")) {
+        (true, true) => Some(start_nginx(nat, NGINX_LISTEN, "127.0.0.1:8080")?),
+        _ => None,
+    };
+    let _relay = background(
+        sandbox,
+        "outside",
+        &["relay", RELAY_LISTEN, "169.254.169.254:80"],
+        false,
+    )?;
+    let imds = "169.254.169.254:80";
+    let _ = writeln!(
+        report,
+        "| mode | clients | direct | bare relay | imds-agent | iptables + nginx |\n|---|---|---|---|---|---|"
+    );
+    for (mode, clients) in [("keepalive", "1"), ("keepalive", "16"), ("close", "16")] {
+        let (mut direct, mut relay, mut agent, mut proxy) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let args = |addr| ["http", addr, ID, per_worker, clients, mode];
+            direct.push(child(sandbox, "outside", &args(imds))?);
+            relay.push(child(sandbox, "outside", &args(RELAY_LISTEN))?);
+            agent.push(child(sandbox, "enforced/client", &args(imds))?);
+            if nginx.is_some() {
+                proxy.push(child(nat, "outside", &args(imds))?);
+            }
+        }
+        let summary = |runs: &[Vec<f64>]| -> [f64; 3] {
+            let column = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+            [column(0) / 1e3, column(1) / 1e3, column(2)]
+        };
+        let ours = summary(&agent);
+        let cell = |runs: &[Vec<f64>]| {
+            if runs.is_empty() {
+                return "not measured".to_string();
+            }
+            let [p50, p99, rps] = summary(runs);
+            format!(
+                "{p50:.0} / {p99:.0} us ({:.2} / {:.2}), {rps:.0} req/s ({:.2})",
+                p50 / ours[0],
+                p99 / ours[1],
+                rps / ours[2]
+            )
+        };
+        let label = if mode == "close" {
+            "new connection"
+        } else {
+            "keep-alive"
+        };
+        let _ = writeln!(
+            report,
+            "| {label} | {clients} | {} | {} | {:.0} / {:.0} us, {:.0} req/s | {} |",
+            cell(&direct),
+            cell(&relay),
+            ours[0],
+            ours[1],
+            ours[2],
+            cell(&proxy)
+        );
+    }
+    if nginx.is_none() {
+        report.push_str(
+            "\nnginx or iptables is missing: `cargo xtask bench` installs them (Debian).\n",
+        );
+    }
+    report.push('\n');
+    Ok(report)
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        || Path::new("/usr/sbin").join(program).is_file()
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
