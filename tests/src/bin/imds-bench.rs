@@ -534,15 +534,17 @@ const HISTORY: &str = "## Before and after\n\n\
 | reload poll 250 -> 100 ms | policy change -> enforced | 191 ms | 34 ms |\n\
 | benchmark client: one write and TCP_NODELAY (a split request waited for a delayed ACK) | keep-alive request, direct | 44 ms | 0.15 ms |\n\
 | upstream sockets close with zero linger | new connection, 16 clients | 502s (source ports exhausted) | served |\n\n\
-Open findings: an allowed keep-alive request costs about +80 us through the agent and\n\
-throughput is about 14.5k req/s with 16 clients (targets +20 us and 20k). One experiment,\n\
-the same `--quick` run with audit lines off (`IMDS_AGENT_LOG=info,imds_agent::audit=warn`):\n\
-+91 -> +57 us added per keep-alive request, 14.8k -> 15.2k req/s. So the synchronous audit\n\
-write is about a third of the added latency (next: write audit lines off the request path,\n\
-never dropping one); most of the rest is the extra loopback hop any proxy adds (a whole\n\
-direct request takes about 135 us here). Per-request label allocations are gone since. With\n\
-16 clients opening a new connection per request the agent's p99 reached tens of\n\
-milliseconds in one full run: to investigate.\n";
+Open findings: an allowed keep-alive request costs about +80 to +100 us through the agent\n\
+and throughput is about 13-14.5k req/s with 16 clients (targets +20 us and 20k). Experiments:\n\
+audit lines off (`IMDS_AGENT_LOG=info,imds_agent::audit=warn`): +91 -> +57 us, 14.8k -> 15.2k\n\
+req/s. Audit lines written by a thread of their own (tracing-appender, never lossy): +96 ->\n\
++98 us, 13.9k -> 12.8k req/s, within noise, so not kept: the cost is formatting the line, not\n\
+writing it. Section 4 puts the rest in proportion: a bare relay already adds about +25 to\n\
++60 us per keep-alive request on this machine, and nginx with location rules is within a\n\
+few percent of the agent with keep-alive. With a new connection per request nginx is about\n\
+1.8x faster, because it reuses upstream connections across clients while the agent opens\n\
+one per client connection (no upstream connection is shared between two identities).\n\
+Next: a per-identity pool of idle upstream connections.\n";
 
 /// Per-caller limits raised: the benchmarks measure the filter, not the throttle.
 const UNLIMITED: [&str; 6] = [
@@ -708,7 +710,7 @@ fn run(quick: bool) -> Result {
             }
             let _ = writeln!(
                 report,
-                "\nOur programs run at connect() only, so the packet path is untouched (target: within\nnoise of nothing). The DNAT rule, though it matches only the metadata address, makes\nthe kernel track every connection in the namespace (conntrack) and look up the NAT table\nfor every packet; that is the per-packet price of the iptables approach.\n"
+                "\nOur programs run at connect() only, so the packet path is untouched (target: within\nnoise of nothing). The DNAT rule turns on connection tracking for every packet in its\nnamespace. On this VM the run-to-run spread of loopback throughput (about 20% between\nruns) is larger than either effect: neither shows a cost above it here.\n"
             );
         }
         Err(error) => {
