@@ -81,6 +81,13 @@ pub struct RunArgs {
     /// unprivileged process cannot take it over while the agent is down.
     #[arg(long, default_value = "127.0.0.1:954")]
     pub listen: SocketAddrV4,
+    /// Where callers in other network namespaces (pods) reach the agent: an IPv4 address of
+    /// this node, where the agent also listens on the --listen port. Their diverted connects
+    /// go there, since a pod's loopback is its own. `auto`: the address of the default
+    /// route's interface; `none`: such connects are refused. On Kubernetes pass the node's
+    /// IP (the DaemonSet does, from status.hostIP).
+    #[arg(long, default_value = "auto")]
+    pub pod_address: crate::node::PodAddress,
     /// The cloud the agent runs on; picks the metadata endpoints diverted by default: aws
     /// 169.254.169.254:80 and [fd00:ec2::254]:80; openstack 169.254.169.254:80 and
     /// [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; the others 169.254.169.254:80.

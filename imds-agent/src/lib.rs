@@ -7,6 +7,7 @@ pub mod fs;
 pub mod identity;
 pub mod loader;
 pub mod metrics;
+pub mod node;
 pub mod notify;
 pub mod policy;
 pub mod provider;

@@ -164,6 +164,19 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             addr: args.listen,
             source,
         })?;
+    let (pod_address, problem) = args.pod_address.resolve();
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
+    }
+    let mut listeners = vec![listener];
+    if let Some(ip) = pod_address {
+        let addr = std::net::SocketAddrV4::new(ip, args.listen.port());
+        listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?,
+        );
+    }
     let metrics_listener = match args.metrics_listen {
         Some(addr) => Some(
             metrics::bind(addr)
@@ -176,6 +189,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         cgroup: &cgroup,
         pin_dir: &args.pin_dir,
         divert_to: args.listen,
+        pod_divert_to: pod_address,
         endpoints: &endpoints,
         refuse_raw_sockets: !args.allow_raw_sockets,
     })?;
@@ -186,6 +200,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         cgroup = %cgroup.display(),
         pin_dir = %args.pin_dir.display(),
         listen = %args.listen,
+        pod_address = %pod_address.map_or("none".to_owned(), |ip| ip.to_string()),
         provider = %args.provider,
         endpoints = ?endpoints,
         policies = ?policy.current().set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
@@ -278,7 +293,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     };
     proxy::serve(
-        listener,
+        listeners,
         filter.clone(),
         shutdown,
         Duration::from_secs(args.drain_seconds),

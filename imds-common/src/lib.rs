@@ -31,6 +31,14 @@ pub const GLOBAL_DIVERT_IP4: &str = "IMDS_DIVERT_IP4";
 /// Global set at load time: the agent's listener port (host byte order).
 pub const GLOBAL_DIVERT_PORT: &str = "IMDS_DIVERT_PORT";
 
+/// Global set at load time: the network namespace cookie of the agent's namespace. Connects
+/// from it are diverted to [`GLOBAL_DIVERT_IP4`] (loopback); connects from any other namespace
+/// (pods) to [`GLOBAL_POD_DIVERT_IP4`], since their loopback is their own.
+pub const GLOBAL_HOST_NETNS: &str = "IMDS_HOST_NETNS";
+/// Global set at load time: an address of the node that pods can reach, where the agent also
+/// listens (IPv4, network byte order); 0: connects from other namespaces are refused.
+pub const GLOBAL_POD_DIVERT_IP4: &str = "IMDS_POD_DIVERT_IP4";
+
 /// Global set at load time: 1 to refuse raw sockets in enforced cgroups.
 pub const GLOBAL_REFUSE_RAW: &str = "IMDS_REFUSE_RAW";
 /// Global set at load time: [`SocketOffsets`] of the running kernel.

@@ -11,7 +11,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel, generated::bpf_get_socket_cookie,
+        bpf_probe_read_kernel,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
@@ -22,7 +23,8 @@ use imds_common::{
 };
 use maps::{
     IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
-    IMDS_PENDING, IMDS_REFUSE_RAW, IMDS_SOCK_OFFSETS, IMDS_VERDICTS, count,
+    IMDS_HOST_NETNS, IMDS_PENDING, IMDS_POD_DIVERT_IP4, IMDS_REFUSE_RAW, IMDS_SOCK_OFFSETS,
+    IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -48,8 +50,8 @@ pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
     };
     let port = u16::from_be(sa.user_port as u16);
     match decide(&ctx, sa.protocol, *endpoint, SockAddr::v4(ip, port)) {
-        Connect::Divert => {
-            sa.user_ip4 = IMDS_DIVERT_IP4.load();
+        Connect::Divert(to) => {
+            sa.user_ip4 = to;
             sa.user_port = u32::from(IMDS_DIVERT_PORT.load().to_be());
             ALLOW
         }
@@ -81,11 +83,8 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
         },
     };
     match decide(&ctx, sa.protocol, endpoint, original) {
-        Connect::Divert => {
-            write_ip6(
-                &mut sa.user_ip6,
-                [0, 0, V4_MAPPED_WORD.to_be(), IMDS_DIVERT_IP4.load()],
-            );
+        Connect::Divert(to) => {
+            write_ip6(&mut sa.user_ip6, [0, 0, V4_MAPPED_WORD.to_be(), to]);
             sa.user_port = u32::from(IMDS_DIVERT_PORT.load().to_be());
             ALLOW
         }
@@ -193,7 +192,8 @@ fn embedded_ipv4(ip6: &[u32; 4]) -> Option<u32> {
 }
 
 enum Connect {
-    Divert,
+    /// To the agent's listener at this IPv4 address (network byte order).
+    Divert(u32),
     Allow,
     Refuse,
 }
@@ -214,6 +214,22 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         if original.port == DNS_PORT {
             return Connect::Allow;
         }
+        count(Counter::Refused);
+        return Connect::Refuse;
+    }
+
+    // Where the agent can be reached from the socket's network namespace: its loopback is
+    // only the agent's in the agent's own namespace; pods reach it on a node address.
+    // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let host = IMDS_HOST_NETNS.load();
+    let divert_to = if host == 0 || netns == host {
+        IMDS_DIVERT_IP4.load()
+    } else {
+        IMDS_POD_DIVERT_IP4.load()
+    };
+    if divert_to == 0 {
+        // No address where this namespace can reach the agent: fail closed.
         count(Counter::Refused);
         return Connect::Refuse;
     }
@@ -258,7 +274,7 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         return Connect::Refuse;
     }
     count(Counter::Diverted);
-    Connect::Divert
+    Connect::Divert(divert_to)
 }
 
 /// The cgroup, uid and gid of the task running the program.
@@ -333,19 +349,22 @@ fn local_addr(ctx: &SockOpsContext) -> SockAddr {
     SockAddr::v4(ctx.local_ip4(), ctx.local_port() as u16)
 }
 
-/// Whether the socket is connecting to the agent's listener: directly (AF_INET), or as a
-/// v4-mapped address from an AF_INET6 socket that connect6 diverted.
+/// Whether the socket is connecting to one of the agent's listeners (loopback, or the node
+/// address for pods): directly (AF_INET), or as a v4-mapped address from an AF_INET6 socket
+/// that connect6 diverted. Only sockets with a pending record are recorded, so a connect that
+/// was not diverted never is.
 fn to_agent(ctx: &SockOpsContext) -> bool {
-    let divert = IMDS_DIVERT_IP4.load();
+    let is_agent =
+        |ip: u32| ip == IMDS_DIVERT_IP4.load() || (ip != 0 && ip == IMDS_POD_DIVERT_IP4.load());
     match ctx.family() {
-        f if f == u32::from(AF_INET) => ctx.remote_ip4() == divert,
+        f if f == u32::from(AF_INET) => is_agent(ctx.remote_ip4()),
         f if f == u32::from(AF_INET6) => {
             // SAFETY: the kernel passes a valid bpf_sock_ops.
             let remote = read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
             remote[0] == 0
                 && remote[1] == 0
                 && u32::from_be(remote[2]) == V4_MAPPED_WORD
-                && remote[3] == divert
+                && is_agent(remote[3])
         }
         _ => false,
     }

@@ -39,6 +39,12 @@ pub static IMDS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(imds_common::CO
 pub static IMDS_DIVERT_IP4: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static IMDS_DIVERT_PORT: Global<u16> = Global::new(0);
+/// The agent's network namespace (its cookie), and the node address the agent listens on for
+/// connects from every other namespace (0: none, those are refused). Set by the loader.
+#[unsafe(no_mangle)]
+pub static IMDS_HOST_NETNS: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static IMDS_POD_DIVERT_IP4: Global<u32> = Global::new(0);
 /// Where the socket's creator is found in this kernel's structures; set by the loader from
 /// the kernel's BTF (all zero without it).
 #[unsafe(no_mangle)]

@@ -148,6 +148,17 @@ impl Sandbox {
         cgroup: &str,
         uid: Option<u32>,
     ) -> Command {
+        self.command_in(&self.netns, program, cgroup, uid)
+    }
+
+    /// As [`Self::command_as`], in the network namespace `netns` (a pod's).
+    fn command_in(
+        &self,
+        netns: &File,
+        program: impl AsRef<OsStr>,
+        cgroup: &str,
+        uid: Option<u32>,
+    ) -> Command {
         let procs = CString::new(
             self.cgroup(cgroup)
                 .join("cgroup.procs")
@@ -155,7 +166,7 @@ impl Sandbox {
                 .as_bytes(),
         )
         .expect("path has no NUL");
-        let netns = self.netns.as_raw_fd();
+        let netns = netns.as_raw_fd();
         let mut command = Command::new(program);
         // SAFETY: between fork and exec only async-signal-safe calls (open, write, close,
         // setns) on data prepared before the fork.
@@ -331,21 +342,97 @@ impl Sandbox {
 
     /// `curl` from a workload in `cgroup` (as `uid`, if given) with extra arguments.
     pub fn curl(&self, cgroup: &str, uid: Option<u32>, args: &[&str]) -> Curl {
-        let mut command = self.command_as("curl", cgroup, uid);
-        command
-            .args(["-sS", "--noproxy", "*", "-m", "5", "-w", "\n%{http_code}"])
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin");
-        let output = command.output().expect("run curl");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-        Curl {
-            status: status.trim().parse().unwrap_or(0),
-            body: body.to_owned(),
-            exit: output.status.code().unwrap_or(-1),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        run_curl(self.command_as("curl", cgroup, uid), args)
+    }
+
+    /// The kernel counters (diverted, refused, ...) as `imds-agent status --json` shows them.
+    pub fn kernel_counters(&self) -> serde_json::Value {
+        let output = Command::new(binary("imds-agent"))
+            .args(["status", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .expect("imds-agent status");
+        let status: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("status is JSON");
+        status["counters"].clone()
+    }
+
+    /// A "pod": a network namespace of its own, joined to the sandbox (the node) by a veth
+    /// pair, with the node as its default gateway, as a CNI plugin sets one up. Without the
+    /// programs, the pod reaches the metadata address through the node.
+    pub fn add_pod_network(&self) -> PodNetwork {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // "<sandbox>p<n>": reap_stale still finds the creating pid in the name.
+        let name = format!("{}p{n}", self.name);
+        run("ip", &["netns", "add", &name]);
+        let netns = File::open(format!("/run/netns/{name}"));
+        let pod = PodNetwork {
+            netns: netns.expect("open pod netns"),
+            name,
+            node_ip: format!("10.213.{}.1", n % 250),
+            pod_ip: format!("10.213.{}.2", n % 250),
+        };
+        let (node_if, pod_if) = (format!("vn{n}"), format!("vp{n}"));
+        self.ip(&[
+            "link", "add", &node_if, "type", "veth", "peer", "name", &pod_if, "netns", &pod.name,
+        ]);
+        self.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", pod.node_ip),
+            "dev",
+            &node_if,
+        ]);
+        self.ip(&["link", "set", &node_if, "up"]);
+        let in_pod = |args: &[&str]| {
+            let mut all = vec!["-n", pod.name.as_str()];
+            all.extend_from_slice(args);
+            run("ip", &all);
+        };
+        in_pod(&["link", "set", "lo", "up"]);
+        in_pod(&["addr", "add", &format!("{}/24", pod.pod_ip), "dev", &pod_if]);
+        in_pod(&["link", "set", &pod_if, "up"]);
+        in_pod(&["route", "add", "default", "via", &pod.node_ip]);
+        pod
+    }
+
+    /// `curl` from a workload in the pod's network namespace and in `cgroup`.
+    pub fn curl_in_pod(&self, pod: &PodNetwork, cgroup: &str, args: &[&str]) -> Curl {
+        run_curl(self.command_in(&pod.netns, "curl", cgroup, None), args)
+    }
+}
+
+/// A pod's network namespace, deleted (with its end of the veth pair) on drop.
+pub struct PodNetwork {
+    pub name: String,
+    netns: File,
+    /// The node's address on the pod's link: what `--pod-address` names.
+    pub node_ip: String,
+    pub pod_ip: String,
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run_curl(mut command: Command, args: &[&str]) -> Curl {
+    command
+        .args(["-sS", "--noproxy", "*", "-m", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    let output = command.output().expect("run curl");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    Curl {
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        exit: output.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 

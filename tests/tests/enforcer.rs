@@ -49,13 +49,7 @@ fn start(label: &str, tokens_required: bool) -> Option<Env> {
 }
 
 fn counters(sandbox: &Sandbox) -> serde_json::Value {
-    let output = std::process::Command::new(binary("imds-agent"))
-        .args(["status", "--json", "--pin-dir"])
-        .arg(&sandbox.pin_dir)
-        .output()
-        .expect("imds-agent status");
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status is JSON");
-    status["counters"].clone()
+    sandbox.kernel_counters()
 }
 
 #[test]

@@ -32,9 +32,10 @@ use aya::{
 };
 use imds_common::{
     COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
-    GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4,
-    MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4,
-    PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCK_OPS, SockAddr, SocketOffsets, VerdictKey,
+    GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CONNS,
+    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCK_OPS, SockAddr,
+    SocketOffsets, VerdictKey,
 };
 
 use crate::fs;
@@ -116,6 +117,9 @@ pub struct AttachConfig<'a> {
     pub divert_to: SocketAddrV4,
     /// Metadata endpoints to divert (IPv4 and IPv6).
     pub endpoints: &'a [SocketAddr],
+    /// An address of the node where pods (callers in other network namespaces) reach the
+    /// agent's listener port; `None`: their connects to a metadata endpoint are refused.
+    pub pod_divert_to: Option<std::net::Ipv4Addr>,
     /// Whether enforced cgroups may not create raw IP sockets.
     pub refuse_raw_sockets: bool,
 }
@@ -150,11 +154,17 @@ impl Enforcer {
         });
         let divert_ip = u32::from_ne_bytes(config.divert_to.ip().octets());
         let divert_port = config.divert_to.port();
+        let pod_divert_ip = config
+            .pod_divert_to
+            .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        let host_netns = own_netns_cookie().map_err(LoaderError::Cookie)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(config.pin_dir)
             .override_global(GLOBAL_DIVERT_IP4, &divert_ip, true)
             .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
             .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
+            .override_global(GLOBAL_HOST_NETNS, &host_netns, true)
+            .override_global(GLOBAL_POD_DIVERT_IP4, &pod_divert_ip, true)
             .override_global(
                 GLOBAL_REFUSE_RAW,
                 &u32::from(config.refuse_raw_sockets),
@@ -456,20 +466,31 @@ where
 const SO_COOKIE: libc::c_int = 57;
 
 fn socket_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    socket_option_u64(fd, SO_COOKIE)
+}
+
+/// The cookie of the network namespace this thread is in (SO_NETNS_COOKIE, kernel >= 5.14),
+/// the same number `bpf_get_netns_cookie` gives the programs for sockets created here.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    socket_option_u64(socket.as_raw_fd(), libc::SO_NETNS_COOKIE)
+}
+
+fn socket_option_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }

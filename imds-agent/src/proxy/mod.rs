@@ -137,10 +137,10 @@ struct Connection {
     upstream: Mutex<Option<SendRequest<Empty<Bytes>>>>,
 }
 
-/// Accepts connections until `shutdown` resolves, then lets in-flight requests finish for at
-/// most `drain`.
+/// Accepts connections on every listener (loopback, and the node address for pods) until
+/// `shutdown` resolves, then lets in-flight requests finish for at most `drain`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     filter: Arc<Filter>,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
@@ -150,10 +150,11 @@ pub async fn serve(
         filter.limits.config().max_connections,
     ));
     tokio::pin!(shutdown);
+    let mut turn = 0;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept_any(&listeners, &mut turn) => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(slot) = connections.clone().try_acquire_owned() else {
                         filter.metrics.request("overload", "", "");
@@ -196,7 +197,7 @@ pub async fn serve(
             },
         }
     }
-    drop(listener);
+    drop(listeners);
     tracing::info!("stopped accepting; draining in-flight requests");
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
@@ -204,6 +205,26 @@ pub async fn serve(
     {
         tracing::warn!(?drain, "drain timed out; closing remaining connections");
     }
+}
+
+/// The next connection from whichever listener has one; the listener asked first rotates,
+/// so that a busy one cannot starve the others.
+async fn accept_any(
+    listeners: &[TcpListener],
+    turn: &mut usize,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    *turn = turn.wrapping_add(1);
+    let first = *turn;
+    std::future::poll_fn(|cx| {
+        for i in 0..listeners.len() {
+            let listener = &listeners[(first + i) % listeners.len()];
+            if let std::task::Poll::Ready(accepted) = listener.poll_accept(cx) {
+                return std::task::Poll::Ready(accepted);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {

@@ -1,0 +1,165 @@
+//! Pods in network namespaces of their own, as on Kubernetes: a "pod" namespace joined to the
+//! sandbox (the node) by a veth pair, with the node as its gateway. The pod's loopback is its
+//! own, so its diverted connects must go to a node address where the agent listens, while
+//! callers in the node's namespace (hostNetwork pods, host daemons) stay on loopback.
+
+use imds_tests::{
+    fake_imds::INSTANCE_ID,
+    sandbox::{PodNetwork, Process, Sandbox},
+};
+
+const INSTANCE_ID_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
+const CREDENTIALS_URL: &str =
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/demo-node-role";
+
+const POD_POLICY: &str = r#"
+name: pods
+callers:
+  cgroups: ["/pod-a/**"]
+default: deny
+rules:
+  - name: instance-info
+    action: allow
+    methods: [GET]
+    paths: [/latest/meta-data/instance-id]
+"#;
+
+struct Env {
+    pod: PodNetwork,
+    _imds: Process,
+    agent: imds_tests::sandbox::Agent,
+    sandbox: Sandbox,
+}
+
+fn start(label: &str, pod_address: Option<&str>) -> Option<Env> {
+    let sandbox = Sandbox::new(label)?;
+    let pod = sandbox.add_pod_network();
+    // Also a server on the node's address that is not the metadata service.
+    let imds = sandbox.start_fake_imds_on(false, &[&format!("{}:8080", pod.node_ip)]);
+    let policies = sandbox.write_policies(&[("pods.yaml", POD_POLICY)]);
+    let address = pod_address.unwrap_or(&pod.node_ip).to_owned();
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policies],
+        &["--pod-address", &address],
+    );
+    Some(Env {
+        pod,
+        _imds: imds,
+        agent,
+        sandbox,
+    })
+}
+
+#[test]
+fn a_pod_in_its_own_network_namespace_is_diverted_to_the_node_address() {
+    let Some(env) = start("podnet", None) else {
+        return;
+    };
+    let (sandbox, pod) = (&env.sandbox, &env.pod);
+
+    // Control: a pod cgroup outside the enforced tree reaches the metadata service through the
+    // node, as every pod would without enforcement.
+    let unenforced = sandbox.curl_in_pod(pod, "outside", &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (unenforced.status, unenforced.body.as_str()),
+        (200, INSTANCE_ID),
+        "{unenforced:?}"
+    );
+
+    let allowed = sandbox.curl_in_pod(pod, "enforced/pod-a", &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (allowed.status, allowed.body.as_str()),
+        (200, INSTANCE_ID),
+        "{allowed:?}\n{}",
+        env.agent.log()
+    );
+    let denied = sandbox.curl_in_pod(pod, "enforced/pod-a", &[CREDENTIALS_URL]);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(denied.body.contains("pods"), "{denied:?}");
+
+    // Both reached the agent (a rewrite to loopback would have found no listener in the pod)
+    // and were attributed to the pod's cgroup.
+    let audit = env.agent.audit();
+    let seen: Vec<_> = audit
+        .iter()
+        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("/pod-a"), Some("allow")),
+            (Some("/pod-a"), Some("deny"))
+        ],
+        "{audit:#?}"
+    );
+
+    // The node's namespace (a hostNetwork pod in the same cgroup) still goes to loopback.
+    let host = sandbox.curl("enforced/pod-a", None, &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (host.status, host.body.as_str()),
+        (200, INSTANCE_ID),
+        "{host:?}"
+    );
+    let host_denied = sandbox.curl("enforced/pod-a", None, &[CREDENTIALS_URL]);
+    assert_eq!(host_denied.status, 403, "{host_denied:?}");
+
+    // The node listener serves only what the kernel diverted: a pod going there directly
+    // (to dodge the policy, or from another machine) is refused.
+    let direct = format!(
+        "http://{}:954/latest/meta-data/iam/security-credentials/demo-node-role",
+        pod.node_ip
+    );
+    for cgroup in ["enforced/pod-a", "outside"] {
+        let straight = sandbox.curl_in_pod(pod, cgroup, &[&direct]);
+        assert_eq!(straight.status, 403, "{cgroup}: {straight:?}");
+        assert!(
+            straight.body.contains("not diverted by the kernel"),
+            "{straight:?}"
+        );
+    }
+}
+
+#[test]
+fn without_a_pod_address_connects_from_pods_are_refused_in_the_kernel() {
+    let Some(env) = start("podnet-none", Some("none")) else {
+        return;
+    };
+    let (sandbox, pod) = (&env.sandbox, &env.pod);
+    // No address where a pod could reach the agent: fail closed at connect(), counted as
+    // refused (not diverted into the pod's own loopback).
+    let before = sandbox.kernel_counters();
+    let refused = sandbox.curl_in_pod(pod, "enforced/pod-a", &[INSTANCE_ID_URL]);
+    assert_eq!(refused.status, 0, "{refused:?}");
+    assert_eq!(refused.exit, 7, "connect() fails: {refused:?}");
+    let after = sandbox.kernel_counters();
+    assert_eq!(after["diverted"], before["diverted"], "{after}");
+    assert_eq!(
+        after["refused"].as_u64(),
+        before["refused"].as_u64().map(|n| n + 1),
+        "{after}"
+    );
+    assert!(env.agent.audit().is_empty(), "{:?}", env.agent.audit());
+    // Callers in the node's namespace are served as before.
+    let host = sandbox.curl("enforced/pod-a", None, &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (host.status, host.body.as_str()),
+        (200, INSTANCE_ID),
+        "{host:?}"
+    );
+    // Other destinations from the pod are untouched: a server on the node's address.
+    let other = sandbox.curl_in_pod(
+        pod,
+        "enforced/pod-a",
+        &[&format!(
+            "http://{}:8080/latest/meta-data/instance-id",
+            pod.node_ip
+        )],
+    );
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (200, INSTANCE_ID),
+        "{other:?}"
+    );
+}
