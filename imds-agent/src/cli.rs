@@ -40,6 +40,8 @@ pub enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the ImdsPolicy and ClusterImdsPolicy CustomResourceDefinitions (YAML).
+    Crds,
     /// Remove enforcement: unpin the links (detaching the programs) and the maps.
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -74,6 +76,20 @@ pub struct RunArgs {
     /// containers: [{name, id}]}]`), for pod selectors on hosts without an API server.
     #[arg(long)]
     pub pods: Option<PathBuf>,
+    /// Watch the Kubernetes API server for this node's pods (pod selectors) and for
+    /// ImdsPolicy and ClusterImdsPolicy resources (in force with the --policy files). The
+    /// client is configured from KUBECONFIG, ~/.kube/config or the in-cluster service account.
+    #[arg(long, requires = "node_name", conflicts_with = "pods")]
+    pub kubernetes: bool,
+    /// This node's name, for the pod watch's spec.nodeName field selector (the DaemonSet sets
+    /// it from spec.nodeName with the downward API).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// How long a connection from a pod the watch has not reported yet waits for it, in
+    /// milliseconds; then it is decided without pod metadata (only policies that do not select
+    /// by namespace, labels, service account or container apply: never another pod's).
+    #[arg(long, default_value_t = 2000)]
+    pub unknown_pod_wait_ms: u64,
     /// bpffs directory for the pinned links and maps (mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,

@@ -99,6 +99,10 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Crds => {
+            print!("{}", imds_agent::kube::crd::crds_yaml());
+            ExitCode::SUCCESS
+        }
         Command::Detach { pin_dir } => match loader::detach(&pin_dir) {
             Ok(true) => {
                 println!("detached: removed {}", pin_dir.display());

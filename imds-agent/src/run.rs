@@ -155,7 +155,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     for problem in crate::provider::resolve_link_local(&mut endpoints) {
         tracing::warn!("{problem}");
     }
-    let resolver = Resolver::new(&mount, &cgroup, pods)?;
+    let kube_client = if args.kubernetes {
+        Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|e| RunError::Config(format!("--kubernetes: no API client: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let resolver = Resolver::new(&mount, &cgroup, pods.clone())?;
 
     // Listen before attaching: once the programs divert, the listener must be there.
     let listener = TcpListener::bind(args.listen)
@@ -219,6 +228,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tally: tally.clone(),
         selections: crate::proxy::SelectionCache::default(),
         endpoints,
+        unknown_pod_wait: if args.kubernetes {
+            Duration::from_millis(args.unknown_pod_wait_ms)
+        } else {
+            Duration::ZERO
+        },
         limits: crate::proxy::limits::Limits::new(crate::proxy::limits::LimitsConfig {
             max_in_flight: args.max_in_flight_per_caller,
             rate: args.rate_per_caller,
@@ -234,13 +248,33 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             idle: Duration::from_millis(args.idle_timeout_ms),
         },
     });
-    // Ready (and healthy) from here on: attached, policy loaded.
+    // Healthy from here on: attached, policy loaded. Ready once the watches have listed.
+    let synced = Arc::new(crate::kube::watch::Synced::default());
+    let watches = kube_client.map(|client| {
+        tokio::spawn(
+            Arc::new(crate::kube::watch::Watches {
+                client,
+                node: args.node_name.clone().unwrap_or_default(),
+                pods: pods.clone(),
+                policy: policy.clone(),
+                metrics: metrics.clone(),
+                synced: synced.clone(),
+            })
+            .run(),
+        )
+    });
+    let ready: metrics::Readiness = if watches.is_some() {
+        Arc::new(move || synced.all())
+    } else {
+        Arc::new(|| true)
+    };
     let metrics_server = metrics_listener.map(|listener| {
         tokio::spawn(metrics::serve(
             listener,
             metrics,
             policy.clone(),
             enforcer.clone(),
+            ready,
         ))
     });
     let watcher = tokio::spawn(policy.clone().watch());
@@ -306,6 +340,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     state_writer.abort();
     let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
     watcher.abort();
+    if let Some(watches) = watches {
+        watches.abort();
+    }
     reload_on_hup.abort();
     verdict_reset.abort();
     if let Some(server) = metrics_server {

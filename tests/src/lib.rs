@@ -2,4 +2,5 @@
 //! themselves are in `tests/`; `xtask demo` uses the same sandbox.
 
 pub mod fake_imds;
+pub mod fake_kube;
 pub mod sandbox;

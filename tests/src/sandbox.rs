@@ -345,6 +345,23 @@ impl Sandbox {
         run_curl(self.command_as("curl", cgroup, uid), args)
     }
 
+    /// A TCP listener inside the sandbox's network namespace, for a server the test process
+    /// runs itself (a socket stays in the namespace it was created in). The namespace is
+    /// joined by a short-lived thread, so the test process's own threads never are.
+    pub fn bind_tcp(&self, addr: &str) -> std::net::TcpListener {
+        let netns = self.netns.try_clone().expect("netns fd");
+        let addr = addr.to_owned();
+        std::thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                panic!("setns: {}", std::io::Error::last_os_error());
+            }
+            std::net::TcpListener::bind(&addr).expect("bind in the sandbox")
+        })
+        .join()
+        .expect("bind thread")
+    }
+
     /// The kernel counters (diverted, refused, ...) as `imds-agent status --json` shows them.
     pub fn kernel_counters(&self) -> serde_json::Value {
         let output = Command::new(binary("imds-agent"))

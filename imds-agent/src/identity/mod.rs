@@ -143,6 +143,10 @@ impl Resolver {
         })
     }
 
+    pub fn pods(&self) -> &PodDirectory {
+        &self.pods
+    }
+
     pub fn identify(&self, caller: &Caller) -> Identity {
         let full_path = self.cached_path(caller.cgroup_id);
         let cgroup = full_path

@@ -54,13 +54,71 @@ struct PodsFile {
     pods: Vec<PodInfo>,
 }
 
-/// The current pods, swapped atomically as a whole.
+/// The current pods, swapped atomically as a whole (a node runs at most a few hundred pods:
+/// a copy per change is cheap, and readers never wait).
 #[derive(Debug, Default)]
 pub struct PodDirectory {
     pods: ArcSwap<HashMap<String, Arc<PodInfo>>>,
+    /// Serialises writers (the watch), so that no update is lost between load and store.
+    writer: std::sync::Mutex<()>,
+    /// Bumped on every change, for connections waiting for a pod the watch has not seen.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl PodDirectory {
+    pub fn len(&self) -> usize {
+        self.pods.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.load().is_empty()
+    }
+
+    /// Adds or replaces one pod; whether anything changed.
+    pub fn upsert(&self, pod: PodInfo) -> bool {
+        let _writer = self.writer.lock().expect("pod directory writer");
+        let current = self.pods.load();
+        if current.get(&pod.uid).is_some_and(|known| **known == pod) {
+            return false;
+        }
+        let mut next = HashMap::clone(&current);
+        next.insert(pod.uid.clone(), Arc::new(pod));
+        self.pods.store(Arc::new(next));
+        self.changes.send_modify(|v| *v += 1);
+        true
+    }
+
+    /// Forgets a pod; whether it was known.
+    pub fn remove(&self, uid: &str) -> bool {
+        let _writer = self.writer.lock().expect("pod directory writer");
+        let current = self.pods.load();
+        if !current.contains_key(uid) {
+            return false;
+        }
+        let mut next = HashMap::clone(&current);
+        next.remove(uid);
+        self.pods.store(Arc::new(next));
+        self.changes.send_modify(|v| *v += 1);
+        true
+    }
+
+    /// The pod, waiting up to `timeout` for it to appear (a connection from a pod that
+    /// started before the watch reported it).
+    pub async fn wait_for(&self, uid: &str, timeout: std::time::Duration) -> Option<Arc<PodInfo>> {
+        let mut changes = self.changes.subscribe();
+        let wait = async {
+            loop {
+                if let Some(pod) = self.get(uid) {
+                    return pod;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok()
+    }
+
     pub fn get(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.pods.load().get(uid).cloned()
     }
@@ -74,11 +132,13 @@ impl PodDirectory {
     }
 
     pub fn replace(&self, pods: impl IntoIterator<Item = PodInfo>) {
+        let _writer = self.writer.lock().expect("pod directory writer");
         let map = pods
             .into_iter()
             .map(|p| (p.uid.clone(), Arc::new(p)))
             .collect();
         self.pods.store(Arc::new(map));
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// Loads a pods file (`pods: [...]`, YAML or JSON).

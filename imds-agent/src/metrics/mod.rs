@@ -46,6 +46,17 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    /// pods, imdspolicies, clusterimdspolicies
+    resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KernelLabels {
     counter: String,
 }
@@ -57,6 +68,10 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     policy_version: Gauge,
     kernel: Family<KernelLabels, Gauge>,
+    watch_synced: Family<WatchLabels, Gauge>,
+    watch_errors: Family<WatchLabels, Counter>,
+    pods_known: Gauge,
+    policy_resources: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -93,6 +108,30 @@ impl Default for Metrics {
             "Connects to metadata endpoints seen by the kernel programs (diverted, passed, refused, bypassed)",
             kernel.clone(),
         );
+        let watch_synced = Family::<WatchLabels, Gauge>::default();
+        registry.register(
+            "watch_synced",
+            "1 while a Kubernetes watch is listed and streaming, 0 while it fails (the last known state stays in force)",
+            watch_synced.clone(),
+        );
+        let watch_errors = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Kubernetes watch failures (each followed by a retry with backoff)",
+            watch_errors.clone(),
+        );
+        let pods_known = Gauge::default();
+        registry.register(
+            "pods_known",
+            "Pods on this node known from the API server (the identity cache)",
+            pods_known.clone(),
+        );
+        let policy_resources = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "policy_resources",
+            "ImdsPolicy and ClusterImdsPolicy objects by state (valid, invalid)",
+            policy_resources.clone(),
+        );
         Self {
             registry,
             requests,
@@ -100,6 +139,10 @@ impl Default for Metrics {
             reloads,
             policy_version,
             kernel,
+            watch_synced,
+            watch_errors,
+            pods_known,
+            policy_resources,
         }
     }
 }
@@ -146,6 +189,31 @@ impl Metrics {
         self.upstream_seconds.observe(seconds);
     }
 
+    pub fn watch_synced(&self, resource: &'static str, synced: bool) {
+        self.watch_synced
+            .get_or_create(&WatchLabels { resource })
+            .set(i64::from(synced));
+    }
+
+    pub fn watch_error(&self, resource: &'static str) {
+        self.watch_errors
+            .get_or_create(&WatchLabels { resource })
+            .inc();
+    }
+
+    pub fn pods_known(&self, count: usize) {
+        self.pods_known
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn policy_resources(&self, valid: usize, invalid: usize) {
+        for (state, count) in [("valid", valid), ("invalid", invalid)] {
+            self.policy_resources
+                .get_or_create(&StateLabels { state })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The Prometheus text exposition, with the values read at scrape time refreshed.
     pub fn render(&self, policy: &PolicyStore, enforcer: &Enforcer) -> String {
         self.policy_version
@@ -179,18 +247,29 @@ impl Metrics {
     }
 }
 
-/// Serves the endpoints until the task is dropped.
+/// Whether the agent is ready beyond being attached (on Kubernetes: the watches have listed).
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Serves the endpoints until the task is dropped. `/healthz`: the agent serves (it is
+/// attached; a failing watch does not make it unhealthy, as restarting would not help).
+/// `/readyz`: also `ready()`.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     policy: Arc<PolicyStore>,
     enforcer: Arc<Enforcer>,
+    ready: Readiness,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (metrics, policy, enforcer) = (metrics.clone(), policy.clone(), enforcer.clone());
+        let (metrics, policy, enforcer, ready) = (
+            metrics.clone(),
+            policy.clone(),
+            enforcer.clone(),
+            ready.clone(),
+        );
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let response = match request.uri().path() {
@@ -199,7 +278,13 @@ pub async fn serve(
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         metrics.render(&policy, &enforcer),
                     ),
-                    "/healthz" | "/readyz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                    "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                    "/readyz" if ready() => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+                    "/readyz" => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: waiting for the first list of pods and policies\n".to_owned(),
+                    ),
                     _ => (
                         StatusCode::NOT_FOUND,
                         "text/plain",

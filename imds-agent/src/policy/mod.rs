@@ -47,7 +47,17 @@ use serde_saphyr::Spanned;
 use crate::identity::Identity;
 pub use pattern::{CanonicalPath, NamePattern, PathError, PathPattern, PatternSet, Specificity};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -100,7 +110,9 @@ pub enum KernelVerdict {
     Bypass,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
@@ -109,59 +121,90 @@ pub enum Mode {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The file format. Spanned values carry their line and column for error messages.
+// The document: a policy file, and the spec of the ImdsPolicy and ClusterImdsPolicy resources
+// (`kube`), whose schema is derived from these types. Spanned values carry their line and
+// column for error messages in files (unknown in API objects, which name the object instead).
 
-#[derive(Debug, Deserialize)]
+/// An IMDS policy: which callers it governs, and per request, ordered rules and a default.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PolicyDoc {
-    name: Spanned<String>,
+pub struct PolicyDocument {
+    /// Names the policy in denials and audit lines. Required in a file; in a resource the
+    /// object's name is used instead (and this field is not part of its schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub name: Option<Spanned<String>>,
+    /// Free text for people reading the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// enforce (default), or audit: a would-be denial is logged and counted, then allowed.
     #[serde(default)]
-    #[expect(dead_code, reason = "documentation for people reading the file")]
-    description: Option<String>,
+    pub mode: Mode,
+    /// Which callers this policy governs (omitted: every caller it may govern).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callers: Option<SelectorDocument>,
+    /// The decision when no rule matches a request.
+    pub default: Action,
+    /// In order; the first rule that matches decides for this policy.
     #[serde(default)]
-    mode: Mode,
-    #[serde(default)]
-    callers: Option<SelectorDoc>,
-    default: Action,
-    #[serde(default)]
-    rules: Vec<RuleDoc>,
+    pub rules: Vec<RuleDocument>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One rule: an action for requests with these methods to these paths.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RuleDoc {
-    name: Spanned<String>,
-    action: Action,
-    methods: Spanned<Vec<Spanned<String>>>,
+pub struct RuleDocument {
+    /// Names the rule in denials and audit lines.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    pub action: Action,
+    /// HTTP methods (GET, HEAD, PUT, ...), or "*" for any.
+    #[schemars(with = "Vec<String>")]
+    pub methods: Spanned<Vec<Spanned<String>>>,
+    /// Path patterns: `*` one segment, `**` any depth, `{a,b}` alternatives.
     #[serde(default)]
-    paths: Vec<Spanned<String>>,
+    #[schemars(with = "Vec<String>")]
+    pub paths: Vec<Spanned<String>>,
+    /// Named path groups (credentials, user-data, instance-info, ...).
     #[serde(default)]
-    groups: Vec<Spanned<String>>,
-    #[serde(default)]
-    callers: Option<SelectorDoc>,
+    #[schemars(with = "Vec<String>")]
+    pub groups: Vec<Spanned<String>>,
+    /// Narrows the rule to some of the policy's callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callers: Option<SelectorDocument>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Which callers: every field given must match (AND); any of a field's values may (OR).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SelectorDoc {
-    #[serde(default)]
-    cgroups: Vec<Spanned<String>>,
-    #[serde(default)]
-    uids: Vec<u32>,
-    #[serde(default)]
-    gids: Vec<u32>,
-    #[serde(default)]
-    units: Vec<Spanned<String>>,
-    #[serde(default)]
-    executables: Vec<Spanned<String>>,
-    #[serde(default)]
-    namespaces: Vec<String>,
-    #[serde(default)]
-    pod_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    service_accounts: Vec<String>,
-    #[serde(default)]
-    containers: Vec<String>,
+pub struct SelectorDocument {
+    /// cgroup path patterns, relative to the enforced root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub cgroups: Vec<Spanned<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uids: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gids: Vec<u32>,
+    /// systemd unit name patterns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub units: Vec<Spanned<String>>,
+    /// Executable path patterns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub executables: Vec<Spanned<String>>,
+    /// Pod namespaces. An ImdsPolicy governs pods of its own namespace only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Pod labels, all of which must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    /// Container names in the pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,7 +214,7 @@ struct SelectorDoc {
 pub enum PolicyError {
     #[error("{}: {source}", file.display())]
     Read { file: PathBuf, source: io::Error },
-    #[error("{}:{line}:{column}: {field}: {message}", file.display())]
+    #[error("{}{}: {field}: {message}", file.display(), position(*line, *column))]
     Invalid {
         file: PathBuf,
         line: u64,
@@ -179,6 +222,15 @@ pub enum PolicyError {
         field: String,
         message: String,
     },
+}
+
+/// `:line:column`, or nothing where the position is unknown (policies from the API server).
+fn position(line: u64, column: u64) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}:{column}")
+    }
 }
 
 struct Located<'a> {
@@ -538,6 +590,13 @@ impl PolicySet {
         &self.policies
     }
 
+    /// This set followed by `more` (policies from API resources).
+    pub fn with(&self, more: &[Policy]) -> Self {
+        let mut set = self.clone();
+        set.policies.extend_from_slice(more);
+        set
+    }
+
     /// A verdict the kernel may enforce for this caller from now on, when no request can
     /// change the outcome: refuse when nothing can be allowed (the connect fails at once),
     /// bypass for unmatched callers under `--unmatched bypass`. `None` when the agent must see
@@ -785,18 +844,75 @@ fn load_file(file: &Path) -> Result<Policy, Vec<PolicyError>> {
     parse(file, &text)
 }
 
-/// Parses and validates one policy document.
+/// Parses and validates one policy file.
 pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
-    let doc: PolicyDoc =
+    let doc: PolicyDocument =
         serde_saphyr::from_str(text).map_err(|e| vec![yaml_error(file, text, &e)])?;
+    let Some(name) = &doc.name else {
+        return Err(vec![PolicyError::Invalid {
+            file: file.to_owned(),
+            line: 1,
+            column: 1,
+            field: "name".into(),
+            message: "required: names the policy in denials and audit lines".into(),
+        }]);
+    };
     let mut at = Located {
         file,
         errors: Vec::new(),
     };
-    if !valid_name(&doc.name.value) {
-        at.error(&doc.name, "name", "must be 1-128 of A-Z a-z 0-9 - _ .");
+    if !valid_name(&name.value) {
+        at.error(name, "name", "must be 1-128 of A-Z a-z 0-9 - _ .");
     }
-    let callers = compile_selector(&mut at, "callers", doc.callers.as_ref());
+    compile(at, name.value.clone(), &doc, None)
+}
+
+/// Validates the spec of an API object (ImdsPolicy, ClusterImdsPolicy). `source` names the
+/// object in errors and explanations; `name` names the policy in denials. A namespaced policy
+/// governs pods of `namespace` only: whatever its selectors say, it selects no other caller.
+pub fn compile_resource(
+    source: &Path,
+    name: String,
+    doc: &PolicyDocument,
+    namespace: Option<&str>,
+) -> Result<Policy, Vec<PolicyError>> {
+    let mut at = Located {
+        file: source,
+        errors: Vec::new(),
+    };
+    if let Some(given) = &doc.name {
+        at.error(
+            given,
+            "name",
+            "not allowed in a resource: metadata.name names the policy",
+        );
+    }
+    compile(at, name, doc, namespace)
+}
+
+fn compile(
+    mut at: Located<'_>,
+    name: String,
+    doc: &PolicyDocument,
+    namespace: Option<&str>,
+) -> Result<Policy, Vec<PolicyError>> {
+    let file = at.file;
+    let mut callers = compile_selector(&mut at, "callers", doc.callers.as_ref());
+    if let Some(namespace) = namespace {
+        if callers.namespaces.iter().any(|n| n != namespace) {
+            at.errors.push(PolicyError::Invalid {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                field: "callers.namespaces".into(),
+                message: format!(
+                    "an ImdsPolicy governs pods of its own namespace ({namespace}) only; use a \
+                     ClusterImdsPolicy for others"
+                ),
+            });
+        }
+        callers.namespaces = vec![namespace.to_owned()];
+    }
     let mut rule_names = HashSet::new();
     let rules = doc
         .rules
@@ -844,7 +960,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
         return Err(at.errors);
     }
     Ok(Policy {
-        name: doc.name.value,
+        name,
         source: file.to_owned(),
         mode: doc.mode,
         callers,
@@ -887,7 +1003,7 @@ fn compile_methods(
     Methods::Only(methods.value.iter().map(|m| m.value.clone()).collect())
 }
 
-fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDoc) -> Vec<PathPattern> {
+fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Vec<PathPattern> {
     if rule.paths.is_empty() && rule.groups.is_empty() {
         at.error(
             &rule.name,
@@ -927,7 +1043,7 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDoc) -> Vec<PathP
     patterns
 }
 
-fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDoc>) -> Selector {
+fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDocument>) -> Selector {
     let Some(doc) = doc else {
         return Selector::default();
     };

@@ -16,23 +16,30 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{PolicyError, PolicySet, Unmatched};
+use super::{Policy, PolicyError, PolicySet, Unmatched};
 
 /// 100 ms: a change is in force within about that (the 200 ms reaction target), for a few
 /// stat calls per file per tick.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A policy set and its version (1 for the first load, +1 for every successful reload).
+/// A policy set and its version: 1 for the first load, +1 for every change of what decisions
+/// depend on (a successful reload, a policy resource, the pod metadata).
 #[derive(Debug)]
 pub struct Versioned {
     pub version: u64,
-    pub set: PolicySet,
+    pub set: Arc<PolicySet>,
 }
 
 pub struct PolicyStore {
     sources: Vec<PathBuf>,
     unmatched: Unmatched,
     current: ArcSwap<Versioned>,
+    /// The policies from the files, as last loaded successfully.
+    files: std::sync::Mutex<PolicySet>,
+    /// Policies from API resources (ImdsPolicy, ClusterImdsPolicy), each validated already.
+    resources: std::sync::Mutex<Vec<Policy>>,
+    /// Serialises changes, so that versions are consecutive and none is lost.
+    change: std::sync::Mutex<()>,
     fingerprint: std::sync::Mutex<Fingerprint>,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
@@ -50,7 +57,13 @@ impl PolicyStore {
         Ok(Self {
             sources,
             unmatched,
-            current: ArcSwap::from_pointee(Versioned { version: 1, set }),
+            current: ArcSwap::from_pointee(Versioned {
+                version: 1,
+                set: Arc::new(set.clone()),
+            }),
+            files: std::sync::Mutex::new(set),
+            resources: std::sync::Mutex::new(Vec::new()),
+            change: std::sync::Mutex::new(()),
             fingerprint: std::sync::Mutex::new(fingerprint),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
@@ -75,10 +88,9 @@ impl PolicyStore {
         *self.fingerprint.lock().expect("fingerprint lock") = fingerprint(&self.sources);
         match PolicySet::load(&self.sources, self.unmatched) {
             Ok(set) => {
-                let version = self.current.load().version + 1;
-                self.current.store(Arc::new(Versioned { version, set }));
+                *self.files.lock().expect("files lock") = set;
+                let version = self.recompose();
                 self.reloads.fetch_add(1, Ordering::Relaxed);
-                self.changes.send_replace(version);
                 Ok(version)
             }
             Err(errors) => {
@@ -86,6 +98,44 @@ impl PolicyStore {
                 Err(errors)
             }
         }
+    }
+
+    /// Puts these resource policies in force (with the files' policies), replacing the
+    /// previous ones. They were validated one by one; resource names cannot clash with file
+    /// names (they contain a '/').
+    pub fn set_resources(&self, policies: Vec<Policy>) -> u64 {
+        *self.resources.lock().expect("resources lock") = policies;
+        self.recompose()
+    }
+
+    /// A new version of the same policies, for a change of something else decisions depend on
+    /// (pod metadata): cached selections and kernel verdicts are dropped.
+    pub fn bump(&self) -> u64 {
+        let _change = self.change.lock().expect("change lock");
+        let current = self.current.load_full();
+        let version = current.version + 1;
+        self.current.store(Arc::new(Versioned {
+            version,
+            set: current.set.clone(),
+        }));
+        self.changes.send_replace(version);
+        version
+    }
+
+    fn recompose(&self) -> u64 {
+        let _change = self.change.lock().expect("change lock");
+        let set = self
+            .files
+            .lock()
+            .expect("files lock")
+            .with(&self.resources.lock().expect("resources lock"));
+        let version = self.current.load().version + 1;
+        self.current.store(Arc::new(Versioned {
+            version,
+            set: Arc::new(set),
+        }));
+        self.changes.send_replace(version);
+        version
     }
 
     /// Whether the sources changed on disk since the last load or reload.

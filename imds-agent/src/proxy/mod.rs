@@ -60,6 +60,9 @@ pub struct Filter {
     pub selections: SelectionCache,
     /// The diverted endpoints, for the interface of link-local ones.
     pub endpoints: Vec<SocketAddr>,
+    /// How long a connection from a pod not yet known waits for the pod watch (zero without
+    /// one).
+    pub unknown_pod_wait: Duration,
 }
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
@@ -164,7 +167,7 @@ pub async fn serve(
                     let filter = filter.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        let Some(connection) = attribute(&filter, peer) else {
+                        let Some(connection) = attribute(&filter, peer).await else {
                             filter.metrics.request("refuse", "", "");
                             refuse_unrecorded(stream, peer).await;
                             return;
@@ -227,7 +230,7 @@ async fn accept_any(
     .await
 }
 
-fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
+async fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
     let key = match peer.ip() {
         IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), peer.port()),
         // The listener is IPv4; connect6 diverts to its v4-mapped address, so a peer that
@@ -235,7 +238,25 @@ fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
         IpAddr::V6(_) => return None,
     };
     let caller: Caller = filter.enforcer.caller(&key)?;
-    let identity = filter.resolver.identify(&caller);
+    let mut identity = filter.resolver.identify(&caller);
+    if let crate::identity::Workload::Pod { pod_uid, .. } = &identity.workload
+        && identity.pod.is_none()
+        && !filter.unknown_pod_wait.is_zero()
+    {
+        // Started before the watch reported it: wait for it, within bounds. After that the
+        // caller has no pod metadata, so no namespace's or pod's policy can select it.
+        if filter
+            .resolver
+            .pods()
+            .wait_for(pod_uid, filter.unknown_pod_wait)
+            .await
+            .is_some()
+        {
+            identity = filter.resolver.identify(&caller);
+        } else {
+            tracing::warn!(pod_uid = %pod_uid, wait = ?filter.unknown_pod_wait, "a pod the API server has not reported: deciding without pod metadata");
+        }
+    }
     let policy = filter.policy.current();
     let selection = filter.selections.get(&identity, &policy);
     if let Some(verdict) = policy.set.kernel_verdict(&selection, &identity) {
@@ -692,6 +713,9 @@ fn audit(
         cgroup = id.cgroup.as_deref().unwrap_or("?"),
         cgroup_id = id.cgroup_id,
         unit = id.unit.as_deref().unwrap_or(""),
+        namespace,
+        pod = id.pod.as_ref().map_or("", |p| p.name.as_str()),
+        container = id.container.as_deref().unwrap_or(""),
         uid = id.uid,
         gid = id.gid,
         pid = id.pid,

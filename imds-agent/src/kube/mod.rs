@@ -1,0 +1,5 @@
+//! Kubernetes: the policy resources and the watches that feed the agent (this node's pods,
+//! ImdsPolicies, ClusterImdsPolicies).
+
+pub mod crd;
+pub mod watch;

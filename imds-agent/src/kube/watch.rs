@@ -1,0 +1,417 @@
+//! The watches: this node's pods (field selector `spec.nodeName`) into the pod directory, and
+//! ImdsPolicies and ClusterImdsPolicies into the policy store, each policy validated on its
+//! own and reported in its status.
+//!
+//! Failure: a watch that errors keeps the last known state in force and retries with
+//! kube-runtime's backoff (exponential, capped); the metrics show each watch's state and
+//! errors. A policy update that does not validate is reported (`Accepted=False`) and the
+//! object's previously accepted version stays in force.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{Patch, PatchParams},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+
+use super::crd::{ClusterImdsPolicy, ImdsPolicy};
+use crate::{
+    identity::pods::{ContainerInfo, PodDirectory, PodInfo},
+    metrics::Metrics,
+    policy::{Policy, PolicyDocument, compile_resource, store::PolicyStore},
+};
+
+/// Which watches have delivered their first complete list: the agent is ready (`/readyz`)
+/// only then, so that no pod is started on a node whose agent does not know its policy.
+#[derive(Debug, Default)]
+pub struct Synced {
+    pub pods: AtomicBool,
+    pub namespaced_policies: AtomicBool,
+    pub cluster_policies: AtomicBool,
+}
+
+impl Synced {
+    pub fn all(&self) -> bool {
+        self.pods.load(Ordering::Relaxed)
+            && self.namespaced_policies.load(Ordering::Relaxed)
+            && self.cluster_policies.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the watches feed.
+pub struct Watches {
+    pub client: Client,
+    pub node: String,
+    pub pods: Arc<PodDirectory>,
+    pub policy: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    pub synced: Arc<Synced>,
+}
+
+impl Watches {
+    /// Runs the three watches until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let resources = Arc::new(ResourcePolicies::default());
+        tokio::join!(
+            self.clone().watch_pods(),
+            self.clone().watch_policies::<ImdsPolicy>(resources.clone()),
+            self.clone().watch_policies::<ClusterImdsPolicy>(resources),
+        );
+    }
+
+    async fn watch_pods(self: Arc<Self>) {
+        const RESOURCE: &str = "pods";
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
+        let mut events = watcher(api, config).default_backoff().boxed();
+        let mut listed = Vec::new();
+        while let Some(event) = events.next().await {
+            let changed = match event {
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    false
+                }
+                Ok(watcher::Event::InitApply(pod)) => {
+                    listed.extend(pod_info(&pod));
+                    false
+                }
+                Ok(watcher::Event::InitDone) => {
+                    self.pods.replace(listed.drain(..));
+                    self.synced.pods.store(true, Ordering::Relaxed);
+                    self.metrics.watch_synced(RESOURCE, true);
+                    tracing::info!(pods = self.pods.len(), node = %self.node, "pods listed");
+                    true
+                }
+                Ok(watcher::Event::Apply(pod)) => {
+                    pod_info(&pod).is_some_and(|p| self.pods.upsert(p))
+                }
+                Ok(watcher::Event::Delete(pod)) => pod
+                    .metadata
+                    .uid
+                    .as_deref()
+                    .is_some_and(|uid| self.pods.remove(uid)),
+                Err(error) => {
+                    self.watch_failed(RESOURCE, &error);
+                    false
+                }
+            };
+            if changed {
+                self.metrics.pods_known(self.pods.len());
+                // Selections and kernel verdicts were derived from the old pod metadata.
+                self.policy.bump();
+            }
+        }
+    }
+
+    async fn watch_policies<K: PolicyResource>(self: Arc<Self>, resources: Arc<ResourcePolicies>) {
+        let api: Api<K> = Api::all(self.client.clone());
+        let mut events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut listed = Vec::new();
+        while let Some(event) = events.next().await {
+            let reports = match event {
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitApply(object)) => {
+                    listed.push(object);
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let reports = resources.relist(listed.drain(..));
+                    K::synced(&self.synced).store(true, Ordering::Relaxed);
+                    self.metrics.watch_synced(K::PLURAL, true);
+                    reports
+                }
+                Ok(watcher::Event::Apply(object)) => resources.apply(&object).into_iter().collect(),
+                Ok(watcher::Event::Delete(object)) => {
+                    resources.delete::<K>(&object);
+                    Vec::new()
+                }
+                Err(error) => {
+                    self.watch_failed(K::PLURAL, &error);
+                    continue;
+                }
+            };
+            let version = self.policy.set_resources(resources.accepted());
+            let (accepted, rejected) = resources.counts();
+            self.metrics.policy_resources(accepted, rejected);
+            for report in reports {
+                tracing::info!(
+                    version,
+                    resource = %report.source,
+                    accepted = report.error.is_none(),
+                    error = report.error.as_deref().unwrap_or(""),
+                    "policy resource"
+                );
+                self.report::<K>(report).await;
+            }
+        }
+    }
+
+    fn watch_failed(&self, resource: &'static str, error: &watcher::Error) {
+        tracing::warn!(
+            resource,
+            %error,
+            "watch failed; the last known state stays in force, retrying with backoff"
+        );
+        self.metrics.watch_error(resource);
+        self.metrics.watch_synced(resource, false);
+    }
+
+    /// Writes the `Accepted` condition. Every agent writes the same condition for the same
+    /// generation (validation depends on the spec alone), so concurrent writers agree.
+    async fn report<K: PolicyResource>(&self, report: Report) {
+        let api = K::api(self.client.clone(), report.namespace.as_deref());
+        let (status, reason, message) = match &report.error {
+            None => ("True", "Valid", "in force".to_owned()),
+            Some(error) if report.previous_in_force => (
+                "False",
+                "Invalid",
+                format!("{error}; the previously accepted version stays in force"),
+            ),
+            Some(error) => ("False", "Invalid", error.clone()),
+        };
+        let patch = serde_json::json!({
+            "status": {"conditions": [{
+                "type": "Accepted",
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": report.generation,
+                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+            }]}
+        });
+        if let Err(error) = api
+            .patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(resource = %report.source, %error, "cannot update the policy's status");
+        }
+    }
+}
+
+/// The pod's metadata as policies use it; `None` without a uid, namespace or name.
+pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+    let meta = &pod.metadata;
+    let status = pod.status.as_ref();
+    let containers = status
+        .into_iter()
+        .flat_map(|s| {
+            s.container_statuses
+                .iter()
+                .chain(&s.init_container_statuses)
+                .chain(&s.ephemeral_container_statuses)
+                .flatten()
+        })
+        .filter_map(|c| {
+            Some(ContainerInfo {
+                name: c.name.clone(),
+                id: c.container_id.clone()?,
+            })
+        })
+        .collect();
+    Some(PodInfo {
+        uid: meta.uid.clone()?,
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+        labels: meta.labels.clone().unwrap_or_default(),
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        containers,
+    })
+}
+
+/// An ImdsPolicy or ClusterImdsPolicy.
+pub trait PolicyResource:
+    Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
+{
+    /// The resource's plural, which also prefixes its policies' names.
+    const PLURAL: &'static str;
+    /// Whether it governs the pods of its own namespace only.
+    const NAMESPACED: bool;
+    fn document(&self) -> &PolicyDocument;
+    fn synced(synced: &Synced) -> &AtomicBool;
+    /// The API for objects in `namespace` (namespaced kinds) or the cluster.
+    fn api(client: Client, namespace: Option<&str>) -> Api<Self>;
+}
+
+impl PolicyResource for ImdsPolicy {
+    const PLURAL: &'static str = "imdspolicies";
+    const NAMESPACED: bool = true;
+    fn document(&self) -> &PolicyDocument {
+        &self.spec.policy
+    }
+    fn synced(synced: &Synced) -> &AtomicBool {
+        &synced.namespaced_policies
+    }
+    fn api(client: Client, namespace: Option<&str>) -> Api<Self> {
+        Api::namespaced(client, namespace.unwrap_or("default"))
+    }
+}
+
+impl PolicyResource for ClusterImdsPolicy {
+    const PLURAL: &'static str = "clusterimdspolicies";
+    const NAMESPACED: bool = false;
+    fn document(&self) -> &PolicyDocument {
+        &self.spec.policy
+    }
+    fn synced(synced: &Synced) -> &AtomicBool {
+        &synced.cluster_policies
+    }
+    fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
+        Api::all(client)
+    }
+}
+
+/// The policy resources as validated, by (plural, namespace, name).
+#[derive(Default)]
+struct ResourcePolicies {
+    entries: Mutex<BTreeMap<(&'static str, String, String), Entry>>,
+}
+
+struct Entry {
+    generation: Option<i64>,
+    /// The last version that validated; stays in force while a later one does not.
+    accepted: Option<Policy>,
+    valid: bool,
+}
+
+/// What to write into one object's status.
+struct Report {
+    source: String,
+    namespace: Option<String>,
+    name: String,
+    generation: Option<i64>,
+    error: Option<String>,
+    previous_in_force: bool,
+}
+
+impl ResourcePolicies {
+    /// Validates a new or changed object. `None` when its spec did not change (a status
+    /// update, or a resync): nothing to do, nothing to report.
+    fn apply<K: PolicyResource>(&self, object: &K) -> Option<Report> {
+        let namespace = object.namespace().filter(|_| K::NAMESPACED);
+        let name = object.name_any();
+        let generation = object.meta().generation;
+        let key = (
+            K::PLURAL,
+            namespace.clone().unwrap_or_default(),
+            name.clone(),
+        );
+        let mut entries = self.entries.lock().expect("resource policies");
+        if generation.is_some()
+            && entries
+                .get(&key)
+                .is_some_and(|e| e.generation == generation)
+        {
+            return None;
+        }
+        // The name policies go by in denials and audit lines: never a file's (no '/').
+        let source = match &namespace {
+            Some(namespace) => format!("{}/{namespace}/{name}", K::PLURAL),
+            None => format!("{}/{name}", K::PLURAL),
+        };
+        let result = compile_resource(
+            &PathBuf::from(&source),
+            source.clone(),
+            object.document(),
+            namespace.as_deref(),
+        );
+        let entry = entries.entry(key).or_insert(Entry {
+            generation: None,
+            accepted: None,
+            valid: false,
+        });
+        entry.generation = generation;
+        let error = match result {
+            Ok(policy) => {
+                entry.accepted = Some(policy);
+                entry.valid = true;
+                None
+            }
+            Err(errors) => {
+                entry.valid = false;
+                Some(
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            }
+        };
+        Some(Report {
+            source,
+            namespace,
+            name,
+            generation,
+            error,
+            previous_in_force: entry.accepted.is_some(),
+        })
+    }
+
+    /// A complete list of one kind (at start, or after the watch restarted): objects no
+    /// longer listed are gone.
+    fn relist<K: PolicyResource>(&self, objects: impl Iterator<Item = K>) -> Vec<Report> {
+        let objects: Vec<K> = objects.collect();
+        {
+            let mut entries = self.entries.lock().expect("resource policies");
+            entries.retain(|(plural, namespace, name), _| {
+                *plural != K::PLURAL
+                    || objects.iter().any(|o| {
+                        o.name_any() == *name
+                            && o.namespace().filter(|_| K::NAMESPACED).unwrap_or_default()
+                                == *namespace
+                    })
+            });
+        }
+        objects.iter().filter_map(|o| self.apply(o)).collect()
+    }
+
+    fn delete<K: PolicyResource>(&self, object: &K) {
+        let namespace = object
+            .namespace()
+            .filter(|_| K::NAMESPACED)
+            .unwrap_or_default();
+        self.entries.lock().expect("resource policies").remove(&(
+            K::PLURAL,
+            namespace,
+            object.name_any(),
+        ));
+    }
+
+    /// The policies in force, in a stable order.
+    fn accepted(&self) -> Vec<Policy> {
+        self.entries
+            .lock()
+            .expect("resource policies")
+            .values()
+            .filter_map(|e| e.accepted.clone())
+            .collect()
+    }
+
+    /// (valid, invalid) objects.
+    fn counts(&self) -> (usize, usize) {
+        let entries = self.entries.lock().expect("resource policies");
+        let valid = entries.values().filter(|e| e.valid).count();
+        (valid, entries.len() - valid)
+    }
+}

@@ -1,0 +1,360 @@
+//! The agent on Kubernetes, against a fake API server that speaks real list and watch JSON:
+//! pods of this node and policy resources arrive by watch, decisions follow them, and the
+//! agent reports each policy's status.
+
+use std::time::{Duration, Instant};
+
+use imds_tests::{
+    fake_imds::INSTANCE_ID,
+    fake_kube::{FakeApiServer, Kind, pod, policy},
+    sandbox::{Agent, Curl, Process, Sandbox},
+};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-a";
+const METRICS: &str = "127.0.0.1:9754";
+const INSTANCE_ID_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
+const CREDENTIALS_URL: &str =
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/demo-node-role";
+
+const API_UID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+const API_CONTAINER: &str = "aa11bb22cc33dd44ee55ff6600112233445566778899aabbccddeeff00112233";
+const WEB_UID: &str = "6fa459ea-ee8a-3ca4-894e-db77e160355e";
+const WEB_CONTAINER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+/// The cgroup kubelet's systemd driver creates for a burstable pod's container.
+fn pod_cgroup(pod_uid: &str, container: &str) -> String {
+    let uid = pod_uid.replace('-', "_");
+    format!(
+        "enforced/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{container}.scope"
+    )
+}
+
+/// The payments namespace's policy: its `app: api` pods may read credentials.
+fn payments_spec(allow_credentials: bool) -> Value {
+    let mut rules = vec![json!({"name": "instance-info", "action": "allow",
+                                "methods": ["GET"], "groups": ["instance-info"]})];
+    if allow_credentials {
+        rules.push(
+            json!({"name": "credentials", "action": "allow", "methods": ["GET"],
+                          "groups": ["credentials"]}),
+        );
+    }
+    json!({"callers": {"podLabels": {"app": "api"}}, "default": "deny", "rules": rules})
+}
+
+/// The cluster default for every pod: instance information only.
+fn baseline_spec() -> Value {
+    json!({"callers": {"cgroups": ["/kubepods.slice/**"]}, "default": "deny",
+           "rules": [{"name": "instance-info", "action": "allow", "methods": ["GET"],
+                      "groups": ["instance-info"]}]})
+}
+
+struct Env {
+    agent: Agent,
+    api: FakeApiServer,
+    _imds: Process,
+    sandbox: Sandbox,
+}
+
+impl Env {
+    fn start(label: &str, extra: &[&str]) -> Option<Self> {
+        let sandbox = Sandbox::new(label)?;
+        let imds = sandbox.start_fake_imds(false);
+        let api = FakeApiServer::start(sandbox.bind_tcp("127.0.0.1:0"));
+        let (kind, object) = policy(Some("payments"), "api", payments_spec(true));
+        api.apply(kind, object);
+        let (kind, object) = policy(None, "baseline", baseline_spec());
+        api.apply(kind, object);
+        let kubeconfig = api.kubeconfig(&sandbox.work_dir);
+        let files = sandbox.write_policies(&[]);
+        let mut args = vec![
+            "--kubernetes",
+            "--node-name",
+            NODE,
+            "--metrics-listen",
+            METRICS,
+        ];
+        args.extend_from_slice(extra);
+        let agent = sandbox.launch_agent_with_env(
+            "enforced",
+            "agent",
+            &[&files],
+            &args,
+            &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
+        );
+        let mut env = Self {
+            agent,
+            api,
+            _imds: imds,
+            sandbox,
+        };
+        assert!(env.agent.is_running(), "agent exited:\n{}", env.agent.log());
+        let ready = wait_until(Duration::from_secs(10), || {
+            env.get("outside", &format!("http://{METRICS}/readyz"))
+                .status
+                == 200
+        });
+        assert!(ready, "never ready:\n{}", env.agent.log());
+        Some(env)
+    }
+
+    fn get(&self, cgroup: &str, url: &str) -> Curl {
+        self.sandbox.curl(cgroup, None, &[url])
+    }
+
+    fn add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        node: &str,
+        labels: Value,
+        container: &str,
+    ) {
+        self.api.apply(
+            Kind::Pod,
+            pod(namespace, name, uid, node, labels, container),
+        );
+    }
+
+    fn metrics(&self) -> String {
+        self.get("outside", &format!("http://{METRICS}/metrics"))
+            .body
+    }
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+fn accepted_condition(api: &FakeApiServer, namespace: &str, name: &str) -> Option<Value> {
+    let object = api.get(Kind::ImdsPolicy, namespace, name)?;
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+}
+
+#[test]
+fn pods_and_policies_arrive_by_watch_and_updates_flip_decisions() {
+    let Some(env) = Env::start("kube-watch", &[]) else {
+        return;
+    };
+    // The pod watch asks for this node's pods only.
+    assert!(
+        env.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/pods?") && r.contains("spec.nodeName%3Dnode-a")),
+        "{:?}",
+        env.api.requests()
+    );
+    let condition = accepted_condition(&env.api, "payments", "api").expect("status written");
+    assert_eq!(
+        (&condition["status"], &condition["observedGeneration"]),
+        (&json!("True"), &json!(1)),
+        "{condition}"
+    );
+
+    // Pods created after the agent started, one per namespace.
+    env.add_pod(
+        "payments",
+        "api-0",
+        API_UID,
+        NODE,
+        json!({"app": "api"}),
+        API_CONTAINER,
+    );
+    env.add_pod(
+        "frontend",
+        "web-0",
+        WEB_UID,
+        NODE,
+        json!({"app": "web"}),
+        WEB_CONTAINER,
+    );
+    let (api_pod, web_pod) = (
+        pod_cgroup(API_UID, API_CONTAINER),
+        pod_cgroup(WEB_UID, WEB_CONTAINER),
+    );
+    let creds = env.get(&api_pod, CREDENTIALS_URL);
+    assert_eq!(creds.status, 200, "{creds:?}\n{}", env.agent.log());
+    let web_creds = env.get(&web_pod, CREDENTIALS_URL);
+    assert_eq!(web_creds.status, 403, "{web_creds:?}");
+    assert!(
+        web_creds.body.contains("clusterimdspolicies/baseline"),
+        "the denial names the cluster policy: {web_creds:?}"
+    );
+    let web_info = env.get(&web_pod, INSTANCE_ID_URL);
+    assert_eq!(
+        (web_info.status, web_info.body.as_str()),
+        (200, INSTANCE_ID)
+    );
+    let line = env
+        .agent
+        .audit()
+        .into_iter()
+        .find(|l| l["status"] == 200)
+        .expect("audit");
+    assert_eq!(line["namespace"], "payments", "{line}");
+    assert_eq!(line["policy"], "imdspolicies/payments/api", "{line}");
+
+    // An update through the watch flips the decision.
+    let (kind, object) = policy(Some("payments"), "api", payments_spec(false));
+    env.api.apply(kind, object);
+    assert!(
+        wait_until(Duration::from_secs(5), || env
+            .get(&api_pod, CREDENTIALS_URL)
+            .status
+            == 403),
+        "the update never took effect:\n{}",
+        env.agent.log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        accepted_condition(&env.api, "payments", "api")
+            .is_some_and(|c| c["observedGeneration"] == 2 && c["status"] == "True")
+    }));
+
+    // A broken update is rejected in the status, and the version in force stays.
+    let mut broken = payments_spec(true);
+    broken["rules"][1]["methods"] = json!(["FETCH"]);
+    let (kind, object) = policy(Some("payments"), "api", broken);
+    env.api.apply(kind, object);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            accepted_condition(&env.api, "payments", "api")
+                .is_some_and(|c| c["observedGeneration"] == 3 && c["status"] == "False")
+        }),
+        "{:?}",
+        env.api.get(Kind::ImdsPolicy, "payments", "api")
+    );
+    let condition = accepted_condition(&env.api, "payments", "api").expect("condition");
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("rules[1].methods[0]") && message.contains("FETCH"),
+        "says what and where: {message}"
+    );
+    assert!(
+        message.contains("previously accepted version stays in force"),
+        "{message}"
+    );
+    assert_eq!(env.get(&api_pod, CREDENTIALS_URL).status, 403);
+    assert_eq!(env.get(&api_pod, INSTANCE_ID_URL).status, 200);
+
+    // A namespace's policy cannot reach into another namespace.
+    let mut grab = payments_spec(true);
+    grab["callers"] = json!({"namespaces": ["frontend"]});
+    let (kind, object) = policy(Some("payments"), "grab", grab);
+    env.api.apply(kind, object);
+    assert!(wait_until(Duration::from_secs(5), || {
+        accepted_condition(&env.api, "payments", "grab").is_some_and(|c| c["status"] == "False")
+    }));
+    assert_eq!(env.get(&web_pod, CREDENTIALS_URL).status, 403);
+}
+
+#[test]
+fn a_deleted_pod_is_forgotten_and_an_api_outage_keeps_enforcement() {
+    let Some(mut env) = Env::start("kube-outage", &["--unknown-pod-wait-ms", "300"]) else {
+        return;
+    };
+    env.add_pod(
+        "payments",
+        "api-0",
+        API_UID,
+        NODE,
+        json!({"app": "api"}),
+        API_CONTAINER,
+    );
+    env.add_pod(
+        "payments",
+        "api-1",
+        WEB_UID,
+        NODE,
+        json!({"app": "api"}),
+        WEB_CONTAINER,
+    );
+    let (first, second) = (
+        pod_cgroup(API_UID, API_CONTAINER),
+        pod_cgroup(WEB_UID, WEB_CONTAINER),
+    );
+    assert_eq!(env.get(&first, CREDENTIALS_URL).status, 200);
+    assert_eq!(env.get(&second, CREDENTIALS_URL).status, 200);
+
+    // Deleted: its cgroup id (still there in the sandbox) no longer carries its metadata.
+    env.api.delete(Kind::Pod, "payments", "api-0");
+    assert!(
+        wait_until(Duration::from_secs(5), || env
+            .get(&first, CREDENTIALS_URL)
+            .status
+            == 403),
+        "{}",
+        env.agent.log()
+    );
+    let line = env.agent.audit().into_iter().last().expect("audit");
+    assert_eq!(line["namespace"], "", "no pod metadata: {line}");
+
+    // The API server goes away: the last known state stays in force.
+    env.api.stop();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            env.metrics()
+                .lines()
+                .any(|l| l.starts_with("imds_agent_watch_errors_total{resource=\"pods\"}"))
+        }),
+        "{}",
+        env.metrics()
+    );
+    assert_eq!(env.get(&second, CREDENTIALS_URL).status, 200);
+    assert_eq!(env.get(&first, CREDENTIALS_URL).status, 403);
+    let metrics = env.metrics();
+    assert!(
+        metrics.contains("imds_agent_watch_synced{resource=\"pods\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("imds_agent_pods_known 1"), "{metrics}");
+    assert!(env.agent.is_running());
+}
+
+#[test]
+fn a_connection_from_a_pod_not_yet_reported_waits_for_it() {
+    let Some(env) = Env::start("kube-wait", &[]) else {
+        return;
+    };
+    let cgroup = pod_cgroup(API_UID, API_CONTAINER);
+    // The container runs (and connects) before the watch has reported its pod.
+    let mut early = env.sandbox.spawn_get(&cgroup, CREDENTIALS_URL);
+    std::thread::sleep(Duration::from_millis(300));
+    env.add_pod(
+        "payments",
+        "api-0",
+        API_UID,
+        NODE,
+        json!({"app": "api"}),
+        API_CONTAINER,
+    );
+    let output = early.wait().expect("curl");
+    assert!(output.success());
+    let mut body = String::new();
+    std::io::Read::read_to_string(early.stdout.as_mut().expect("stdout"), &mut body).unwrap();
+    assert!(body.contains("AccessKeyId"), "{body}\n{}", env.agent.log());
+    // A pod on another node is not watched: its uid stays unknown here.
+    env.add_pod(
+        "frontend",
+        "web-0",
+        WEB_UID,
+        "node-b",
+        json!({"app": "api"}),
+        WEB_CONTAINER,
+    );
+    let other = env.get(&pod_cgroup(WEB_UID, WEB_CONTAINER), CREDENTIALS_URL);
+    assert_eq!(other.status, 403, "{other:?}");
+}
