@@ -70,8 +70,13 @@ pub struct RunArgs {
     #[arg(long, required = true)]
     pub policy: Vec<PathBuf>,
     /// What happens to callers that no policy selects.
-    #[arg(long, value_enum, default_value_t = Unmatched::Deny)]
+    #[arg(long, value_enum, default_value_t = Unmatched::Deny, env = "IMDS_AGENT_UNMATCHED")]
     pub unmatched: Unmatched,
+    /// enforce, or audit: a dry run of every policy. Nothing is denied (nor refused in the
+    /// kernel); each request that would be denied is served, logged with decision
+    /// "would-deny" naming the policy and rule, and counted.
+    #[arg(long, value_enum, default_value_t = crate::policy::Mode::Enforce, env = "IMDS_AGENT_MODE")]
+    pub mode: crate::policy::Mode,
     /// Pod metadata file (`pods: [{uid, namespace, name, labels, serviceAccount,
     /// containers: [{name, id}]}]`), for pod selectors on hosts without an API server.
     #[arg(long)]
@@ -85,6 +90,12 @@ pub struct RunArgs {
     /// it from spec.nodeName with the downward API).
     #[arg(long)]
     pub node_name: Option<String>,
+    /// Once attached and synced, remove this taint from the node (e.g.
+    /// imds-agent.dev/agent-not-ready, registered by the kubelet with
+    /// --register-with-taints), so that pods start only where enforcement is in place. Needs
+    /// get and patch on nodes.
+    #[arg(long, requires = "kubernetes")]
+    pub remove_node_taint: Option<String>,
     /// How long a connection from a pod the watch has not reported yet waits for it, in
     /// milliseconds; then it is decided without pod metadata (only policies that do not select
     /// by namespace, labels, service account or container apply: never another pod's).
@@ -107,14 +118,20 @@ pub struct RunArgs {
     /// The cloud the agent runs on; picks the metadata endpoints diverted by default: aws
     /// 169.254.169.254:80 and [fd00:ec2::254]:80; openstack 169.254.169.254:80 and
     /// [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; the others 169.254.169.254:80.
-    #[arg(long, value_enum, default_value_t = Provider::Aws)]
+    #[arg(long, value_enum, default_value_t = Provider::Aws, env = "IMDS_AGENT_PROVIDER")]
     pub provider: Provider,
     /// A further metadata endpoint to divert (ADDRESS:PORT; IPv6 as [ADDRESS]:PORT, link-local
     /// as [ADDRESS%INTERFACE]:PORT); repeatable. E.g. 169.254.170.2:80 to govern ECS task
     /// credentials. IPv6 connects to addresses embedding an IPv4 endpoint (::ffff:a.b.c.d,
     /// ::a.b.c.d, 64:ff9b::a.b.c.d) are diverted too. Other TCP ports on an endpoint's address
     /// are refused, except DNS (53).
-    #[arg(long = "endpoint", value_parser = crate::provider::parse_endpoint)]
+    /// From the environment: IMDS_AGENT_ENDPOINTS, comma-separated.
+    #[arg(
+        long = "endpoint",
+        value_parser = crate::provider::parse_endpoint,
+        env = "IMDS_AGENT_ENDPOINTS",
+        value_delimiter = ','
+    )]
     pub endpoints: Vec<std::net::SocketAddr>,
     /// Divert only the --endpoint addresses, not the provider's defaults.
     #[arg(long, requires = "endpoints")]

@@ -126,8 +126,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut sighup = signal(SignalKind::hangup())?;
     // Everything that can be wrong with the configuration is found before anything is bound
     // or attached.
-    let policy =
-        Arc::new(PolicyStore::load(args.policy.clone(), args.unmatched).map_err(RunError::Policy)?);
+    let policy = Arc::new(
+        PolicyStore::load(args.policy.clone(), args.unmatched, args.mode)
+            .map_err(RunError::Policy)?,
+    );
+    if args.mode == crate::policy::Mode::Audit {
+        tracing::warn!(
+            "--mode audit: a dry run, nothing is denied (would-be denials are logged and counted as would-deny)"
+        );
+    }
     if policy.current().set.policies().is_empty() {
         tracing::warn!(
             unmatched = %args.unmatched,
@@ -214,6 +221,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         endpoints = ?endpoints,
         policies = ?policy.current().set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
         unmatched = %args.unmatched,
+        mode = ?args.mode,
         "enforcing"
     );
 
@@ -250,6 +258,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     // Healthy from here on: attached, policy loaded. Ready once the watches have listed.
     let synced = Arc::new(crate::kube::watch::Synced::default());
+    let taint = match (&kube_client, &args.remove_node_taint) {
+        (Some(client), Some(key)) => {
+            let synced = synced.clone();
+            Some(tokio::spawn(crate::kube::taint::remove_when_ready(
+                client.clone(),
+                args.node_name.clone().unwrap_or_default(),
+                key.clone(),
+                move || synced.all(),
+            )))
+        }
+        _ => None,
+    };
     let watches = kube_client.map(|client| {
         tokio::spawn(
             Arc::new(crate::kube::watch::Watches {
@@ -340,8 +360,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     state_writer.abort();
     let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
     watcher.abort();
-    if let Some(watches) = watches {
-        watches.abort();
+    for task in [watches, taint].into_iter().flatten() {
+        task.abort();
     }
     reload_on_hup.abort();
     verdict_reset.abort();

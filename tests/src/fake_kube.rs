@@ -36,6 +36,7 @@ pub enum Kind {
     Pod,
     ImdsPolicy,
     ClusterImdsPolicy,
+    Node,
 }
 
 impl Kind {
@@ -44,6 +45,7 @@ impl Kind {
             Self::Pod => "/api/v1/pods",
             Self::ImdsPolicy => "/apis/imds-agent.dev/v1alpha1/imdspolicies",
             Self::ClusterImdsPolicy => "/apis/imds-agent.dev/v1alpha1/clusterimdspolicies",
+            Self::Node => "/api/v1/nodes",
         }
     }
 
@@ -52,12 +54,13 @@ impl Kind {
             Self::Pod => "PodList",
             Self::ImdsPolicy => "ImdsPolicyList",
             Self::ClusterImdsPolicy => "ClusterImdsPolicyList",
+            Self::Node => "NodeList",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Self::Pod => "v1",
+            Self::Pod | Self::Node => "v1",
             _ => POLICY_GROUP,
         }
     }
@@ -213,7 +216,7 @@ impl Drop for FakeApiServer {
 fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
     let namespace = match kind {
-        Kind::ClusterImdsPolicy => String::new(),
+        Kind::ClusterImdsPolicy | Kind::Node => String::new(),
         _ => meta["namespace"].as_str().unwrap_or("default").to_owned(),
     };
     (
@@ -280,6 +283,27 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Bo
             return watch(state, kind, node, since);
         }
         return list(state, kind, node.as_deref());
+    }
+    if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
+        let key = (Kind::Node, String::new(), name.to_owned());
+        if method == Method::GET {
+            return match state.lock().expect("state").objects.get(&key) {
+                Some(node) => json_response(StatusCode::OK, node),
+                None => status(StatusCode::NOT_FOUND, "no such node"),
+            };
+        }
+        if method == Method::PATCH {
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "the patch is not JSON");
+            };
+            return patch_node(state, key, &patch);
+        }
     }
     if method == Method::PATCH
         && let Some((kind, namespace, name)) = status_target(&path)
@@ -383,6 +407,24 @@ fn patch_status(
     let object = object.clone();
     publish(&mut state, kind, "MODIFIED", object.clone());
     json_response(StatusCode::OK, &object)
+}
+
+/// A merge patch of a node; a resourceVersion in the patch must be the current one (409).
+fn patch_node(state: &Mutex<State>, key: Key, patch: &Value) -> Response<Body> {
+    let mut state = state.lock().expect("state");
+    state.resource_version += 1;
+    let rv = state.resource_version;
+    let Some(node) = state.objects.get_mut(&key) else {
+        return status(StatusCode::NOT_FOUND, "no such node");
+    };
+    if let Some(expected) = patch["metadata"]["resourceVersion"].as_str()
+        && node["metadata"]["resourceVersion"].as_str() != Some(expected)
+    {
+        return status(StatusCode::CONFLICT, "the object has been modified");
+    }
+    merge(node, patch);
+    node["metadata"]["resourceVersion"] = json!(rv.to_string());
+    json_response(StatusCode::OK, &node.clone())
 }
 
 /// RFC 7386 JSON merge patch.

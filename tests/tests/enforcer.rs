@@ -484,3 +484,47 @@ fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
     let denied = fetch("enforced/sdk-denied");
     assert_eq!(denied["access_key"], serde_json::Value::Null, "{denied}");
 }
+
+#[test]
+fn the_agent_in_audit_mode_serves_what_it_would_deny_and_says_so() {
+    let Some(sandbox) = Sandbox::new("dry-run") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    // From the environment, as the Kubernetes settings pass it.
+    let agent = sandbox.launch_agent_with_env(
+        "enforced",
+        "agent",
+        &[&repo_policies()],
+        &[],
+        &[("IMDS_AGENT_MODE", "audit")],
+    );
+    let creds = sandbox.curl("enforced/web", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(creds.status, 200, "{creds:?}\n{}", agent.log());
+    assert!(creds.body.contains(ACCESS_KEY_PREFIX), "{creds:?}");
+    // A caller no policy selects is served too, also on its next connect (no kernel refusal).
+    for _ in 0..2 {
+        let unmatched = sandbox.curl("enforced/nobody", None, &[&url(INSTANCE_ID_PATH)]);
+        assert_eq!(unmatched.status, 200, "{unmatched:?}");
+    }
+    let audit = agent.audit();
+    let reported: Vec<_> = audit
+        .iter()
+        .map(|l| {
+            (
+                l["decision"].as_str().unwrap_or(""),
+                l["policy"].as_str().unwrap_or(""),
+                l["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            ("would-deny", "web", 200),
+            ("would-deny", "(none)", 200),
+            ("would-deny", "(none)", 200)
+        ],
+        "{audit:#?}"
+    );
+}

@@ -358,3 +358,61 @@ fn a_connection_from_a_pod_not_yet_reported_waits_for_it() {
     let other = env.get(&pod_cgroup(WEB_UID, WEB_CONTAINER), CREDENTIALS_URL);
     assert_eq!(other.status, 403, "{other:?}");
 }
+
+#[test]
+fn the_start_up_taint_is_removed_once_enforcing() {
+    const TAINT: &str = "imds-agent.dev/agent-not-ready";
+    let Some(sandbox) = Sandbox::new("kube-taint") else {
+        return;
+    };
+    let api = FakeApiServer::start(sandbox.bind_tcp("127.0.0.1:0"));
+    api.apply(
+        Kind::Node,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+        "spec": {"taints": [
+            {"key": TAINT, "effect": "NoExecute"},
+            {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}
+        ]}}),
+    );
+    let kubeconfig = api.kubeconfig(&sandbox.work_dir);
+    let files = sandbox.write_policies(&[]);
+    let agent = sandbox.launch_agent_with_env(
+        "enforced",
+        "agent",
+        &[&files],
+        &[
+            "--kubernetes",
+            "--node-name",
+            NODE,
+            "--remove-node-taint",
+            TAINT,
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
+    );
+    let taints = || api.get(Kind::Node, "", NODE).expect("node")["spec"]["taints"].clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || taints()
+            .as_array()
+            .is_some_and(|t| t.len() == 1)),
+        "{}\n{}",
+        taints(),
+        agent.log()
+    );
+    assert_eq!(taints()[0]["key"], "dedicated", "other taints stay");
+    // Only once enforcing: the pod and policy lists came first.
+    let requests = api.requests();
+    let patched = requests
+        .iter()
+        .position(|r| r.starts_with("PATCH /api/v1/nodes/"))
+        .expect("patch");
+    for list in [
+        "GET /api/v1/pods?",
+        "GET /apis/imds-agent.dev/v1alpha1/imdspolicies?",
+    ] {
+        let listed = requests
+            .iter()
+            .position(|r| r.starts_with(list))
+            .expect(list);
+        assert!(listed < patched, "{requests:?}");
+    }
+}

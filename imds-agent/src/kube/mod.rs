@@ -2,4 +2,5 @@
 //! ImdsPolicies, ClusterImdsPolicies).
 
 pub mod crd;
+pub mod taint;
 pub mod watch;

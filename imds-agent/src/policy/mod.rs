@@ -111,7 +111,16 @@ pub enum KernelVerdict {
 }
 
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -474,6 +483,9 @@ fn combine<'a>(verdicts: impl Iterator<Item = Verdict<'a>>) -> Option<Verdict<'a
 pub struct PolicySet {
     policies: Vec<Policy>,
     unmatched: Unmatched,
+    /// The agent's `--mode`: in audit mode (a dry run) nothing is denied; every denial is
+    /// logged and counted as would-deny instead.
+    mode: Mode,
 }
 
 /// The outcome for one request, naming what decided it.
@@ -580,6 +592,7 @@ impl PolicySet {
             Ok(Self {
                 policies,
                 unmatched,
+                mode: Mode::Enforce,
             })
         } else {
             Err(errors)
@@ -588,6 +601,12 @@ impl PolicySet {
 
     pub fn policies(&self) -> &[Policy] {
         &self.policies
+    }
+
+    /// This set with the agent's mode (`--mode audit`: a dry run).
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// This set followed by `more` (policies from API resources).
@@ -610,6 +629,11 @@ impl PolicySet {
         let Selection::Policies(indexes) = selection else {
             return None;
         };
+        if self.mode == Mode::Audit {
+            // A dry run: the agent must see (and allow) every request.
+            return (indexes.is_empty() && self.unmatched == Unmatched::Bypass)
+                .then_some(KernelVerdict::Bypass);
+        }
         if self.policies.iter().any(Policy::uses_executables) {
             return None;
         }
@@ -649,8 +673,27 @@ impl PolicySet {
     }
 
     /// The decision for one request. Pure: no I/O, no clock; the proxy calls it per request
-    /// with the caller's selection.
+    /// with the caller's selection. In audit mode (`--mode audit`) a denial becomes an allow
+    /// that names what would have denied.
     pub fn decide<'a>(
+        &'a self,
+        selection: &Selection,
+        identity: &Identity,
+        method: &str,
+        path: &CanonicalPath<'_>,
+    ) -> Decision<'a> {
+        let decision = self.decide_enforcing(selection, identity, method, path);
+        match (self.mode, decision.action) {
+            (Mode::Audit, Action::Deny) => Decision {
+                action: Action::Allow,
+                would_deny: Some((decision.policy, decision.rule)),
+                ..decision
+            },
+            _ => decision,
+        }
+    }
+
+    fn decide_enforcing<'a>(
         &'a self,
         selection: &Selection,
         identity: &Identity,

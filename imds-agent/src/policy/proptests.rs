@@ -111,7 +111,7 @@ proptest! {
         let doc = format!(
             "name: p\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    paths: [\"{pattern_text}\"]\n"
         );
-        let set = PolicySet { policies: vec![parse(std::path::Path::new("p.yaml"), &doc).unwrap()], unmatched: Unmatched::Deny };
+        let set = PolicySet { policies: vec![parse(std::path::Path::new("p.yaml"), &doc).unwrap()], unmatched: Unmatched::Deny, mode: super::Mode::Enforce };
         let Ok(http_request) = Request::get(path.as_str()).header("host", "x").body(()) else {
             return Ok(());
         };

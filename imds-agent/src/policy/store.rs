@@ -16,7 +16,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{Policy, PolicyError, PolicySet, Unmatched};
+use super::{Mode, Policy, PolicyError, PolicySet, Unmatched};
 
 /// 100 ms: a change is in force within about that (the 200 ms reaction target), for a few
 /// stat calls per file per tick.
@@ -33,6 +33,7 @@ pub struct Versioned {
 pub struct PolicyStore {
     sources: Vec<PathBuf>,
     unmatched: Unmatched,
+    mode: Mode,
     current: ArcSwap<Versioned>,
     /// The policies from the files, as last loaded successfully.
     files: std::sync::Mutex<PolicySet>,
@@ -51,12 +52,18 @@ pub struct PolicyStore {
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl PolicyStore {
-    pub fn load(sources: Vec<PathBuf>, unmatched: Unmatched) -> Result<Self, Vec<PolicyError>> {
+    /// Loads the files; `mode` is the agent's (`--mode audit`: a dry run).
+    pub fn load(
+        sources: Vec<PathBuf>,
+        unmatched: Unmatched,
+        mode: Mode,
+    ) -> Result<Self, Vec<PolicyError>> {
         let fingerprint = fingerprint(&sources);
-        let set = PolicySet::load(&sources, unmatched)?;
+        let set = PolicySet::load(&sources, unmatched)?.with_mode(mode);
         Ok(Self {
             sources,
             unmatched,
+            mode,
             current: ArcSwap::from_pointee(Versioned {
                 version: 1,
                 set: Arc::new(set.clone()),
@@ -88,7 +95,7 @@ impl PolicyStore {
         *self.fingerprint.lock().expect("fingerprint lock") = fingerprint(&self.sources);
         match PolicySet::load(&self.sources, self.unmatched) {
             Ok(set) => {
-                *self.files.lock().expect("files lock") = set;
+                *self.files.lock().expect("files lock") = set.with_mode(self.mode);
                 let version = self.recompose();
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 Ok(version)
@@ -218,7 +225,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("p.yaml");
         std::fs::write(&file, "name: one\ndefault: deny\n").unwrap();
-        let store = PolicyStore::load(vec![dir.clone()], Unmatched::Deny).unwrap();
+        let store = PolicyStore::load(vec![dir.clone()], Unmatched::Deny, Mode::Enforce).unwrap();
         assert_eq!(store.current().version, 1);
         assert!(!store.changed());
 

@@ -27,6 +27,7 @@ fn set(docs: &[&str], unmatched: Unmatched) -> PolicySet {
             .map(|(i, d)| parse(Path::new(&format!("{i}.yaml")), d).expect("valid policy"))
             .collect(),
         unmatched,
+        mode: Mode::Enforce,
     }
 }
 
@@ -558,4 +559,43 @@ fn kernel_verdicts_only_where_no_request_can_change_the_outcome() {
     let exe_set = set(&[locked, by_exe], Unmatched::Deny);
     let who = identity(Some("/locked"), 0);
     assert_eq!(exe_set.kernel_verdict(&exe_set.select(&who), &who), None);
+}
+
+#[test]
+fn the_agent_audit_mode_denies_nothing_and_names_what_would_have() {
+    let dry_run = set(&[WEB], Unmatched::Deny).with_mode(Mode::Audit);
+    let web = identity(Some("/web/app"), 1000);
+    let path = CanonicalPath::parse("/latest/meta-data/iam/security-credentials/r").unwrap();
+    let selection = dry_run.select(&web);
+    let decision = dry_run.decide(&selection, &web, "GET", &path);
+    assert_eq!(decision.action, Action::Allow);
+    assert_eq!(decision.would_deny, Some(("web", "no-credentials")));
+    // Unmatched callers and unresolved cgroups alike: served, reported, never refused.
+    let ghost = identity(Some("/elsewhere"), 1000);
+    let selection = dry_run.select(&ghost);
+    let decision = dry_run.decide(&selection, &ghost, "GET", &path);
+    assert_eq!(
+        (decision.action, decision.would_deny),
+        (Action::Allow, Some((UNMATCHED_POLICY, "unmatched")))
+    );
+    assert_eq!(dry_run.kernel_verdict(&selection, &ghost), None);
+    let lost = identity(None, 0);
+    let decision = dry_run.decide(&dry_run.select(&lost), &lost, "GET", &path);
+    assert_eq!(decision.action, Action::Allow);
+    // The same set enforcing: denied, and refused in the kernel for the unmatched caller.
+    let enforcing = set(&[WEB], Unmatched::Deny);
+    assert_eq!(
+        decide(
+            &enforcing,
+            &web,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/r"
+        )
+        .0,
+        Action::Deny
+    );
+    assert_eq!(
+        enforcing.kernel_verdict(&enforcing.select(&ghost), &ghost),
+        Some(KernelVerdict::Refuse)
+    );
 }

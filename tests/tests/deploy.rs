@@ -1,0 +1,470 @@
+//! Every file under `deploy/` (and the example resources in `policies/kubernetes/`) parsed
+//! into the Kubernetes API's own types, with unknown fields as errors, and checked against
+//! each other and against the agent's command line, so that a typo fails CI rather than a
+//! rollout.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use imds_agent::kube::crd::{ClusterImdsPolicy, ImdsPolicy};
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Namespace, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The parts of a kustomization this repository uses; anything else is a typo.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Kustomization {
+    api_version: String,
+    kind: String,
+    namespace: String,
+    resources: Vec<String>,
+    images: Vec<Image>,
+    config_map_generator: Vec<Generator>,
+    patches: Vec<Value>,
+}
+
+/// An optional kustomize component (`deploy/<name>/`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Component {
+    api_version: String,
+    kind: String,
+    resources: Vec<String>,
+    patches: Vec<Patch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Patch {
+    target: Value,
+    patch: String,
+}
+
+/// One RFC 6902 operation of a component's patch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Operation {
+    op: String,
+    path: String,
+    value: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Image {
+    name: String,
+    new_name: String,
+    new_tag: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Generator {
+    name: String,
+    #[serde(default)]
+    literals: Vec<String>,
+    #[serde(default)]
+    files: Vec<String>,
+}
+
+/// Every path present in `original` but missing from `parsed` (the object as the typed
+/// value serializes it again): fields the type does not know.
+fn unknown_fields(original: &Value, parsed: &Value, at: &str, out: &mut Vec<String>) {
+    match (original, parsed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, value) in a {
+                match b.get(key) {
+                    Some(other) => unknown_fields(value, other, &format!("{at}.{key}"), out),
+                    None => out.push(format!("{at}.{key}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                unknown_fields(x, y, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Parses one document as `T`, failing on any field `T` does not have.
+fn strict<T: DeserializeOwned + Serialize>(file: &Path, document: &Value) -> T {
+    let typed: T = serde_json::from_value(document.clone())
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let again = serde_json::to_value(&typed).expect("serialize");
+    let mut unknown = Vec::new();
+    unknown_fields(document, &again, "", &mut unknown);
+    assert!(
+        unknown.is_empty(),
+        "{}: unknown fields {unknown:?}",
+        file.display()
+    );
+    typed
+}
+
+/// Every object in a file, by kind.
+#[derive(Default)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemon_sets: Vec<DaemonSet>,
+    crds: Vec<CustomResourceDefinition>,
+    policies: Vec<ImdsPolicy>,
+    cluster_policies: Vec<ClusterImdsPolicy>,
+}
+
+fn parse_resources(file: &Path, objects: &mut Objects) {
+    let text = std::fs::read_to_string(file).expect("read");
+    let documents: Vec<Value> =
+        serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(!documents.is_empty(), "{}: no documents", file.display());
+    for document in documents.into_iter().filter(|d| !d.is_null()) {
+        let api_version = document["apiVersion"].as_str().unwrap_or_default();
+        let kind = document["kind"].as_str().unwrap_or_default();
+        match (api_version, kind) {
+            ("v1", "Namespace") => objects.namespaces.push(strict(file, &document)),
+            ("v1", "ServiceAccount") => objects.service_accounts.push(strict(file, &document)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                objects.cluster_roles.push(strict(file, &document));
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                objects.bindings.push(strict(file, &document));
+            }
+            ("apps/v1", "DaemonSet") => objects.daemon_sets.push(strict(file, &document)),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                objects.crds.push(strict(file, &document));
+            }
+            ("imds-agent.dev/v1alpha1", "ImdsPolicy") => {
+                objects.policies.push(strict(file, &document));
+            }
+            ("imds-agent.dev/v1alpha1", "ClusterImdsPolicy") => {
+                objects.cluster_policies.push(strict(file, &document));
+            }
+            other => panic!("{}: unexpected object {other:?}", file.display()),
+        }
+    }
+}
+
+/// Policy resources must also pass the agent's own validation, as the agent would run it.
+fn check_policies(objects: &Objects) {
+    for policy in &objects.policies {
+        let namespace = policy.metadata.namespace.as_deref().expect("namespaced");
+        let name = policy.metadata.name.clone().expect("name");
+        imds_agent::policy::compile_resource(
+            Path::new(&name),
+            name.clone(),
+            &policy.spec.policy,
+            Some(namespace),
+        )
+        .unwrap_or_else(|e| panic!("ImdsPolicy {namespace}/{name}: {e:?}"));
+    }
+    for policy in &objects.cluster_policies {
+        let name = policy.metadata.name.clone().expect("name");
+        imds_agent::policy::compile_resource(
+            Path::new(&name),
+            name.clone(),
+            &policy.spec.policy,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("ClusterImdsPolicy {name}: {e:?}"));
+    }
+}
+
+#[test]
+fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
+    let deploy = repo().join("deploy");
+    let kustomization: Kustomization = serde_saphyr::from_str(
+        &std::fs::read_to_string(deploy.join("kustomization.yaml")).expect("kustomization"),
+    )
+    .unwrap_or_else(|e| panic!("deploy/kustomization.yaml: {e}"));
+    assert_eq!(
+        (
+            kustomization.api_version.as_str(),
+            kustomization.kind.as_str()
+        ),
+        ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+    );
+    assert_eq!(kustomization.images.len(), 1);
+    assert!(
+        !kustomization.images[0].new_name.is_empty() && !kustomization.images[0].new_tag.is_empty()
+    );
+    assert!(!kustomization.patches.is_empty());
+
+    let mut objects = Objects::default();
+    for resource in &kustomization.resources {
+        parse_resources(&deploy.join(resource), &mut objects);
+    }
+    // Every file is used: a resource, or a generator's input; directories are components.
+    let generated: Vec<&String> = kustomization
+        .config_map_generator
+        .iter()
+        .flat_map(|g| &g.files)
+        .collect();
+    let mut extra_args = Vec::new();
+    for entry in std::fs::read_dir(&deploy).expect("deploy/") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() {
+            extra_args.extend(parse_component(&entry.path(), &mut objects));
+            continue;
+        }
+        assert!(
+            name == "kustomization.yaml"
+                || kustomization.resources.contains(&name)
+                || generated.contains(&&name),
+            "deploy/{name} is not referenced by kustomization.yaml"
+        );
+    }
+    // The node policy is a policy file for the agent.
+    for file in &generated {
+        let path = deploy.join(file);
+        let text = std::fs::read_to_string(&path).expect("generator file");
+        imds_agent::policy::parse(&path, &text).unwrap_or_else(|e| panic!("{e:?}"));
+    }
+
+    // The CRDs are the generated ones.
+    assert_eq!(
+        objects
+            .crds
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        [
+            "imdspolicies.imds-agent.dev",
+            "clusterimdspolicies.imds-agent.dev"
+        ]
+    );
+    check_policies(&objects);
+
+    // RBAC: least privilege, bound to the DaemonSet's ServiceAccount in the namespace.
+    let [daemon_set] = objects.daemon_sets.as_slice() else {
+        panic!("one DaemonSet expected");
+    };
+    let pod = daemon_set
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    let account = pod
+        .service_account_name
+        .clone()
+        .expect("serviceAccountName");
+    assert!(
+        objects
+            .service_accounts
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some(&account))
+    );
+    let binding = objects
+        .bindings
+        .iter()
+        .find(|b| b.role_ref.name == "imds-agent")
+        .expect("binding");
+    let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        (account.as_str(), Some(kustomization.namespace.as_str()))
+    );
+    let role = objects
+        .cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("imds-agent"))
+        .expect("agent role");
+    let mut granted = BTreeMap::new();
+    for rule in role.rules.as_ref().expect("rules") {
+        for resource in rule.resources.as_ref().expect("resources") {
+            granted.insert(resource.clone(), rule.verbs.clone());
+        }
+    }
+    let read = ["get", "list", "watch"].map(String::from).to_vec();
+    assert_eq!(granted["pods"], read);
+    assert_eq!(granted["imdspolicies"], read);
+    assert!(!granted.contains_key("nodes") && !granted.contains_key("secrets"));
+    assert!(
+        granted["imdspolicies/status"]
+            .iter()
+            .all(|v| v != "delete" && v != "create"),
+        "{granted:?}"
+    );
+
+    // The DaemonSet: every node, critical, host namespaces, no privileged mode.
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(pod.host_network, Some(true));
+    let tolerations = pod.tolerations.as_ref().expect("tolerations");
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    let container = &pod.containers[0];
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    assert_eq!(security.privileged, Some(false));
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert!(container.readiness_probe.is_some() && container.liveness_probe.is_some());
+    // The image the kustomization sets is the container's.
+    assert_eq!(
+        container.image.as_deref(),
+        Some(kustomization.images[0].name.as_str())
+    );
+
+    // Volumes and config maps the container uses exist.
+    let volumes: Vec<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    for mount in container.volume_mounts.iter().flatten() {
+        assert!(
+            volumes.contains(&mount.name.as_str()),
+            "volume {}",
+            mount.name
+        );
+    }
+    let generators: Vec<&str> = kustomization
+        .config_map_generator
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    let config_maps = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.config_map.as_ref().map(|c| c.name.as_str()))
+        .chain(
+            container
+                .env_from
+                .iter()
+                .flatten()
+                .filter_map(|e| e.config_map_ref.as_ref().map(|c| c.name.as_str())),
+        );
+    for name in config_maps {
+        assert!(
+            generators.contains(&name),
+            "config map {name} is not generated"
+        );
+    }
+
+    // The container's command line is the agent's: parse it with the agent's own parser,
+    // with the $(VAR) references the kubelet substitutes.
+    let env: Vec<&str> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    let args: Vec<String> = container
+        .args
+        .iter()
+        .flatten()
+        .map(|a| {
+            let mut a = a.clone();
+            for (var, value) in [("$(NODE_NAME)", "node-a"), ("$(NODE_IP)", "10.0.0.7")] {
+                if a.contains(var) {
+                    assert!(env.contains(&&var[2..var.len() - 1]), "{var} is not in env");
+                    a = a.replace(var, value);
+                }
+            }
+            assert!(!a.contains("$("), "unresolved reference in {a}");
+            a
+        })
+        .chain(extra_args)
+        .collect();
+    use clap::{CommandFactory as _, Parser as _};
+    imds_agent::cli::Cli::try_parse_from(std::iter::once("imds-agent".to_owned()).chain(args))
+        .unwrap_or_else(|e| panic!("the DaemonSet's args: {e}"));
+    // Each setting in the settings config map is one the agent reads from its environment.
+    let command = imds_agent::cli::Cli::command();
+    let run = command.find_subcommand("run").expect("run");
+    let known: Vec<String> = run
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    for generator in &kustomization.config_map_generator {
+        for literal in &generator.literals {
+            let (key, _) = literal.split_once('=').expect("KEY=VALUE");
+            assert!(
+                known.iter().any(|k| k == key),
+                "{key} is not an agent setting ({known:?})"
+            );
+        }
+    }
+}
+
+/// Parses a component's resources and returns the arguments its patches add to the agent.
+fn parse_component(dir: &Path, objects: &mut Objects) -> Vec<String> {
+    let file = dir.join("kustomization.yaml");
+    let component: Component =
+        serde_saphyr::from_str(&std::fs::read_to_string(&file).expect("component"))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert_eq!(
+        (component.api_version.as_str(), component.kind.as_str()),
+        ("kustomize.config.k8s.io/v1alpha1", "Component")
+    );
+    for resource in &component.resources {
+        parse_resources(&dir.join(resource), objects);
+    }
+    let mut args = Vec::new();
+    for patch in &component.patches {
+        assert_eq!(patch.target["kind"], "DaemonSet", "{}", file.display());
+        let operations: Vec<Operation> = serde_saphyr::from_str(&patch.patch)
+            .unwrap_or_else(|e| panic!("{}: patch: {e}", file.display()));
+        for operation in operations {
+            assert_eq!(
+                (operation.op.as_str(), operation.path.as_str()),
+                ("add", "/spec/template/spec/containers/0/args/-"),
+                "{}",
+                file.display()
+            );
+            args.push(operation.value.as_str().expect("an argument").to_owned());
+        }
+    }
+    args
+}
+
+#[test]
+fn the_example_policy_resources_are_valid() {
+    let dir = repo().join("policies/kubernetes");
+    let mut objects = Objects::default();
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("policies/kubernetes") {
+        parse_resources(&entry.expect("entry").path(), &mut objects);
+        files += 1;
+    }
+    assert!(files >= 3 && !objects.policies.is_empty() && !objects.cluster_policies.is_empty());
+    check_policies(&objects);
+}
+
+#[test]
+fn an_unknown_field_is_caught() {
+    let typo = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "x", "lables": {"a": "b"}}
+    });
+    let result = std::panic::catch_unwind(|| strict::<ServiceAccount>(Path::new("t.yaml"), &typo));
+    assert!(result.is_err(), "a misspelt field must fail");
+}
