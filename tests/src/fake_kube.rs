@@ -293,36 +293,36 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Bo
             };
         }
         if method == Method::PATCH {
-            let body = request
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-                return status(StatusCode::BAD_REQUEST, "the patch is not JSON");
+            return match json_body(request).await {
+                Ok(patch) => patch_node(state, key, &patch),
+                Err(response) => response,
             };
-            return patch_node(state, key, &patch);
         }
     }
     if method == Method::PATCH
         && let Some((kind, namespace, name)) = status_target(&path)
     {
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-            return status(StatusCode::BAD_REQUEST, "the patch is not JSON");
+        return match json_body(request).await {
+            Ok(patch) => patch_status(state, kind, namespace, name, &patch),
+            Err(response) => response,
         };
-        return patch_status(state, kind, namespace, name, &patch);
     }
     status(
         StatusCode::NOT_FOUND,
         "the fake API server does not serve this",
     )
+}
+
+/// A request's JSON body, or the 400 to answer.
+async fn json_body(request: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice(&body)
+        .map_err(|_| status(StatusCode::BAD_REQUEST, "the body is not JSON"))
 }
 
 /// `.../namespaces/NS/imdspolicies/NAME/status` or `.../clusterimdspolicies/NAME/status`.

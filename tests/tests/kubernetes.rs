@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use imds_tests::{
     fake_imds::INSTANCE_ID,
-    fake_kube::{FakeApiServer, Kind, pod, policy},
-    sandbox::{Agent, Curl, Process, Sandbox},
+    fake_kube::{self, FakeApiServer, Kind, policy},
+    sandbox::{Agent, Curl, PodNetwork, Process, Sandbox},
 };
 use serde_json::{Value, json};
 
@@ -22,13 +22,47 @@ const API_CONTAINER: &str = "aa11bb22cc33dd44ee55ff6600112233445566778899aabbccd
 const WEB_UID: &str = "6fa459ea-ee8a-3ca4-894e-db77e160355e";
 const WEB_CONTAINER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
-/// The cgroup kubelet's systemd driver creates for a burstable pod's container.
-fn pod_cgroup(pod_uid: &str, container: &str) -> String {
-    let uid = pod_uid.replace('-', "_");
-    format!(
-        "enforced/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{container}.scope"
-    )
+/// A pod with one container, labelled `app`.
+struct TestPod {
+    namespace: &'static str,
+    name: &'static str,
+    uid: &'static str,
+    container: &'static str,
+    app: &'static str,
 }
+
+impl TestPod {
+    /// The cgroup kubelet's systemd driver creates for the (burstable) pod's container.
+    fn cgroup(&self) -> String {
+        let uid = self.uid.replace('-', "_");
+        format!(
+            "enforced/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{}.scope",
+            self.container
+        )
+    }
+}
+
+const API_0: TestPod = TestPod {
+    namespace: "payments",
+    name: "api-0",
+    uid: API_UID,
+    container: API_CONTAINER,
+    app: "api",
+};
+const API_1: TestPod = TestPod {
+    namespace: "payments",
+    name: "api-1",
+    uid: WEB_UID,
+    container: WEB_CONTAINER,
+    app: "api",
+};
+const WEB_0: TestPod = TestPod {
+    namespace: "frontend",
+    name: "web-0",
+    uid: WEB_UID,
+    container: WEB_CONTAINER,
+    app: "web",
+};
 
 /// The payments namespace's policy: its `app: api` pods may read credentials.
 fn payments_spec(allow_credentials: bool) -> Value {
@@ -52,6 +86,8 @@ fn baseline_spec() -> Value {
 
 struct Env {
     agent: Agent,
+    /// A pod network namespace on this node, as a CNI plugin would give each pod.
+    pod_network: PodNetwork,
     api: FakeApiServer,
     _imds: Process,
     sandbox: Sandbox,
@@ -68,12 +104,15 @@ impl Env {
         api.apply(kind, object);
         let kubeconfig = api.kubeconfig(&sandbox.work_dir);
         let files = sandbox.write_policies(&[]);
+        let pod_network = sandbox.add_pod_network();
         let mut args = vec![
             "--kubernetes",
             "--node-name",
             NODE,
             "--metrics-listen",
             METRICS,
+            "--pod-address",
+            &pod_network.node_ip,
         ];
         args.extend_from_slice(extra);
         let agent = sandbox.launch_agent_with_env(
@@ -85,6 +124,7 @@ impl Env {
         );
         let mut env = Self {
             agent,
+            pod_network,
             api,
             _imds: imds,
             sandbox,
@@ -103,18 +143,18 @@ impl Env {
         self.sandbox.curl(cgroup, None, &[url])
     }
 
-    fn add_pod(
-        &self,
-        namespace: &str,
-        name: &str,
-        uid: &str,
-        node: &str,
-        labels: Value,
-        container: &str,
-    ) {
+    /// Creates the pod in the API on `node`; its container runs in [`TestPod::cgroup`].
+    fn add_pod(&self, pod: &TestPod, node: &str) {
         self.api.apply(
             Kind::Pod,
-            pod(namespace, name, uid, node, labels, container),
+            fake_kube::pod(
+                pod.namespace,
+                pod.name,
+                pod.uid,
+                node,
+                json!({"app": pod.app}),
+                pod.container,
+            ),
         );
     }
 
@@ -166,28 +206,16 @@ fn pods_and_policies_arrive_by_watch_and_updates_flip_decisions() {
     );
 
     // Pods created after the agent started, one per namespace.
-    env.add_pod(
-        "payments",
-        "api-0",
-        API_UID,
-        NODE,
-        json!({"app": "api"}),
-        API_CONTAINER,
-    );
-    env.add_pod(
-        "frontend",
-        "web-0",
-        WEB_UID,
-        NODE,
-        json!({"app": "web"}),
-        WEB_CONTAINER,
-    );
-    let (api_pod, web_pod) = (
-        pod_cgroup(API_UID, API_CONTAINER),
-        pod_cgroup(WEB_UID, WEB_CONTAINER),
-    );
+    env.add_pod(&API_0, NODE);
+    env.add_pod(&WEB_0, NODE);
+    let (api_pod, web_pod) = (API_0.cgroup(), WEB_0.cgroup());
     let creds = env.get(&api_pod, CREDENTIALS_URL);
     assert_eq!(creds.status, 200, "{creds:?}\n{}", env.agent.log());
+    // The same from the pod's own network namespace, as on a real node.
+    let from_pod = env
+        .sandbox
+        .curl_in_pod(&env.pod_network, &api_pod, &[CREDENTIALS_URL]);
+    assert_eq!(from_pod.status, 200, "{from_pod:?}");
     let web_creds = env.get(&web_pod, CREDENTIALS_URL);
     assert_eq!(web_creds.status, 403, "{web_creds:?}");
     assert!(
@@ -266,26 +294,9 @@ fn a_deleted_pod_is_forgotten_and_an_api_outage_keeps_enforcement() {
     let Some(mut env) = Env::start("kube-outage", &["--unknown-pod-wait-ms", "300"]) else {
         return;
     };
-    env.add_pod(
-        "payments",
-        "api-0",
-        API_UID,
-        NODE,
-        json!({"app": "api"}),
-        API_CONTAINER,
-    );
-    env.add_pod(
-        "payments",
-        "api-1",
-        WEB_UID,
-        NODE,
-        json!({"app": "api"}),
-        WEB_CONTAINER,
-    );
-    let (first, second) = (
-        pod_cgroup(API_UID, API_CONTAINER),
-        pod_cgroup(WEB_UID, WEB_CONTAINER),
-    );
+    env.add_pod(&API_0, NODE);
+    env.add_pod(&API_1, NODE);
+    let (first, second) = (API_0.cgroup(), API_1.cgroup());
     assert_eq!(env.get(&first, CREDENTIALS_URL).status, 200);
     assert_eq!(env.get(&second, CREDENTIALS_URL).status, 200);
 
@@ -329,33 +340,19 @@ fn a_connection_from_a_pod_not_yet_reported_waits_for_it() {
     let Some(env) = Env::start("kube-wait", &[]) else {
         return;
     };
-    let cgroup = pod_cgroup(API_UID, API_CONTAINER);
+    let cgroup = API_0.cgroup();
     // The container runs (and connects) before the watch has reported its pod.
     let mut early = env.sandbox.spawn_get(&cgroup, CREDENTIALS_URL);
     std::thread::sleep(Duration::from_millis(300));
-    env.add_pod(
-        "payments",
-        "api-0",
-        API_UID,
-        NODE,
-        json!({"app": "api"}),
-        API_CONTAINER,
-    );
+    env.add_pod(&API_0, NODE);
     let output = early.wait().expect("curl");
     assert!(output.success());
     let mut body = String::new();
     std::io::Read::read_to_string(early.stdout.as_mut().expect("stdout"), &mut body).unwrap();
     assert!(body.contains("AccessKeyId"), "{body}\n{}", env.agent.log());
     // A pod on another node is not watched: its uid stays unknown here.
-    env.add_pod(
-        "frontend",
-        "web-0",
-        WEB_UID,
-        "node-b",
-        json!({"app": "api"}),
-        WEB_CONTAINER,
-    );
-    let other = env.get(&pod_cgroup(WEB_UID, WEB_CONTAINER), CREDENTIALS_URL);
+    env.add_pod(&API_1, "node-b");
+    let other = env.get(&API_1.cgroup(), CREDENTIALS_URL);
     assert_eq!(other.status, 403, "{other:?}");
 }
 
@@ -374,6 +371,17 @@ fn the_start_up_taint_is_removed_once_enforcing() {
             {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}
         ]}}),
     );
+    // Two policies: one another node's agent has reported already, one new.
+    for name in ["reported", "new"] {
+        let (kind, mut object) = policy(None, name, baseline_spec());
+        if name == "reported" {
+            object["status"] = json!({"conditions": [{
+                "type": "Accepted", "status": "True", "reason": "Valid", "message": "in force",
+                "observedGeneration": 1, "lastTransitionTime": "2026-11-23T00:00:00Z"
+            }]});
+        }
+        api.apply(kind, object);
+    }
     let kubeconfig = api.kubeconfig(&sandbox.work_dir);
     let files = sandbox.write_policies(&[]);
     let agent = sandbox.launch_agent_with_env(
@@ -415,4 +423,20 @@ fn the_start_up_taint_is_removed_once_enforcing() {
             .expect(list);
         assert!(listed < patched, "{requests:?}");
     }
+    // A status is written once per change, not once per node.
+    assert!(wait_until(Duration::from_secs(5), || {
+        api.get(Kind::ClusterImdsPolicy, "", "new")
+            .is_some_and(|p| p["status"]["conditions"][0]["status"] == "True")
+    }));
+    let requests = api.requests();
+    let status_writes = |name: &str| {
+        let prefix =
+            format!("PATCH /apis/imds-agent.dev/v1alpha1/clusterimdspolicies/{name}/status");
+        requests.iter().filter(|r| r.starts_with(&prefix)).count()
+    };
+    assert_eq!(
+        (status_writes("reported"), status_writes("new")),
+        (0, 1),
+        "{requests:?}"
+    );
 }

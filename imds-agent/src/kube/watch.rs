@@ -26,7 +26,9 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::crd::{ClusterImdsPolicy, ImdsPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use super::crd::{ClusterImdsPolicy, ImdsPolicy, PolicyStatus};
 use crate::{
     identity::pods::{ContainerInfo, PodDirectory, PodInfo},
     metrics::Metrics,
@@ -121,6 +123,7 @@ impl Watches {
             .default_backoff()
             .boxed();
         let mut listed = Vec::new();
+        let mut listed_all = false;
         while let Some(event) = events.next().await {
             let reports = match event {
                 Ok(watcher::Event::Init) => {
@@ -132,10 +135,8 @@ impl Watches {
                     Vec::new()
                 }
                 Ok(watcher::Event::InitDone) => {
-                    let reports = resources.relist(listed.drain(..));
-                    K::synced(&self.synced).store(true, Ordering::Relaxed);
-                    self.metrics.watch_synced(K::PLURAL, true);
-                    reports
+                    listed_all = true;
+                    resources.relist(listed.drain(..))
                 }
                 Ok(watcher::Event::Apply(object)) => resources.apply(&object).into_iter().collect(),
                 Ok(watcher::Event::Delete(object)) => {
@@ -159,6 +160,11 @@ impl Watches {
                     "policy resource"
                 );
                 self.report::<K>(report).await;
+            }
+            if std::mem::take(&mut listed_all) {
+                // In force and reported: ready as far as this kind goes.
+                K::synced(&self.synced).store(true, Ordering::Relaxed);
+                self.metrics.watch_synced(K::PLURAL, true);
             }
         }
     }
@@ -186,6 +192,18 @@ impl Watches {
             ),
             Some(error) => ("False", "Invalid", error.clone()),
         };
+        let previous = report.previous_condition.as_ref();
+        if previous.is_some_and(|c| {
+            c.status == status && c.message == message && c.observed_generation == report.generation
+        }) {
+            // Another node's agent said the same already: one write per change, not per node.
+            return;
+        }
+        // The transition time changes only when the status does.
+        let since = previous.filter(|c| c.status == status).map_or_else(
+            || k8s_openapi::jiff::Timestamp::now().to_string(),
+            |c| c.last_transition_time.0.to_string(),
+        );
         let patch = serde_json::json!({
             "status": {"conditions": [{
                 "type": "Accepted",
@@ -193,7 +211,7 @@ impl Watches {
                 "reason": reason,
                 "message": message,
                 "observedGeneration": report.generation,
-                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "lastTransitionTime": since,
             }]}
         });
         if let Err(error) = api
@@ -248,6 +266,7 @@ pub trait PolicyResource:
     /// Whether it governs the pods of its own namespace only.
     const NAMESPACED: bool;
     fn document(&self) -> &PolicyDocument;
+    fn status(&self) -> Option<&PolicyStatus>;
     fn synced(synced: &Synced) -> &AtomicBool;
     /// The API for objects in `namespace` (namespaced kinds) or the cluster.
     fn api(client: Client, namespace: Option<&str>) -> Api<Self>;
@@ -258,6 +277,9 @@ impl PolicyResource for ImdsPolicy {
     const NAMESPACED: bool = true;
     fn document(&self) -> &PolicyDocument {
         &self.spec.policy
+    }
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
     }
     fn synced(synced: &Synced) -> &AtomicBool {
         &synced.namespaced_policies
@@ -272,6 +294,9 @@ impl PolicyResource for ClusterImdsPolicy {
     const NAMESPACED: bool = false;
     fn document(&self) -> &PolicyDocument {
         &self.spec.policy
+    }
+    fn status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref()
     }
     fn synced(synced: &Synced) -> &AtomicBool {
         &synced.cluster_policies
@@ -302,6 +327,8 @@ struct Report {
     generation: Option<i64>,
     error: Option<String>,
     previous_in_force: bool,
+    /// The object's Accepted condition as it was.
+    previous_condition: Option<Condition>,
 }
 
 impl ResourcePolicies {
@@ -365,6 +392,9 @@ impl ResourcePolicies {
             generation,
             error,
             previous_in_force: entry.accepted.is_some(),
+            previous_condition: object
+                .status()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted").cloned()),
         })
     }
 
