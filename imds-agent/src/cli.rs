@@ -143,6 +143,17 @@ pub struct RunArgs {
     /// refuses: their use disables the kernel's cgroup v2 socket matching).
     #[arg(long)]
     pub allow_cgroup_v1_net: bool,
+    /// Explain each denial in an `imds-agent-explain` response header: the decision and, for
+    /// every policy, whether it selected the caller (which field did not match) and what it
+    /// decided, as `imds-agent policy explain` prints it. For developers fixing a policy;
+    /// off by default, since it shows the caller every policy's name and source.
+    #[arg(long)]
+    pub explain_denials: bool,
+    /// Accept AWS session tokens from any caller. By default a token is bound to the caller
+    /// (cgroup, uid, gid) it was handed out to through the agent, and refused (401) from
+    /// anyone else, and so are tokens the agent did not hand out; SDKs then fetch their own.
+    #[arg(long)]
+    pub no_token_binding: bool,
     /// Let enforced cgroups create raw IP sockets. By default they cannot: a raw socket can
     /// forge a TCP handshake to the metadata service past the connect hooks.
     #[arg(long)]

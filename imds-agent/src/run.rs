@@ -236,6 +236,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tally: tally.clone(),
         selections: crate::proxy::SelectionCache::default(),
         endpoints,
+        pool: Arc::new(crate::proxy::pool::UpstreamPool::default()),
+        aws_tokens: args.provider == crate::provider::Provider::Aws,
+        token_binding: !args.no_token_binding,
+        explain_denials: args.explain_denials,
+        tokens: Arc::new(crate::proxy::tokens::TokenBindings::default()),
         unknown_pod_wait: if args.kubernetes {
             Duration::from_millis(args.unknown_pod_wait_ms)
         } else {
@@ -298,6 +303,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ))
     });
     let watcher = tokio::spawn(policy.clone().watch());
+    let pool_sweeper = {
+        let (pool, tokens) = (filter.pool.clone(), filter.tokens.clone());
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(crate::proxy::pool::IDLE_TIMEOUT / 2);
+            loop {
+                interval.tick().await;
+                pool.sweep();
+                tokens.sweep();
+            }
+        })
+    };
     // Kernel verdicts were derived from the old policy: drop them on every change.
     let mut changes = policy.subscribe();
     let verdict_reset = {
@@ -360,6 +376,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     state_writer.abort();
     let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
     watcher.abort();
+    pool_sweeper.abort();
     for task in [watches, taint].into_iter().flatten() {
         task.abort();
     }

@@ -54,6 +54,9 @@ struct State {
     tokens: Mutex<HashMap<String, Instant>>,
 }
 
+/// A path the fake answers with the client address of the connection that carried the request.
+pub const CONNECTION_PATH: &str = "/fake/connection";
+
 /// Serves on every listener until the process ends.
 pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
     let state = Arc::new(State {
@@ -65,7 +68,7 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
         let state = state.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let state = state.clone();
@@ -75,6 +78,11 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
                         async move {
                             if let Some(delay) = requested_delay(&request) {
                                 tokio::time::sleep(delay).await;
+                            }
+                            // Not a metadata path: tests ask which connection carried a
+                            // request (the agent's upstream connection reuse).
+                            if request.uri().path() == CONNECTION_PATH {
+                                return Ok(reply(StatusCode::OK, &peer.to_string()));
                             }
                             Ok::<_, Infallible>(respond(&state, &request))
                         }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use imds_tests::{
-    fake_imds::{ACCESS_KEY_PREFIX, INSTANCE_ID, TTL_HEADER, USER_DATA},
+    fake_imds::{ACCESS_KEY_PREFIX, CONNECTION_PATH, INSTANCE_ID, TTL_HEADER, USER_DATA},
     sandbox::{Agent, OTHER_SERVER, Process, Sandbox, binary},
 };
 
@@ -526,5 +526,79 @@ fn the_agent_in_audit_mode_serves_what_it_would_deny_and_says_so() {
             ("would-deny", "(none)", 200)
         ],
         "{audit:#?}"
+    );
+}
+
+#[test]
+fn upstream_connections_are_reused_per_caller_and_never_across_callers() {
+    let Some(sandbox) = Sandbox::new("upstream-pool") else {
+        return;
+    };
+    let imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&[(
+        "all.yaml",
+        "name: all\ndefault: deny\nrules:\n  - name: connection\n    action: allow\n    methods: [GET]\n    paths: [/fake/connection]\n",
+    )]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    // Which upstream connection (its client address, as the fake IMDS saw it) carried a
+    // request from this caller; each curl is a new client connection, as SDKs make.
+    let carried_by = |cgroup: &str, uid: Option<u32>| {
+        let reply = sandbox.curl(cgroup, uid, &[&url(CONNECTION_PATH)]);
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", agent.log());
+        // The client connection has ended: its upstream connection is idle again.
+        std::thread::sleep(Duration::from_millis(100));
+        reply.body
+    };
+    let first = carried_by("enforced/a", None);
+    assert_eq!(
+        carried_by("enforced/a", None),
+        first,
+        "one caller reuses its connection"
+    );
+    let other_cgroup = carried_by("enforced/b", None);
+    let other_uid = carried_by("enforced/a", Some(1000));
+    assert_ne!(other_cgroup, first, "never another cgroup's connection");
+    assert_ne!(other_uid, first, "never another uid's connection");
+    assert_ne!(other_uid, other_cgroup);
+    assert_eq!(carried_by("enforced/a", None), first);
+    // The metadata service restarts: idle connections to it are dead; the next request is
+    // served on a new one, not answered 502.
+    drop(imds);
+    let _imds = sandbox.start_fake_imds(false);
+    assert_ne!(carried_by("enforced/a", None), first);
+}
+
+#[test]
+fn explain_mode_says_why_in_a_header_and_is_off_by_default() {
+    let headers_of = |extra: &[&str]| -> Option<String> {
+        let sandbox = Sandbox::new("explain")?;
+        let _imds = sandbox.start_fake_imds(false);
+        let _agent = sandbox.start_agent("enforced", "agent", &[&repo_policies()], extra);
+        let denied = sandbox.curl("enforced/web", None, &["-D", "-", &url(CREDENTIALS_PATH)]);
+        assert_eq!(denied.status, 403, "{denied:?}");
+        Some(denied.body)
+    };
+    let Some(plain) = headers_of(&[]) else {
+        return;
+    };
+    assert!(
+        !plain.to_ascii_lowercase().contains("imds-agent-explain"),
+        "{plain}"
+    );
+    let Some(explained) = headers_of(&["--explain-denials"]) else {
+        return;
+    };
+    let header = explained
+        .lines()
+        .find_map(|l| l.strip_prefix("imds-agent-explain: "))
+        .unwrap_or_else(|| panic!("no explanation: {explained}"));
+    // The decision, and each other policy's reason for not selecting the caller.
+    assert!(
+        header.starts_with("decision: deny by policy 'web' rule 'default'"),
+        "{header}"
+    );
+    assert!(
+        header.contains("policy 'batch'") && header.contains("does not select this caller"),
+        "{header}"
     );
 }

@@ -267,7 +267,7 @@ pub fn unit_of(cgroup: &str) -> Option<String> {
 /// `/proc/<pid>/exe`, if the process is still in `cgroup` (mount-relative path): a pid
 /// reused by a process elsewhere must not lend its executable to this connection.
 fn executable(pid: u32, cgroup: &str) -> Option<String> {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let cgroups = read_proc(&format!("/proc/{pid}/cgroup"))?;
     let current = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
     if current != cgroup {
         return None;
@@ -277,8 +277,24 @@ fn executable(pid: u32, cgroup: &str) -> Option<String> {
 }
 
 fn process_name(pid: u32) -> Option<String> {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let comm = read_proc(&format!("/proc/{pid}/comm"))?;
     Some(comm.trim_end().to_owned())
+}
+
+/// A small /proc file in one read (read_to_string would stat it first and read twice: a
+/// new connection's identity reads two of these).
+fn read_proc(path: &str) -> Option<String> {
+    use std::io::Read as _;
+    let mut file = File::open(path).ok()?;
+    let mut buffer = [0u8; 1024];
+    let n = file.read(&mut buffer).ok()?;
+    if n == buffer.len() {
+        // Longer than expected (deep cgroup paths): read the rest too.
+        let mut text = String::from_utf8(buffer.to_vec()).ok()?;
+        file.read_to_string(&mut text).ok()?;
+        return Some(text);
+    }
+    String::from_utf8(buffer[..n].to_vec()).ok()
 }
 
 #[cfg(test)]
@@ -292,6 +308,16 @@ mod tests {
         assert_eq!(relative_to("/t/enf", "/t/enf").as_deref(), Some("/"));
         assert_eq!(relative_to("/t/enf", "/t/enforced/web"), None);
         assert_eq!(relative_to("/t/enf", "/other"), None);
+    }
+
+    #[test]
+    fn proc_files_read_whole_short_or_long() {
+        let comm = read_proc("/proc/self/comm").expect("comm");
+        assert_eq!(comm, std::fs::read_to_string("/proc/self/comm").unwrap());
+        // /proc/self/status is longer than the first read.
+        let status = read_proc("/proc/self/status").expect("status");
+        assert!(status.len() > 1024 && status.contains("VmRSS"), "{status}");
+        assert_eq!(read_proc("/proc/self/no-such-file"), None);
     }
 
     #[test]

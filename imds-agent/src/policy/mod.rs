@@ -157,6 +157,24 @@ pub struct PolicyDocument {
     /// In order; the first rule that matches decides for this policy.
     #[serde(default)]
     pub rules: Vec<RuleDocument>,
+    /// AWS session tokens (IMDSv2) for the callers this policy selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensDocument>,
+}
+
+/// IMDSv2 per workload, on AWS endpoints: stricter than the instance's own setting.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TokensDocument {
+    /// Requests without a session token get 401, as on an instance with HttpTokens=required,
+    /// even where the instance still serves IMDSv1.
+    #[serde(default)]
+    pub required: bool,
+    /// The longest token lifetime these callers get: a token request asking for more is sent
+    /// on asking for this (the response's TTL header tells the SDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 21600))]
+    pub max_ttl_seconds: Option<u32>,
 }
 
 /// One rule: an action for requests with these methods to these paths.
@@ -400,6 +418,7 @@ pub struct Policy {
     callers: Selector,
     default: Action,
     rules: Vec<Rule>,
+    tokens: TokensDocument,
 }
 
 impl Policy {
@@ -497,6 +516,14 @@ pub struct Decision<'a> {
     /// Set when an audit-mode policy would have denied this allowed request:
     /// (policy, rule) of that would-be denial.
     pub would_deny: Option<(&'a str, &'a str)>,
+}
+
+/// Token requirements for one caller (see [`PolicySet::token_rules`]), with the policies that
+/// set them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenRules<'a> {
+    pub required_by: Option<&'a str>,
+    pub max_ttl: Option<(u32, &'a str)>,
 }
 
 /// The policy name in decisions for callers that no policy selects.
@@ -752,6 +779,34 @@ impl PolicySet {
         }
     }
 
+    /// What the enforcing policies selecting this caller require of AWS session tokens:
+    /// required if any requires them (naming the first), the lowest TTL cap.
+    pub fn token_rules(&self, selection: &Selection) -> TokenRules<'_> {
+        let mut rules = TokenRules::default();
+        let Selection::Policies(indexes) = selection else {
+            return rules;
+        };
+        for policy in indexes.iter().map(|&i| &self.policies[i]) {
+            if policy.mode != Mode::Enforce {
+                continue;
+            }
+            if policy.tokens.required && rules.required_by.is_none() {
+                rules.required_by = Some(&policy.name);
+            }
+            if let Some(ttl) = policy.tokens.max_ttl_seconds
+                && rules.max_ttl.is_none_or(|(lowest, _)| ttl < lowest)
+            {
+                rules.max_ttl = Some((ttl, &policy.name));
+            }
+        }
+        rules
+    }
+
+    /// Whether the agent runs as a dry run (`--mode audit`).
+    pub fn dry_run(&self) -> bool {
+        self.mode == Mode::Audit
+    }
+
     /// Whether an entry of an allowed listing may be shown: a leaf when the caller may read
     /// it, a directory (ending in `/`) when the caller may read it or anything below it. A
     /// denied role name in `iam/security-credentials/` is thus never disclosed.
@@ -1002,6 +1057,21 @@ fn compile(
     if !at.errors.is_empty() {
         return Err(at.errors);
     }
+    let tokens = doc.tokens.clone().unwrap_or_default();
+    if let Some(ttl) = tokens.max_ttl_seconds
+        && !(1..=21_600).contains(&ttl)
+    {
+        at.errors.push(PolicyError::Invalid {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            field: "tokens.maxTtlSeconds".into(),
+            message: format!("{ttl}: must be 1 to 21600 (AWS's own bounds)"),
+        });
+    }
+    if !at.errors.is_empty() {
+        return Err(at.errors);
+    }
     Ok(Policy {
         name,
         source: file.to_owned(),
@@ -1009,6 +1079,7 @@ fn compile(
         callers,
         default: doc.default,
         rules,
+        tokens,
     })
 }
 

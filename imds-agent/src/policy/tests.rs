@@ -461,7 +461,7 @@ fn errors_name_file_line_column_and_field() {
     assert_eq!(
         errors("name: a\ndefault: allow\nrulez: []\n"),
         [
-            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, mode, callers, default, rules"
+            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, mode, callers, default, rules, tokens"
         ]
     );
     assert_eq!(

@@ -4,11 +4,14 @@
 //! resolve the identity, select the governing policy once. Per request: validate, decide
 //! (a pure function of request, identity and policy), then either answer 403 naming the policy
 //! and rule, or forward a request rebuilt from what was parsed to the endpoint the caller asked
-//! for, over an upstream connection that belongs to this client connection alone.
+//! for, over an upstream connection that this client connection uses alone and that only ever
+//! serves this caller (`pool`: idle ones are kept per cgroup, uid and gid).
 
 pub mod gate;
 pub mod limits;
+pub mod pool;
 pub mod request;
+pub mod tokens;
 
 use std::{
     convert::Infallible,
@@ -63,6 +66,16 @@ pub struct Filter {
     /// How long a connection from a pod not yet known waits for the pod watch (zero without
     /// one).
     pub unknown_pod_wait: Duration,
+    /// Idle upstream connections, per caller.
+    pub pool: Arc<pool::UpstreamPool>,
+    /// Whether the endpoints speak AWS's session tokens (IMDSv2): per-policy token rules and
+    /// token binding apply.
+    pub aws_tokens: bool,
+    /// Whether deny responses carry the `imds-agent-explain` header.
+    pub explain_denials: bool,
+    /// Whether tokens are bound to the caller they were handed out to.
+    pub token_binding: bool,
+    pub tokens: Arc<tokens::TokenBindings>,
 }
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
@@ -136,8 +149,30 @@ struct Connection {
     selection: std::sync::Mutex<(u64, Arc<Selection>)>,
     /// Where the caller was going before the kernel diverted it.
     original: SocketAddr,
-    /// Created on the first allowed request; never shared with another client connection.
+    /// Taken from the caller's idle connections or created on the first allowed request;
+    /// used by this client connection alone, then returned to the caller's idle connections.
     upstream: Mutex<Option<SendRequest<Empty<Bytes>>>>,
+    pool: Arc<pool::UpstreamPool>,
+    pool_key: pool::PoolKey,
+}
+
+impl Connection {
+    /// Whose tokens this connection's requests may present.
+    fn token_owner(&self) -> tokens::Owner {
+        (
+            self.pool_key.cgroup_id,
+            self.pool_key.uid,
+            self.pool_key.gid,
+        )
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(sender) = self.upstream.get_mut().take() {
+            self.pool.put(self.pool_key, sender);
+        }
+    }
 }
 
 /// Accepts connections on every listener (loopback, and the node address for pods) until
@@ -262,15 +297,125 @@ async fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
     if let Some(verdict) = policy.set.kernel_verdict(&selection, &identity) {
         install_verdict(filter, &caller, verdict, policy.version);
     }
+    let original =
+        crate::provider::upstream_address(original_destination(&caller)?, &filter.endpoints);
     Some(Connection {
         identity,
         selection: std::sync::Mutex::new((policy.version, selection)),
-        original: crate::provider::upstream_address(
-            original_destination(&caller)?,
-            &filter.endpoints,
-        ),
+        original,
         upstream: Mutex::new(None),
+        pool: filter.pool.clone(),
+        pool_key: pool::PoolKey {
+            cgroup_id: caller.cgroup_id,
+            uid: caller.uid,
+            gid: caller.gid,
+            upstream: original,
+        },
     })
+}
+
+/// `--explain-denials`: why a request was denied, every policy's part in one line.
+const EXPLAIN_HEADER: &str = "imds-agent-explain";
+
+/// The explanation's lines joined by "; ", limited to visible ASCII and 4 KiB.
+fn explain_header(explanation: &str) -> Option<HeaderValue> {
+    let mut line: String = explanation
+        .lines()
+        .collect::<Vec<_>>()
+        .join("; ")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    line.truncate(4096);
+    HeaderValue::from_str(&line).ok()
+}
+
+/// The AWS session-token header.
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+/// The requested (and granted) token lifetime, in seconds.
+const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+/// The policy name in denials by token binding (not a policy file's decision).
+pub const TOKEN_BINDING_POLICY: &str = "(token binding)";
+
+fn is_token_request(valid: &request::ValidRequest) -> bool {
+    valid.method == http::Method::PUT && valid.path.trim_end_matches('/') == "/latest/api/token"
+}
+
+/// A token request asking for a longer lifetime than the caller may have asks for the cap.
+fn cap_token_ttl(headers: &mut http::HeaderMap, max: u32) {
+    let asked = headers
+        .get(TOKEN_TTL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if asked.is_some_and(|ttl| ttl > u64::from(max)) {
+        headers.insert(TOKEN_TTL_HEADER, HeaderValue::from(max));
+    }
+}
+
+/// Why this request's token (or its absence) is refused, as (policy, rule); `None` if not.
+fn token_refusal<'a>(
+    filter: &Filter,
+    connection: &Connection,
+    valid: &request::ValidRequest,
+    rules: &crate::policy::TokenRules<'a>,
+) -> Option<(&'a str, &'static str)> {
+    if is_token_request(valid) {
+        return None;
+    }
+    let Some(token) = valid.headers.get(TOKEN_HEADER) else {
+        return rules.required_by.map(|policy| (policy, "tokens-required"));
+    };
+    if !filter.token_binding {
+        return None;
+    }
+    match filter
+        .tokens
+        .holder(token.as_bytes(), connection.token_owner())
+    {
+        tokens::Holder::Owner => None,
+        tokens::Holder::Other => Some((TOKEN_BINDING_POLICY, "token-of-another-caller")),
+        tokens::Holder::Unknown => Some((TOKEN_BINDING_POLICY, "token-not-issued-to-caller")),
+    }
+}
+
+/// Records the token in a successful token response as this caller's, for its lifetime.
+async fn bind_token(
+    filter: &Filter,
+    connection: &Connection,
+    response: Response<Body>,
+) -> Result<Response<Body>, &'static str> {
+    if response.status() != StatusCode::OK {
+        return Ok(response);
+    }
+    let ttl = response
+        .headers()
+        .get(TOKEN_TTL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let (parts, body) = response.into_parts();
+    // A token is about 60 bytes; anything much larger is not a token response.
+    let limited = http_body_util::Limited::new(body, 4096);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|_| "token response unreadable")?
+        .to_bytes();
+    filter.tokens.bind(
+        bytes.trim_ascii(),
+        connection.token_owner(),
+        Duration::from_secs(ttl),
+    );
+    Ok(Response::from_parts(
+        parts,
+        Full::new(bytes).map_err(|never| match never {}).boxed(),
+    ))
 }
 
 /// Lets the kernel decide this caller's next connects. This connection is still served (the
@@ -488,11 +633,55 @@ async fn handle(
             "imds-agent: denied by policy '{}' rule '{}'\n",
             decision.policy, decision.rule
         );
-        return exchange.answer(outcome, body);
+        let mut response = exchange.answer(outcome, body);
+        if filter.explain_denials {
+            let explanation = policy.set.explain(
+                &connection.identity,
+                valid.method.as_str(),
+                &valid.canonical_path(),
+            );
+            if let Some(value) = explain_header(&explanation) {
+                response.headers_mut().insert(EXPLAIN_HEADER, value);
+            }
+        }
+        return response;
+    }
+    let mut would_deny = decision.would_deny;
+    let token_request = filter.aws_tokens && is_token_request(&valid);
+    if filter.aws_tokens {
+        let rules = policy.set.token_rules(&selection);
+        if let Some(max) = rules.max_ttl
+            && token_request
+        {
+            cap_token_ttl(&mut valid.headers, max.0);
+        }
+        if let Some((policy_name, rule)) = token_refusal(filter, connection, &valid, &rules) {
+            if !policy.set.dry_run() {
+                let outcome = Outcome {
+                    decision: "deny",
+                    policy: policy_name,
+                    rule,
+                    ..Outcome::refused("deny", StatusCode::UNAUTHORIZED, "")
+                };
+                // As the metadata service answers a missing or invalid token: SDKs fetch a
+                // (new) token and retry.
+                let body = format!(
+                    "imds-agent: session token refused by policy '{policy_name}' rule '{rule}'\n"
+                );
+                return exchange.answer(outcome, body);
+            }
+            would_deny = would_deny.or(Some((policy_name, rule)));
+        }
     }
     // The headers move into the upstream request; nothing reads them after this.
     let headers = std::mem::take(&mut valid.headers);
     let mut response = forward(filter, connection, &valid, headers).await;
+    if token_request
+        && filter.token_binding
+        && let Ok(upstream) = response
+    {
+        response = bind_token(filter, connection, upstream).await;
+    }
     if let Ok(upstream) = &response
         && is_listing(&valid, upstream)
     {
@@ -509,7 +698,7 @@ async fn handle(
         Err(detail) => (gateway_status(detail), None, *detail),
     };
     // An audit-mode policy that would have denied is named in the audit line.
-    let (verdict, policy_name, rule_name) = match decision.would_deny {
+    let (verdict, policy_name, rule_name) = match would_deny {
         Some((policy, rule)) => ("would-deny", policy, rule),
         None => ("allow", decision.policy, decision.rule),
     };
@@ -554,25 +743,58 @@ async fn forward(
     );
 
     let mut upstream = connection.upstream.lock().await;
-    let reusable = match upstream.as_mut() {
+    let mut reused = match upstream.as_mut() {
         Some(sender) => sender.ready().await.is_ok(),
         None => false,
     };
-    if !reusable {
-        *upstream = Some(connect_upstream(filter, connection.original).await?);
+    if !reused {
+        *upstream = match connection.pool.take(&connection.pool_key) {
+            Some(sender) => {
+                reused = true;
+                Some(sender)
+            }
+            None => Some(connect_upstream(filter, connection.original).await?),
+        };
     }
+    // A reused connection may have been closed by the server meanwhile: then the request is
+    // sent once more on a new connection (metadata requests are safe to repeat).
+    let retry = reused.then(|| clone_request(&upstream_request));
     let sender = upstream.as_mut().expect("set above");
     let sent = Instant::now();
     let bound = filter.upstream.for_query(valid.query.as_deref());
-    let mut response = tokio::time::timeout(bound, sender.send_request(upstream_request))
+    let first = tokio::time::timeout(bound, sender.try_send_request(upstream_request))
         .await
-        .map_err(|_| UPSTREAM_TIMED_OUT)?
-        .map_err(|_| "upstream request failed")?;
+        .map_err(|_| UPSTREAM_TIMED_OUT)?;
+    let mut response = match (first, retry) {
+        (Ok(response), _) => response,
+        (Err(error), Some(request)) if is_stale_connection(error.error()) => {
+            tracing::debug!(error = %error.error(), "reused upstream connection was closed; retrying on a new one");
+            let sender = upstream.insert(connect_upstream(filter, connection.original).await?);
+            tokio::time::timeout(bound, sender.send_request(request))
+                .await
+                .map_err(|_| UPSTREAM_TIMED_OUT)?
+                .map_err(|_| "upstream request failed")?
+        }
+        (Err(_), _) => return Err("upstream request failed"),
+    };
     filter
         .metrics
         .upstream_latency(sent.elapsed().as_secs_f64());
     request::strip_hop_by_hop(response.headers_mut());
     Ok(response.map(BodyExt::boxed))
+}
+
+fn clone_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut copy = Request::new(Empty::new());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Errors of a connection the server closed while it sat idle, before answering.
+fn is_stale_connection(error: &hyper::Error) -> bool {
+    error.is_canceled() || error.is_closed() || error.is_incomplete_message()
 }
 
 async fn connect_upstream(
