@@ -40,6 +40,16 @@ pub enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The caller inventory of the running agent: per workload (pod and container, unit or
+    /// cgroup), its executables, the path groups it reads, its denials, and its requests
+    /// without a session token (IMDSv1): who must change before tokens can be required.
+    Report {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the ImdsPolicy and ClusterImdsPolicy CustomResourceDefinitions (YAML).
     Crds,
     /// Remove enforcement: unpin the links (detaching the programs) and the maps.

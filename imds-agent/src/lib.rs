@@ -5,6 +5,7 @@ pub mod cli;
 pub mod explain;
 pub mod fs;
 pub mod identity;
+pub mod inventory;
 pub mod kube;
 pub mod loader;
 pub mod metrics;

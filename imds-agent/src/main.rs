@@ -99,6 +99,24 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Report { state_dir, json } => {
+            let Some(state) = imds_agent::status::read_state(&state_dir) else {
+                eprintln!(
+                    "imds-agent: no running agent (no state in {})",
+                    state_dir.display()
+                );
+                return ExitCode::from(EXIT_RUNTIME);
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&state.inventory).unwrap_or_default()
+                );
+            } else {
+                print!("{}", imds_agent::inventory::render(&state.inventory));
+            }
+            ExitCode::SUCCESS
+        }
         Command::Crds => {
             print!("{}", imds_agent::kube::crd::crds_yaml());
             ExitCode::SUCCESS

@@ -240,6 +240,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         aws_tokens: args.provider == crate::provider::Provider::Aws,
         token_binding: !args.no_token_binding,
         explain_denials: args.explain_denials,
+        inventory: Arc::new(crate::inventory::Inventory::default()),
         tokens: Arc::new(crate::proxy::tokens::TokenBindings::default()),
         unknown_pod_wait: if args.kubernetes {
             Duration::from_millis(args.unknown_pod_wait_ms)
@@ -350,9 +351,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             policies: Vec::new(),
             decisions: Default::default(),
             recent_denials: Vec::new(),
+            inventory: Vec::new(),
         },
         filter.policy.clone(),
         tally,
+        filter.inventory.clone(),
     ));
     let watchdog = crate::notify::watchdog_interval()
         .map(|interval| tokio::spawn(crate::notify::watchdog(interval)));

@@ -66,6 +66,9 @@ pub struct AgentState {
     pub policies: Vec<String>,
     pub decisions: BTreeMap<String, u64>,
     pub recent_denials: Vec<Denial>,
+    /// Who reads what (`imds-agent report`).
+    #[serde(default)]
+    pub inventory: Vec<crate::inventory::WorkloadUse>,
 }
 
 pub const STATE_FILE: &str = "status.json";
@@ -76,6 +79,7 @@ pub async fn write_periodically(
     base: AgentState,
     policy: Arc<PolicyStore>,
     tally: Arc<Tally>,
+    inventory: Arc<crate::inventory::Inventory>,
 ) {
     if let Err(error) = std::fs::create_dir_all(&dir) {
         tracing::warn!(%error, dir = %dir.display(), "no state directory; `imds-agent status` will not show the agent");
@@ -113,6 +117,7 @@ pub async fn write_periodically(
                 .iter()
                 .cloned()
                 .collect(),
+            inventory: inventory.snapshot(),
             ..base.clone()
         };
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));

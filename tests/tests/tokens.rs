@@ -231,3 +231,65 @@ fn without_token_binding_any_token_passes_and_a_dry_run_reports_instead() {
         decision("would-deny", "strict", "tokens-required")
     );
 }
+
+#[test]
+fn the_report_names_the_workloads_still_on_imdsv1() {
+    let Some(env) = start("report", &[]) else {
+        return;
+    };
+    assert_eq!(env.get("enforced/lax", None, None).status, 200);
+    let token = env.token("enforced/strict", None, "600");
+    assert_eq!(env.get("enforced/strict", None, Some(&token)).status, 200);
+    assert_eq!(env.get("enforced/strict", None, None).status, 401);
+    // The agent writes its state every second.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let report = |json: bool| {
+        let mut command = std::process::Command::new(imds_tests::sandbox::binary("imds-agent"));
+        command
+            .arg("report")
+            .arg("--state-dir")
+            .arg(env.sandbox.work_dir.join("state"));
+        if json {
+            command.arg("--json");
+        }
+        let output = command.output().expect("imds-agent report");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let workloads: serde_json::Value = serde_json::from_str(&report(true)).expect("JSON");
+    let find = |name: &str| {
+        workloads
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["workload"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {workloads:#}"))
+    };
+    let lax = find("cgroup /lax");
+    assert_eq!(
+        (&lax["requests"], &lax["imdsv1"]),
+        (&1.into(), &1.into()),
+        "{lax}"
+    );
+    assert_eq!(lax["groups"]["instance-info"], 1, "{lax}");
+    assert!(
+        lax["executables"].as_array().is_some_and(|e| e
+            .iter()
+            .any(|x| x.as_str().is_some_and(|x| x.ends_with("/curl")))),
+        "{lax}"
+    );
+    let strict = find("cgroup /strict");
+    assert_eq!(
+        (&strict["requests"], &strict["imdsv1"], &strict["denied"]),
+        (&3.into(), &1.into(), &1.into()),
+        "{strict}"
+    );
+    let table = report(false);
+    assert!(
+        table.contains(
+            "still on IMDSv1 (requests without a session token): cgroup /strict, cgroup /lax"
+        ) || table.contains(
+            "still on IMDSv1 (requests without a session token): cgroup /lax, cgroup /strict"
+        ),
+        "{table}"
+    );
+}

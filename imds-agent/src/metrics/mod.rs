@@ -46,6 +46,12 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabels {
+    /// The caller's pod namespace, or "" for callers that are not pods.
+    namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WatchLabels {
     /// pods, imdspolicies, clusterimdspolicies
     resource: &'static str,
@@ -72,6 +78,7 @@ pub struct Metrics {
     watch_errors: Family<WatchLabels, Counter>,
     pods_known: Gauge,
     policy_resources: Family<StateLabels, Gauge>,
+    imdsv1: Family<NamespaceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -132,7 +139,14 @@ impl Default for Metrics {
             "ImdsPolicy and ClusterImdsPolicy objects by state (valid, invalid)",
             policy_resources.clone(),
         );
+        let imdsv1 = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "imdsv1_requests",
+            "AWS requests without a session token (IMDSv1), by pod namespace; imds-agent report names the workloads",
+            imdsv1.clone(),
+        );
         Self {
+            imdsv1,
             registry,
             requests,
             upstream_seconds,
@@ -175,12 +189,22 @@ pub fn group_of(path: &str) -> &'static str {
 
 impl Metrics {
     /// Counts a request; no allocation unless the caller is a pod (the namespace label).
-    pub fn request(&self, decision: &'static str, namespace: &str, path: &str) {
+    /// Counts a request; `group` is its path's ([`group_of`]).
+    pub fn request(&self, decision: &'static str, namespace: &str, group: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {
                 decision,
                 namespace: namespace.to_owned(),
-                group: group_of(path),
+                group,
+            })
+            .inc();
+    }
+
+    /// Counts an AWS request without a session token (IMDSv1).
+    pub fn imdsv1_request(&self, namespace: &str) {
+        self.imdsv1
+            .get_or_create(&NamespaceLabels {
+                namespace: namespace.to_owned(),
             })
             .inc();
     }

@@ -76,6 +76,8 @@ pub struct Filter {
     /// Whether tokens are bound to the caller they were handed out to.
     pub token_binding: bool,
     pub tokens: Arc<tokens::TokenBindings>,
+    /// Who reads what (`imds-agent report`).
+    pub inventory: Arc<crate::inventory::Inventory>,
 }
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
@@ -195,7 +197,7 @@ pub async fn serve(
             accepted = accept_any(&listeners, &mut turn) => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(slot) = connections.clone().try_acquire_owned() else {
-                        filter.metrics.request("overload", "", "");
+                        filter.metrics.request("overload", "", "other");
                         tokio::spawn(refuse(stream, peer, "503 Service Unavailable", "imds-agent: overloaded, try again later\n", "overload"));
                         continue;
                     };
@@ -203,7 +205,7 @@ pub async fn serve(
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
                         let Some(connection) = attribute(&filter, peer).await else {
-                            filter.metrics.request("refuse", "", "");
+                            filter.metrics.request("refuse", "", "other");
                             refuse_unrecorded(stream, peer).await;
                             return;
                         };
@@ -518,18 +520,13 @@ struct Exchange<'a> {
     method: String,
     target: String,
     started: Instant,
+    /// An AWS request without a session token (IMDSv1), for the inventory.
+    tokenless: bool,
 }
 
 impl Exchange<'_> {
     fn audit(&self, outcome: Outcome<'_>) {
-        audit(
-            self.filter,
-            self.connection,
-            &self.method,
-            &self.target,
-            outcome,
-            self.started,
-        );
+        audit(self, outcome);
     }
 
     /// Audits an answer the agent gives itself, then gives it: fixed text, never request bytes.
@@ -559,12 +556,13 @@ async fn handle(
     connection: &Connection,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let exchange = Exchange {
+    let mut exchange = Exchange {
         filter,
         connection,
         method: request.method().as_str().to_owned(),
         target: request.uri().path().to_owned(),
         started: Instant::now(),
+        tokenless: false,
     };
     let key = (connection.identity.cgroup_id, connection.identity.uid);
     let _permit = match filter.limits.admit(key, exchange.started) {
@@ -613,6 +611,8 @@ async fn handle(
             );
         }
     };
+    exchange.tokenless =
+        filter.aws_tokens && !is_token_request(&valid) && !valid.headers.contains_key(TOKEN_HEADER);
     let policy = filter.policy.current();
     let selection = connection.selection(filter, &policy);
     let decision = policy.set.decide(
@@ -905,17 +905,33 @@ struct Outcome<'a> {
 }
 
 /// One structured line per request: who, what, the decision and what made it, and the result.
-fn audit(
-    filter: &Filter,
-    connection: &Connection,
-    method: &str,
-    target: &str,
-    outcome: Outcome<'_>,
-    started: Instant,
-) {
+fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
+    let Exchange {
+        filter,
+        connection,
+        method,
+        target,
+        started,
+        tokenless,
+    } = exchange;
+    let (method, target, started, tokenless) =
+        (method.as_str(), target.as_str(), *started, *tokenless);
     let id = &connection.identity;
     let namespace = id.pod.as_ref().map_or("", |p| p.namespace.as_str());
-    filter.metrics.request(outcome.decision, namespace, target);
+    let group = crate::metrics::group_of(target);
+    filter.metrics.request(outcome.decision, namespace, group);
+    if tokenless {
+        filter.metrics.imdsv1_request(namespace);
+    }
+    filter.inventory.record(
+        id,
+        &crate::inventory::Use {
+            path: target,
+            group,
+            denied: outcome.decision == "deny",
+            tokenless,
+        },
+    );
     filter.tally.record(outcome.decision);
     if outcome.decision == "deny" {
         filter.tally.denied(crate::status::Denial {

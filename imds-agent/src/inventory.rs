@@ -1,0 +1,214 @@
+//! The caller inventory: per workload (pod and container, systemd unit, or cgroup), which
+//! executables asked, which path groups they read, how many requests were denied, and how many
+//! came without a session token (IMDSv1): the migration report AWS users ask for before
+//! requiring IMDSv2, with the attribution that packet tracers cannot give.
+//!
+//! The running agent keeps it in memory, bounded, and writes it with its state;
+//! `imds-agent report` prints it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Mutex,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+
+/// Workloads kept; beyond it new ones are counted under [`OVERFLOW`].
+const MAX_WORKLOADS: usize = 4096;
+/// Executables and paths kept per workload.
+const MAX_EXECUTABLES: usize = 16;
+const MAX_PATHS: usize = 64;
+const OVERFLOW: &str = "(more workloads than the inventory keeps)";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadUse {
+    /// `pod NAMESPACE/NAME container C`, `unit NAME`, or `cgroup PATH`.
+    pub workload: String,
+    /// The pod's namespace, or "".
+    pub namespace: String,
+    pub executables: BTreeSet<String>,
+    /// Requests by path group (see `policy::groups`; "other" for the rest).
+    pub groups: BTreeMap<String, u64>,
+    /// Paths requested (the first [`MAX_PATHS`]).
+    pub paths: BTreeSet<String>,
+    pub requests: u64,
+    pub denied: u64,
+    /// Requests without a session token, on AWS (the token request itself excluded).
+    pub imdsv1: u64,
+    pub last_seen: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Inventory {
+    workloads: Mutex<HashMap<String, WorkloadUse>>,
+}
+
+/// One request, as the inventory counts it.
+pub struct Use<'a> {
+    pub path: &'a str,
+    pub group: &'static str,
+    pub denied: bool,
+    pub tokenless: bool,
+}
+
+impl Inventory {
+    pub fn record(&self, identity: &Identity, request: &Use<'_>) {
+        let mut workloads = self.workloads.lock().expect("inventory lock");
+        let mut name = workload_name(identity);
+        if !workloads.contains_key(&name) && workloads.len() >= MAX_WORKLOADS {
+            name = OVERFLOW.to_owned();
+        }
+        let entry = workloads
+            .entry(name.clone())
+            .or_insert_with(|| WorkloadUse {
+                workload: name,
+                namespace: identity
+                    .pod
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.namespace.clone()),
+                ..WorkloadUse::default()
+            });
+        entry.requests += 1;
+        entry.denied += u64::from(request.denied);
+        entry.imdsv1 += u64::from(request.tokenless);
+        *entry.groups.entry(request.group.to_owned()).or_default() += 1;
+        if entry.paths.len() < MAX_PATHS && !request.path.is_empty() {
+            entry.paths.insert(request.path.to_owned());
+        }
+        if let Some(exe) = &identity.exe
+            && entry.executables.len() < MAX_EXECUTABLES
+        {
+            entry.executables.insert(exe.clone());
+        }
+        entry.last_seen = crate::status::iso8601(std::time::SystemTime::now());
+    }
+
+    /// Every workload, busiest first.
+    pub fn snapshot(&self) -> Vec<WorkloadUse> {
+        let mut all: Vec<WorkloadUse> = self
+            .workloads
+            .lock()
+            .expect("inventory lock")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| {
+            b.requests
+                .cmp(&a.requests)
+                .then_with(|| a.workload.cmp(&b.workload))
+        });
+        all
+    }
+}
+
+fn workload_name(identity: &Identity) -> String {
+    match (&identity.pod, &identity.container) {
+        (Some(pod), Some(container)) => {
+            format!("pod {}/{} container {container}", pod.namespace, pod.name)
+        }
+        (Some(pod), None) => format!("pod {}/{}", pod.namespace, pod.name),
+        _ => match (&identity.unit, &identity.cgroup) {
+            (Some(unit), _) => format!("unit {unit}"),
+            (None, Some(cgroup)) => format!("cgroup {cgroup}"),
+            (None, None) => "(unresolved cgroup)".to_owned(),
+        },
+    }
+}
+
+/// The report as a table: one line per workload.
+pub fn render(workloads: &[WorkloadUse]) -> String {
+    use std::fmt::Write as _;
+    if workloads.is_empty() {
+        return "no metadata requests seen yet\n".to_owned();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<48} {:>8} {:>7} {:>7}  {:<32} executables",
+        "workload", "requests", "denied", "IMDSv1", "path groups"
+    );
+    for w in workloads {
+        let groups: Vec<String> = w.groups.iter().map(|(g, n)| format!("{g}:{n}")).collect();
+        let executables: Vec<&str> = w.executables.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "{:<48} {:>8} {:>7} {:>7}  {:<32} {}",
+            w.workload,
+            w.requests,
+            w.denied,
+            w.imdsv1,
+            groups.join(" "),
+            if executables.is_empty() {
+                "?".to_owned()
+            } else {
+                executables.join(" ")
+            }
+        );
+    }
+    let v1: Vec<&str> = workloads
+        .iter()
+        .filter(|w| w.imdsv1 > 0)
+        .map(|w| w.workload.as_str())
+        .collect();
+    if v1.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nevery workload uses session tokens (IMDSv2): requiring them breaks no one seen here"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "\nstill on IMDSv1 (requests without a session token): {}",
+            v1.join(", ")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::pods::PodDirectory;
+
+    #[test]
+    fn requests_are_counted_per_workload_with_imdsv1_use() {
+        let inventory = Inventory::default();
+        let mut web =
+            Identity::for_cgroup("/system.slice/web.service", 0, 0, &PodDirectory::default());
+        web.exe = Some("/usr/bin/python3".into());
+        let batch = Identity::for_cgroup("/batch", 1000, 1000, &PodDirectory::default());
+        let read = |path, group, denied, tokenless| Use {
+            path,
+            group,
+            denied,
+            tokenless,
+        };
+        inventory.record(
+            &web,
+            &read(
+                "/latest/meta-data/instance-id",
+                "instance-info",
+                false,
+                true,
+            ),
+        );
+        inventory.record(&web, &read("/latest/api/token", "token", false, false));
+        inventory.record(&batch, &read("/latest/user-data", "user-data", true, false));
+        let report = inventory.snapshot();
+        assert_eq!(report[0].workload, "unit web.service");
+        assert_eq!(
+            (report[0].requests, report[0].imdsv1, report[0].denied),
+            (2, 1, 0)
+        );
+        assert!(report[0].executables.contains("/usr/bin/python3"));
+        assert_eq!(report[1].workload, "cgroup /batch");
+        assert_eq!(report[1].groups["user-data"], 1);
+        let table = render(&report);
+        assert!(
+            table.contains("still on IMDSv1 (requests without a session token): unit web.service"),
+            "{table}"
+        );
+    }
+}
