@@ -744,3 +744,52 @@ fn io_uring_connect_is_diverted_like_connect() {
         "{response}"
     );
 }
+
+#[test]
+fn a_recursive_read_cannot_return_what_a_path_by_path_read_could_not() {
+    // GCP's recursive=true returns a whole subtree in one answer: the attacker may list
+    // /latest/meta-data/ and read the instance id, so a recursive read of the listing would
+    // hand over everything below it.
+    let Some(env) = start("recursive") else {
+        return;
+    };
+    const POLICY_WITH_LISTING: &str = r#"
+name: lister
+callers: {cgroups: ["/lister"]}
+default: deny
+rules:
+  - name: listing
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/", "/latest/meta-data/placement/**"]
+"#;
+    env.sandbox.write_policies(&[
+        ("attacker.yaml", POLICY),
+        ("lister.yaml", POLICY_WITH_LISTING),
+    ]);
+    // The policy directory is watched: wait for the new file to be in force.
+    let listed = |query: &str| {
+        env.sandbox.curl(
+            "enforced/lister",
+            None,
+            &[&format!("http://169.254.169.254/latest/meta-data/{query}")],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while listed("").status != 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(listed("").status, 200, "the listing itself is allowed");
+    for query in ["?recursive=true", "?alt=json&recursive=true", "?recursive"] {
+        let recursive = listed(query);
+        assert_eq!(recursive.status, 403, "{query}: {recursive:?}");
+        assert!(!recursive.body.contains(ACCESS_KEY_PREFIX));
+    }
+    // A subtree the policy allows as a whole is served recursively.
+    let placement = env.sandbox.curl(
+        "enforced/lister",
+        None,
+        &["http://169.254.169.254/latest/meta-data/placement/?recursive=true"],
+    );
+    assert_eq!(placement.status, 200, "{placement:?}");
+}

@@ -709,7 +709,84 @@ impl PolicySet {
         method: &str,
         path: &CanonicalPath<'_>,
     ) -> Decision<'a> {
+        self.apply_mode(self.decide_enforcing(selection, identity, method, path))
+    }
+
+    /// The decision for a request whose answer holds the whole subtree below `path` (GCP's
+    /// `recursive=true`): allowed only if the path is, no selecting policy has a deny rule at
+    /// or below it, and the subtree is allowed as a whole (an allow rule ending in `**`
+    /// covers it, or every selecting policy allows by default). Otherwise denied, naming the
+    /// rule or default that denies part of it: a recursive read must not return what the
+    /// caller could not read path by path.
+    pub fn decide_subtree<'a>(
+        &'a self,
+        selection: &Selection,
+        identity: &Identity,
+        method: &str,
+        path: &CanonicalPath<'_>,
+    ) -> Decision<'a> {
         let decision = self.decide_enforcing(selection, identity, method, path);
+        let subtree = match (decision.action, selection, ResolvedCaller::new(identity)) {
+            (Action::Allow, Selection::Policies(indexes), Some(caller)) if !indexes.is_empty() => {
+                self.subtree_denial(indexes, &caller, method, path)
+            }
+            _ => None,
+        };
+        let decision = subtree.map_or(decision, |(policy, rule)| Decision {
+            action: Action::Deny,
+            policy,
+            rule,
+            would_deny: None,
+        });
+        self.apply_mode(decision)
+    }
+
+    /// (policy, rule) of what denies part of the subtree below `path`, if anything does.
+    fn subtree_denial<'a>(
+        &'a self,
+        indexes: &[usize],
+        caller: &ResolvedCaller<'_>,
+        method: &str,
+        path: &CanonicalPath<'_>,
+    ) -> Option<(&'a str, &'a str)> {
+        let enforcing = || {
+            indexes
+                .iter()
+                .map(|&i| &self.policies[i])
+                .filter(|p| p.mode == Mode::Enforce)
+        };
+        let applies = |rule: &Rule| rule.methods.contains(method) && rule.callers.matches(caller);
+        for policy in enforcing() {
+            for rule in policy
+                .rules
+                .iter()
+                .filter(|r| r.action == Action::Deny && applies(r))
+            {
+                if rule
+                    .paths
+                    .iter()
+                    .any(|p| p.matches(path) || p.matches_below(path))
+                {
+                    return Some((&policy.name, &rule.name));
+                }
+            }
+        }
+        let covered = enforcing().any(|policy| {
+            policy
+                .rules
+                .iter()
+                .filter(|r| r.action == Action::Allow && applies(r))
+                .any(|r| r.paths.iter().any(|p| p.covers_subtree(path)))
+        });
+        if covered {
+            return None;
+        }
+        enforcing()
+            .find(|p| p.default == Action::Deny)
+            .map(|p| (p.name.as_str(), DEFAULT_RULE))
+    }
+
+    fn apply_mode<'a>(&self, decision: Decision<'a>) -> Decision<'a> {
         match (self.mode, decision.action) {
             (Mode::Audit, Action::Deny) => Decision {
                 action: Action::Allow,

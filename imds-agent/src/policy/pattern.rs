@@ -165,6 +165,11 @@ impl PathPattern {
         }
     }
 
+    /// Whether the pattern matches `dir` and every path below it (it ends in `**`).
+    pub fn covers_subtree(&self, dir: &CanonicalPath<'_>) -> bool {
+        self.segments.last() == Some(&Segment::AnyDepth) && self.matches(dir)
+    }
+
     /// Whether the pattern can match some path strictly below `dir` (for listings: a
     /// directory entry stays visible when something under it may be read).
     pub fn matches_below(&self, dir: &CanonicalPath<'_>) -> bool {

@@ -599,3 +599,64 @@ fn the_agent_audit_mode_denies_nothing_and_names_what_would_have() {
         Some(KernelVerdict::Refuse)
     );
 }
+
+#[test]
+fn a_recursive_read_is_allowed_only_where_the_whole_subtree_is() {
+    const GKE: &str = r#"
+name: gke
+callers: {cgroups: ["/app"]}
+default: deny
+rules:
+  - name: no-kube-env
+    action: deny
+    methods: [GET]
+    paths: ["/computeMetadata/v1/instance/attributes/kube-env"]
+  - name: instance
+    action: allow
+    methods: [GET]
+    paths: ["/computeMetadata/v1/instance/**"]
+  - name: project-id
+    action: allow
+    methods: [GET]
+    paths: ["/computeMetadata/v1/project/project-id", "/computeMetadata/v1/project/"]
+"#;
+    let set = set(&[GKE], Unmatched::Deny);
+    let app = identity(Some("/app"), 0);
+    let selection = set.select(&app);
+    let subtree = |path: &str| {
+        let d = set.decide_subtree(
+            &selection,
+            &app,
+            "GET",
+            &CanonicalPath::parse(path).unwrap(),
+        );
+        (d.action, d.rule)
+    };
+    // Path by path, the instance tree is allowed except kube-env; recursively, only the
+    // parts that hold no denied path.
+    assert_eq!(
+        decide(&set, &app, "GET", "/computeMetadata/v1/instance/").0,
+        Action::Allow
+    );
+    assert_eq!(
+        subtree("/computeMetadata/v1/instance/"),
+        (Action::Deny, "no-kube-env")
+    );
+    assert_eq!(
+        subtree("/computeMetadata/v1/instance/attributes/"),
+        (Action::Deny, "no-kube-env")
+    );
+    assert_eq!(
+        subtree("/computeMetadata/v1/instance/network-interfaces/"),
+        (Action::Allow, "instance")
+    );
+    // The project listing is allowed, its subtree is not covered: the default denies.
+    assert_eq!(
+        decide(&set, &app, "GET", "/computeMetadata/v1/project/").0,
+        Action::Allow
+    );
+    assert_eq!(
+        subtree("/computeMetadata/v1/project/"),
+        (Action::Deny, "default")
+    );
+}

@@ -615,12 +615,21 @@ async fn handle(
         filter.aws_tokens && !is_token_request(&valid) && !valid.headers.contains_key(TOKEN_HEADER);
     let policy = filter.policy.current();
     let selection = connection.selection(filter, &policy);
-    let decision = policy.set.decide(
-        &selection,
-        &connection.identity,
-        valid.method.as_str(),
-        &valid.canonical_path(),
-    );
+    let decision = if valid.is_recursive() {
+        policy.set.decide_subtree(
+            &selection,
+            &connection.identity,
+            valid.method.as_str(),
+            &valid.canonical_path(),
+        )
+    } else {
+        policy.set.decide(
+            &selection,
+            &connection.identity,
+            valid.method.as_str(),
+            &valid.canonical_path(),
+        )
+    };
     if decision.action == Action::Deny {
         let outcome = Outcome {
             decision: "deny",

@@ -43,6 +43,17 @@ impl ValidRequest {
         CanonicalPath::parse(&self.path).expect("validated at construction")
     }
 
+    /// Whether the answer holds a whole subtree (GCP's `recursive=true`; any value but
+    /// `false` is taken as true, the safe side).
+    pub fn is_recursive(&self) -> bool {
+        self.query.as_deref().is_some_and(|query| {
+            query.split('&').any(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                key.eq_ignore_ascii_case("recursive") && !value.eq_ignore_ascii_case("false")
+            })
+        })
+    }
+
     pub fn target(&self) -> String {
         match &self.query {
             Some(query) => format!("{}?{query}", self.path),
@@ -265,5 +276,26 @@ mod tests {
     fn an_empty_body_is_fine() {
         let request = req("PUT", "/latest/api/token", &[HOST, ("content-length", "0")]);
         assert!(validate(&request).is_ok());
+    }
+
+    #[test]
+    fn recursive_means_anything_but_false() {
+        let with = |query: &str| ValidRequest {
+            method: Method::GET,
+            path: "/computeMetadata/v1/instance/".into(),
+            query: Some(query.into()),
+            headers: HeaderMap::new(),
+        };
+        for (query, recursive) in [
+            ("recursive=true", true),
+            ("alt=json&recursive=TRUE", true),
+            ("recursive", true),
+            ("recursive=1", true),
+            ("recursive=false", false),
+            ("nonrecursive=true", false),
+            ("alt=json", false),
+        ] {
+            assert_eq!(with(query).is_recursive(), recursive, "{query}");
+        }
     }
 }
