@@ -56,6 +56,83 @@ impl Provider {
     }
 }
 
+/// A request the provider's metadata service would refuse, or one the agent refuses because
+/// it skips the service's own protection: the status to answer and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtocolRefusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+impl Provider {
+    /// The provider's request rules, checked before any policy (reference: A2.2, A2.3, A3, A4):
+    /// the header each service requires against SSRF (a request without it is answered as the
+    /// service answers it, never forwarded), and the legacy trees that never required it
+    /// (closed whatever the policy says: a policy allowing `instance/id` must not open the
+    /// header-less `v1beta1/instance/id`).
+    pub fn check_request(
+        self,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<(), ProtocolRefusal> {
+        let header_is = |name: &str, value: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case(value))
+        };
+        let refuse = |status, reason| Err(ProtocolRefusal { status, reason });
+        match self {
+            Self::Gcp => {
+                if path == "/0.1" || path.starts_with("/0.1/") {
+                    return refuse(
+                        403,
+                        "legacy metadata endpoint (0.1) closed: use /computeMetadata/v1 with Metadata-Flavor: Google",
+                    );
+                }
+                if let Some(rest) = path.strip_prefix("/computeMetadata/") {
+                    let version = rest.split('/').next().unwrap_or_default();
+                    if version != "v1" {
+                        return refuse(
+                            403,
+                            "legacy or unknown metadata API version closed: use /computeMetadata/v1 with Metadata-Flavor: Google",
+                        );
+                    }
+                    if !header_is("metadata-flavor", "Google") {
+                        return refuse(403, "Metadata-Flavor: Google header required");
+                    }
+                }
+                Ok(())
+            }
+            Self::Azure if path == "/metadata" || path.starts_with("/metadata/") => {
+                if header_is("metadata", "true") {
+                    Ok(())
+                } else {
+                    refuse(400, "Metadata: true header required")
+                }
+            }
+            Self::Oci => {
+                if path == "/opc/v1"
+                    || path.starts_with("/opc/v1/")
+                    || path.starts_with("/openstack")
+                {
+                    return refuse(
+                        403,
+                        "legacy metadata endpoint (opc/v1) closed: use /opc/v2 with Authorization: Bearer Oracle",
+                    );
+                }
+                if (path == "/opc/v2" || path.starts_with("/opc/v2/"))
+                    && !header_is("authorization", "Bearer Oracle")
+                {
+                    return refuse(401, "Authorization: Bearer Oracle header required");
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Parses an endpoint as `ADDRESS:PORT` or `[IPV6%INTERFACE]:PORT`. The interface (a name or
 /// an index) matters only for link-local IPv6 endpoints: the agent's own connection to the
 /// metadata service must say which link it is on.
@@ -221,6 +298,67 @@ mod tests {
             Provider::Alibaba.default_endpoints(),
             vec!["100.100.100.200:80".parse::<SocketAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn each_provider_requires_its_header_and_closes_its_legacy_trees() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        let status = |provider: Provider, path: &str, pairs: &[(&'static str, &'static str)]| {
+            provider
+                .check_request(path, &headers(pairs))
+                .err()
+                .map(|r| r.status)
+        };
+        let google = [("metadata-flavor", "Google")];
+        assert_eq!(
+            status(Provider::Gcp, "/computeMetadata/v1/instance/id", &google),
+            None
+        );
+        assert_eq!(
+            status(Provider::Gcp, "/computeMetadata/v1/instance/id", &[]),
+            Some(403)
+        );
+        assert_eq!(
+            status(
+                Provider::Gcp,
+                "/computeMetadata/v1beta1/instance/id",
+                &google
+            ),
+            Some(403)
+        );
+        assert_eq!(
+            status(Provider::Gcp, "/0.1/meta-data/project-id", &[]),
+            Some(403)
+        );
+        // GCP detection (OnGCE) asks for / without the header.
+        assert_eq!(status(Provider::Gcp, "/", &[]), None);
+        assert_eq!(
+            status(
+                Provider::Azure,
+                "/metadata/instance",
+                &[("metadata", "true")]
+            ),
+            None
+        );
+        assert_eq!(
+            status(Provider::Azure, "/metadata/instance", &[]),
+            Some(400)
+        );
+        let oracle = [("authorization", "Bearer Oracle")];
+        assert_eq!(status(Provider::Oci, "/opc/v2/instance/", &oracle), None);
+        assert_eq!(status(Provider::Oci, "/opc/v2/instance/", &[]), Some(401));
+        assert_eq!(
+            status(Provider::Oci, "/opc/v1/instance/", &oracle),
+            Some(403)
+        );
+        // AWS needs no header (tokens are policy's: see tokens.required).
+        assert_eq!(status(Provider::Aws, "/latest/meta-data/", &[]), None);
     }
 
     #[test]

@@ -237,6 +237,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         selections: crate::proxy::SelectionCache::default(),
         endpoints,
         pool: Arc::new(crate::proxy::pool::UpstreamPool::default()),
+        provider: args.provider,
         aws_tokens: args.provider == crate::provider::Provider::Aws,
         token_binding: !args.no_token_binding,
         explain_denials: args.explain_denials,

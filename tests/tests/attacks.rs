@@ -793,3 +793,51 @@ rules:
     );
     assert_eq!(placement.status, 200, "{placement:?}");
 }
+
+#[test]
+fn gcp_legacy_trees_and_header_less_requests_are_closed_whatever_the_policy() {
+    // A caller that policy allows everything: the protocol rules still apply. GCP's 0.1 and
+    // v1beta1 trees never required Metadata-Flavor, so an SSRF could read them.
+    let Some(sandbox) = Sandbox::new("gcp-rules") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&[(
+        "open.yaml",
+        "name: open\ncallers: {cgroups: [\"/open\"]}\ndefault: allow\n",
+    )]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--provider", "gcp"]);
+    let get = |path: &str, headers: &[&str]| {
+        let mut args: Vec<&str> = headers.iter().flat_map(|h| ["-H", *h]).collect();
+        let url = format!("http://169.254.169.254{path}");
+        args.push(&url);
+        sandbox.curl("enforced/open", None, &args)
+    };
+    let flavor = "Metadata-Flavor: Google";
+    for path in [
+        "/computeMetadata/v1beta1/instance/id",
+        "/0.1/meta-data/project-id",
+    ] {
+        let legacy = get(path, &[flavor]);
+        assert_eq!(legacy.status, 403, "{path}: {legacy:?}");
+        assert!(legacy.body.contains("legacy"), "{legacy:?}");
+    }
+    let bare = get("/computeMetadata/v1/instance/id", &[]);
+    assert_eq!(bare.status, 403, "{bare:?}");
+    assert!(
+        bare.body
+            .contains("Metadata-Flavor: Google header required")
+    );
+    // With the header the request goes on to the service (the fake IMDS, an AWS one, has no
+    // such path: its 404 shows the request was forwarded).
+    assert_eq!(
+        get("/computeMetadata/v1/instance/id", &[flavor]).status,
+        404
+    );
+    let rejects = agent
+        .audit()
+        .iter()
+        .filter(|l| l["decision"] == "reject")
+        .count();
+    assert_eq!(rejects, 3);
+}

@@ -68,6 +68,8 @@ pub struct Filter {
     pub unknown_pod_wait: Duration,
     /// Idle upstream connections, per caller.
     pub pool: Arc<pool::UpstreamPool>,
+    /// The cloud: its request rules apply before any policy.
+    pub provider: crate::provider::Provider,
     /// Whether the endpoints speak AWS's session tokens (IMDSv2): per-policy token rules and
     /// token binding apply.
     pub aws_tokens: bool,
@@ -611,6 +613,13 @@ async fn handle(
             );
         }
     };
+    if let Err(refusal) = filter.provider.check_request(&valid.path, &valid.headers) {
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+        return exchange.answer(
+            Outcome::refused("reject", status, refusal.reason),
+            format!("imds-agent: {}\n", refusal.reason),
+        );
+    }
     exchange.tokenless =
         filter.aws_tokens && !is_token_request(&valid) && !valid.headers.contains_key(TOKEN_HEADER);
     let policy = filter.policy.current();
