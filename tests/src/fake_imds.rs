@@ -38,6 +38,8 @@ pub const ACCESS_KEY_PREFIX: &str = "ASIAFAKE";
 pub struct Config {
     pub tokens_required: bool,
     pub role: String,
+    /// Serve GCP's metadata server instead of EC2's.
+    pub gcp: bool,
 }
 
 impl Default for Config {
@@ -45,9 +47,16 @@ impl Default for Config {
         Self {
             tokens_required: false,
             role: "demo-node-role".into(),
+            gcp: false,
         }
     }
 }
+
+/// GCP's fake service account and its access token prefix.
+pub const GCP_SERVICE_ACCOUNT: &str = "node@demo-project.iam.gserviceaccount.com";
+pub const GCP_TOKEN_PREFIX: &str = "ya29.FAKE";
+/// A GKE node's bootstrap secrets (kubelet credentials), in the instance attributes.
+pub const GCP_KUBE_ENV: &str = "KUBELET_CERT: fake-cert\nKUBELET_KEY: fake-key\n";
 
 struct State {
     config: Config,
@@ -110,6 +119,9 @@ fn requested_delay<B>(request: &Request<B>) -> Option<Duration> {
 }
 
 fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+    if state.config.gcp {
+        return gcp(request);
+    }
     let path = request.uri().path();
     let method = request.method();
     let headers = request.headers();
@@ -224,6 +236,78 @@ fn credentials() -> String {
         random_hex(40),
         iso8601(now + Duration::from_secs(6 * 3600)),
     )
+}
+
+/// GCP's metadata server, as documented (reference A2): `Metadata-Flavor: Google` required on
+/// /computeMetadata/v1 (403 without) and present on every response; `recursive=true` answers
+/// a directory as JSON; the legacy v1beta1 tree answers without the header, as it did.
+fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let recursive = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "recursive=true"));
+    let flavored = request
+        .headers()
+        .get("metadata-flavor")
+        .is_some_and(|v| v == "Google");
+    let with_flavor = |mut response: Response<Full<Bytes>>| {
+        response
+            .headers_mut()
+            .insert("metadata-flavor", HeaderValue::from_static("Google"));
+        response
+    };
+    let legacy = path.strip_prefix("/computeMetadata/v1beta1");
+    let key = match (path.strip_prefix("/computeMetadata/v1"), legacy) {
+        (_, Some(rest)) => rest,
+        (Some(rest), None) if rest.is_empty() || rest.starts_with('/') => {
+            if !flavored {
+                return with_flavor(reply(
+                    StatusCode::FORBIDDEN,
+                    "Missing Metadata-Flavor:Google header.",
+                ));
+            }
+            rest
+        }
+        // Detection (OnGCE) pings / and checks the response header.
+        _ if path == "/" => return with_flavor(reply(StatusCode::OK, "computeMetadata/\n")),
+        _ => return with_flavor(reply(StatusCode::NOT_FOUND, "")),
+    };
+    let account = "/instance/service-accounts/default";
+    let body = match key.trim_end_matches('/') {
+        "/instance/id" => "4520031799277581759".to_owned(),
+        "/instance/zone" => "projects/1234/zones/us-central1-a".to_owned(),
+        "/project/project-id" => "demo-project".to_owned(),
+        "/instance/attributes/kube-env" => GCP_KUBE_ENV.to_owned(),
+        "/instance/attributes" if recursive => {
+            serde_json::json!({"kube-env": GCP_KUBE_ENV}).to_string()
+        }
+        "/instance/attributes" => "kube-env\n".to_owned(),
+        "/instance/service-accounts" => format!("default/\n{GCP_SERVICE_ACCOUNT}/\n"),
+        k if k == account && recursive => serde_json::json!({
+            "aliases": ["default"],
+            "email": GCP_SERVICE_ACCOUNT,
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        })
+        .to_string(),
+        k if k == account => "aliases\nemail\nidentity\nscopes\ntoken\n".to_owned(),
+        k if k == format!("{account}/email") => GCP_SERVICE_ACCOUNT.to_owned(),
+        k if k == format!("{account}/token") => serde_json::json!({
+            "access_token": format!("{GCP_TOKEN_PREFIX}{}", random_hex(16)),
+            "expires_in": 3599,
+            "token_type": "Bearer",
+        })
+        .to_string(),
+        _ => return with_flavor(reply(StatusCode::NOT_FOUND, "")),
+    };
+    let mut response = with_flavor(reply(StatusCode::OK, &body));
+    if body.starts_with('{') {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    response
 }
 
 fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -224,6 +224,21 @@ impl Sandbox {
     /// As [`Self::start_fake_imds`], also listening on `extra` (addresses the test made
     /// local with [`Self::ip`]).
     pub fn start_fake_imds_on(&self, tokens_required: bool, extra: &[&str]) -> Process {
+        let flags: &[&str] = if tokens_required {
+            &["--tokens-required"]
+        } else {
+            &[]
+        };
+        self.spawn_fake_imds(flags, extra)
+    }
+
+    /// The fake metadata service as GCP's (`Metadata-Flavor`, `recursive`, service-account
+    /// tokens), on the same addresses.
+    pub fn start_fake_gcp(&self) -> Process {
+        self.spawn_fake_imds(&["--gcp"], &[])
+    }
+
+    fn spawn_fake_imds(&self, flags: &[&str], extra: &[&str]) -> Process {
         let mut command = self.command(binary("fake-imds"), "imds");
         command
             .args([
@@ -237,9 +252,7 @@ impl Sandbox {
             .args(extra.iter().flat_map(|addr| ["--listen", addr]))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        if tokens_required {
-            command.arg("--tokens-required");
-        }
+        command.args(flags);
         let mut child = command.spawn().expect("spawn fake-imds");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped"))

@@ -14,7 +14,7 @@ usage: cargo xtask <command>
 
 commands:
   setup   install every prerequisite (idempotent): LLVM 22 dev packages, bpftool, iproute2,
-          curl, rust-src for nightly, bpf-linker, botocore for the SDK test
+          curl, rust-src for nightly, bpf-linker, botocore and google-auth for the SDK tests
   demo    set up, build, and run the demo in a sandbox network namespace
   test    set up, build, and run every test (what CI runs), plus fmt and clippy checks
   bench [--quick]  measure side by side in a sandbox and write BENCHMARKS.md
@@ -164,6 +164,29 @@ fn setup() -> Result {
             .env("DEBIAN_FRONTEND", "noninteractive"));
         if !succeeds("python3", &["-c", "import botocore"]) {
             run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "botocore"]))?;
+        }
+    }
+    // google-auth (GCP's client library) for the GCP SDK test, the same way.
+    let google_auth = ["-c", "import google.auth.compute_engine, requests"];
+    if !succeeds("python3", &google_auth) {
+        let _ = run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "python3-google-auth",
+                "python3-requests",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if !succeeds("python3", &google_auth) {
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "google-auth",
+                "requests",
+            ]))?;
         }
     }
     Ok(())

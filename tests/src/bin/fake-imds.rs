@@ -21,6 +21,9 @@ struct Args {
     /// The instance role whose credentials are served.
     #[arg(long, default_value = "demo-node-role")]
     role: String,
+    /// Serve GCP's metadata server instead of EC2's.
+    #[arg(long)]
+    gcp: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -40,6 +43,7 @@ async fn main() {
         Config {
             tokens_required: args.tokens_required,
             role: args.role,
+            gcp: args.gcp,
         },
     )
     .await;

@@ -1,0 +1,151 @@
+//! GCP: the agent with `--provider gcp` in front of a fake GCP metadata server, and Google's
+//! own client library (google-auth's compute_engine credentials) as the workload.
+
+use imds_tests::{
+    fake_imds::{GCP_KUBE_ENV, GCP_SERVICE_ACCOUNT, GCP_TOKEN_PREFIX},
+    sandbox::{Agent, Curl, Process, Sandbox},
+};
+
+const POLICY: &str = r#"
+name: app
+callers: {cgroups: ["/app"]}
+default: deny
+rules:
+  - name: service-account
+    action: allow
+    methods: [GET]
+    groups: [credentials, instance-info]
+  - name: attribute-names
+    action: allow
+    methods: [GET]
+    paths: ["/computeMetadata/v1/instance/attributes/"]
+"#;
+
+/// google-auth as an application on GCE uses it: refresh the default service account's
+/// credentials from the metadata server.
+const GOOGLE_AUTH: &str = r#"
+import json
+import google.auth.compute_engine
+import google.auth.transport.requests
+credentials = google.auth.compute_engine.Credentials()
+try:
+    credentials.refresh(google.auth.transport.requests.Request())
+    print(json.dumps({"token": credentials.token, "email": credentials.service_account_email}))
+except Exception as error:
+    print(json.dumps({"error": type(error).__name__}))
+"#;
+
+struct Env {
+    agent: Agent,
+    _imds: Process,
+    sandbox: Sandbox,
+}
+
+fn start(label: &str) -> Option<Env> {
+    let sandbox = Sandbox::new(label)?;
+    let imds = sandbox.start_fake_gcp();
+    let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--provider", "gcp"]);
+    Some(Env {
+        agent,
+        _imds: imds,
+        sandbox,
+    })
+}
+
+impl Env {
+    fn get(&self, cgroup: &str, path: &str) -> Curl {
+        self.sandbox.curl(
+            cgroup,
+            None,
+            &[
+                "-H",
+                "Metadata-Flavor: Google",
+                &format!("http://169.254.169.254{path}"),
+            ],
+        )
+    }
+}
+
+#[test]
+fn google_auth_gets_a_token_only_where_policy_allows() {
+    let has_google_auth = std::process::Command::new("python3")
+        .args(["-c", "import google.auth.compute_engine, requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_google_auth {
+        imds_tests::sandbox::skip(
+            "python3 with google-auth and requests is not installed (cargo xtask setup installs them)",
+        );
+        return;
+    }
+    let Some(env) = start("gcp-sdk") else {
+        return;
+    };
+    let refresh = |cgroup: &str| -> serde_json::Value {
+        let output = env
+            .sandbox
+            .command("python3", cgroup)
+            .args(["-c", GOOGLE_AUTH])
+            // The library's documented overrides of metadata.google.internal.
+            .env("GCE_METADATA_HOST", "169.254.169.254")
+            .env("GCE_METADATA_IP", "169.254.169.254")
+            .output()
+            .expect("run python3");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+    };
+    // The library asks for the service account recursively, then for its token: both pass.
+    let allowed = refresh("enforced/app");
+    assert!(
+        allowed["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(GCP_TOKEN_PREFIX)),
+        "{allowed}\n{}",
+        env.agent.log()
+    );
+    assert_eq!(allowed["email"], GCP_SERVICE_ACCOUNT);
+    // Another workload: the library reports a refresh error, no token.
+    let denied = refresh("enforced/web");
+    assert_eq!(denied["error"], "RefreshError", "{denied}");
+}
+
+#[test]
+fn gke_kube_env_stays_out_of_reach_of_listings_and_recursive_reads() {
+    let Some(env) = start("gcp-kube-env") else {
+        return;
+    };
+    // The attribute names may be listed; the attribute itself may not be read.
+    let names = env.get("enforced/app", "/computeMetadata/v1/instance/attributes/");
+    assert_eq!(names.status, 200, "{names:?}");
+    let secret = env.get(
+        "enforced/app",
+        "/computeMetadata/v1/instance/attributes/kube-env",
+    );
+    assert_eq!(secret.status, 403, "{secret:?}");
+    // Nor read in one go with the listing: the fake server would return kube-env in it.
+    let recursive = env.get(
+        "enforced/app",
+        "/computeMetadata/v1/instance/attributes/?recursive=true",
+    );
+    assert_eq!(recursive.status, 403, "{recursive:?}");
+    assert!(!recursive.body.contains("KUBELET"));
+    // The legacy tree, which never required the header, is closed.
+    let legacy = env.get(
+        "enforced/app",
+        "/computeMetadata/v1beta1/instance/attributes/kube-env",
+    );
+    assert_eq!(legacy.status, 403, "{legacy:?}");
+    assert!(!legacy.body.contains("KUBELET"));
+    // Outside the enforced tree the fake server does answer all three (the control).
+    let direct = env.get(
+        "outside",
+        "/computeMetadata/v1/instance/attributes/?recursive=true",
+    );
+    assert!(direct.body.contains("KUBELET"), "{direct:?}");
+    assert!(GCP_KUBE_ENV.contains("KUBELET"));
+}
