@@ -125,11 +125,14 @@ pub struct RunArgs {
     /// IP (the DaemonSet does, from status.hostIP).
     #[arg(long, default_value = "auto")]
     pub pod_address: crate::node::PodAddress,
-    /// The cloud the agent runs on; picks the metadata endpoints diverted by default: aws
-    /// 169.254.169.254:80 and [fd00:ec2::254]:80; openstack 169.254.169.254:80 and
+    /// The cloud the agent runs on (auto, aws, gcp, azure, oci, openstack, digitalocean,
+    /// alibaba, hetzner); picks the metadata endpoints diverted by default and the request
+    /// rules: aws 169.254.169.254:80 and [fd00:ec2::254]:80; openstack 169.254.169.254:80 and
     /// [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; the others 169.254.169.254:80.
-    #[arg(long, value_enum, default_value_t = Provider::Aws, env = "IMDS_AGENT_PROVIDER")]
-    pub provider: Provider,
+    /// `auto`: probe each provider's metadata service at start-up (at most 0.5 s); if none
+    /// answers, guard aws's addresses.
+    #[arg(long, default_value = "auto", env = "IMDS_AGENT_PROVIDER")]
+    pub provider: ProviderSetting,
     /// A further metadata endpoint to divert (ADDRESS:PORT; IPv6 as [ADDRESS]:PORT, link-local
     /// as [ADDRESS%INTERFACE]:PORT); repeatable. E.g. 169.254.170.2:80 to govern ECS task
     /// credentials. IPv6 connects to addresses embedding an IPv4 endpoint (::ffff:a.b.c.d,
@@ -245,14 +248,38 @@ pub struct ExplainArgs {
     pub path: String,
 }
 
+/// `--provider`: a provider, or `auto` (detected at start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderSetting {
+    Auto,
+    Fixed(Provider),
+}
+
+impl std::str::FromStr for ProviderSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        Provider::from_str(s, false).map(Self::Fixed).map_err(|_| {
+            let names: Vec<String> = Provider::value_variants()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            format!("{s:?}: expected auto or one of {}", names.join(", "))
+        })
+    }
+}
+
 impl RunArgs {
-    /// The endpoints to divert: the provider's defaults (unless turned off) and the extra
+    /// The endpoints to divert on `provider`: its defaults (unless turned off) and the extra
     /// ones, each once.
-    pub fn effective_endpoints(&self) -> Vec<std::net::SocketAddr> {
+    pub fn effective_endpoints(&self, provider: Provider) -> Vec<std::net::SocketAddr> {
         let mut all = if self.no_default_endpoints {
             Vec::new()
         } else {
-            self.provider.default_endpoints()
+            provider.default_endpoints()
         };
         for endpoint in &self.endpoints {
             // An explicit endpoint replaces a default on the same address and port (it may

@@ -2,6 +2,7 @@
 //! cgroups to the agent, identifies each caller, and serves or denies each request by policy.
 
 pub mod cli;
+pub mod detect;
 pub mod explain;
 pub mod fs;
 pub mod identity;

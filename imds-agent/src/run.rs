@@ -12,12 +12,13 @@ use tokio::{
 };
 
 use crate::{
-    cli::RunArgs,
+    cli::{ProviderSetting, RunArgs},
     fs,
     identity::{Resolver, pods::PodDirectory},
     loader::{AttachConfig, Enforcer, LoaderError},
     metrics::{self, Metrics},
     policy::{PolicyError, store::PolicyStore},
+    provider::Provider,
     proxy::{self, Filter},
 };
 
@@ -158,7 +159,23 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         )));
     }
     let cgroup = enforced_root(&mount, args.cgroup.as_deref())?;
-    let mut endpoints = args.effective_endpoints();
+    let provider = match args.provider {
+        ProviderSetting::Fixed(provider) => provider,
+        ProviderSetting::Auto => match crate::detect::detect(&args.pin_dir).await {
+            Some(provider) => {
+                tracing::info!(%provider, "detected the cloud provider");
+                provider
+            }
+            None => {
+                tracing::warn!(
+                    "no metadata service answered the provider probes: guarding aws's \
+                     addresses (pass --provider to choose)"
+                );
+                Provider::Aws
+            }
+        },
+    };
+    let mut endpoints = args.effective_endpoints(provider);
     for problem in crate::provider::resolve_link_local(&mut endpoints) {
         tracing::warn!("{problem}");
     }
@@ -217,7 +234,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pin_dir = %args.pin_dir.display(),
         listen = %args.listen,
         pod_address = %pod_address.map_or("none".to_owned(), |ip| ip.to_string()),
-        provider = %args.provider,
+        %provider,
         endpoints = ?endpoints,
         policies = ?policy.current().set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
         unmatched = %args.unmatched,
@@ -237,8 +254,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         selections: crate::proxy::SelectionCache::default(),
         endpoints,
         pool: Arc::new(crate::proxy::pool::UpstreamPool::default()),
-        provider: args.provider,
-        aws_tokens: args.provider == crate::provider::Provider::Aws,
+        provider,
+        aws_tokens: provider == Provider::Aws,
         token_binding: !args.no_token_binding,
         explain_denials: args.explain_denials,
         inventory: Arc::new(crate::inventory::Inventory::default()),

@@ -149,3 +149,32 @@ fn gke_kube_env_stays_out_of_reach_of_listings_and_recursive_reads() {
     assert!(direct.body.contains("KUBELET"), "{direct:?}");
     assert!(GCP_KUBE_ENV.contains("KUBELET"));
 }
+
+#[test]
+fn the_provider_is_detected_also_past_a_previous_agents_programs() {
+    let Some(sandbox) = Sandbox::new("detect") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_gcp();
+    let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
+    let detected = |agent: &Agent| {
+        agent.log().lines().any(|l| {
+            l.contains("detected the cloud provider") && l.contains("\"provider\":\"gcp\"")
+        })
+    };
+    let first = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    assert!(detected(&first), "{}", first.log());
+    // GCP's rules are in force: a header-less request is refused by the agent.
+    let bare = sandbox.curl(
+        "enforced/app",
+        None,
+        &["http://169.254.169.254/computeMetadata/v1/instance/id"],
+    );
+    assert_eq!(bare.status, 403, "{bare:?}");
+    assert!(bare.body.contains("Metadata-Flavor"), "{bare:?}");
+    // Killed: its programs stay pinned and divert the next agent's own probes, which run
+    // from inside the enforced tree now; they are exempted through the pinned map.
+    drop(first);
+    let second = sandbox.start_agent("enforced", "enforced/agent", &[&policies], &[]);
+    assert!(detected(&second), "{}", second.log());
+}

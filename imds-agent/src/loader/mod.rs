@@ -339,6 +339,39 @@ pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, LoaderError> {
     read_counters(&map)
 }
 
+/// Connects without being diverted by an installation pinned in `pin_dir` (the previous
+/// agent's programs, before this agent has loaded its own): the socket's cookie goes into the
+/// pinned exemption map for the connect. Without pins nothing diverts, and it connects plainly.
+pub async fn connect_exempt_pinned(
+    pin_dir: &Path,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream, LoaderError> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(|source| LoaderError::Connect { addr, source })?;
+    let exempt = MapData::from_pin(pin_dir.join(MAP_EXEMPT))
+        .ok()
+        .and_then(|data| HashMap::<MapData, u64, u8>::try_from(Map::LruHashMap(data)).ok());
+    let Some(mut exempt) = exempt else {
+        return socket
+            .connect(addr)
+            .await
+            .map_err(|source| LoaderError::Connect { addr, source });
+    };
+    let cookie = socket_cookie(socket.as_raw_fd()).map_err(LoaderError::Cookie)?;
+    exempt
+        .insert(cookie, 1, 0)
+        .map_err(|source| LoaderError::Map {
+            name: MAP_EXEMPT,
+            source,
+        })?;
+    let result = socket.connect(addr).await;
+    let _ = exempt.remove(&cookie);
+    result.map_err(|source| LoaderError::Connect { addr, source })
+}
+
 /// Whether an installation's links are pinned in `pin_dir`.
 pub fn is_attached(pin_dir: &Path) -> bool {
     pin_dir.join(LINK_CONNECT4).exists()
