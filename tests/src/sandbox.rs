@@ -27,6 +27,20 @@ pub const OTHER_SERVER: &str = "127.0.0.1:8080";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Whether python3 can import `modules` (a cloud SDK); if not, [`skip`] with the reason.
+pub fn python_has(modules: &str, package: &str) -> bool {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        skip(&format!(
+            "python3 with {package} is not installed (cargo xtask setup installs it)"
+        ));
+    }
+    found
+}
+
 /// Skips a test that cannot run here, or fails it under CI (`CI=true`), where a skip would
 /// hide a broken set-up.
 pub fn skip(reason: &str) {
@@ -373,6 +387,26 @@ impl Sandbox {
         })
         .join()
         .expect("bind thread")
+    }
+
+    /// Runs a Python script (a cloud SDK as the workload) in `cgroup` and parses the JSON it
+    /// prints; the command can be adjusted first (environment).
+    pub fn python_json(
+        &self,
+        cgroup: &str,
+        script: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> serde_json::Value {
+        let mut command = self.command("python3", cgroup);
+        command.args(["-c", script]);
+        adjust(&mut command);
+        let output = command.output().expect("run python3");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("the script prints JSON")
     }
 
     /// The kernel counters (diverted, refused, ...) as `imds-agent status --json` shows them.

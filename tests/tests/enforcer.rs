@@ -440,14 +440,7 @@ print(json.dumps({"role": creds.get("role_name"), "access_key": creds.get("acces
 
 #[test]
 fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
-    let has_botocore = std::process::Command::new("python3")
-        .args(["-c", "import botocore"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_botocore {
-        imds_tests::sandbox::skip(
-            "python3 with botocore is not installed (cargo xtask setup installs it)",
-        );
+    if !imds_tests::sandbox::python_has("botocore", "botocore") {
         return;
     }
     let Some(sandbox) = Sandbox::new("botocore") else {
@@ -457,20 +450,12 @@ fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
     let policies = sandbox.write_policies(&[("sdk.yaml", SDK_POLICY)]);
     let _agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
 
-    let fetch = |cgroup: &str| -> serde_json::Value {
-        let output = sandbox
-            .command("python3", cgroup)
-            .args(["-c", BOTOCORE_FETCH])
-            .env_remove("AWS_EC2_METADATA_DISABLED")
-            .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-            .output()
-            .expect("run python3");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("script prints JSON")
+    let fetch = |cgroup: &str| {
+        sandbox.python_json(cgroup, BOTOCORE_FETCH, |command| {
+            command
+                .env_remove("AWS_EC2_METADATA_DISABLED")
+                .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT");
+        })
     };
     let allowed = fetch("enforced/sdk-allowed");
     assert_eq!(allowed["role"], "demo-node-role", "{allowed}");

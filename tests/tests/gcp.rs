@@ -69,35 +69,19 @@ impl Env {
 
 #[test]
 fn google_auth_gets_a_token_only_where_policy_allows() {
-    let has_google_auth = std::process::Command::new("python3")
-        .args(["-c", "import google.auth.compute_engine, requests"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_google_auth {
-        imds_tests::sandbox::skip(
-            "python3 with google-auth and requests is not installed (cargo xtask setup installs them)",
-        );
+    if !imds_tests::sandbox::python_has("google.auth.compute_engine, requests", "google-auth") {
         return;
     }
     let Some(env) = start("gcp-sdk") else {
         return;
     };
-    let refresh = |cgroup: &str| -> serde_json::Value {
-        let output = env
-            .sandbox
-            .command("python3", cgroup)
-            .args(["-c", GOOGLE_AUTH])
+    let refresh = |cgroup: &str| {
+        env.sandbox.python_json(cgroup, GOOGLE_AUTH, |command| {
             // The library's documented overrides of metadata.google.internal.
-            .env("GCE_METADATA_HOST", "169.254.169.254")
-            .env("GCE_METADATA_IP", "169.254.169.254")
-            .output()
-            .expect("run python3");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+            command
+                .env("GCE_METADATA_HOST", "169.254.169.254")
+                .env("GCE_METADATA_IP", "169.254.169.254");
+        })
     };
     // The library asks for the service account recursively, then for its token: both pass.
     let allowed = refresh("enforced/app");

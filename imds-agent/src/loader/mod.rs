@@ -256,18 +256,7 @@ impl Enforcer {
         socket: tokio::net::TcpSocket,
         addr: std::net::SocketAddr,
     ) -> Result<tokio::net::TcpStream, LoaderError> {
-        let cookie = socket_cookie(socket.as_raw_fd()).map_err(LoaderError::Cookie)?;
-        self.exempt
-            .lock()
-            .expect("exempt map lock")
-            .insert(cookie, 1, 0)
-            .map_err(|source| LoaderError::Map {
-                name: MAP_EXEMPT,
-                source,
-            })?;
-        let result = socket.connect(addr).await;
-        let _ = self.exempt.lock().expect("exempt map lock").remove(&cookie);
-        result.map_err(|source| LoaderError::Connect { addr, source })
+        connect_with_exemption(&self.exempt, socket, addr).await
     }
 
     pub fn counters(&self) -> Result<Counters, LoaderError> {
@@ -354,21 +343,33 @@ pub async fn connect_exempt_pinned(
     let exempt = MapData::from_pin(pin_dir.join(MAP_EXEMPT))
         .ok()
         .and_then(|data| HashMap::<MapData, u64, u8>::try_from(Map::LruHashMap(data)).ok());
-    let Some(mut exempt) = exempt else {
-        return socket
+    match exempt {
+        Some(exempt) => connect_with_exemption(&Mutex::new(exempt), socket, addr).await,
+        None => socket
             .connect(addr)
             .await
-            .map_err(|source| LoaderError::Connect { addr, source });
-    };
+            .map_err(|source| LoaderError::Connect { addr, source }),
+    }
+}
+
+/// Connects with the socket's cookie in the exemption map for the duration of the connect
+/// (the connect programs let exempt sockets through undiverted).
+async fn connect_with_exemption(
+    exempt: &Mutex<HashMap<MapData, u64, u8>>,
+    socket: tokio::net::TcpSocket,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream, LoaderError> {
     let cookie = socket_cookie(socket.as_raw_fd()).map_err(LoaderError::Cookie)?;
     exempt
+        .lock()
+        .expect("exempt map lock")
         .insert(cookie, 1, 0)
         .map_err(|source| LoaderError::Map {
             name: MAP_EXEMPT,
             source,
         })?;
     let result = socket.connect(addr).await;
-    let _ = exempt.remove(&cookie);
+    let _ = exempt.lock().expect("exempt map lock").remove(&cookie);
     result.map_err(|source| LoaderError::Connect { addr, source })
 }
 

@@ -761,22 +761,25 @@ async fn forward(
     );
 
     let mut upstream = connection.upstream.lock().await;
-    let mut reused = match upstream.as_mut() {
+    let ours = match upstream.as_mut() {
         Some(sender) => sender.ready().await.is_ok(),
         None => false,
     };
-    if !reused {
+    let mut pooled = false;
+    if !ours {
         *upstream = match connection.pool.take(&connection.pool_key) {
             Some(sender) => {
-                reused = true;
+                pooled = true;
                 Some(sender)
             }
             None => Some(connect_upstream(filter, connection.original).await?),
         };
     }
-    // A reused connection may have been closed by the server meanwhile: then the request is
-    // sent once more on a new connection (metadata requests are safe to repeat).
-    let retry = reused.then(|| clone_request(&upstream_request));
+    // A connection that sat idle in the pool may have been closed by the server meanwhile:
+    // then the request is sent once more on a new connection (metadata requests are safe to
+    // repeat). Requests on the client connection's own upstream, just checked ready, are
+    // not copied for that.
+    let retry = pooled.then(|| clone_request(&upstream_request));
     let sender = upstream.as_mut().expect("set above");
     let sent = Instant::now();
     let bound = filter.upstream.for_query(valid.query.as_deref());
