@@ -784,6 +784,10 @@ rules:
         let recursive = listed(query);
         assert_eq!(recursive.status, 403, "{query}: {recursive:?}");
         assert!(!recursive.body.contains(ACCESS_KEY_PREFIX));
+        assert_eq!(
+            recursive.body,
+            "imds-agent: denied by policy 'lister' rule 'default'\n"
+        );
     }
     // A subtree the policy allows as a whole is served recursively.
     let placement = env.sandbox.curl(

@@ -555,28 +555,48 @@ fn upstream_connections_are_reused_per_caller_and_never_across_callers() {
 
 #[test]
 fn explain_mode_says_why_in_a_header_and_is_off_by_default() {
-    let headers_of = |extra: &[&str]| -> Option<String> {
+    // The response heads of denied requests for `paths`, from an agent run with `extra`.
+    let heads_of = |extra: &[&str], paths: &[&str]| -> Option<Vec<String>> {
         let sandbox = Sandbox::new("explain")?;
         let _imds = sandbox.start_fake_imds(false);
         let _agent = sandbox.start_agent("enforced", "agent", &[&repo_policies()], extra);
-        let denied = sandbox.curl("enforced/web", None, &["-D", "-", &url(CREDENTIALS_PATH)]);
-        assert_eq!(denied.status, 403, "{denied:?}");
-        Some(denied.body)
+        let heads = paths
+            .iter()
+            .map(|path| {
+                let denied = sandbox.curl("enforced/web", None, &["-D", "-", &url(path)]);
+                assert_eq!(denied.status, 403, "{denied:?}");
+                denied.body
+            })
+            .collect();
+        Some(heads)
     };
-    let Some(plain) = headers_of(&[]) else {
+    let Some(plain) = heads_of(&[], &[CREDENTIALS_PATH]) else {
         return;
     };
+    let plain = &plain[0];
     assert!(
         !plain.to_ascii_lowercase().contains("imds-agent-explain"),
         "{plain}"
     );
-    let Some(explained) = headers_of(&["--explain-denials"]) else {
+    let Some(explained) = heads_of(
+        &["--explain-denials"],
+        &[CREDENTIALS_PATH, "/latest/meta-data/?recursive=true"],
+    ) else {
         return;
     };
-    let header = explained
-        .lines()
-        .find_map(|l| l.strip_prefix("imds-agent-explain: "))
-        .unwrap_or_else(|| panic!("no explanation: {explained}"));
+    let header_of = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("imds-agent-explain: "))
+            .unwrap_or_else(|| panic!("no explanation: {head}"))
+            .to_owned()
+    };
+    let header = header_of(&explained[0]);
+    // A recursive read denied for its subtree says so first.
+    let recursive = header_of(&explained[1]);
+    assert!(
+        recursive.starts_with("recursive read: deny by policy 'web' rule 'default'"),
+        "{recursive}"
+    );
     // The decision, and each other policy's reason for not selecting the caller.
     assert!(
         header.starts_with("decision: deny by policy 'web' rule 'default'"),

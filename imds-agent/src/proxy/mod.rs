@@ -653,11 +653,19 @@ async fn handle(
         );
         let mut response = exchange.answer(outcome, body);
         if filter.explain_denials {
-            let explanation = policy.set.explain(
+            let mut explanation = policy.set.explain(
                 &connection.identity,
                 valid.method.as_str(),
                 &valid.canonical_path(),
             );
+            if valid.is_recursive() {
+                // The explanation is the path's; the subtree decided.
+                explanation = format!(
+                    "recursive read: deny by policy '{}' rule '{}' (it denies part of the \
+                     subtree); the path itself: {explanation}",
+                    decision.policy, decision.rule
+                );
+            }
             if let Some(value) = explain_header(&explanation) {
                 response.headers_mut().insert(EXPLAIN_HEADER, value);
             }
