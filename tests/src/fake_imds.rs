@@ -40,6 +40,8 @@ pub struct Config {
     pub role: String,
     /// Serve GCP's metadata server instead of EC2's.
     pub gcp: bool,
+    /// Serve Azure's instance metadata service instead of EC2's.
+    pub azure: bool,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             tokens_required: false,
             role: "demo-node-role".into(),
             gcp: false,
+            azure: false,
         }
     }
 }
@@ -121,6 +124,9 @@ fn requested_delay<B>(request: &Request<B>) -> Option<Duration> {
 fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
     if state.config.gcp {
         return gcp(request);
+    }
+    if state.config.azure {
+        return azure(request);
     }
     let path = request.uri().path();
     let method = request.method();
@@ -308,6 +314,56 @@ fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         );
     }
     response
+}
+
+/// Azure's managed identity's access token prefix.
+pub const AZURE_TOKEN_PREFIX: &str = "eyFAKE";
+
+/// Azure's instance metadata service, as documented (reference A3): `Metadata: true` required
+/// (400 without), `api-version` required (400 without), JSON answers, the managed identity's
+/// token endpoint.
+fn azure<B>(request: &Request<B>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let query = request.uri().query().unwrap_or("");
+    let json = |body: serde_json::Value| {
+        let mut response = reply(StatusCode::OK, &body.to_string());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        response
+    };
+    if request
+        .headers()
+        .get("metadata")
+        .is_none_or(|v| v != "true")
+    {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "{\"error\":\"Bad request. Required metadata header not specified\"}",
+        );
+    }
+    if path == "/metadata/versions" {
+        return json(serde_json::json!({"apiVersions": ["2021-02-01"]}));
+    }
+    if !query.split('&').any(|p| p.starts_with("api-version=")) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "{\"error\":\"Bad request. api-version was not specified\"}",
+        );
+    }
+    match path.trim_end_matches('/') {
+        "/metadata/instance" => json(serde_json::json!({
+            "compute": {"vmId": "02aab8a4-74ef-476e-8182-f6d2ba4166a6", "location": "westeurope"}
+        })),
+        "/metadata/identity/oauth2/token" => json(serde_json::json!({
+            "access_token": format!("{AZURE_TOKEN_PREFIX}{}", random_hex(16)),
+            "expires_in": "3599",
+            "token_type": "Bearer",
+            "resource": "https://management.azure.com/",
+        })),
+        _ => reply(StatusCode::NOT_FOUND, ""),
+    }
 }
 
 fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

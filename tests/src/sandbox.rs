@@ -252,6 +252,12 @@ impl Sandbox {
         self.spawn_fake_imds(&["--gcp"], &[])
     }
 
+    /// The fake metadata service as Azure's (`Metadata: true`, `api-version`, managed
+    /// identity tokens), on the same addresses.
+    pub fn start_fake_azure(&self) -> Process {
+        self.spawn_fake_imds(&["--azure"], &[])
+    }
+
     fn spawn_fake_imds(&self, flags: &[&str], extra: &[&str]) -> Process {
         let mut command = self.command(binary("fake-imds"), "imds");
         command

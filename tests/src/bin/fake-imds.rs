@@ -22,8 +22,11 @@ struct Args {
     #[arg(long, default_value = "demo-node-role")]
     role: String,
     /// Serve GCP's metadata server instead of EC2's.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "azure")]
     gcp: bool,
+    /// Serve Azure's instance metadata service instead of EC2's.
+    #[arg(long)]
+    azure: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -44,6 +47,7 @@ async fn main() {
             tokens_required: args.tokens_required,
             role: args.role,
             gcp: args.gcp,
+            azure: args.azure,
         },
     )
     .await;
