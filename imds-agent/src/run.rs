@@ -255,7 +255,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         endpoints,
         pool: Arc::new(crate::proxy::pool::UpstreamPool::default()),
         provider,
-        aws_tokens: provider == Provider::Aws,
         token_binding: !args.no_token_binding,
         explain_denials: args.explain_denials,
         inventory: Arc::new(crate::inventory::Inventory::default()),

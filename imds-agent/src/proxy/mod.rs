@@ -68,11 +68,9 @@ pub struct Filter {
     pub unknown_pod_wait: Duration,
     /// Idle upstream connections, per caller.
     pub pool: Arc<pool::UpstreamPool>,
-    /// The cloud: its request rules apply before any policy.
+    /// The cloud: its request rules apply before any policy, and on AWS the session-token
+    /// rules (per-policy requirements, binding).
     pub provider: crate::provider::Provider,
-    /// Whether the endpoints speak AWS's session tokens (IMDSv2): per-policy token rules and
-    /// token binding apply.
-    pub aws_tokens: bool,
     /// Whether deny responses carry the `imds-agent-explain` header.
     pub explain_denials: bool,
     /// Whether tokens are bound to the caller they were handed out to.
@@ -80,6 +78,13 @@ pub struct Filter {
     pub tokens: Arc<tokens::TokenBindings>,
     /// Who reads what (`imds-agent report`).
     pub inventory: Arc<crate::inventory::Inventory>,
+}
+
+impl Filter {
+    /// Whether the endpoints speak AWS's session tokens (IMDSv2).
+    fn aws_tokens(&self) -> bool {
+        self.provider == crate::provider::Provider::Aws
+    }
 }
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
@@ -620,8 +625,9 @@ async fn handle(
             format!("imds-agent: {}\n", refusal.reason),
         );
     }
-    exchange.tokenless =
-        filter.aws_tokens && !is_token_request(&valid) && !valid.headers.contains_key(TOKEN_HEADER);
+    exchange.tokenless = filter.aws_tokens()
+        && !is_token_request(&valid)
+        && !valid.headers.contains_key(TOKEN_HEADER);
     let policy = filter.policy.current();
     let selection = connection.selection(filter, &policy);
     let decision = if valid.is_recursive() {
@@ -673,8 +679,8 @@ async fn handle(
         return response;
     }
     let mut would_deny = decision.would_deny;
-    let token_request = filter.aws_tokens && is_token_request(&valid);
-    if filter.aws_tokens {
+    let token_request = filter.aws_tokens() && is_token_request(&valid);
+    if filter.aws_tokens() {
         let rules = policy.set.token_rules(&selection);
         if let Some(max) = rules.max_ttl
             && token_request

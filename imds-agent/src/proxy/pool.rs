@@ -95,8 +95,4 @@ impl UpstreamPool {
         });
         idle.count = count;
     }
-
-    pub fn idle(&self) -> usize {
-        self.idle.lock().expect("pool lock").count
-    }
 }
