@@ -87,10 +87,12 @@ const PROBES: [Probe; 8] = [
         request: "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         matches: |a| a.status == 200 && a.header("x-aws-ec2-metadata-token-ttl-seconds").is_some(),
     },
+    // Alibaba's hardened mode: a session token is issued whether or not tokens are required
+    // (a token-less GET would be refused where they are).
     Probe {
         provider: Provider::Alibaba,
         address: [100, 100, 100, 200],
-        request: "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 100.100.100.200\r\nConnection: close\r\n\r\n",
+        request: "PUT /latest/api/token HTTP/1.1\r\nHost: 100.100.100.200\r\nX-aliyun-ecs-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         matches: |a| a.status == 200,
     },
 ];

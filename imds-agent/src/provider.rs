@@ -56,6 +56,56 @@ impl Provider {
     }
 }
 
+/// A metadata service's session tokens (AWS IMDSv2, and Alibaba's hardened mode, its copy with
+/// its own header names; reference A1, A4): a PUT to `path` asking for a lifetime in
+/// `ttl_header` issues a token, which later requests carry in `token_header`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTokens {
+    pub path: &'static str,
+    pub ttl_header: &'static str,
+    pub token_header: &'static str,
+}
+
+const AWS_TOKENS: SessionTokens = SessionTokens {
+    path: "/latest/api/token",
+    ttl_header: "x-aws-ec2-metadata-token-ttl-seconds",
+    token_header: "x-aws-ec2-metadata-token",
+};
+
+const ALIBABA_TOKENS: SessionTokens = SessionTokens {
+    path: "/latest/api/token",
+    ttl_header: "x-aliyun-ecs-metadata-token-ttl-seconds",
+    token_header: "x-aliyun-ecs-metadata-token",
+};
+
+impl SessionTokens {
+    /// Whether the request asks for a token.
+    pub fn is_token_request(&self, method: &http::Method, path: &str) -> bool {
+        method == http::Method::PUT && path.trim_end_matches('/') == self.path
+    }
+
+    /// The lifetime a token request asks for, or a token response states.
+    pub fn ttl(&self, headers: &http::HeaderMap) -> Option<u64> {
+        headers
+            .get(self.ttl_header)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Provider {
+    /// The session-token protocol of the provider's metadata service, if it has one: where
+    /// per-policy token rules (`tokens.required`, `maxTtlSeconds`) and token binding apply.
+    /// OpenStack's EC2-compatible tree has no tokens.
+    pub fn session_tokens(self) -> Option<SessionTokens> {
+        match self {
+            Self::Aws => Some(AWS_TOKENS),
+            Self::Alibaba => Some(ALIBABA_TOKENS),
+            _ => None,
+        }
+    }
+}
+
 /// A request the provider's metadata service would refuse, or one the agent refuses because
 /// it skips the service's own protection: the status to answer and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -142,7 +142,7 @@ impl Default for Metrics {
         let imdsv1 = Family::<NamespaceLabels, Counter>::default();
         registry.register(
             "imdsv1_requests",
-            "AWS requests without a session token (IMDSv1), by pod namespace; imds-agent report names the workloads",
+            "Requests without a session token (AWS IMDSv1, Alibaba token-less), by pod namespace; imds-agent report names the workloads",
             imdsv1.clone(),
         );
         Self {
@@ -188,8 +188,8 @@ pub fn group_of(path: &str) -> &'static str {
 }
 
 impl Metrics {
-    /// Counts a request; no allocation unless the caller is a pod (the namespace label).
-    /// Counts a request; `group` is its path's ([`group_of`]).
+    /// Counts a request; `group` is its path's ([`group_of`]). No allocation unless the
+    /// caller is a pod (the namespace label).
     pub fn request(&self, decision: &'static str, namespace: &str, group: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -200,7 +200,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts an AWS request without a session token (IMDSv1).
+    /// Counts a request without a session token (IMDSv1, or Alibaba's token-less mode).
     pub fn imdsv1_request(&self, namespace: &str) {
         self.imdsv1
             .get_or_create(&NamespaceLabels {

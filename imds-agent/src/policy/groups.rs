@@ -1,16 +1,25 @@
 //! Named path groups, so policies say what they mean ("credentials") rather than list URLs.
 //!
-//! A group covers the paths of every supported provider at once (AWS, GCP, Azure): their
-//! trees do not overlap, so one policy works wherever the agent runs, and a group can never
-//! miss a provider because the agent was told the wrong one. Groups list only the latest
-//! API version (`/latest/` on AWS, `v1` on GCP); other versions fall to the policy's default,
-//! which is why the examples default to deny.
+//! A group covers the paths of every supported provider at once (AWS, GCP, Azure, OCI,
+//! OpenStack, DigitalOcean, Alibaba, Hetzner): their trees do not overlap (OpenStack and
+//! Alibaba share EC2's `/latest/` tree, with the same meanings), so one policy works
+//! wherever the agent runs, and a group can never miss a provider because the agent was told
+//! the wrong one. Groups list only the latest API version (`/latest/` on AWS, `v1` on GCP,
+//! `v2` on OCI); other versions fall to the policy's default, which is why the examples
+//! default to deny.
 //!
 //! Sources: shared/reference/imds-protocols.md (A1.4 AWS categories, A2.5 GCP sensitive
-//! paths, A3 Azure). Where a group is a judgement call it takes the safe side: AWS
-//! `identity-credentials/` is credentials (reserved for internal use, still credentials);
-//! Azure's whole `/metadata/instance` document is not instance-info because the compute
-//! section can carry user data.
+//! paths, A3 Azure, A4 the others). Where a group is a judgement call it takes the safe side:
+//! - AWS `identity-credentials/` is credentials (reserved for internal use, still
+//!   credentials); so are OCI's instance-principal certificate and key (`/opc/v2/identity/`)
+//!   and OpenStack's `password` and dynamic `vendor_data2.json` (vendordata services hand
+//!   out enrolment secrets there).
+//! - A document that holds everything is in no group but user-data where it carries user
+//!   data: Azure's `/metadata/instance` (the compute section), OCI's `/opc/v2/instance/`,
+//!   DigitalOcean's `/metadata/v1.json`, OpenStack's `meta_data.json` (user `meta` and keys),
+//!   Hetzner's `/hetzner/v1/metadata` (vendor data).
+//! - User-supplied key/value metadata is user-data (GCP attributes, OCI `metadata/`), and so
+//!   are SSH public keys supplied with it.
 
 pub const NAMES: [&str; 6] = [
     "credentials",
@@ -32,6 +41,13 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/computeMetadata/v1/instance/service-accounts/**",
             // Azure managed identities
             "/metadata/identity/**",
+            // OCI instance principal: certificate, intermediate and private key
+            "/opc/v2/identity/**",
+            // OpenStack: the (encrypted) admin password, dynamic vendordata
+            "/openstack/*/password",
+            "/openstack/*/vendor_data2.json",
+            // Alibaba RAM role credentials
+            "/latest/meta-data/ram/**",
         ],
         "user-data" => &[
             "/latest/user-data",
@@ -40,6 +56,18 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/computeMetadata/v1/project/attributes/**",
             "/metadata/instance/compute/userData",
             "/metadata/instance/compute/customData",
+            // OCI: user_data, ssh_authorized_keys and any user-supplied key
+            "/opc/v2/instance/metadata/**",
+            "/openstack/*/user_data",
+            "/openstack/*/meta_data.json",
+            "/openstack/*/vendor_data.json",
+            "/metadata/v1/user-data",
+            "/metadata/v1/vendor-data",
+            "/metadata/v1/public-keys",
+            "/metadata/v1.json",
+            "/hetzner/v1/userdata",
+            "/hetzner/v1/metadata/public-keys",
+            "/hetzner/v1/metadata/vendor_data",
         ],
         "identity-document" => &[
             "/latest/dynamic/instance-identity/**",
@@ -86,6 +114,39 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/metadata/instance/compute/vmSize",
             "/metadata/instance/compute/zone",
             "/metadata/versions",
+            // OpenStack's version listing and each version's file listing (entries are
+            // filtered per caller)
+            "/openstack",
+            "/openstack/*",
+            "/opc/v2/instance/availabilityDomain",
+            "/opc/v2/instance/canonicalRegionName",
+            "/opc/v2/instance/compartmentId",
+            "/opc/v2/instance/displayName",
+            "/opc/v2/instance/faultDomain",
+            "/opc/v2/instance/hostname",
+            "/opc/v2/instance/id",
+            "/opc/v2/instance/image",
+            "/opc/v2/instance/ociAdName",
+            "/opc/v2/instance/region",
+            "/opc/v2/instance/regionInfo/**",
+            "/opc/v2/instance/shape",
+            "/opc/v2/instance/shapeConfig/**",
+            "/opc/v2/instance/state",
+            "/opc/v2/instance/timeCreated",
+            "/metadata/v1",
+            "/metadata/v1/features/**",
+            "/metadata/v1/hostname",
+            "/metadata/v1/id",
+            "/metadata/v1/region",
+            "/metadata/v1/tags/**",
+            "/latest/meta-data/image-id",
+            "/latest/meta-data/instance/**",
+            "/latest/meta-data/region-id",
+            "/latest/meta-data/zone-id",
+            "/hetzner/v1/metadata/availability-zone",
+            "/hetzner/v1/metadata/hostname",
+            "/hetzner/v1/metadata/instance-id",
+            "/hetzner/v1/metadata/region",
         ],
         "network" => &[
             "/latest/meta-data/mac",
@@ -97,8 +158,21 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/computeMetadata/v1/instance/network-interfaces/**",
             "/metadata/instance/network/**",
             "/metadata/loadbalancer",
+            "/opc/v2/vnics/**",
+            "/openstack/*/network_data.json",
+            "/metadata/v1/dns/**",
+            "/metadata/v1/floating_ip/**",
+            "/metadata/v1/interfaces/**",
+            "/metadata/v1/reserved_ip/**",
+            "/latest/meta-data/eipv4",
+            "/latest/meta-data/private-ipv4",
+            "/latest/meta-data/vpc-id",
+            "/latest/meta-data/vswitch-id",
+            "/hetzner/v1/metadata/private-networks",
+            "/hetzner/v1/metadata/public-ipv4",
         ],
-        // IMDSv2 session tokens (PUT); useless without read rights elsewhere.
+        // Session tokens (PUT; AWS IMDSv2 and Alibaba's hardened mode); useless without
+        // read rights elsewhere.
         "token" => &["/latest/api/token"],
         _ => return None,
     })
@@ -200,6 +274,60 @@ mod tests {
                 true,
             ),
             ("token", "/latest/api/token", true),
+            // OCI
+            ("credentials", "/opc/v2/identity/key.pem", true),
+            ("user-data", "/opc/v2/instance/metadata/user_data", true),
+            ("instance-info", "/opc/v2/instance/region", true),
+            ("instance-info", "/opc/v2/instance", false),
+            (
+                "instance-info",
+                "/opc/v2/instance/metadata/user_data",
+                false,
+            ),
+            ("network", "/opc/v2/vnics/", true),
+            // OpenStack
+            ("credentials", "/openstack/latest/password", true),
+            (
+                "credentials",
+                "/openstack/2018-08-27/vendor_data2.json",
+                true,
+            ),
+            ("user-data", "/openstack/latest/user_data", true),
+            ("user-data", "/openstack/latest/meta_data.json", true),
+            ("network", "/openstack/latest/network_data.json", true),
+            ("instance-info", "/openstack/latest/", true),
+            ("instance-info", "/openstack/latest/password", false),
+            ("instance-info", "/openstack/latest/meta_data.json", false),
+            // DigitalOcean
+            ("instance-info", "/metadata/v1/id", true),
+            ("instance-info", "/metadata/v1/", true),
+            ("user-data", "/metadata/v1/user-data", true),
+            ("user-data", "/metadata/v1.json", true),
+            ("instance-info", "/metadata/v1.json", false),
+            ("instance-info", "/metadata/v1/user-data", false),
+            (
+                "network",
+                "/metadata/v1/interfaces/public/0/ipv4/address",
+                true,
+            ),
+            // Alibaba
+            (
+                "credentials",
+                "/latest/meta-data/ram/security-credentials/ecs-role",
+                true,
+            ),
+            ("instance-info", "/latest/meta-data/region-id", true),
+            (
+                "instance-info",
+                "/latest/meta-data/ram/security-credentials/",
+                false,
+            ),
+            // Hetzner
+            ("instance-info", "/hetzner/v1/metadata/instance-id", true),
+            ("user-data", "/hetzner/v1/userdata", true),
+            ("instance-info", "/hetzner/v1/metadata", false),
+            ("instance-info", "/hetzner/v1/userdata", false),
+            ("network", "/hetzner/v1/metadata/private-networks", true),
         ];
         for (group, path, expected) in table {
             assert_eq!(in_group(group, path), expected, "{group} vs {path}");

@@ -39,6 +39,7 @@ use crate::{
     loader::Enforcer,
     metrics::Metrics,
     policy::{Action, KernelVerdict, Selection, store::PolicyStore, store::Versioned},
+    provider::SessionTokens,
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -68,8 +69,8 @@ pub struct Filter {
     pub unknown_pod_wait: Duration,
     /// Idle upstream connections, per caller.
     pub pool: Arc<pool::UpstreamPool>,
-    /// The cloud: its request rules apply before any policy, and on AWS the session-token
-    /// rules (per-policy requirements, binding).
+    /// The cloud: its request rules apply before any policy, and where its metadata service
+    /// has session tokens, the token rules (per-policy requirements, binding).
     pub provider: crate::provider::Provider,
     /// Whether deny responses carry the `imds-agent-explain` header.
     pub explain_denials: bool,
@@ -78,13 +79,6 @@ pub struct Filter {
     pub tokens: Arc<tokens::TokenBindings>,
     /// Who reads what (`imds-agent report`).
     pub inventory: Arc<crate::inventory::Inventory>,
-}
-
-impl Filter {
-    /// Whether the endpoints speak AWS's session tokens (IMDSv2).
-    fn aws_tokens(&self) -> bool {
-        self.provider == crate::provider::Provider::Aws
-    }
 }
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
@@ -345,39 +339,32 @@ fn explain_header(explanation: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(&line).ok()
 }
 
-/// The AWS session-token header.
-const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-/// The requested (and granted) token lifetime, in seconds.
-const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// The policy name in denials by token binding (not a policy file's decision).
 pub const TOKEN_BINDING_POLICY: &str = "(token binding)";
 
-fn is_token_request(valid: &request::ValidRequest) -> bool {
-    valid.method == http::Method::PUT && valid.path.trim_end_matches('/') == "/latest/api/token"
-}
+/// The longest session-token lifetime (AWS and Alibaba: 6 hours): how long a token is bound
+/// when neither the request nor the response states its lifetime.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(21_600);
 
 /// A token request asking for a longer lifetime than the caller may have asks for the cap.
-fn cap_token_ttl(headers: &mut http::HeaderMap, max: u32) {
-    let asked = headers
-        .get(TOKEN_TTL_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if asked.is_some_and(|ttl| ttl > u64::from(max)) {
-        headers.insert(TOKEN_TTL_HEADER, HeaderValue::from(max));
+fn cap_token_ttl(session: &SessionTokens, headers: &mut http::HeaderMap, max: u32) {
+    if session.ttl(headers).is_some_and(|ttl| ttl > u64::from(max)) {
+        headers.insert(session.ttl_header, HeaderValue::from(max));
     }
 }
 
 /// Why this request's token (or its absence) is refused, as (policy, rule); `None` if not.
 fn token_refusal<'a>(
     filter: &Filter,
+    session: &SessionTokens,
     connection: &Connection,
     valid: &request::ValidRequest,
     rules: &crate::policy::TokenRules<'a>,
 ) -> Option<(&'a str, &'static str)> {
-    if is_token_request(valid) {
+    if session.is_token_request(&valid.method, &valid.path) {
         return None;
     }
-    let Some(token) = valid.headers.get(TOKEN_HEADER) else {
+    let Some(token) = valid.headers.get(session.token_header) else {
         return rules.required_by.map(|policy| (policy, "tokens-required"));
     };
     if !filter.token_binding {
@@ -393,21 +380,23 @@ fn token_refusal<'a>(
     }
 }
 
-/// Records the token in a successful token response as this caller's, for its lifetime.
+/// Records the token in a successful token response as this caller's, for its lifetime: the
+/// one the response states (AWS echoes it), else the one asked for, else the longest.
 async fn bind_token(
     filter: &Filter,
+    session: &SessionTokens,
     connection: &Connection,
+    requested_ttl: Option<u64>,
     response: Response<Body>,
 ) -> Result<Response<Body>, &'static str> {
     if response.status() != StatusCode::OK {
         return Ok(response);
     }
-    let ttl = response
-        .headers()
-        .get(TOKEN_TTL_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let ttl = session
+        .ttl(response.headers())
+        .or(requested_ttl)
+        .map_or(MAX_TOKEN_TTL, Duration::from_secs)
+        .min(MAX_TOKEN_TTL);
     let (parts, body) = response.into_parts();
     // A token is about 60 bytes; anything much larger is not a token response.
     let limited = http_body_util::Limited::new(body, 4096);
@@ -416,11 +405,9 @@ async fn bind_token(
         .await
         .map_err(|_| "token response unreadable")?
         .to_bytes();
-    filter.tokens.bind(
-        bytes.trim_ascii(),
-        connection.token_owner(),
-        Duration::from_secs(ttl),
-    );
+    filter
+        .tokens
+        .bind(bytes.trim_ascii(), connection.token_owner(), ttl);
     Ok(Response::from_parts(
         parts,
         Full::new(bytes).map_err(|never| match never {}).boxed(),
@@ -625,9 +612,10 @@ async fn handle(
             format!("imds-agent: {}\n", refusal.reason),
         );
     }
-    exchange.tokenless = filter.aws_tokens()
-        && !is_token_request(&valid)
-        && !valid.headers.contains_key(TOKEN_HEADER);
+    let session = filter.provider.session_tokens();
+    let token_request = session.is_some_and(|s| s.is_token_request(&valid.method, &valid.path));
+    exchange.tokenless =
+        session.is_some_and(|s| !token_request && !valid.headers.contains_key(s.token_header));
     let policy = filter.policy.current();
     let selection = connection.selection(filter, &policy);
     let decision = if valid.is_recursive() {
@@ -679,15 +667,18 @@ async fn handle(
         return response;
     }
     let mut would_deny = decision.would_deny;
-    let token_request = filter.aws_tokens() && is_token_request(&valid);
-    if filter.aws_tokens() {
+    let mut requested_ttl = None;
+    if let Some(session) = &session {
         let rules = policy.set.token_rules(&selection);
-        if let Some(max) = rules.max_ttl
-            && token_request
-        {
-            cap_token_ttl(&mut valid.headers, max.0);
+        if token_request {
+            if let Some(max) = rules.max_ttl {
+                cap_token_ttl(session, &mut valid.headers, max.0);
+            }
+            requested_ttl = session.ttl(&valid.headers);
         }
-        if let Some((policy_name, rule)) = token_refusal(filter, connection, &valid, &rules) {
+        if let Some((policy_name, rule)) =
+            token_refusal(filter, session, connection, &valid, &rules)
+        {
             if !policy.set.dry_run() {
                 let outcome = Outcome {
                     decision: "deny",
@@ -708,11 +699,12 @@ async fn handle(
     // The headers move into the upstream request; nothing reads them after this.
     let headers = std::mem::take(&mut valid.headers);
     let mut response = forward(filter, connection, &valid, headers).await;
-    if token_request
+    if let Some(session) = &session
+        && token_request
         && filter.token_binding
         && let Ok(upstream) = response
     {
-        response = bind_token(filter, connection, upstream).await;
+        response = bind_token(filter, session, connection, requested_ttl, upstream).await;
     }
     if let Ok(upstream) = &response
         && is_listing(&valid, upstream)
