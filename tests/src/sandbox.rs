@@ -246,16 +246,10 @@ impl Sandbox {
         self.spawn_fake_imds(flags, extra)
     }
 
-    /// The fake metadata service as GCP's (`Metadata-Flavor`, `recursive`, service-account
-    /// tokens), on the same addresses.
-    pub fn start_fake_gcp(&self) -> Process {
-        self.spawn_fake_imds(&["--gcp"], &[])
-    }
-
-    /// The fake metadata service as Azure's (`Metadata: true`, `api-version`, managed
-    /// identity tokens), on the same addresses.
-    pub fn start_fake_azure(&self) -> Process {
-        self.spawn_fake_imds(&["--azure"], &[])
+    /// The fake metadata service as `provider`'s (a `fake-imds --provider` name), on the
+    /// same addresses and on `extra`.
+    pub fn start_fake_cloud(&self, provider: &str, extra: &[&str]) -> Process {
+        self.spawn_fake_imds(&["--provider", provider], extra)
     }
 
     fn spawn_fake_imds(&self, flags: &[&str], extra: &[&str]) -> Process {

@@ -2,7 +2,7 @@
 //! metadata service; a managed identity's token for one workload and not for another.
 
 use imds_tests::{
-    fake_imds::AZURE_TOKEN_PREFIX,
+    fake_imds::clouds::AZURE_TOKEN_PREFIX,
     sandbox::{Curl, Sandbox},
 };
 
@@ -30,7 +30,7 @@ fn azure_is_detected_its_header_required_and_managed_identity_governed() {
     let Some(sandbox) = Sandbox::new("azure") else {
         return;
     };
-    let _imds = sandbox.start_fake_azure();
+    let _imds = sandbox.start_fake_cloud("azure", &[]);
     let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
     // No --provider: detected.
     let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);

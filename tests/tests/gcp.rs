@@ -2,7 +2,7 @@
 //! own client library (google-auth's compute_engine credentials) as the workload.
 
 use imds_tests::{
-    fake_imds::{GCP_KUBE_ENV, GCP_SERVICE_ACCOUNT, GCP_TOKEN_PREFIX},
+    fake_imds::clouds::{GCP_KUBE_ENV, GCP_SERVICE_ACCOUNT, GCP_TOKEN_PREFIX},
     sandbox::{Agent, Curl, Process, Sandbox},
 };
 
@@ -43,7 +43,7 @@ struct Env {
 
 fn start(label: &str) -> Option<Env> {
     let sandbox = Sandbox::new(label)?;
-    let imds = sandbox.start_fake_gcp();
+    let imds = sandbox.start_fake_cloud("gcp", &[]);
     let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
     let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--provider", "gcp"]);
     Some(Env {
@@ -139,7 +139,7 @@ fn the_provider_is_detected_also_past_a_previous_agents_programs() {
     let Some(sandbox) = Sandbox::new("detect") else {
         return;
     };
-    let _imds = sandbox.start_fake_gcp();
+    let _imds = sandbox.start_fake_cloud("gcp", &[]);
     let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
     let detected = |agent: &Agent| {
         agent.log().lines().any(|l| {

@@ -6,27 +6,25 @@
 use std::{io::Write as _, net::SocketAddr};
 
 use clap::Parser;
+use imds_agent::provider::Provider;
 use imds_tests::fake_imds::{self, Config};
 
-/// A fake AWS instance metadata service (IMDSv1 and v2) for tests and the demo.
+/// A fake cloud metadata service (EC2's by default) for tests and the demo.
 #[derive(Parser)]
 struct Args {
     /// Address to serve on; repeatable.
     /// Link-local IPv6 as [ADDRESS%INTERFACE]:PORT.
     #[arg(long, required = true, value_parser = imds_agent::provider::parse_endpoint)]
     listen: Vec<SocketAddr>,
-    /// Require IMDSv2 session tokens (HttpTokens=required).
+    /// Require session tokens (EC2 HttpTokens=required, Alibaba's hardened mode).
     #[arg(long)]
     tokens_required: bool,
     /// The instance role whose credentials are served.
     #[arg(long, default_value = "demo-node-role")]
     role: String,
-    /// Serve GCP's metadata server instead of EC2's.
-    #[arg(long, conflicts_with = "azure")]
-    gcp: bool,
-    /// Serve Azure's instance metadata service instead of EC2's.
-    #[arg(long)]
-    azure: bool,
+    /// Whose metadata service to serve.
+    #[arg(long, value_enum, default_value_t = Provider::Aws)]
+    provider: Provider,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -46,8 +44,7 @@ async fn main() {
         Config {
             tokens_required: args.tokens_required,
             role: args.role,
-            gcp: args.gcp,
-            azure: args.azure,
+            provider: args.provider,
         },
     )
     .await;

@@ -1,5 +1,6 @@
-//! A fake AWS instance metadata service with IMDSv2 behaviour, for tests and the demo. It
-//! follows shared/reference/imds-protocols.md (A1) and the AWS metadata mock:
+//! A fake cloud metadata service, for tests and the demo: EC2's by default, or any other
+//! provider's ([`Config::provider`], the others in [`clouds`]). EC2's follows
+//! shared/reference/imds-protocols.md (A1) and the AWS metadata mock:
 //! - `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds` 1..=21600 returns a
 //!   token and echoes the TTL header; a missing, non-integer or out-of-range TTL is 400; a
 //!   request carrying `X-Forwarded-For` is 403 (the reference says "rejected" without a code:
@@ -7,6 +8,10 @@
 //! - GET/HEAD: a token that is unknown or expired is 401; with tokens required, no token is 401.
 //! - Listings end in LF-separated names, directories with a trailing `/`; `x` and `x/` both
 //!   serve, as the real service is lenient; unknown paths are 404; other methods 405.
+//!
+//! Its copies serve the same way: Alibaba with its own token headers (`X-aliyun-ecs-metadata-
+//! token*`; whether it echoes the TTL is not documented, so it does not) and RAM credentials;
+//! OpenStack's EC2-compatible tree without tokens, beside its own `/openstack` tree.
 //!
 //! Test hook, not IMDS behaviour: a `fake_delay_ms=N` query parameter delays the answer by N
 //! milliseconds (at most 10 s), so tests can hold a request in flight.
@@ -24,11 +29,15 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use imds_agent::status::iso8601;
+use imds_agent::{provider::Provider, status::iso8601};
 use tokio::net::TcpListener;
+
+pub mod clouds;
 
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+pub const ALIBABA_TOKEN_HEADER: &str = "x-aliyun-ecs-metadata-token";
+pub const ALIBABA_TTL_HEADER: &str = "x-aliyun-ecs-metadata-token-ttl-seconds";
 pub const INSTANCE_ID: &str = "i-0fa4e1d2c3b4a5968";
 pub const USER_DATA: &str = "#!/bin/bash\nexport DB_PASSWORD=hunter2\n";
 /// Prefix of every access key id the fake issues, so tests can recognise real answers.
@@ -36,12 +45,11 @@ pub const ACCESS_KEY_PREFIX: &str = "ASIAFAKE";
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Session tokens required (EC2 HttpTokens=required, Alibaba's hardened mode).
     pub tokens_required: bool,
     pub role: String,
-    /// Serve GCP's metadata server instead of EC2's.
-    pub gcp: bool,
-    /// Serve Azure's instance metadata service instead of EC2's.
-    pub azure: bool,
+    /// Whose metadata service to serve.
+    pub provider: Provider,
 }
 
 impl Default for Config {
@@ -49,17 +57,20 @@ impl Default for Config {
         Self {
             tokens_required: false,
             role: "demo-node-role".into(),
-            gcp: false,
-            azure: false,
+            provider: Provider::Aws,
         }
     }
 }
 
-/// GCP's fake service account and its access token prefix.
-pub const GCP_SERVICE_ACCOUNT: &str = "node@demo-project.iam.gserviceaccount.com";
-pub const GCP_TOKEN_PREFIX: &str = "ya29.FAKE";
-/// A GKE node's bootstrap secrets (kubelet credentials), in the instance attributes.
-pub const GCP_KUBE_ENV: &str = "KUBELET_CERT: fake-cert\nKUBELET_KEY: fake-key\n";
+/// An EC2-style service's session-token headers: (token, requested TTL, whether the TTL is
+/// echoed in the token response).
+fn session_headers(provider: Provider) -> Option<(&'static str, &'static str, bool)> {
+    match provider {
+        Provider::Aws => Some((TOKEN_HEADER, TTL_HEADER, true)),
+        Provider::Alibaba => Some((ALIBABA_TOKEN_HEADER, ALIBABA_TTL_HEADER, false)),
+        _ => None,
+    }
+}
 
 struct State {
     config: Config,
@@ -122,22 +133,33 @@ fn requested_delay<B>(request: &Request<B>) -> Option<Duration> {
 }
 
 fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
-    if state.config.gcp {
-        return gcp(request);
-    }
-    if state.config.azure {
-        return azure(request);
-    }
     let path = request.uri().path();
+    let provider = state.config.provider;
+    match provider {
+        Provider::Gcp => return clouds::gcp(request),
+        Provider::Azure => return clouds::azure(request),
+        Provider::Oci => return clouds::oci(request),
+        Provider::Digitalocean => return clouds::digitalocean(request),
+        Provider::Hetzner => return clouds::hetzner(request),
+        Provider::Openstack if path == "/openstack" || path.starts_with("/openstack/") => {
+            return clouds::openstack(request);
+        }
+        Provider::Aws | Provider::Openstack | Provider::Alibaba => {}
+    }
     let method = request.method();
     let headers = request.headers();
+    let session = session_headers(provider);
     if *method == Method::PUT {
-        return token(state, request);
+        return match session {
+            Some((_, ttl_header, echo)) => token(state, request, ttl_header, echo),
+            None => reply(StatusCode::METHOD_NOT_ALLOWED, ""),
+        };
     }
     if *method != Method::GET && *method != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "");
     }
-    match headers.get(TOKEN_HEADER).map(HeaderValue::to_str) {
+    let presented = session.and_then(|(token_header, _, _)| headers.get(token_header));
+    match presented.map(HeaderValue::to_str) {
         Some(Ok(token)) => {
             let valid = state
                 .tokens
@@ -154,13 +176,24 @@ fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
         None => {}
     }
     let key = path.trim_end_matches('/');
-    match content(&state.config, key) {
+    let body = match provider {
+        Provider::Alibaba => clouds::alibaba(&state.config.role, key),
+        // Nova's EC2-compatible tree has no IAM.
+        Provider::Openstack if key.starts_with("/latest/meta-data/iam") => None,
+        _ => content(&state.config, key),
+    };
+    match body {
         Some(body) => reply(StatusCode::OK, &body),
         None => reply(StatusCode::NOT_FOUND, ""),
     }
 }
 
-fn token<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+fn token<B>(
+    state: &State,
+    request: &Request<B>,
+    ttl_header: &'static str,
+    echo_ttl: bool,
+) -> Response<Full<Bytes>> {
     let headers = request.headers();
     if headers.contains_key("x-forwarded-for") {
         return reply(StatusCode::FORBIDDEN, "");
@@ -174,7 +207,7 @@ fn token<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
         };
     }
     let ttl = headers
-        .get(TTL_HEADER)
+        .get(ttl_header)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i64>().ok());
     let Some(ttl) = ttl.filter(|t| (1..=21_600).contains(t)) else {
@@ -186,9 +219,11 @@ fn token<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
         Instant::now() + Duration::from_secs(ttl.unsigned_abs()),
     );
     let mut response = reply(StatusCode::OK, &token);
-    response
-        .headers_mut()
-        .insert(TTL_HEADER, HeaderValue::from(ttl));
+    if echo_ttl {
+        response
+            .headers_mut()
+            .insert(ttl_header, HeaderValue::from(ttl));
+    }
     response
 }
 
@@ -244,129 +279,7 @@ fn credentials() -> String {
     )
 }
 
-/// GCP's metadata server, as documented (reference A2): `Metadata-Flavor: Google` required on
-/// /computeMetadata/v1 (403 without) and present on every response; `recursive=true` answers
-/// a directory as JSON; the legacy v1beta1 tree answers without the header, as it did.
-fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    let recursive = request
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "recursive=true"));
-    let flavored = request
-        .headers()
-        .get("metadata-flavor")
-        .is_some_and(|v| v == "Google");
-    let with_flavor = |mut response: Response<Full<Bytes>>| {
-        response
-            .headers_mut()
-            .insert("metadata-flavor", HeaderValue::from_static("Google"));
-        response
-    };
-    let legacy = path.strip_prefix("/computeMetadata/v1beta1");
-    let key = match (path.strip_prefix("/computeMetadata/v1"), legacy) {
-        (_, Some(rest)) => rest,
-        (Some(rest), None) if rest.is_empty() || rest.starts_with('/') => {
-            if !flavored {
-                return with_flavor(reply(
-                    StatusCode::FORBIDDEN,
-                    "Missing Metadata-Flavor:Google header.",
-                ));
-            }
-            rest
-        }
-        // Detection (OnGCE) pings / and checks the response header.
-        _ if path == "/" => return with_flavor(reply(StatusCode::OK, "computeMetadata/\n")),
-        _ => return with_flavor(reply(StatusCode::NOT_FOUND, "")),
-    };
-    let account = "/instance/service-accounts/default";
-    let body = match key.trim_end_matches('/') {
-        "/instance/id" => "4520031799277581759".to_owned(),
-        "/instance/zone" => "projects/1234/zones/us-central1-a".to_owned(),
-        "/project/project-id" => "demo-project".to_owned(),
-        "/instance/attributes/kube-env" => GCP_KUBE_ENV.to_owned(),
-        "/instance/attributes" if recursive => {
-            serde_json::json!({"kube-env": GCP_KUBE_ENV}).to_string()
-        }
-        "/instance/attributes" => "kube-env\n".to_owned(),
-        "/instance/service-accounts" => format!("default/\n{GCP_SERVICE_ACCOUNT}/\n"),
-        k if k == account && recursive => serde_json::json!({
-            "aliases": ["default"],
-            "email": GCP_SERVICE_ACCOUNT,
-            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
-        })
-        .to_string(),
-        k if k == account => "aliases\nemail\nidentity\nscopes\ntoken\n".to_owned(),
-        k if k == format!("{account}/email") => GCP_SERVICE_ACCOUNT.to_owned(),
-        k if k == format!("{account}/token") => serde_json::json!({
-            "access_token": format!("{GCP_TOKEN_PREFIX}{}", random_hex(16)),
-            "expires_in": 3599,
-            "token_type": "Bearer",
-        })
-        .to_string(),
-        _ => return with_flavor(reply(StatusCode::NOT_FOUND, "")),
-    };
-    let mut response = with_flavor(reply(StatusCode::OK, &body));
-    if body.starts_with('{') {
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
-    response
-}
-
-/// Azure's managed identity's access token prefix.
-pub const AZURE_TOKEN_PREFIX: &str = "eyFAKE";
-
-/// Azure's instance metadata service, as documented (reference A3): `Metadata: true` required
-/// (400 without), `api-version` required (400 without), JSON answers, the managed identity's
-/// token endpoint.
-fn azure<B>(request: &Request<B>) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    let query = request.uri().query().unwrap_or("");
-    let json = |body: serde_json::Value| {
-        let mut response = reply(StatusCode::OK, &body.to_string());
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        response
-    };
-    if request
-        .headers()
-        .get("metadata")
-        .is_none_or(|v| v != "true")
-    {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "{\"error\":\"Bad request. Required metadata header not specified\"}",
-        );
-    }
-    if path == "/metadata/versions" {
-        return json(serde_json::json!({"apiVersions": ["2021-02-01"]}));
-    }
-    if !query.split('&').any(|p| p.starts_with("api-version=")) {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "{\"error\":\"Bad request. api-version was not specified\"}",
-        );
-    }
-    match path.trim_end_matches('/') {
-        "/metadata/instance" => json(serde_json::json!({
-            "compute": {"vmId": "02aab8a4-74ef-476e-8182-f6d2ba4166a6", "location": "westeurope"}
-        })),
-        "/metadata/identity/oauth2/token" => json(serde_json::json!({
-            "access_token": format!("{AZURE_TOKEN_PREFIX}{}", random_hex(16)),
-            "expires_in": "3599",
-            "token_type": "Bearer",
-            "resource": "https://management.azure.com/",
-        })),
-        _ => reply(StatusCode::NOT_FOUND, ""),
-    }
-}
-
-fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -375,7 +288,7 @@ fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     response
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     use std::io::Read as _;
     let mut buffer = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
