@@ -1,5 +1,6 @@
 //! Azure: the agent, detecting the provider itself, in front of a fake Azure instance
-//! metadata service; a managed identity's token for one workload and not for another.
+//! metadata service; a managed identity's token for one workload and not for another, by
+//! curl and by Azure's own client library (azure-identity's ManagedIdentityCredential).
 
 use imds_tests::{
     fake_imds::clouds::AZURE_TOKEN_PREFIX,
@@ -20,6 +21,18 @@ rules:
     methods: [GET]
     groups: [credentials]
     callers: {cgroups: ["/app"]}
+"#;
+
+/// azure-identity as an application on an Azure VM uses it: a managed identity's token for
+/// Azure Resource Manager, from IMDS.
+const AZURE_IDENTITY: &str = r#"
+import json
+from azure.identity import ManagedIdentityCredential
+try:
+    token = ManagedIdentityCredential().get_token("https://management.azure.com/.default")
+    print(json.dumps({"token": token.token}))
+except Exception as error:
+    print(json.dumps({"error": type(error).__name__, "message": str(error)[:300]}))
 "#;
 
 const TOKEN: &str =
@@ -72,4 +85,42 @@ fn azure_is_detected_its_header_required_and_managed_identity_governed() {
     let denied = get("enforced/web", TOKEN, true);
     assert_eq!(denied.status, 403, "{denied:?}");
     assert!(!denied.body.contains(AZURE_TOKEN_PREFIX));
+}
+
+#[test]
+fn azure_identity_gets_a_managed_identity_token_only_where_policy_allows() {
+    if !imds_tests::sandbox::python_has("azure.identity", "azure-identity") {
+        return;
+    }
+    let Some(sandbox) = Sandbox::new("azure-sdk") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_cloud("azure", &[]);
+    let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--provider", "azure"]);
+    let get_token = |cgroup: &str| {
+        sandbox.python_json(cgroup, AZURE_IDENTITY, |command| {
+            // The library's own address for IMDS is 169.254.169.254: no override needed. Its
+            // proxy settings must not apply (IMDS is never reached through a proxy).
+            command.env("NO_PROXY", "*").env_remove("HTTP_PROXY");
+        })
+    };
+    let allowed = get_token("enforced/app");
+    assert!(
+        allowed["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(AZURE_TOKEN_PREFIX)),
+        "{allowed}\n{}",
+        agent.log()
+    );
+    // The web tier: no token, and the library's error carries the denial (it reads IMDS's
+    // JSON error body; from a text body it would say only "unavailable").
+    let denied = get_token("enforced/web");
+    assert_eq!(denied["error"], "CredentialUnavailableError", "{denied}");
+    assert!(
+        denied["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("denied by policy 'app'")),
+        "{denied}"
+    );
 }

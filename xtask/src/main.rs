@@ -14,7 +14,8 @@ usage: cargo xtask <command>
 
 commands:
   setup   install every prerequisite (idempotent): LLVM 22 dev packages, bpftool, iproute2,
-          curl, rust-src for nightly, bpf-linker, botocore and google-auth for the SDK tests
+          curl, rust-src for nightly, bpf-linker; botocore, google-auth and azure-identity
+          for the SDK tests
   demo    set up, build, and run the demo in a sandbox network namespace
   test    set up, build, and run every test (what CI runs), plus fmt and clippy checks
   bench [--quick]  measure side by side in a sandbox and write BENCHMARKS.md
@@ -151,45 +152,39 @@ fn setup() -> Result {
     if !succeeds("cargo", &["deb", "--version"]) {
         run(cargo().args(["install", "cargo-deb", "--locked"]))?;
     }
-    if !succeeds("python3", &["-c", "import botocore"]) {
-        // Debian's own python3 refuses pip installs (PEP 668): its package first, then pip
-        // for other interpreters (pyenv and the like).
-        let _ = run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "python3-botocore",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"));
-        if !succeeds("python3", &["-c", "import botocore"]) {
-            run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "botocore"]))?;
-        }
-    }
-    // google-auth (GCP's client library) for the GCP SDK test, the same way.
-    let google_auth = ["-c", "import google.auth.compute_engine, requests"];
-    if !succeeds("python3", &google_auth) {
-        let _ = run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "python3-google-auth",
-                "python3-requests",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"));
-        if !succeeds("python3", &google_auth) {
-            run(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "google-auth",
-                "requests",
-            ]))?;
-        }
-    }
+    // The cloud SDKs the tests run as workloads: botocore (AWS), google-auth (GCP),
+    // azure-identity (Azure).
+    python_modules("botocore", &["python3-botocore"], &["botocore"])?;
+    python_modules(
+        "google.auth.compute_engine, requests",
+        &["python3-google-auth", "python3-requests"],
+        &["google-auth", "requests"],
+    )?;
+    python_modules(
+        "azure.identity",
+        &["python3-azure-identity"],
+        &["azure-identity"],
+    )?;
     Ok(())
+}
+
+/// Makes `import MODULES` work: Debian's packages first (Debian's own python3 refuses pip
+/// installs, PEP 668), then pip for other interpreters (pyenv and the like).
+fn python_modules(modules: &str, debian: &[&str], pip: &[&str]) -> Result {
+    let import = format!("import {modules}");
+    if succeeds("python3", &["-c", &import]) {
+        return Ok(());
+    }
+    let _ = run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(debian)
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if succeeds("python3", &["-c", &import]) {
+        return Ok(());
+    }
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(pip))
 }
 
 fn dpkg_installed(package: &str) -> bool {

@@ -527,7 +527,7 @@ impl Exchange<'_> {
     fn answer(&self, outcome: Outcome<'_>, body: String) -> Response<Body> {
         let status = outcome.status;
         self.audit(outcome);
-        text(status, body)
+        own_answer(self.filter.provider, status, body)
     }
 }
 
@@ -736,7 +736,8 @@ async fn handle(
     });
     match response {
         Ok(response) => response,
-        Err(detail) => text(
+        Err(detail) => own_answer(
+            filter.provider,
             gateway_status(detail),
             format!("imds-agent: metadata service unavailable: {detail}\n"),
         ),
@@ -906,6 +907,31 @@ async fn filter_listing(
             .map_err(|never| match never {})
             .boxed(),
     ))
+}
+
+/// An answer the agent gives itself, in the shape the provider's clients read: Azure's read an
+/// error body as JSON (`error`, `error_description`, as IMDS writes them) and report a body
+/// they cannot parse as "unavailable" without its reason; the other clouds' read text.
+fn own_answer(
+    provider: crate::provider::Provider,
+    status: StatusCode,
+    body: String,
+) -> Response<Body> {
+    if provider != crate::provider::Provider::Azure {
+        return text(status, body);
+    }
+    let error = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace(' ', "_");
+    let json = serde_json::json!({"error": error, "error_description": body.trim_end()});
+    let mut response = text(status, json.to_string());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
