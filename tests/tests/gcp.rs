@@ -118,6 +118,14 @@ fn gke_kube_env_stays_out_of_reach_of_listings_and_recursive_reads() {
     );
     assert_eq!(recursive.status, 403, "{recursive:?}");
     assert!(!recursive.body.contains("KUBELET"));
+    // However the name is spelt: the server decodes `%72ecursive` as `recursive`.
+    for spelling in ["%72ecursive=true", "RECURSIVE=true"] {
+        let path = format!("/computeMetadata/v1/instance/attributes/?{spelling}");
+        let encoded = env.get("enforced/app", &path);
+        assert_eq!(encoded.status, 403, "{encoded:?}");
+        let direct = env.get("outside", &path);
+        assert!(direct.body.contains("KUBELET"), "{direct:?}");
+    }
     // The legacy tree, which never required the header, is closed.
     let legacy = env.get(
         "enforced/app",

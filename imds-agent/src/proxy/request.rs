@@ -44,14 +44,19 @@ impl ValidRequest {
     }
 
     /// Whether the answer holds a whole subtree (GCP's `recursive=true`; any value but
-    /// `false` is taken as true, the safe side).
+    /// `false` is taken as true, the safe side). Names are read as the service reads them,
+    /// percent-decoded: `%72ecursive=true` is recursive too.
     pub fn is_recursive(&self) -> bool {
-        self.query.as_deref().is_some_and(|query| {
-            query.split('&').any(|pair| {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                key.eq_ignore_ascii_case("recursive") && !value.eq_ignore_ascii_case("false")
-            })
-        })
+        let Some(query) = &self.query else {
+            return false;
+        };
+        match query_params(query) {
+            Ok(params) => params
+                .iter()
+                .any(|(name, value)| name == "recursive" && !value.eq_ignore_ascii_case("false")),
+            // Not a query validation lets through; the safe side regardless.
+            Err(_) => true,
+        }
     }
 
     pub fn target(&self) -> String {
@@ -103,10 +108,19 @@ pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
         });
     }
     let query = uri.query().map(str::to_owned);
-    if let Some(query) = &query
-        && !query.bytes().all(is_query_byte)
-    {
-        return Err(Rejection::bad("invalid query string"));
+    if let Some(query) = &query {
+        if !query.bytes().all(is_query_byte) {
+            return Err(Rejection::bad("invalid query string"));
+        }
+        let params = query_params(query)
+            .map_err(|()| Rejection::bad("invalid percent-encoding in the query string"))?;
+        // Azure's service refuses a name given twice; anywhere, the filter and the service
+        // could each read a different one of them.
+        let mut names: Vec<&str> = params.iter().map(|(name, _)| name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|pair| pair[0] == pair[1]) {
+            return Err(Rejection::bad("duplicate query parameter"));
+        }
     }
 
     let headers = request.headers();
@@ -162,6 +176,49 @@ pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
 /// characters); `#`, spaces, quotes, backslashes, controls and non-ASCII are refused.
 fn is_query_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// A query's parameters as the services' parsers read them (Go's `url.ParseQuery` on GCP):
+/// names and values percent-decoded, `+` as a space; names also lower-cased, so that two
+/// spellings of one name count as one. Empty pairs (`a=1&&b=2`) are skipped. An invalid
+/// escape is an error.
+fn query_params(query: &str) -> Result<Vec<(String, String)>, ()> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((
+                percent_decode(name)?.to_ascii_lowercase(),
+                percent_decode(value)?,
+            ))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> Result<String, ()> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(())?;
+                let hex = std::str::from_utf8(hex).map_err(|_| ())?;
+                decoded.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+                i += 3;
+            }
+            b'+' => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            b => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    Ok(String::from_utf8_lossy(&decoded).into_owned())
 }
 
 fn path_error_detail(error: &PathError) -> String {
@@ -265,6 +322,37 @@ mod tests {
     }
 
     #[test]
+    fn a_query_parameter_named_twice_is_refused_however_spelt() {
+        for query in [
+            "api-version=2021-02-01&api-version=2017-08-01",
+            "recursive=false&recursive=true",
+            "recursive=false&Recursive=true",
+            "recursive=false&%72ecursive=true",
+        ] {
+            let (status, reason) =
+                rejected(req("GET", &format!("/metadata/instance?{query}"), &[HOST]));
+            assert_eq!(
+                (status, reason),
+                (StatusCode::BAD_REQUEST, "duplicate query parameter"),
+                "{query}"
+            );
+        }
+        for query in ["a=%zz", "a=%4"] {
+            assert_eq!(
+                rejected(req("GET", &format!("/latest?{query}"), &[HOST])).0,
+                StatusCode::BAD_REQUEST,
+                "{query}"
+            );
+        }
+        let fine = req(
+            "GET",
+            "/metadata/instance?api-version=2021-02-01&format=text&&",
+            &[HOST],
+        );
+        assert!(validate(&fine).is_ok());
+    }
+
+    #[test]
     fn forwarding_headers_are_forbidden() {
         for name in FORWARDING_HEADERS {
             let (status, _) = rejected(req("PUT", "/latest/api/token", &[HOST, (name, "1.2.3.4")]));
@@ -294,6 +382,10 @@ mod tests {
             ("recursive=false", false),
             ("nonrecursive=true", false),
             ("alt=json", false),
+            // As GCP's server decodes it.
+            ("%72ecursive=true", true),
+            ("RECURSIVE=true", true),
+            ("recursive=fals%65", false),
         ] {
             assert_eq!(with(query).is_recursive(), recursive, "{query}");
         }

@@ -252,10 +252,11 @@ pub const GCP_KUBE_ENV: &str = "KUBELET_CERT: fake-cert\nKUBELET_KEY: fake-key\n
 /// a directory as JSON; the legacy v1beta1 tree answers without the header, as it did.
 pub fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    let recursive = request
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "recursive=true"));
+    // Go's url.ParseQuery, as the real server reads it: names and values percent-decoded.
+    let recursive = request.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| unescape(p).is_some_and(|p| p.eq_ignore_ascii_case("recursive=true")))
+    });
     let flavored = request
         .headers()
         .get("metadata-flavor")
@@ -317,6 +318,21 @@ pub fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         );
     }
     response
+}
+
+/// Percent-decodes, or `None` for an invalid escape.
+fn unescape(text: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+        } else {
+            b
+        });
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Azure's managed identity's access token prefix.
