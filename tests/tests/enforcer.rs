@@ -470,6 +470,88 @@ fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
     assert_eq!(denied["access_key"], serde_json::Value::Null, "{denied}");
 }
 
+/// Neither policy lets its workload have a session token; one requires tokens.
+const FALLBACK_POLICIES: [(&str, &str); 2] = [
+    (
+        "legacy.yaml",
+        r#"
+name: legacy
+callers: {cgroups: ["/legacy"]}
+default: deny
+rules:
+  - name: credentials
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/iam/security-credentials/**"]
+"#,
+    ),
+    (
+        "v2-only.yaml",
+        r#"
+name: v2-only
+callers: {cgroups: ["/v2-only"]}
+tokens: {required: true}
+default: deny
+rules:
+  - name: credentials
+    action: allow
+    methods: [GET]
+    paths: ["/latest/meta-data/iam/security-credentials/**"]
+"#,
+    ),
+];
+
+#[test]
+fn botocore_falls_back_to_imdsv1_only_where_the_policy_lets_it() {
+    if !imds_tests::sandbox::python_has("botocore", "botocore") {
+        return;
+    }
+    let Some(sandbox) = Sandbox::new("botocore-v1") else {
+        return;
+    };
+    // An instance that still serves IMDSv1.
+    let _imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&FALLBACK_POLICIES);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    let fetch = |cgroup: &str| {
+        sandbox.python_json(cgroup, BOTOCORE_FETCH, |command| {
+            command
+                .env_remove("AWS_EC2_METADATA_DISABLED")
+                .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT");
+        })
+    };
+    // The token request is denied (403): the SDK falls back to IMDSv1, which this
+    // workload's policy allows.
+    let legacy = fetch("enforced/legacy");
+    assert!(
+        legacy["access_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with(ACCESS_KEY_PREFIX)),
+        "{legacy}\n{}",
+        agent.log()
+    );
+    let audit = agent.audit();
+    let seen = |cgroup: &str, method: &str, decision: &str| {
+        audit.iter().any(|line| {
+            line["cgroup"] == cgroup && line["method"] == method && line["decision"] == decision
+        })
+    };
+    assert!(seen("/legacy", "PUT", "deny"), "{audit:#?}");
+    assert!(seen("/legacy", "GET", "allow"), "{audit:#?}");
+    // The same fallback where the workload's policy requires tokens: refused (401), although
+    // the instance itself still serves IMDSv1.
+    let v2_only = fetch("enforced/v2-only");
+    assert_eq!(v2_only["access_key"], serde_json::Value::Null, "{v2_only}");
+    let audit = agent.audit();
+    assert!(
+        audit.iter().any(|line| line["cgroup"] == "/v2-only"
+            && line["method"] == "GET"
+            && line["status"] == 401
+            && line["rule"] == "tokens-required"),
+        "{audit:#?}"
+    );
+}
+
 #[test]
 fn the_agent_in_audit_mode_serves_what_it_would_deny_and_says_so() {
     let Some(sandbox) = Sandbox::new("dry-run") else {
