@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Some("run") => run(args.iter().any(|a| a == "--quick")),
         Some("profile") => profile(&args[1..]),
         _ => Err(
-            "usage: imds-bench run [--quick] | profile keepalive|close [perf|strace] [OUTPUT]"
+            "usage: imds-bench run [--quick] | profile keepalive|close [perf|strace|none] [OUTPUT]"
                 .into(),
         ),
     };
@@ -530,7 +530,7 @@ fn child_with(
 
 const ID: &str = "/latest/meta-data/instance-id";
 
-/// `imds-bench profile keepalive|close [perf|strace] [OUTPUT]`: the agent under section 3's
+/// `imds-bench profile keepalive|close [perf|strace|none] [OUTPUT]`: the agent under section 3's
 /// load (16 clients), recorded with `perf record` (DWARF call graphs: release builds have no
 /// frame pointers) or counted with `strace -c -f` (syscalls per request), into OUTPUT.
 fn profile(args: &[String]) -> Result {
@@ -542,7 +542,9 @@ fn profile(args: &[String]) -> Result {
     let (program, default_output) = match tool {
         "perf" => ("perf", "perf.data"),
         "strace" => ("strace", "strace.txt"),
-        other => return Err(format!("tool {other:?}: perf or strace")),
+        // The same load, unobserved: for trying a change quickly.
+        "none" => ("", ""),
+        other => return Err(format!("tool {other:?}: perf, strace or none")),
     };
     let output = args.get(2).map_or(default_output, String::as_str);
     let sandbox = Sandbox::new("profile").ok_or("cannot create the sandbox")?;
@@ -563,23 +565,35 @@ fn profile(args: &[String]) -> Result {
     } else {
         vec!["-c", "-f", "-o", output, "-p", &pid]
     };
-    let mut recorder = std::process::Command::new(program)
-        .args(&recorder_args)
-        .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
-    std::thread::sleep(Duration::from_millis(300));
+    let mut recorder = if program.is_empty() {
+        None
+    } else {
+        let recorder = std::process::Command::new(program)
+            .args(&recorder_args)
+            .spawn()
+            .map_err(|e| format!("{program}: {e}"))?;
+        std::thread::sleep(Duration::from_millis(300));
+        Some(recorder)
+    };
     let per_worker = "1500";
     let result = child(
         &sandbox,
         "enforced/client",
         &["http", "169.254.169.254:80", ID, per_worker, "16", mode],
     );
-    // SAFETY: kill with a pid of our own child.
-    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
-    let _ = recorder.wait();
+    if let Some(recorder) = &mut recorder {
+        // SAFETY: kill with a pid of our own child.
+        unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+        let _ = recorder.wait();
+    }
     let samples = result?;
+    let recorded = if recorder.is_some() {
+        format!("; {tool} output in {output}")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "profile: {mode}, {} requests, {:.0} req/s; {tool} output in {output}",
+        "profile: {mode}, {} requests, {:.0} req/s{recorded}",
         16 * 1500,
         samples.last().copied().unwrap_or(0.0)
     );
