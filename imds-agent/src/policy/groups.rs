@@ -114,10 +114,11 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/metadata/instance/compute/vmSize",
             "/metadata/instance/compute/zone",
             "/metadata/versions",
-            // OpenStack's version listing and each version's file listing (entries are
-            // filtered per caller)
+            // OpenStack's version listing and the latest version's file listing (entries
+            // are filtered per caller). Literal, as every instance-info path: a wildcard here
+            // would be matched on every decision of every policy using the group.
             "/openstack",
-            "/openstack/*",
+            "/openstack/latest",
             "/opc/v2/instance/availabilityDomain",
             "/opc/v2/instance/canonicalRegionName",
             "/opc/v2/instance/compartmentId",
@@ -159,7 +160,7 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/metadata/instance/network/**",
             "/metadata/loadbalancer",
             "/opc/v2/vnics/**",
-            "/openstack/*/network_data.json",
+            "/openstack/latest/network_data.json",
             "/metadata/v1/dns/**",
             "/metadata/v1/floating_ip/**",
             "/metadata/v1/interfaces/**",
@@ -199,6 +200,18 @@ mod tests {
             }
         }
         assert!(patterns("secrets").is_none());
+    }
+
+    #[test]
+    fn groups_that_policies_allow_are_literal() {
+        // Literal patterns (and literal/**) are hash lookups; a wildcard would be tried on
+        // every decision of every policy that allows the group.
+        for name in ["instance-info", "network", "token"] {
+            for pattern in patterns(name).unwrap() {
+                let stem = pattern.strip_suffix("/**").unwrap_or(pattern);
+                assert!(!stem.contains(['*', '{']), "{name}: {pattern}");
+            }
+        }
     }
 
     #[test]
@@ -296,6 +309,7 @@ mod tests {
             ("user-data", "/openstack/latest/meta_data.json", true),
             ("network", "/openstack/latest/network_data.json", true),
             ("instance-info", "/openstack/latest/", true),
+            ("instance-info", "/openstack/2018-08-27/", false),
             ("instance-info", "/openstack/latest/password", false),
             ("instance-info", "/openstack/latest/meta_data.json", false),
             // DigitalOcean
