@@ -625,7 +625,11 @@ the connection, the cgroup path check, the caller's /proc entries (read in one r
 no longer stat-then-read) and the exchange itself; the upstream connection is reused (16\n\
 connects for 24,000 requests). Earlier experiments: audit lines off: +91 -> +57 us; audit lines written by a\n\
 thread of their own (tracing-appender): within noise, not kept. More tokio worker threads\n\
-(1 vs 2) make no difference. With a new connection per request nginx is still about 1.3x\n\
+(1 vs 2) make no difference (checked again with `imds-bench profile keepalive none`:\n\
+13.3-14.6k req/s either way). With 16 keep-alive clients, audit lines off changed nothing\n\
+measurable either (three runs each, same session: 11.3-12.7k req/s off, 11.2-13.4k on; the\n\
+run-to-run spread is about 10%), so a cheaper audit formatter would gain single-client\n\
+latency at most. With a new connection per request nginx is still about 1.3x\n\
 faster: each new client connection costs the agent the attribution (a map lookup, the\n\
 cgroup path check, the caller's /proc entries) and a task; next candidates are a cheaper\n\
 audit formatter and caching a process's executable by pid and start time.";
