@@ -438,6 +438,15 @@ creds = InstanceMetadataFetcher(timeout=2, num_attempts=1).retrieve_iam_role_cre
 print(json.dumps({"role": creds.get("role_name"), "access_key": creds.get("access_key")}))
 "#;
 
+/// Runs [`BOTOCORE_FETCH`] in `cgroup`, with the SDK's metadata overrides cleared.
+fn botocore_fetch(sandbox: &Sandbox, cgroup: &str) -> serde_json::Value {
+    sandbox.python_json(cgroup, BOTOCORE_FETCH, |command| {
+        command
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT");
+    })
+}
+
 #[test]
 fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
     if !imds_tests::sandbox::python_has("botocore", "botocore") {
@@ -450,13 +459,7 @@ fn botocore_fetches_credentials_through_the_filter_only_when_allowed() {
     let policies = sandbox.write_policies(&[("sdk.yaml", SDK_POLICY)]);
     let _agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
 
-    let fetch = |cgroup: &str| {
-        sandbox.python_json(cgroup, BOTOCORE_FETCH, |command| {
-            command
-                .env_remove("AWS_EC2_METADATA_DISABLED")
-                .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT");
-        })
-    };
+    let fetch = |cgroup: &str| botocore_fetch(&sandbox, cgroup);
     let allowed = fetch("enforced/sdk-allowed");
     assert_eq!(allowed["role"], "demo-node-role", "{allowed}");
     assert!(
@@ -513,13 +516,7 @@ fn botocore_falls_back_to_imdsv1_only_where_the_policy_lets_it() {
     let _imds = sandbox.start_fake_imds(false);
     let policies = sandbox.write_policies(&FALLBACK_POLICIES);
     let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
-    let fetch = |cgroup: &str| {
-        sandbox.python_json(cgroup, BOTOCORE_FETCH, |command| {
-            command
-                .env_remove("AWS_EC2_METADATA_DISABLED")
-                .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT");
-        })
-    };
+    let fetch = |cgroup: &str| botocore_fetch(&sandbox, cgroup);
     // The token request is denied (403): the SDK falls back to IMDSv1, which this
     // workload's policy allows.
     let legacy = fetch("enforced/legacy");
