@@ -5,7 +5,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, LazyLock, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
 };
 
 use bytes::Bytes;
@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     loader::Enforcer,
-    policy::{CanonicalPath, PathPattern, PatternSet, groups, store::PolicyStore},
+    policy::{CanonicalPath, groups, store::PolicyStore},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,30 +161,15 @@ impl Default for Metrics {
     }
 }
 
-/// Every named group's patterns, compiled once.
-static GROUPS: LazyLock<Vec<(&'static str, PatternSet)>> = LazyLock::new(|| {
-    groups::NAMES
-        .iter()
-        .map(|name| {
-            let patterns: Vec<PathPattern> = groups::patterns(name)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|p| PathPattern::parse(p).ok())
-                .collect();
-            (*name, PatternSet::new(&patterns))
-        })
-        .collect()
-});
-
 /// The first group whose patterns match `path`, for the `group` label.
 pub fn group_of(path: &str) -> &'static str {
     let Ok(path) = CanonicalPath::parse(path) else {
         return "other";
     };
-    GROUPS
+    groups::NAMES
         .iter()
-        .find(|(_, patterns)| patterns.best_match(&path).is_some())
-        .map_or("other", |(name, _)| name)
+        .find(|name| groups::compiled(name).is_some_and(|g| g.best_match(&path).is_some()))
+        .map_or("other", |name| name)
 }
 
 impl Metrics {

@@ -21,6 +21,13 @@
 //! - User-supplied key/value metadata is user-data (GCP attributes, OCI `metadata/`), and so
 //!   are SSH public keys supplied with it.
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+};
+
+use super::{CompiledPatterns, PathPattern};
+
 pub const NAMES: [&str; 6] = [
     "credentials",
     "user-data",
@@ -29,6 +36,25 @@ pub const NAMES: [&str; 6] = [
     "network",
     "token",
 ];
+
+/// A group's patterns, parsed and compiled once per process and shared by every rule and
+/// metric that uses the group.
+pub fn compiled(name: &str) -> Option<&'static Arc<CompiledPatterns>> {
+    static COMPILED: LazyLock<HashMap<&'static str, Arc<CompiledPatterns>>> = LazyLock::new(|| {
+        NAMES
+            .iter()
+            .map(|name| {
+                let patterns = patterns(name)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| PathPattern::parse(p).expect("built-in groups parse (unit-tested)"))
+                    .collect();
+                (*name, Arc::new(CompiledPatterns::new(patterns)))
+            })
+            .collect()
+    });
+    COMPILED.get(name)
+}
 
 /// The path patterns of a group, or `None` for an unknown name.
 pub fn patterns(name: &str) -> Option<&'static [&'static str]> {

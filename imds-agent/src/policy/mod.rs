@@ -36,16 +36,19 @@ pub mod pattern;
 pub mod store;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt, io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::identity::Identity;
-pub use pattern::{CanonicalPath, NamePattern, PathError, PathPattern, PatternSet, Specificity};
+pub use pattern::{
+    CanonicalPath, CompiledPatterns, NamePattern, PathError, PathPattern, PatternSet, Specificity,
+};
 
 #[derive(
     Debug,
@@ -388,10 +391,7 @@ pub struct Rule {
     name: String,
     action: Action,
     methods: Methods,
-    /// As written (for listings: what may match below a directory).
-    paths: Vec<PathPattern>,
-    /// The same patterns compiled for per-request matching.
-    compiled: PatternSet,
+    paths: Arc<CompiledPatterns>,
     callers: Selector,
 }
 
@@ -406,7 +406,7 @@ impl Rule {
         if !self.methods.contains(method) || !self.callers.matches(caller) {
             return None;
         }
-        self.compiled.best_match(path)
+        self.paths.best_match(path)
     }
 }
 
@@ -491,10 +491,13 @@ impl<'a> Verdict<'a> {
     }
 }
 
-/// The winning verdict of several; defaults only: deny wins.
-fn combine<'a>(verdicts: impl Iterator<Item = Verdict<'a>>) -> Option<Verdict<'a>> {
-    // max_by_key keeps the last of equals; ranks that tie are the same decision anyway.
-    verdicts.max_by_key(Verdict::rank)
+/// The winner of `current` and `next`; defaults only: deny wins.
+fn combine<'a>(current: Option<Verdict<'a>>, next: Verdict<'a>) -> Option<Verdict<'a>> {
+    // Like max_by_key, the later of equals wins; ranks that tie are the same decision anyway.
+    match current {
+        Some(v) if v.rank() > next.rank() => Some(v),
+        _ => Some(next),
+    }
 }
 
 /// All loaded policies plus the decision for callers none of them selects.
@@ -594,10 +597,12 @@ impl PolicySet {
                     .collect()
             });
         let mut policies: Vec<Policy> = Vec::new();
+        // Name -> index, so checking 10,000 names costs 10,000 lookups, not 50 million compares.
+        let mut names: HashMap<String, usize> = HashMap::new();
         for (file, result) in parsed {
             match result {
                 Ok(policy) => {
-                    if let Some(other) = policies.iter().find(|p| p.name == policy.name) {
+                    if let Some(other) = names.get(&policy.name).map(|&i| &policies[i]) {
                         errors.push(PolicyError::Invalid {
                             file: file.clone(),
                             line: 1,
@@ -609,6 +614,8 @@ impl PolicySet {
                                 other.source.display()
                             ),
                         });
+                    } else {
+                        names.insert(policy.name.clone(), policies.len());
                     }
                     policies.push(policy);
                 }
@@ -764,6 +771,7 @@ impl PolicySet {
             {
                 if rule
                     .paths
+                    .patterns()
                     .iter()
                     .any(|p| p.matches(path) || p.matches_below(path))
                 {
@@ -776,7 +784,7 @@ impl PolicySet {
                 .rules
                 .iter()
                 .filter(|r| r.action == Action::Allow && applies(r))
-                .any(|r| r.paths.iter().any(|p| p.covers_subtree(path)))
+                .any(|r| r.paths.patterns().iter().any(|p| p.covers_subtree(path)))
         });
         if covered {
             return None;
@@ -815,18 +823,16 @@ impl PolicySet {
                 };
             }
         };
-        // Each selecting policy's verdict, once; callers are selected by few policies.
-        let verdicts: Vec<Verdict<'a>> = indexes
-            .iter()
-            .map(|&i| self.policies[i].verdict(&caller, method, path))
-            .collect();
-        let enforced = combine(
-            verdicts
-                .iter()
-                .copied()
-                .filter(|v| v.policy.mode == Mode::Enforce),
-        );
-        let all = combine(verdicts.iter().copied());
+        // Each selecting policy's verdict, once: the winner among enforcing policies and
+        // among all (audit policies included, for would-deny), in one pass without allocating.
+        let (mut enforced, mut all) = (None, None);
+        for &i in indexes {
+            let verdict = self.policies[i].verdict(&caller, method, path);
+            if verdict.policy.mode == Mode::Enforce {
+                enforced = combine(enforced, verdict);
+            }
+            all = combine(all, verdict);
+        }
         let would_deny = |effective: Action| match all {
             Some(v) if effective == Action::Allow && v.action == Action::Deny => {
                 Some((v.policy.name.as_str(), v.rule_name()))
@@ -917,7 +923,7 @@ impl PolicySet {
             .filter(|r| {
                 r.action == Action::Allow && r.methods.contains("GET") && r.callers.matches(&caller)
             })
-            .any(|r| r.paths.iter().any(|p| p.matches_below(&path)))
+            .any(|r| r.paths.patterns().iter().any(|p| p.matches_below(&path)))
     }
 
     /// Why a request gets its decision: the decision, then one line per policy saying whether
@@ -1121,7 +1127,6 @@ fn compile(
                 name: rule.name.value.clone(),
                 action: rule.action,
                 methods,
-                compiled: PatternSet::new(&paths),
                 paths,
                 callers: compile_selector(
                     &mut at,
@@ -1194,13 +1199,19 @@ fn compile_methods(
     Methods::Only(methods.value.iter().map(|m| m.value.clone()).collect())
 }
 
-fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Vec<PathPattern> {
+fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Arc<CompiledPatterns> {
     if rule.paths.is_empty() && rule.groups.is_empty() {
         at.error(
             &rule.name,
             format!("{field}.paths"),
             "a rule needs at least one path pattern or group",
         );
+    }
+    // One group and nothing else (the usual rule): the group's shared copy.
+    if let ([], [group]) = (rule.paths.as_slice(), rule.groups.as_slice())
+        && let Some(shared) = groups::compiled(&group.value)
+    {
+        return Arc::clone(shared);
     }
     let mut patterns = Vec::new();
     for (i, path) in rule.paths.iter().enumerate() {
@@ -1214,12 +1225,8 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Vec<
         }
     }
     for (i, group) in rule.groups.iter().enumerate() {
-        match groups::patterns(&group.value) {
-            Some(group_patterns) => patterns.extend(
-                group_patterns
-                    .iter()
-                    .map(|p| PathPattern::parse(p).expect("built-in groups parse (unit-tested)")),
-            ),
+        match groups::compiled(&group.value) {
+            Some(group) => patterns.extend_from_slice(group.patterns()),
             None => at.error(
                 group,
                 format!("{field}.groups[{i}]"),
@@ -1231,7 +1238,7 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Vec<
             ),
         }
     }
-    patterns
+    Arc::new(CompiledPatterns::new(patterns))
 }
 
 fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDocument>) -> Selector {

@@ -660,3 +660,45 @@ rules:
         (Action::Deny, "default")
     );
 }
+
+#[test]
+fn rules_naming_one_group_share_its_compiled_patterns_and_mixed_rules_match_all_parts() {
+    let doc = |name: &str, rule: &str| {
+        format!(
+            "name: {name}\ncallers: {{cgroups: [\"/{name}/**\"]}}\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    {rule}\n"
+        )
+    };
+    let a = doc("a", "groups: [instance-info]");
+    let b = doc("b", "groups: [instance-info]");
+    let mixed = doc(
+        "mixed",
+        "groups: [instance-info, network]\n    paths: [\"/latest/meta-data/iam/info\"]",
+    );
+    let set = set(&[&a, &b, &mixed], Unmatched::Deny);
+    let paths = |i: usize| &set.policies[i].rules[0].paths;
+    assert!(Arc::ptr_eq(paths(0), paths(1)));
+    assert!(!Arc::ptr_eq(paths(0), paths(2)));
+    let who = identity(Some("/mixed/pod"), 1000);
+    for path in [
+        "/latest/meta-data/instance-id",
+        "/latest/meta-data/mac",
+        "/latest/meta-data/iam/info",
+    ] {
+        assert_eq!(decide(&set, &who, "GET", path).0, Action::Allow, "{path}");
+    }
+    assert_eq!(
+        decide(
+            &set,
+            &who,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/"
+        )
+        .0,
+        Action::Deny
+    );
+    let who = identity(Some("/a/pod"), 1000);
+    assert_eq!(
+        decide(&set, &who, "GET", "/latest/meta-data/mac").0,
+        Action::Deny
+    );
+}
