@@ -1,6 +1,7 @@
 //! The imds-agent: loads the kernel programs that divert metadata connections from enforced
 //! cgroups to the agent, identifies each caller, and serves or denies each request by policy.
 
+pub mod audit;
 pub mod cli;
 pub mod detect;
 pub mod explain;

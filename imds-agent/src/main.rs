@@ -39,6 +39,7 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    imds_agent::audit::write_json_lines(format == LogFormat::Json);
 }
 
 fn main() -> ExitCode {

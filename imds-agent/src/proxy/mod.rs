@@ -489,7 +489,7 @@ async fn refuse_unrecorded(stream: TcpStream, peer: SocketAddr) {
 /// Answers a connection with a fixed response, without reading it, and closes it.
 async fn refuse(mut stream: TcpStream, peer: SocketAddr, status: &str, body: &str, reason: &str) {
     tracing::info!(
-        target: "imds_agent::audit",
+        target: crate::audit::TARGET,
         %peer,
         decision = "refuse",
         reason,
@@ -999,29 +999,28 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
             rule: outcome.rule.to_owned(),
         });
     }
-    tracing::info!(
-        target: "imds_agent::audit",
-        cgroup = id.cgroup.as_deref().unwrap_or("?"),
-        cgroup_id = id.cgroup_id,
-        unit = id.unit.as_deref().unwrap_or(""),
+    crate::audit::Request {
+        cgroup: id.cgroup.as_deref().unwrap_or("?"),
+        cgroup_id: id.cgroup_id,
+        unit: id.unit.as_deref().unwrap_or(""),
         namespace,
-        pod = id.pod.as_ref().map_or("", |p| p.name.as_str()),
-        container = id.container.as_deref().unwrap_or(""),
-        uid = id.uid,
-        gid = id.gid,
-        pid = id.pid,
-        comm = id.comm.as_deref().unwrap_or("?"),
+        pod: id.pod.as_ref().map_or("", |p| p.name.as_str()),
+        container: id.container.as_deref().unwrap_or(""),
+        uid: id.uid,
+        gid: id.gid,
+        pid: id.pid,
+        comm: id.comm.as_deref().unwrap_or("?"),
         method,
-        path = target,
-        decision = outcome.decision,
-        policy = outcome.policy,
-        rule = outcome.rule,
-        status = outcome.status.as_u16(),
-        upstream_status = outcome.upstream_status.map_or(0, |s| s.as_u16()),
-        detail = outcome.detail,
-        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
+        path: target,
+        decision: outcome.decision,
+        policy: outcome.policy,
+        rule: outcome.rule,
+        status: outcome.status.as_u16(),
+        upstream_status: outcome.upstream_status.map_or(0, |s| s.as_u16()),
+        detail: outcome.detail,
+        latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    }
+    .log();
 }
 
 #[cfg(test)]

@@ -614,6 +614,8 @@ fn profile(args: &[String]) -> Result {
         Some(recorder)
     };
     let per_worker = "1500";
+    let agent_cgroup = sandbox.cgroup_root.join("agent");
+    let cpu_before = cpu_usage_us(&agent_cgroup);
     let result = child(
         &sandbox,
         "enforced/client",
@@ -624,6 +626,7 @@ fn profile(args: &[String]) -> Result {
         unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
         let _ = recorder.wait();
     }
+    let cpu_per_request = (cpu_usage_us(&agent_cgroup) - cpu_before) / (16.0 * 1500.0);
     let samples = result?;
     let recorded = if recorder.is_some() {
         format!("; {tool} output in {output}")
@@ -631,7 +634,7 @@ fn profile(args: &[String]) -> Result {
         String::new()
     };
     eprintln!(
-        "profile: {mode}, {} requests, {:.0} req/s{recorded}",
+        "profile: {mode}, {} requests, {:.0} req/s, agent CPU {cpu_per_request:.1} us per request{recorded}",
         16 * 1500,
         samples.last().copied().unwrap_or(0.0)
     );
@@ -988,16 +991,19 @@ fn alternatives(
          Allowed GETs of the instance id: direct; through a bare TCP relay (no parsing, policy\n\
          or log: what one more loopback hop costs any proxy); through the agent; through an\n\
          iptables DNAT rule to nginx with location rules (the classic set-up; its access log on,\n\
-         as the agent writes an audit line per request). p50 / p99 and requests/s, ratio to the\n\
-         agent in brackets.\n\n",
+         as the agent writes an audit line per request). p50 / p99, requests/s, and the CPU time\n\
+         per request (user and system, from the cgroup's cpu.stat) of the process that answers\n\
+         the client: the fake metadata service itself (direct), or the proxy in between. CPU\n\
+         time moves less with the VM than latency does. Ratio to the agent in brackets.\n\n",
     );
     let nginx = match (iptables, which("nginx")) {
         (true, true) => Some(start_nginx(nat, NGINX_LISTEN, "127.0.0.1:8080")?),
         _ => None,
     };
+    // In a cgroup of its own, so that its CPU time is its own.
     let _relay = background(
         sandbox,
-        "outside",
+        "relay",
         &["relay", RELAY_LISTEN, "169.254.169.254:80"],
         false,
     )?;
@@ -1009,30 +1015,45 @@ fn alternatives(
     for (mode, clients) in [("keepalive", "1"), ("keepalive", "16"), ("close", "16")] {
         let (mut direct, mut relay, mut agent, mut proxy) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let requests = per_worker.parse::<f64>().map_err(|e| e.to_string())?
+            * clients.parse::<f64>().map_err(|e| e.to_string())?;
+        // Each run's figures, followed by the CPU time per request of the process that
+        // answers the client: the metadata service itself (direct) or the proxy in between.
+        let measured = |sandbox: &Sandbox, client: &str, server: &str, addr: &str| {
+            let before = cpu_usage_us(&sandbox.cgroup_root.join(server));
+            let mut figures = child(
+                sandbox,
+                client,
+                &["http", addr, ID, per_worker, clients, mode],
+            )?;
+            let used = cpu_usage_us(&sandbox.cgroup_root.join(server)) - before;
+            figures.push(used / requests);
+            Ok::<_, String>(figures)
+        };
         for _ in 0..rounds {
-            let args = |addr| ["http", addr, ID, per_worker, clients, mode];
-            direct.push(child(sandbox, "outside", &args(imds))?);
-            relay.push(child(sandbox, "outside", &args(RELAY_LISTEN))?);
-            agent.push(child(sandbox, "enforced/client", &args(imds))?);
+            direct.push(measured(sandbox, "outside", "imds", imds)?);
+            relay.push(measured(sandbox, "outside", "relay", RELAY_LISTEN)?);
+            agent.push(measured(sandbox, "enforced/client", "agent", imds)?);
             if nginx.is_some() {
-                proxy.push(child(nat, "outside", &args(imds))?);
+                proxy.push(measured(nat, "outside", "nginx", imds)?);
             }
         }
-        let summary = |runs: &[Vec<f64>]| -> [f64; 3] {
+        let summary = |runs: &[Vec<f64>]| -> [f64; 4] {
             let column = |i: usize| median(runs.iter().map(|r| r[i]).collect());
-            [column(0) / 1e3, column(1) / 1e3, column(2)]
+            [column(0) / 1e3, column(1) / 1e3, column(2), column(3)]
         };
         let ours = summary(&agent);
         let cell = |runs: &[Vec<f64>]| {
             if runs.is_empty() {
                 return "not measured".to_string();
             }
-            let [p50, p99, rps] = summary(runs);
+            let [p50, p99, rps, cpu] = summary(runs);
             format!(
-                "{p50:.0} / {p99:.0} us ({:.2} / {:.2}), {rps:.0} req/s ({:.2})",
+                "{p50:.0} / {p99:.0} us ({:.2} / {:.2}), {rps:.0} req/s ({:.2}), {cpu:.1} us CPU ({:.2})",
                 p50 / ours[0],
                 p99 / ours[1],
-                rps / ours[2]
+                rps / ours[2],
+                cpu / ours[3]
             )
         };
         let label = if mode == "close" {
@@ -1042,12 +1063,13 @@ fn alternatives(
         };
         let _ = writeln!(
             report,
-            "| {label} | {clients} | {} | {} | {:.0} / {:.0} us, {:.0} req/s | {} |",
+            "| {label} | {clients} | {} | {} | {:.0} / {:.0} us, {:.0} req/s, {:.1} us CPU | {} |",
             cell(&direct),
             cell(&relay),
             ours[0],
             ours[1],
             ours[2],
+            ours[3],
             cell(&proxy)
         );
     }
@@ -1126,6 +1148,18 @@ fn program_run_time(cgroup: &Path, connects: usize) -> (f64, String) {
         }
     }
     (total, parts.join(", "))
+}
+
+/// CPU time (user and system) used so far by the processes of `cgroup`, in microseconds.
+fn cpu_usage_us(cgroup: &Path) -> f64 {
+    std::fs::read_to_string(cgroup.join("cpu.stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(f64::NAN)
 }
 
 fn rss_kib(pid: u32) -> u64 {
