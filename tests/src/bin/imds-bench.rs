@@ -585,6 +585,12 @@ fn profile(args: &[String]) -> Result {
         other => return Err(format!("tool {other:?}: perf, strace or none")),
     };
     let output = args.get(2).map_or(default_output, String::as_str);
+    // Section 3's 16 clients unless IMDS_BENCH_CLIENTS says otherwise (1: single-client latency).
+    let clients_n: usize = std::env::var("IMDS_BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let clients = clients_n.to_string();
     let sandbox = Sandbox::new("profile").ok_or("cannot create the sandbox")?;
     let _imds = sandbox.start_fake_imds(false);
     let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
@@ -619,14 +625,14 @@ fn profile(args: &[String]) -> Result {
     let result = child(
         &sandbox,
         "enforced/client",
-        &["http", "169.254.169.254:80", ID, per_worker, "16", mode],
+        &["http", "169.254.169.254:80", ID, per_worker, &clients, mode],
     );
     if let Some(recorder) = &mut recorder {
         // SAFETY: kill with a pid of our own child.
         unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
         let _ = recorder.wait();
     }
-    let cpu_per_request = (cpu_usage_us(&agent_cgroup) - cpu_before) / (16.0 * 1500.0);
+    let cpu_per_request = (cpu_usage_us(&agent_cgroup) - cpu_before) / (clients_n as f64 * 1500.0);
     let samples = result?;
     let recorded = if recorder.is_some() {
         format!("; {tool} output in {output}")
@@ -635,7 +641,7 @@ fn profile(args: &[String]) -> Result {
     };
     eprintln!(
         "profile: {mode}, {} requests, {:.0} req/s, agent CPU {cpu_per_request:.1} us per request{recorded}",
-        16 * 1500,
+        clients_n * 1500,
         samples.last().copied().unwrap_or(0.0)
     );
     Ok(())
@@ -651,30 +657,45 @@ const HISTORY: &str = "## Before and after\n\n\
 | reload poll 250 -> 100 ms | policy change -> enforced | 191 ms | 34 ms |\n\
 | benchmark client: one write and TCP_NODELAY (a split request waited for a delayed ACK) | keep-alive request, direct | 44 ms | 0.15 ms |\n\
 | upstream sockets close with zero linger | new connection, 16 clients | 502s (source ports exhausted) | served |\n\
-| idle upstream connections kept per caller (cgroup, uid, gid), never shared between callers | new connection, 16 clients: agent req/s; nginx's lead | 4488 req/s; 1.94x | 6079 req/s; 1.33x (at most 16 idle per caller; with at most 4: 5004 and 5043 req/s, 1.61x and 1.71x) |\n\n\
-Open findings: an allowed keep-alive request costs about +80 to +130 us through the agent\n\
-and throughput is about 11.5-14.5k req/s with 16 clients (targets +20 us and 20k; the\n\
-figures move with the VM: direct requests ranged 16.8-21.3k req/s across these runs). Section 4\n\
-puts that in proportion: a bare TCP relay (one more loopback hop, no HTTP at all) already\n\
-adds +25 to +60 us and reaches 13.2-14.8k req/s on this 2-core VM, so both targets lie\n\
-below what any proxy achieves here; the agent is within 10-25% of that floor and level with\n\
-nginx with location rules. A profile (`imds-bench profile keepalive`, perf with DWARF call\n\
-graphs) puts 18% of the agent's CPU in the audit line (6% the write to the log, 9% JSON\n\
-formatting in tracing-subscriber) and about half in socket reads and writes, which a proxy\n\
-cannot avoid. With a new connection per request the agent makes about 20 syscalls per\n\
-request (`imds-bench profile close strace`, 16 clients): the accept, the kernel's record of\n\
-the connection, the cgroup path check, the caller's /proc entries (read in one read each,\n\
-no longer stat-then-read) and the exchange itself; the upstream connection is reused (16\n\
-connects for 24,000 requests). Earlier experiments: audit lines off: +91 -> +57 us; audit lines written by a\n\
-thread of their own (tracing-appender): within noise, not kept. More tokio worker threads\n\
-(1 vs 2) make no difference (checked again with `imds-bench profile keepalive none`:\n\
-13.3-14.6k req/s either way). With 16 keep-alive clients, audit lines off changed nothing\n\
-measurable either (three runs each, same session: 11.3-12.7k req/s off, 11.2-13.4k on; the\n\
-run-to-run spread is about 10%), so a cheaper audit formatter would gain single-client\n\
-latency at most. With a new connection per request nginx is still about 1.3x\n\
-faster: each new client connection costs the agent the attribution (a map lookup, the\n\
-cgroup path check, the caller's /proc entries) and a task; next candidates are a cheaper\n\
-audit formatter and caching a process's executable by pid and start time.";
+| idle upstream connections kept per caller (cgroup, uid, gid), never shared between callers | new connection, 16 clients: agent req/s; nginx's lead | 4488 req/s; 1.94x | 6079 req/s; 1.33x (at most 16 idle per caller; with at most 4: 5004 and 5043 req/s, 1.61x and 1.71x) |\n\
+| section 1 measured by one client alternating between the two cgroups every 50 connects, instead of separate runs minutes apart | connect p50 ratio, quick runs | 1.04, 1.18, 1.21 | 1.033, 1.030 |\n\
+| JSON audit lines serialised by the agent (serde, a reused buffer, one write) instead of tracing-subscriber's JSON formatter | share of the agent's CPU in the audit line (perf, 16 keep-alive clients) | 19.3% (formatting 8.0%) | 15.3% (formatting 4.2%) |\n\n\
+Open findings, by section:\n\n\
+- 1 (connect ratio about 1.03, target 1.01). With the kernel's accounting on, the programs\n\
+  take about 1 us per connect()+close(): sock_ops runs 5 times (about 130 ns each),\n\
+  connect4 and sock_create once (about 140 and 80 ns). sock_ops' path for a connection\n\
+  that is not diverted is three instructions; the time is the kernel's dispatch, and the\n\
+  kernel calls a cgroup's sock_ops program at five points of every TCP connection\n\
+  (timeout and window set-up, ECN, connect, established), with no way to skip a socket.\n\
+  The program is what records a diverted connection after its source port is chosen and\n\
+  before its SYN, so that the agent can attribute it at accept(). No other cgroup hook\n\
+  sees the source port in time; 1.01 would need another way to attribute connections.\n\
+- 3 (+20 / +60 us and 20k req/s). Both lie below what any proxy reaches on this 2-core\n\
+  VM: direct requests run at 16.8-21.3k req/s across runs, and the bare relay (one more\n\
+  loopback hop, no HTTP) reaches 13.2-14.8k and adds +15 to +60 us. The agent is within\n\
+  10-25% of the relay and level with nginx on keep-alive connections. CPU time per request\n\
+  (section 4) moves less between runs and shows the real gap: with 16 keep-alive clients\n\
+  about 46 us for the agent, 28 for nginx and 25 for the relay; with a new connection\n\
+  per request 131 against nginx's 50. Under load (perf, 16 keep-alive clients) 55% of the\n\
+  agent's CPU is in the kernel (loopback TCP, which a proxy cannot avoid), 15% in the\n\
+  audit line (its write, then the inventory and metrics), the rest in HTTP parsing,\n\
+  the policy and the runtime. With one client the agent sleeps and wakes twice per\n\
+  request, and about 30% of its CPU is that (context switches around epoll_wait); nginx\n\
+  spends 80 us of CPU per request there too. One tokio worker thread instead of two\n\
+  changed nothing (94-98 against 96-99 us of CPU per request with one client; 13.3-14.6k\n\
+  req/s either way with 16), nor did audit lines written by a thread of their own\n\
+  (tracing-appender). Audit lines off entirely: 31-36 instead of 39-43 us of CPU per\n\
+  request, 13.4-14.5k instead of 12.4-13.3k req/s.\n\
+- 3, new connection per request: 23% of the agent's CPU is attribution, 14% of it\n\
+  reading /proc (the pid's cgroup, to make sure a reused pid does not lend its executable\n\
+  to the connection, and its name). Next candidate: record the process's start time and\n\
+  exec count in the connect program, so that the executable and name can be cached per\n\
+  process image. Each new client connection also costs the agent a task and the kernel's\n\
+  record lookup (`imds-bench profile close strace`: about 20 syscalls per connection).\n\
+\n\
+Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
+client) runs section 3's load against the agent and prints its CPU per request;\n\
+`imds-bench engine` runs section 5 alone.";
 
 /// Per-caller limits raised: the benchmarks measure the filter, not the throttle.
 const UNLIMITED: [&str; 6] = [
