@@ -17,7 +17,7 @@ use std::{
 
 use imds_agent::{
     identity::{Identity, pods::PodDirectory},
-    policy::{CanonicalPath, PolicySet, Unmatched},
+    policy::{CanonicalPath, PolicySet, Unmatched, store::POLL_INTERVAL},
 };
 use imds_tests::sandbox::{Sandbox, binary};
 
@@ -658,30 +658,34 @@ const HISTORY: &str = "## Before and after\n\n\
 | benchmark client: one write and TCP_NODELAY (a split request waited for a delayed ACK) | keep-alive request, direct | 44 ms | 0.15 ms |\n\
 | upstream sockets close with zero linger | new connection, 16 clients | 502s (source ports exhausted) | served |\n\
 | idle upstream connections kept per caller (cgroup, uid, gid), never shared between callers | new connection, 16 clients: agent req/s; nginx's lead | 4488 req/s; 1.94x | 6079 req/s; 1.33x (at most 16 idle per caller; with at most 4: 5004 and 5043 req/s, 1.61x and 1.71x) |\n\
-| section 1 measured by one client alternating between the two cgroups every 50 connects, instead of separate runs minutes apart | connect p50 ratio, quick runs | 1.04, 1.18, 1.21 | 1.033, 1.030 |\n\
+| section 1 measured by one client alternating between the two cgroups every 50 connects, instead of separate runs minutes apart | connect p50 ratio | 1.04, 1.18, 1.21 (quick runs) | 1.033, 1.030 (quick runs); 1.046, 1.019 (full runs) |\n\
+| policy file writes spread evenly over the agent's 100 ms poll interval (each round wrote at about the same point of it, so the figure measured that point) | policy change -> enforced, median (min-max) | 39.4 (35.8-60.1) ms and 76.7 (68.5-270.4) ms in two earlier runs | 46.2 (26.4-81.4) ms |\n\
 | JSON audit lines serialised by the agent (serde, a reused buffer, one write) instead of tracing-subscriber's JSON formatter | share of the agent's CPU in the audit line (perf, 16 keep-alive clients) | 19.3% (formatting 8.0%) | 15.3% (formatting 4.2%) |\n\n\
 Open findings, by section:\n\n\
-- 1 (connect ratio about 1.03, target 1.01). With the kernel's accounting on, the programs\n\
-  take about 1 us per connect()+close(): sock_ops runs 5 times (about 130 ns each),\n\
-  connect4 and sock_create once (about 140 and 80 ns). sock_ops' path for a connection\n\
+- 1 (connect ratio 1.02-1.05, target 1.01). With the kernel's accounting on, the programs\n\
+  take 0.8-1 us per connect()+close(): sock_ops runs 5 times (110-130 ns each), connect4\n\
+  and sock_create once (120-150 and 70-85 ns). sock_ops' path for a connection\n\
   that is not diverted is three instructions; the time is the kernel's dispatch, and the\n\
   kernel calls a cgroup's sock_ops program at five points of every TCP connection\n\
   (timeout and window set-up, ECN, connect, established), with no way to skip a socket.\n\
   The program is what records a diverted connection after its source port is chosen and\n\
   before its SYN, so that the agent can attribute it at accept(). No other cgroup hook\n\
-  sees the source port in time; 1.01 would need another way to attribute connections.\n\
+  sees the source port in time; 1.01 would need another way to attribute connections\n\
+  (for host workloads, connect4 could bind a diverted socket to a unique 127.x.y.z source\n\
+  address with bpf_bind for the agent to map back at accept(); pods, diverted to the\n\
+  node address, would still need sock_ops).\n\
 - 3 (+20 / +60 us and 20k req/s). Both lie below what any proxy reaches on this 2-core\n\
   VM: direct requests run at 16.8-21.3k req/s across runs, and the bare relay (one more\n\
   loopback hop, no HTTP) reaches 13.2-14.8k and adds +15 to +60 us. The agent is within\n\
   10-25% of the relay and level with nginx on keep-alive connections. CPU time per request\n\
   (section 4) moves less between runs and shows the real gap: with 16 keep-alive clients\n\
-  about 46 us for the agent, 28 for nginx and 25 for the relay; with a new connection\n\
-  per request 131 against nginx's 50. Under load (perf, 16 keep-alive clients) 55% of the\n\
+  35-46 us for the agent, 25-30 for nginx and 22-26 for the relay; with a new connection\n\
+  per request 108-131 against nginx's 48-56. Under load (perf, 16 keep-alive clients) 55% of the\n\
   agent's CPU is in the kernel (loopback TCP, which a proxy cannot avoid), 15% in the\n\
   audit line (its write, then the inventory and metrics), the rest in HTTP parsing,\n\
   the policy and the runtime. With one client the agent sleeps and wakes twice per\n\
-  request, and about 30% of its CPU is that (context switches around epoll_wait); nginx\n\
-  spends 80 us of CPU per request there too. One tokio worker thread instead of two\n\
+  request, and about 30% of its CPU is that (context switches around epoll_wait): 83-107\n\
+  us of CPU per request, nginx 70-80, the relay 35-45. One tokio worker thread instead of two\n\
   changed nothing (94-98 against 96-99 us of CPU per request with one client; 13.3-14.6k\n\
   req/s either way with 16), nor did audit lines written by a thread of their own\n\
   (tracing-appender). Audit lines off entirely: 31-36 instead of 39-43 us of CPU per\n\
@@ -1421,6 +1425,11 @@ fn reactions(sandbox: &Sandbox, policy_dir: &Path, rounds: usize) -> Result<Stri
         std::io::BufRead::read_line(&mut out, &mut line).map_err(|e| e.to_string())?;
         let file = policy_dir.join("bench.yaml");
         let original = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+        // The agent polls its policy files every POLL_INTERVAL from its start, and every round
+        // gets here about as long after the start: the write would land at the same point of
+        // the poll cycle each time, and the figure would measure that point, not the reload.
+        // Spread the writes evenly over one interval instead.
+        std::thread::sleep(POLL_INTERVAL * round as u32 / rounds as u32);
         let written = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock")
