@@ -738,6 +738,7 @@ fn machine() -> String {
 }
 
 fn run(quick: bool) -> Result {
+    let started = Instant::now();
     let Some(sandbox) = Sandbox::new("bench") else {
         return Err("cannot create the sandbox (root, cgroup v2 and iproute2 are needed)".into());
     };
@@ -988,8 +989,9 @@ fn run(quick: bool) -> Result {
     );
     let _ = writeln!(
         report,
-        "\nReproduce with `cargo xtask bench` (about {} minutes here; `--quick` for fewer rounds).\n\n{HISTORY}",
-        if quick { 1 } else { 5 }
+        "\nReproduce with `cargo xtask bench{}` (the measurements took {:.1} minutes here, plus the\nrelease build; `--quick` for 3 rounds instead of 5).\n\n{HISTORY}",
+        if quick { " --quick" } else { "" },
+        started.elapsed().as_secs_f64() / 60.0
     );
     std::fs::write("BENCHMARKS.md", &report).map_err(|e| e.to_string())?;
     print!("{report}");
