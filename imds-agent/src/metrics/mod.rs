@@ -166,10 +166,10 @@ pub fn group_of(path: &str) -> &'static str {
     let Ok(path) = CanonicalPath::parse(path) else {
         return "other";
     };
-    groups::NAMES
+    groups::all_compiled()
         .iter()
-        .find(|name| groups::compiled(name).is_some_and(|g| g.best_match(&path).is_some()))
-        .map_or("other", |name| name)
+        .find(|(_, patterns)| patterns.best_match(&path).is_some())
+        .map_or("other", |(name, _)| name)
 }
 
 impl Metrics {

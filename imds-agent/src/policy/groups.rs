@@ -21,10 +21,7 @@
 //! - User-supplied key/value metadata is user-data (GCP attributes, OCI `metadata/`), and so
 //!   are SSH public keys supplied with it.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, LazyLock},
-};
+use std::sync::{Arc, LazyLock};
 
 use super::{CompiledPatterns, PathPattern};
 
@@ -37,10 +34,10 @@ pub const NAMES: [&str; 6] = [
     "token",
 ];
 
-/// A group's patterns, parsed and compiled once per process and shared by every rule and
-/// metric that uses the group.
-pub fn compiled(name: &str) -> Option<&'static Arc<CompiledPatterns>> {
-    static COMPILED: LazyLock<HashMap<&'static str, Arc<CompiledPatterns>>> = LazyLock::new(|| {
+/// Every group's patterns, in [`NAMES`] order, parsed and compiled once per process and
+/// shared by every rule and metric that uses the group.
+pub fn all_compiled() -> &'static [(&'static str, Arc<CompiledPatterns>)] {
+    static COMPILED: LazyLock<Vec<(&'static str, Arc<CompiledPatterns>)>> = LazyLock::new(|| {
         NAMES
             .iter()
             .map(|name| {
@@ -53,7 +50,15 @@ pub fn compiled(name: &str) -> Option<&'static Arc<CompiledPatterns>> {
             })
             .collect()
     });
-    COMPILED.get(name)
+    &COMPILED
+}
+
+/// One group's compiled patterns (see [`all_compiled`]), or `None` for an unknown name.
+pub fn compiled(name: &str) -> Option<&'static Arc<CompiledPatterns>> {
+    all_compiled()
+        .iter()
+        .find(|(group, _)| *group == name)
+        .map(|(_, compiled)| compiled)
 }
 
 /// The path patterns of a group, or `None` for an unknown name.

@@ -197,7 +197,7 @@ impl PathPattern {
 }
 
 /// Literal path -> specificity. foldhash rather than std's SipHash: a decision hashes up to
-/// one key per path segment per rule, and SipHash was a third of the decision time. Hash
+/// one key per path segment per rule, and SipHash was about a quarter of the decision time. Hash
 /// flooding needs control of the inserted keys, and those come from the policy, not from
 /// requests (foldhash's seed is still random per process).
 type Lookup = std::collections::HashMap<String, Specificity, foldhash::fast::RandomState>;
