@@ -197,9 +197,9 @@ impl PathPattern {
 }
 
 /// Literal path -> specificity. foldhash rather than std's SipHash: a decision hashes up to
-/// one key per path segment per rule, and SipHash was about a quarter of the decision time. Hash
-/// flooding needs control of the inserted keys, and those come from the policy, not from
-/// requests (foldhash's seed is still random per process).
+/// one key per path segment per rule, and SipHash was about a quarter of the decision time.
+/// Hash flooding needs control of the inserted keys, and those come from the policy, not
+/// from requests (foldhash's seed is still random per process).
 type Lookup = std::collections::HashMap<String, Specificity, foldhash::fast::RandomState>;
 
 /// Many patterns compiled for matching in time that depends on the path's depth, not on how
