@@ -22,6 +22,21 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
     })
 }
 
+/// The directory of this process's own cgroup on the cgroup v2 mount.
+pub fn own_cgroup() -> io::Result<PathBuf> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no cgroup v2 line in /proc/self/cgroup",
+            )
+        })?;
+    Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
+}
+
 /// The first mount point of a file system type in mountinfo text (proc(5) format: the mount
 /// point is field 5, the type is the first field after the " - " separator).
 pub fn find_mount(mountinfo: &str, fstype: &str) -> Option<PathBuf> {

@@ -11,11 +11,15 @@ pub const MAP_ENDPOINTS4: &str = "IMDS_ENDPOINTS4";
 /// IPv6 metadata endpoints, keyed by the address as four network-order words (as
 /// `bpf_sock_addr.user_ip6`). Value: [`Endpoint`].
 pub const MAP_ENDPOINTS6: &str = "IMDS_ENDPOINTS6";
-/// Callers recorded by the connect program, keyed by socket cookie, until the sock_ops program
-/// learns the connection's source address. Value: [`Caller`].
+/// Socket storage: the [`Caller`] of a connection diverted from the agent's own network
+/// namespace, on the client's socket (connect programs) and on the agent's accepted socket
+/// (getpeername program), where the agent reads it by file descriptor.
+pub const MAP_CALLERS: &str = "IMDS_CALLERS";
+/// Callers of connections diverted from other network namespaces (pods), keyed by socket
+/// cookie, until the sock_ops program learns the connection's source address. Value: [`Caller`].
 pub const MAP_PENDING: &str = "IMDS_PENDING";
-/// Diverted connections keyed by the client's source address as the agent sees it on accept
-/// ([`SockAddr`]). Value: [`Caller`]. Removed by the kernel when the connection closes.
+/// Diverted connections from pods keyed by the client's source address as the agent sees it
+/// on accept ([`SockAddr`]). Value: [`Caller`]. Removed by the kernel when the connection closes.
 pub const MAP_CONNS: &str = "IMDS_CONNS";
 /// Socket cookies of the agent's own upstream sockets, which are never diverted.
 pub const MAP_EXEMPT: &str = "IMDS_EXEMPT";
@@ -51,6 +55,7 @@ pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
 pub const PROG_SENDMSG4: &str = "imds_sendmsg4";
 pub const PROG_SENDMSG6: &str = "imds_sendmsg6";
 pub const PROG_SOCK_CREATE: &str = "imds_sock_create";
+pub const PROG_GETPEERNAME4: &str = "imds_getpeername4";
 
 /// Bounds for the maps; all connection maps are LRU so they can never fill up and block.
 pub const MAX_ENDPOINTS: u32 = 64;

@@ -6,13 +6,16 @@ mod maps;
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_tuple,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_sk_storage_delete, bpf_sk_storage_get,
+        },
     },
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
@@ -22,9 +25,9 @@ use imds_common::{
     VerdictKey,
 };
 use maps::{
-    IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
-    IMDS_HOST_NETNS, IMDS_PENDING, IMDS_POD_DIVERT_IP4, IMDS_REFUSE_RAW, IMDS_SOCK_OFFSETS,
-    IMDS_VERDICTS, count,
+    IMDS_CALLERS, IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6,
+    IMDS_EXEMPT, IMDS_HOST_NETNS, IMDS_PENDING, IMDS_POD_DIVERT_IP4, IMDS_REFUSE_RAW,
+    IMDS_SOCK_OFFSETS, IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -223,7 +226,8 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
     // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let host = IMDS_HOST_NETNS.load();
-    let divert_to = if host == 0 || netns == host {
+    let in_host_netns = host == 0 || netns == host;
+    let divert_to = if in_host_netns {
         IMDS_DIVERT_IP4.load()
     } else {
         IMDS_POD_DIVERT_IP4.load()
@@ -269,7 +273,21 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
     };
     // A connection the agent cannot attribute would be refused there anyway; refusing it here
     // is faster and keeps the rule "unrecorded means refused" in one place.
-    if IMDS_PENDING.insert(&cookie, &caller, 0).is_err() {
+    let recorded = if in_host_netns {
+        // On the socket itself: the agent finds it from the connection it accepts (its
+        // getpeername program), so no program has to run at the other connects' TCP events.
+        // SAFETY: the helper returns null or a pointer to this socket's storage.
+        let storage = unsafe { IMDS_CALLERS.get_or_insert_ptr_mut(ctx, None) };
+        // SAFETY: checked non-null; the storage lives as long as the socket.
+        unsafe { storage.as_mut() }
+            .map(|slot| *slot = caller)
+            .is_some()
+    } else {
+        // Pods: the agent sees the pod's address, and their namespaces are not the agent's;
+        // the sock_ops program records the connection by that address once its port is known.
+        IMDS_PENDING.insert(&cookie, &caller, 0).is_ok()
+    };
+    if !recorded {
         count(Counter::Refused);
         return Connect::Refuse;
     }
@@ -328,10 +346,80 @@ fn kernel_read<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(address) }.ok()
 }
 
-/// `BPF_CGROUP_SOCK_OPS` (kernel >= 4.13). `TCP_CONNECT_CB` runs in `tcp_connect()` after the
-/// source port is chosen and before the SYN is sent, so the agent's accept() can never see a
-/// diverted connection before it is recorded. `STATE_CB` (enabled per diverted socket only)
-/// removes the record when the connection closes.
+/// `BPF_CGROUP_INET4_GETPEERNAME` (kernel >= 5.8), attached to the agent's own cgroup only.
+/// The agent asks for the peer of each connection it accepts; for one accepted on its
+/// loopback listener, this finds the client's socket (same namespace, the exact address pair)
+/// and copies the caller the connect program left there onto the accepted socket, where the
+/// agent reads it by file descriptor. A connection that was not diverted has nothing to copy.
+#[cgroup_sock_addr(getpeername4)]
+pub fn imds_getpeername4(ctx: SockAddrContext) -> i32 {
+    copy_caller(&ctx);
+    // getpeername programs must return 1; the address is left as it is.
+    1
+}
+
+#[inline(always)]
+fn copy_caller(ctx: &SockAddrContext) {
+    // SAFETY: the kernel passes a valid bpf_sock_addr whose `sk` is the accepted socket.
+    let accepted = unsafe { &*(*ctx.sock_addr).__bindgen_anon_1.sk };
+    // src_port is in host byte order in bpf_sock, dst_port in network byte order.
+    let (local_ip, local_port) = (accepted.src_ip4, accepted.src_port);
+    if local_ip != IMDS_DIVERT_IP4.load() || local_port != u32::from(IMDS_DIVERT_PORT.load()) {
+        return;
+    }
+    // The client's socket receives what the listener side sends: a packet from the
+    // listener's address to the client's.
+    // SAFETY: all-zero bytes are a valid tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = local_ip;
+    tuple.__bindgen_anon_1.ipv4.sport = (local_port as u16).to_be();
+    tuple.__bindgen_anon_1.ipv4.daddr = accepted.dst_ip4;
+    tuple.__bindgen_anon_1.ipv4.dport = accepted.dst_port;
+    // SAFETY: helper valid for cgroup sock_addr programs; the tuple is on the stack and the
+    // size is that of its IPv4 part.
+    let client = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.sock_addr.cast(),
+            &mut tuple,
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4) as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if client.is_null() {
+        return;
+    }
+    let map = core::ptr::from_ref(&IMDS_CALLERS).cast_mut().cast();
+    // SAFETY: `client` is a referenced socket from the lookup; no F_CREATE: read only.
+    let found = unsafe { bpf_sk_storage_get(map, client.cast(), core::ptr::null_mut(), 0) }
+        .cast::<Caller>();
+    // SAFETY: null or the client socket's storage, valid until the socket is released.
+    let caller = unsafe { found.as_ref() }.copied();
+    if caller.is_some() {
+        // Taken once: if the socket later disconnects (AF_UNSPEC) and connects to the
+        // listener directly, undiverted, nothing is left for it to claim.
+        // SAFETY: `client` is still referenced.
+        unsafe { bpf_sk_storage_delete(map, client.cast()) };
+    }
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(client.cast()) };
+    let Some(caller) = caller else {
+        return;
+    };
+    // SAFETY: the helper returns null or a pointer to the accepted socket's storage.
+    let storage = unsafe { IMDS_CALLERS.get_or_insert_ptr_mut(ctx, None) };
+    // SAFETY: checked non-null; the storage lives as long as the socket.
+    if let Some(slot) = unsafe { storage.as_mut() } {
+        *slot = caller;
+    }
+}
+
+/// `BPF_CGROUP_SOCK_OPS` (kernel >= 4.13), attached only where pods can be diverted: it records
+/// connections from other network namespaces, whose sockets the agent's getpeername program
+/// cannot look up. `TCP_CONNECT_CB` runs in `tcp_connect()` after the source port is chosen and
+/// before the SYN is sent, so the agent's accept() can never see a diverted connection before
+/// it is recorded. `STATE_CB` (enabled per diverted socket only) removes the record when the
+/// connection closes.
 #[sock_ops]
 pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {

@@ -4,7 +4,8 @@
 
 use aya_ebpf::{
     Global,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use imds_common::{
@@ -20,6 +21,13 @@ pub static IMDS_ENDPOINTS6: HashMap<[u32; 4], Endpoint> = HashMap::pinned(MAX_EN
 
 #[map]
 pub static IMDS_PENDING: LruHashMap<u64, Caller> = LruHashMap::pinned(MAX_CONNS, 0);
+
+/// The caller of a connection diverted to the agent's loopback listener, on the client's
+/// socket (set by the connect programs) and then on the agent's accepted socket (copied by the
+/// agent's getpeername program). The kernel frees it with the socket. A BTF map: socket storage
+/// cannot be declared otherwise. Pinned by the loader (`map_pin_path`).
+#[btf_map]
+pub static IMDS_CALLERS: SkStorage<Caller> = SkStorage::new();
 
 #[map]
 pub static IMDS_CONNS: LruHashMap<SockAddr, Caller> = LruHashMap::pinned(MAX_CONNS, 0);

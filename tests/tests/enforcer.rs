@@ -12,7 +12,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{ACCESS_KEY_PREFIX, CONNECTION_PATH, INSTANCE_ID, TTL_HEADER, USER_DATA},
-    sandbox::{Agent, OTHER_SERVER, Process, Sandbox, binary},
+    sandbox::{Agent, OTHER_SERVER, Process, Sandbox, binary, skip},
 };
 
 const IMDS: &str = "http://169.254.169.254";
@@ -684,5 +684,82 @@ fn explain_mode_says_why_in_a_header_and_is_off_by_default() {
     assert!(
         header.contains("policy 'batch'") && header.contains("does not select this caller"),
         "{header}"
+    );
+}
+
+/// The attach types of the programs attached to a cgroup, as `bpftool cgroup show` lists
+/// them; `None` (after `skip`) without bpftool.
+fn attached(cgroup: &Path) -> Option<Vec<String>> {
+    let output = match std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+    {
+        Ok(output) if output.status.success() => output,
+        other => {
+            skip(&format!("bpftool cgroup show: {other:?}"));
+            return None;
+        }
+    };
+    let listed: serde_json::Value =
+        serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    let mut types: Vec<String> = listed
+        .as_array()
+        .map(|programs| {
+            programs
+                .iter()
+                .filter_map(|p| p["attach_type"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    types.sort();
+    Some(types)
+}
+
+#[test]
+fn without_pods_other_connections_run_no_program_at_their_tcp_events() {
+    let Some(mut env) = start("no-sock-ops", false) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    let Some(enforced) = attached(&sb.cgroup("enforced")) else {
+        return;
+    };
+    // At connect() and socket() only: no sock_ops program, which the kernel would run at five
+    // points of every TCP connection.
+    assert_eq!(
+        enforced,
+        [
+            "cgroup_inet4_connect",
+            "cgroup_inet6_connect",
+            "cgroup_inet_sock_create",
+            "cgroup_udp4_sendmsg",
+            "cgroup_udp6_sendmsg",
+        ],
+        "{enforced:?}"
+    );
+    // The agent finds its callers through a program on its own cgroup.
+    assert_eq!(
+        attached(&sb.cgroup("agent")).unwrap_or_default(),
+        ["cgroup_inet4_getpeername"]
+    );
+    let allowed = sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    let audit = env.agent.audit();
+    assert_eq!(audit.len(), 1, "{audit:#?}");
+    assert_eq!(
+        (audit[0]["cgroup"].as_str(), audit[0]["comm"].as_str()),
+        (Some("/web"), Some("curl"))
+    );
+    // The agent's program goes with the agent; enforcement stays.
+    env.agent.process.signal(libc::SIGKILL);
+    env.agent.process.wait(Duration::from_secs(5));
+    assert_eq!(
+        attached(&sb.cgroup("agent")).unwrap_or_default(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        attached(&sb.cgroup("enforced")).unwrap_or_default(),
+        enforced
     );
 }

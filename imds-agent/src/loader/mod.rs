@@ -4,8 +4,16 @@
 //! Pin directory layout (one per agent installation; each test uses its own):
 //! - `connect4`, `sock_ops`: the cgroup links. While pinned they stay attached, also when the
 //!   agent is stopped or crashes, so enforcement does not lapse: diverted connects then find
-//!   no listener and fail (fail closed).
+//!   no listener and fail (fail closed). `sock_ops` only where pods can be diverted.
 //! - `IMDS_*`: the maps, pinned by name, so a restarted agent adopts the live state.
+//!
+//! Attribution: a connection diverted from the agent's own network namespace carries its
+//! caller on the client's socket (socket storage). A getpeername program on the agent's own
+//! cgroup (not pinned: it lives as long as the agent) copies it to the accepted socket, where
+//! the agent reads it. Pods are in other namespaces, where no lookup from the agent's side
+//! reaches; for them a sock_ops program records the connection by its source address once the
+//! port is chosen. sock_ops runs at five points of every TCP connection in the enforced
+//! cgroups, which is why it is attached only when pods can be diverted.
 //!
 //! Adoption: a new agent loads fresh programs on the pinned maps, attaches new links (for a
 //! moment both generations run; they share maps and rewrite identically), then renames the
@@ -23,7 +31,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, SkStorage},
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
@@ -32,10 +40,10 @@ use aya::{
 };
 use imds_common::{
     COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
-    GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CONNS,
-    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCK_OPS, SockAddr,
-    SocketOffsets, VerdictKey,
+    GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CALLERS,
+    MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_SENDMSG4, PROG_SENDMSG6,
+    PROG_SOCK_CREATE, PROG_SOCK_OPS, SockAddr, SocketOffsets, VerdictKey,
 };
 
 use crate::fs;
@@ -126,8 +134,10 @@ pub struct AttachConfig<'a> {
 
 /// The loaded, attached programs and the maps the agent uses at run time.
 pub struct Enforcer {
-    // Keeps the programs loaded (the links hold them too, through their pins).
+    // Keeps the programs loaded (the links hold them too, through their pins) and holds the
+    // getpeername link on the agent's own cgroup, which goes with the agent.
     _ebpf: Ebpf,
+    callers: SkStorage<MapData, Caller>,
     conns: HashMap<MapData, SockAddr, Caller>,
     exempt: Mutex<HashMap<MapData, u64, u8>>,
     verdicts: Mutex<HashMap<MapData, VerdictKey, u32>>,
@@ -141,6 +151,14 @@ impl Enforcer {
         prepare_pin_dir(config.pin_dir)?;
         let cgroup = File::open(config.cgroup).map_err(|source| LoaderError::Cgroup {
             path: config.cgroup.to_owned(),
+            source,
+        })?;
+        let own_cgroup_path = fs::own_cgroup().map_err(|source| LoaderError::Cgroup {
+            path: PathBuf::from("/proc/self/cgroup"),
+            source,
+        })?;
+        let own_cgroup = File::open(&own_cgroup_path).map_err(|source| LoaderError::Cgroup {
+            path: own_cgroup_path.clone(),
             source,
         })?;
 
@@ -160,6 +178,8 @@ impl Enforcer {
         let host_netns = own_netns_cookie().map_err(LoaderError::Cookie)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(config.pin_dir)
+            // BTF maps carry no pinning flag of their own.
+            .map_pin_path(MAP_CALLERS, config.pin_dir.join(MAP_CALLERS))
             .override_global(GLOBAL_DIVERT_IP4, &divert_ip, true)
             .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
             .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
@@ -218,20 +238,40 @@ impl Enforcer {
                 link
             }};
         }
-        // The recorder first: a connect program that diverts must always have it in place.
+        // The recorders first: a connect program that diverts must always have them in place.
+        // The agent's side stays owned by the loaded object (dropped with the agent).
+        {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, PROG_GETPEERNAME4)?;
+            program.load().map_err(program_error(PROG_GETPEERNAME4))?;
+            program
+                .attach(&own_cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(PROG_GETPEERNAME4))?;
+        }
+        tracing::debug!(cgroup = %own_cgroup_path.display(), "attribution program attached to the agent's own cgroup");
+        let sock_ops = match config.pod_divert_to {
+            Some(_) => Some(attach!(SockOps, PROG_SOCK_OPS)),
+            None => None,
+        };
         let links = [
-            (LINK_SOCK_OPS, attach!(SockOps, PROG_SOCK_OPS)),
             (LINK_CONNECT4, attach!(CgroupSockAddr, PROG_CONNECT4)),
             (LINK_CONNECT6, attach!(CgroupSockAddr, PROG_CONNECT6)),
             (LINK_SENDMSG4, attach!(CgroupSockAddr, PROG_SENDMSG4)),
             (LINK_SENDMSG6, attach!(CgroupSockAddr, PROG_SENDMSG6)),
             (LINK_SOCK_CREATE, attach!(CgroupSock, PROG_SOCK_CREATE)),
         ];
+        if let Some(link) = sock_ops {
+            replace_pin(config.pin_dir, LINK_SOCK_OPS, link)?;
+        }
         for (name, link) in links {
             replace_pin(config.pin_dir, name, link)?;
         }
+        if config.pod_divert_to.is_none() {
+            // A previous agent's, from a configuration with pods: unpinning detaches it.
+            remove_pin(config.pin_dir, LINK_SOCK_OPS)?;
+        }
 
         let enforcer = Self {
+            callers: take_map(&mut ebpf, MAP_CALLERS)?,
             conns: take_map(&mut ebpf, MAP_CONNS)?,
             exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
             verdicts: Mutex::new(take_map(&mut ebpf, MAP_VERDICTS)?),
@@ -244,8 +284,15 @@ impl Enforcer {
         Ok(enforcer)
     }
 
-    /// The kernel's record of a diverted connection, by the client's address as accepted.
-    pub fn caller(&self, peer: &SockAddr) -> Option<Caller> {
+    /// The kernel's record of a diverted connection the agent accepted: on the accepted
+    /// socket for one from the agent's own namespace (asking for its peer runs the program
+    /// that puts it there), else by the client's address as accepted (pods).
+    pub fn caller(&self, accepted: &tokio::net::TcpStream, peer: &SockAddr) -> Option<Caller> {
+        if accepted.peer_addr().is_ok()
+            && let Ok(caller) = self.callers.get(accepted, 0)
+        {
+            return Some(caller);
+        }
         self.conns.get(peer, 0).ok()
     }
 
@@ -390,11 +437,7 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
     }
     // Links first, so no program runs on maps that are going away.
     for link in LINKS {
-        match std::fs::remove_file(pin_dir.join(link)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
+        remove_pin(pin_dir, link)?;
     }
     std::fs::remove_dir_all(pin_dir).map_err(err)?;
     Ok(true)
@@ -412,6 +455,18 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
         Ok(())
     } else {
         Err(LoaderError::PinDirNotBpffs(pin_dir.to_owned()))
+    }
+}
+
+/// Unpins a link (which detaches it); one that is not pinned is fine.
+fn remove_pin(pin_dir: &Path, name: &str) -> Result<(), LoaderError> {
+    match std::fs::remove_file(pin_dir.join(name)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoaderError::Detach {
+            path: pin_dir.join(name),
+            source,
+        }),
     }
 }
 

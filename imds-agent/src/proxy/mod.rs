@@ -205,7 +205,7 @@ pub async fn serve(
                     let filter = filter.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        let Some(connection) = attribute(&filter, peer).await else {
+                        let Some(connection) = attribute(&filter, &stream, peer).await else {
                             filter.metrics.request("refuse", "", "other");
                             refuse_unrecorded(stream, peer).await;
                             return;
@@ -268,14 +268,14 @@ async fn accept_any(
     .await
 }
 
-async fn attribute(filter: &Filter, peer: SocketAddr) -> Option<Connection> {
+async fn attribute(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Option<Connection> {
     let key = match peer.ip() {
         IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), peer.port()),
         // The listener is IPv4; connect6 diverts to its v4-mapped address, so a peer that
         // arrives over IPv6 was not diverted by the kernel.
         IpAddr::V6(_) => return None,
     };
-    let caller: Caller = filter.enforcer.caller(&key)?;
+    let caller: Caller = filter.enforcer.caller(stream, &key)?;
     let mut identity = filter.resolver.identify(&caller);
     if let crate::identity::Workload::Pod { pod_uid, .. } = &identity.workload
         && identity.pod.is_none()
