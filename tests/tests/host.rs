@@ -27,6 +27,17 @@ fn url(path: &str) -> String {
     format!("{IMDS}{path}")
 }
 
+/// A datagram, retried when interrupted: with a receive timeout set, the kernel answers an
+/// interruption with EINTR instead of restarting the call, and std does not retry.
+fn recv(socket: &UnixDatagram, buffer: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match socket.recv(buffer) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 #[test]
 fn ready_is_sent_after_attach_and_the_watchdog_is_pinged() {
     let Some(sandbox) = Sandbox::new("notify") else {
@@ -49,7 +60,7 @@ fn ready_is_sent_after_attach_and_the_watchdog_is_pinged() {
         ],
     );
     let mut buffer = [0u8; 512];
-    let n = socket.recv(&mut buffer).expect("READY within 10 s");
+    let n = recv(&socket, &mut buffer).expect("READY within 10 s");
     let first = String::from_utf8_lossy(&buffer[..n]).into_owned();
     assert!(first.starts_with("READY=1\nSTATUS=enforcing "), "{first}");
     // READY means enforcing: the programs are attached by then.
@@ -58,17 +69,17 @@ fn ready_is_sent_after_attach_and_the_watchdog_is_pinged() {
     let started = Instant::now();
     let mut pings = 0;
     while pings < 3 {
-        let n = socket.recv(&mut buffer).expect("watchdog pings");
+        let n = recv(&socket, &mut buffer).expect("watchdog pings");
         if &buffer[..n] == b"WATCHDOG=1" {
             pings += 1;
         }
     }
     assert!(started.elapsed() < Duration::from_secs(5));
     agent.process.signal(libc::SIGTERM);
-    let n = socket.recv(&mut buffer).unwrap();
+    let n = recv(&socket, &mut buffer).unwrap();
     let mut last = String::from_utf8_lossy(&buffer[..n]).into_owned();
     while last == "WATCHDOG=1" {
-        let n = socket.recv(&mut buffer).unwrap();
+        let n = recv(&socket, &mut buffer).unwrap();
         last = String::from_utf8_lossy(&buffer[..n]).into_owned();
     }
     assert_eq!(last, "STOPPING=1");
