@@ -71,6 +71,47 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A program attached to a cgroup, as `bpftool cgroup show` lists it.
+pub struct AttachedProgram {
+    pub id: u64,
+    /// bpftool's name for the attach type, e.g. `cgroup_inet4_connect`.
+    pub attach_type: String,
+}
+
+/// The programs attached to `cgroup` (not inherited ones), from `bpftool -j cgroup show`;
+/// an error if bpftool cannot be run or fails.
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<AttachedProgram>, String> {
+    let output = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .map_err(|e| format!("bpftool: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "bpftool cgroup show {}: {}",
+            cgroup.display(),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    // Nothing attached: bpftool prints nothing at all.
+    if output.stdout.trim_ascii().is_empty() {
+        return Ok(Vec::new());
+    }
+    let listed: serde_json::Value =
+        serde_json::from_slice(&output.stdout).map_err(|e| format!("bpftool output: {e}"))?;
+    Ok(listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(AttachedProgram {
+                id: p["id"].as_u64()?,
+                attach_type: p["attach_type"].as_str()?.to_owned(),
+            })
+        })
+        .collect())
+}
+
 pub struct Sandbox {
     pub name: String,
     netns: File,

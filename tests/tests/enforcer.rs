@@ -12,7 +12,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{ACCESS_KEY_PREFIX, CONNECTION_PATH, INSTANCE_ID, TTL_HEADER, USER_DATA},
-    sandbox::{Agent, OTHER_SERVER, Process, Sandbox, binary, skip},
+    sandbox::{Agent, OTHER_SERVER, Process, Sandbox, attached_programs, binary, skip},
 };
 
 const IMDS: &str = "http://169.254.169.254";
@@ -687,33 +687,20 @@ fn explain_mode_says_why_in_a_header_and_is_off_by_default() {
     );
 }
 
-/// The attach types of the programs attached to a cgroup, as `bpftool cgroup show` lists
-/// them; `None` (after `skip`) without bpftool.
+/// The attach types of the programs attached to a cgroup, sorted; `None` (after `skip`)
+/// without bpftool.
 fn attached(cgroup: &Path) -> Option<Vec<String>> {
-    let output = match std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-    {
-        Ok(output) if output.status.success() => output,
-        other => {
-            skip(&format!("bpftool cgroup show: {other:?}"));
-            return None;
+    match attached_programs(cgroup) {
+        Ok(programs) => {
+            let mut types: Vec<String> = programs.into_iter().map(|p| p.attach_type).collect();
+            types.sort();
+            Some(types)
         }
-    };
-    let listed: serde_json::Value =
-        serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
-    let mut types: Vec<String> = listed
-        .as_array()
-        .map(|programs| {
-            programs
-                .iter()
-                .filter_map(|p| p["attach_type"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    types.sort();
-    Some(types)
+        Err(error) => {
+            skip(&error);
+            None
+        }
+    }
 }
 
 #[test]

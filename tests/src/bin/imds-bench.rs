@@ -19,7 +19,7 @@ use imds_agent::{
     identity::{Identity, pods::PodDirectory},
     policy::{CanonicalPath, PolicySet, Unmatched, store::POLL_INTERVAL},
 };
-use imds_tests::sandbox::{Sandbox, binary};
+use imds_tests::sandbox::{Sandbox, attached_programs, binary};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1174,16 +1174,12 @@ fn program_run_time(cgroup: &Path, connects: usize) -> (f64, String) {
             .ok()?;
         serde_json::from_slice(&output.stdout).ok()
     };
-    let Some(attached) = json(&["cgroup", "show", cgroup.to_str().unwrap_or_default(), "-j"])
-    else {
+    let Ok(attached) = attached_programs(cgroup) else {
         return (f64::NAN, String::new());
     };
     let (mut total, mut parts) = (0.0, Vec::new());
-    for program in attached.as_array().into_iter().flatten() {
-        let Some(id) = program["id"].as_u64() else {
-            continue;
-        };
-        let Some(info) = json(&["prog", "show", "id", &id.to_string(), "-j"]) else {
+    for program in attached {
+        let Some(info) = json(&["prog", "show", "id", &program.id.to_string(), "-j"]) else {
             continue;
         };
         let (time, count) = (
@@ -1194,7 +1190,7 @@ fn program_run_time(cgroup: &Path, connects: usize) -> (f64, String) {
             total += time / connects as f64;
             parts.push(format!(
                 "{} {:.0} ns x {:.1}",
-                program["attach_type"].as_str().unwrap_or("?"),
+                program.attach_type,
                 time / count,
                 count / connects as f64
             ));
