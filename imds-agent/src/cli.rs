@@ -122,9 +122,9 @@ pub struct RunArgs {
     /// this node, where the agent also listens on the --listen port. Their diverted connects
     /// go there, since a pod's loopback is its own. `auto`: the address of the default
     /// route's interface; `none`: such connects are refused. On Kubernetes pass the node's
-    /// IP (the DaemonSet does, from status.hostIP). Serving pods attaches a sock_ops program,
-    /// which runs at the set-up of every TCP connection in the enforced cgroups; where every
-    /// workload shares the agent's network namespace, `none` avoids it.
+    /// IP (the DaemonSet does, from status.hostIP). A pod's connection is attributed in the
+    /// pod's network namespace, found by the route to the pod's address: its veth (or netkit)
+    /// link, whose other end is in the pod.
     #[arg(long, default_value = "auto")]
     pub pod_address: crate::node::PodAddress,
     /// The cloud the agent runs on (auto, aws, gcp, azure, oci, openstack, digitalocean,

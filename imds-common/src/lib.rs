@@ -11,16 +11,14 @@ pub const MAP_ENDPOINTS4: &str = "IMDS_ENDPOINTS4";
 /// IPv6 metadata endpoints, keyed by the address as four network-order words (as
 /// `bpf_sock_addr.user_ip6`). Value: [`Endpoint`].
 pub const MAP_ENDPOINTS6: &str = "IMDS_ENDPOINTS6";
-/// Socket storage: the [`Caller`] of a connection diverted from the agent's own network
-/// namespace, on the client's socket (connect programs) and on the agent's accepted socket
-/// (getpeername program), where the agent reads it by file descriptor.
+/// Socket storage: the [`Caller`] of a diverted connection, on the client's socket (connect
+/// programs) and on the agent's accepted socket (getpeername program), where the agent reads it
+/// by file descriptor.
 pub const MAP_CALLERS: &str = "IMDS_CALLERS";
-/// Callers of connections diverted from other network namespaces (pods), keyed by socket
-/// cookie, until the sock_ops program learns the connection's source address. Value: [`Caller`].
-pub const MAP_PENDING: &str = "IMDS_PENDING";
-/// Diverted connections from pods keyed by the client's source address as the agent sees it
-/// on accept ([`SockAddr`]). Value: [`Caller`]. Removed by the kernel when the connection closes.
-pub const MAP_CONNS: &str = "IMDS_CONNS";
+/// Pods' network namespaces, keyed by the pod's IPv4 address (network byte order); value: the
+/// namespace's id (nsid) in the agent's namespace, where the getpeername program looks up the
+/// client's socket. Written by the agent before it asks for a pod connection's peer.
+pub const MAP_POD_NETNS: &str = "IMDS_POD_NETNS";
 /// Socket cookies of the agent's own upstream sockets, which are never diverted.
 pub const MAP_EXEMPT: &str = "IMDS_EXEMPT";
 /// Verdicts the agent installs for callers whose decision does not depend on the request,
@@ -51,15 +49,14 @@ pub const GLOBAL_SOCK_OFFSETS: &str = "IMDS_SOCK_OFFSETS";
 /// Program names as they appear in the object file.
 pub const PROG_CONNECT4: &str = "imds_connect4";
 pub const PROG_CONNECT6: &str = "imds_connect6";
-pub const PROG_SOCK_OPS: &str = "imds_sock_ops";
 pub const PROG_SENDMSG4: &str = "imds_sendmsg4";
 pub const PROG_SENDMSG6: &str = "imds_sendmsg6";
 pub const PROG_SOCK_CREATE: &str = "imds_sock_create";
 pub const PROG_GETPEERNAME4: &str = "imds_getpeername4";
 
-/// Bounds for the maps; all connection maps are LRU so they can never fill up and block.
+/// Bounds for the maps; those keyed by socket, caller or pod are LRU so they never fill up and block.
 pub const MAX_ENDPOINTS: u32 = 64;
-pub const MAX_CONNS: u32 = 65_536;
+pub const MAX_POD_NETNS: u32 = 4_096;
 pub const MAX_EXEMPT: u32 = 4_096;
 pub const MAX_VERDICTS: u32 = 16_384;
 
@@ -84,7 +81,7 @@ pub struct Endpoint {
 }
 
 /// An IP socket address. IPv4 addresses use `addr[0]` in network byte order and zero the rest,
-/// as the kernel does in `bpf_sock_ops.local_ip4`.
+/// as the kernel does in `bpf_sock_addr.user_ip4`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockAddr {
@@ -213,9 +210,11 @@ mod tests {
     fn map_names_fit_the_kernel_limit() {
         for name in [
             MAP_ENDPOINTS4,
-            MAP_PENDING,
-            MAP_CONNS,
+            MAP_ENDPOINTS6,
+            MAP_CALLERS,
+            MAP_POD_NETNS,
             MAP_EXEMPT,
+            MAP_VERDICTS,
             MAP_COUNTERS,
         ] {
             assert!(

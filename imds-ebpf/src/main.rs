@@ -5,10 +5,7 @@
 mod maps;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_tuple,
-    },
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
@@ -17,17 +14,16 @@ use aya_ebpf::{
             bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use imds_common::{
-    AF_INET, AF_INET6, Caller, Counter, Endpoint, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE,
-    VerdictKey,
+    Caller, Counter, Endpoint, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey,
 };
 use maps::{
-    IMDS_CALLERS, IMDS_CONNS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6,
-    IMDS_EXEMPT, IMDS_HOST_NETNS, IMDS_PENDING, IMDS_POD_DIVERT_IP4, IMDS_REFUSE_RAW,
-    IMDS_SOCK_OFFSETS, IMDS_VERDICTS, count,
+    IMDS_CALLERS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
+    IMDS_HOST_NETNS, IMDS_POD_DIVERT_IP4, IMDS_POD_NETNS, IMDS_REFUSE_RAW, IMDS_SOCK_OFFSETS,
+    IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -271,22 +267,16 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         original,
         _pad1: 0,
     };
-    // A connection the agent cannot attribute would be refused there anyway; refusing it here
-    // is faster and keeps the rule "unrecorded means refused" in one place.
-    let recorded = if in_host_netns {
-        // On the socket itself: the agent finds it from the connection it accepts (its
-        // getpeername program), so no program has to run at the other connects' TCP events.
-        // SAFETY: the helper returns null or a pointer to this socket's storage.
-        let storage = unsafe { IMDS_CALLERS.get_or_insert_ptr_mut(ctx, None) };
-        // SAFETY: checked non-null; the storage lives as long as the socket.
-        unsafe { storage.as_mut() }
-            .map(|slot| *slot = caller)
-            .is_some()
-    } else {
-        // Pods: the agent sees the pod's address, and their namespaces are not the agent's;
-        // the sock_ops program records the connection by that address once its port is known.
-        IMDS_PENDING.insert(&cookie, &caller, 0).is_ok()
-    };
+    // On the socket itself: the agent finds it from the connection it accepts (its getpeername
+    // program), so no program has to run at the TCP events of every other connection. A
+    // connection the agent cannot attribute would be refused there anyway; refusing it here is
+    // faster and keeps the rule "unrecorded means refused" in one place.
+    // SAFETY: the helper returns null or a pointer to this socket's storage.
+    let storage = unsafe { IMDS_CALLERS.get_or_insert_ptr_mut(ctx, None) };
+    // SAFETY: checked non-null; the storage lives as long as the socket.
+    let recorded = unsafe { storage.as_mut() }
+        .map(|slot| *slot = caller)
+        .is_some();
     if !recorded {
         count(Counter::Refused);
         return Connect::Refuse;
@@ -347,10 +337,11 @@ fn kernel_read<T>(base: u64, offset: u32) -> Option<T> {
 }
 
 /// `BPF_CGROUP_INET4_GETPEERNAME` (kernel >= 5.8), attached to the agent's own cgroup only.
-/// The agent asks for the peer of each connection it accepts; for one accepted on its
-/// loopback listener, this finds the client's socket (same namespace, the exact address pair)
-/// and copies the caller the connect program left there onto the accepted socket, where the
-/// agent reads it by file descriptor. A connection that was not diverted has nothing to copy.
+/// The agent asks for the peer of each connection it accepts; for one accepted on a listener
+/// that connects are diverted to, this finds the client's socket (by the exact address pair,
+/// in the agent's namespace or the pod's) and copies the caller the connect program left there
+/// onto the accepted socket, where the agent reads it by file descriptor. A connection that
+/// was not diverted has nothing to copy.
 #[cgroup_sock_addr(getpeername4)]
 pub fn imds_getpeername4(ctx: SockAddrContext) -> i32 {
     copy_caller(&ctx);
@@ -364,9 +355,12 @@ fn copy_caller(ctx: &SockAddrContext) {
     let accepted = unsafe { &*(*ctx.sock_addr).__bindgen_anon_1.sk };
     // src_port is in host byte order in bpf_sock, dst_port in network byte order.
     let (local_ip, local_port) = (accepted.src_ip4, accepted.src_port);
-    if local_ip != IMDS_DIVERT_IP4.load() || local_port != u32::from(IMDS_DIVERT_PORT.load()) {
+    if local_port != u32::from(IMDS_DIVERT_PORT.load()) {
         return;
     }
+    let Some(netns) = client_netns(local_ip, accepted.dst_ip4) else {
+        return;
+    };
     // The client's socket receives what the listener side sends: a packet from the
     // listener's address to the client's.
     // SAFETY: all-zero bytes are a valid tuple.
@@ -382,7 +376,7 @@ fn copy_caller(ctx: &SockAddrContext) {
             ctx.sock_addr.cast(),
             &mut tuple,
             core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4) as u32,
-            BPF_F_CURRENT_NETNS as u64,
+            netns,
             0,
         )
     };
@@ -414,68 +408,20 @@ fn copy_caller(ctx: &SockAddrContext) {
     }
 }
 
-/// `BPF_CGROUP_SOCK_OPS` (kernel >= 4.13), attached only where pods can be diverted: it records
-/// connections from other network namespaces, whose sockets the agent's getpeername program
-/// cannot look up. `TCP_CONNECT_CB` runs in `tcp_connect()` after the source port is chosen and
-/// before the SYN is sent, so the agent's accept() can never see a diverted connection before
-/// it is recorded. `STATE_CB` (enabled per diverted socket only) removes the record when the
-/// connection closes.
-#[sock_ops]
-pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
-        _ => {}
-    }
-    1
-}
-
-/// The client's address as the agent's IPv4 listener sees it. For a v4-mapped AF_INET6
-/// socket `local_ip4` holds the IPv4 source too.
-fn local_addr(ctx: &SockOpsContext) -> SockAddr {
-    // local_port is in host byte order in bpf_sock_ops; local_ip4 in network byte order.
-    SockAddr::v4(ctx.local_ip4(), ctx.local_port() as u16)
-}
-
-/// Whether the socket is connecting to one of the agent's listeners (loopback, or the node
-/// address for pods): directly (AF_INET), or as a v4-mapped address from an AF_INET6 socket
-/// that connect6 diverted. Only sockets with a pending record are recorded, so a connect that
-/// was not diverted never is.
-fn to_agent(ctx: &SockOpsContext) -> bool {
-    let is_agent =
-        |ip: u32| ip == IMDS_DIVERT_IP4.load() || (ip != 0 && ip == IMDS_POD_DIVERT_IP4.load());
-    match ctx.family() {
-        f if f == u32::from(AF_INET) => is_agent(ctx.remote_ip4()),
-        f if f == u32::from(AF_INET6) => {
-            // SAFETY: the kernel passes a valid bpf_sock_ops.
-            let remote = read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
-            remote[0] == 0
-                && remote[1] == 0
-                && u32::from_be(remote[2]) == V4_MAPPED_WORD
-                && is_agent(remote[3])
+/// Where the client's socket is, as `bpf_sk_lookup_tcp` takes it: for the loopback listener,
+/// the agent's own namespace; for the node address pods are diverted to, the pod's namespace,
+/// by the id (nsid) the agent resolved for the client's address before asking. `None`: not a
+/// listener connects are diverted to, or a pod the agent has no namespace for.
+#[inline(always)]
+fn client_netns(local_ip: u32, peer_ip: u32) -> Option<u64> {
+    let pod_listener = IMDS_POD_DIVERT_IP4.load();
+    if pod_listener != 0 && local_ip == pod_listener {
+        // SAFETY: a plain lookup; the key is on the stack.
+        if let Some(nsid) = unsafe { IMDS_POD_NETNS.get(&peer_ip) } {
+            return Some(u64::from(*nsid));
         }
-        _ => false,
     }
-}
-
-fn on_connect(ctx: &SockOpsContext) {
-    if !to_agent(ctx) {
-        return;
-    }
-    // SAFETY: helper valid for sock_ops; ctx is the program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let Some(caller) = (unsafe { IMDS_PENDING.get(&cookie) }) else {
-        return;
-    };
-    let caller = *caller;
-    let _ = IMDS_PENDING.remove(&cookie);
-    if IMDS_CONNS.insert(&local_addr(ctx), &caller, 0).is_ok() {
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-    }
-}
-
-fn on_close(ctx: &SockOpsContext) {
-    let _ = IMDS_CONNS.remove(&local_addr(ctx));
+    (local_ip == IMDS_DIVERT_IP4.load()).then_some(BPF_F_CURRENT_NETNS as u64)
 }
 
 #[cfg(not(test))]

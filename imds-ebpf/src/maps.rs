@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use imds_common::{
-    Caller, Counter, Endpoint, MAX_CONNS, MAX_ENDPOINTS, MAX_EXEMPT, MAX_VERDICTS, SockAddr,
+    Caller, Counter, Endpoint, MAX_ENDPOINTS, MAX_EXEMPT, MAX_POD_NETNS, MAX_VERDICTS,
     SocketOffsets, VerdictKey,
 };
 
@@ -19,18 +19,18 @@ pub static IMDS_ENDPOINTS4: HashMap<u32, Endpoint> = HashMap::pinned(MAX_ENDPOIN
 #[map]
 pub static IMDS_ENDPOINTS6: HashMap<[u32; 4], Endpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
-#[map]
-pub static IMDS_PENDING: LruHashMap<u64, Caller> = LruHashMap::pinned(MAX_CONNS, 0);
-
-/// The caller of a connection diverted to the agent's loopback listener, on the client's
-/// socket (set by the connect programs) and then on the agent's accepted socket (copied by the
-/// agent's getpeername program). The kernel frees it with the socket. A BTF map: socket storage
-/// cannot be declared otherwise. Pinned by the loader (`map_pin_path`).
+/// The caller of a diverted connection, on the client's socket (set by the connect programs)
+/// and then on the agent's accepted socket (copied by the agent's getpeername program). The
+/// kernel frees it with the socket. A BTF map: socket storage cannot be declared otherwise.
+/// Pinned by the loader (`map_pin_path`).
 #[btf_map]
 pub static IMDS_CALLERS: SkStorage<Caller> = SkStorage::new();
 
+/// Pods' network namespaces by pod address (IPv4, network byte order): the namespace's id
+/// (nsid) in the agent's namespace, which the agent resolves from the pod's link before it
+/// asks for the connection's peer. Not pinned: it belongs to the agent's getpeername program.
 #[map]
-pub static IMDS_CONNS: LruHashMap<SockAddr, Caller> = LruHashMap::pinned(MAX_CONNS, 0);
+pub static IMDS_POD_NETNS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_POD_NETNS, 0);
 
 #[map]
 pub static IMDS_EXEMPT: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_EXEMPT, 0);

@@ -78,6 +78,32 @@ pub struct AttachedProgram {
     pub attach_type: String,
 }
 
+/// The attach types of the programs attached to `cgroup`, sorted; `None` (after [`skip`])
+/// without bpftool.
+pub fn attach_types(cgroup: &Path) -> Option<Vec<String>> {
+    match attached_programs(cgroup) {
+        Ok(programs) => {
+            let mut types: Vec<String> = programs.into_iter().map(|p| p.attach_type).collect();
+            types.sort();
+            Some(types)
+        }
+        Err(error) => {
+            skip(&error);
+            None
+        }
+    }
+}
+
+/// What the agent attaches to the enforced cgroup: programs that run at socket() and at
+/// connect() or sendmsg() to an address, and nothing at the TCP events of every connection.
+pub const ENFORCED_ATTACH_TYPES: [&str; 5] = [
+    "cgroup_inet4_connect",
+    "cgroup_inet6_connect",
+    "cgroup_inet_sock_create",
+    "cgroup_udp4_sendmsg",
+    "cgroup_udp6_sendmsg",
+];
+
 /// The programs attached to `cgroup` (not inherited ones), from `bpftool -j cgroup show`;
 /// an error if bpftool cannot be run or fails.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<AttachedProgram>, String> {
@@ -466,7 +492,40 @@ impl Sandbox {
     /// pair, with the node as its default gateway, as a CNI plugin sets one up. Without the
     /// programs, the pod reaches the metadata address through the node.
     pub fn add_pod_network(&self) -> PodNetwork {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.add_pod_network_at(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Deletes `pod` and waits until the kernel has removed it (the namespace, its veth pair
+    /// and its id go in the kernel's cleanup, after the fact). The slot gives a new pod its
+    /// addresses, as Kubernetes gives a deleted pod's address to a new pod.
+    pub fn remove_pod_network(&self, pod: PodNetwork) -> PodSlot {
+        let (n, node_if) = (pod.n, pod.node_if.clone());
+        drop(pod);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.pod_netns_id(&node_if).is_some() {
+            assert!(Instant::now() < deadline, "{node_if} outlived its pod");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PodSlot(n)
+    }
+
+    /// A new pod network with the addresses of a removed one.
+    pub fn add_pod_network_in(&self, slot: PodSlot) -> PodNetwork {
+        self.add_pod_network_at(slot.0)
+    }
+
+    /// The id in the sandbox's namespace of the pod namespace at the other end of `node_if`
+    /// (`link-netnsid`; asking assigns one if it has none yet); `None` once the link is gone.
+    pub fn pod_netns_id(&self, node_if: &str) -> Option<i64> {
+        let output = Command::new("ip")
+            .args(["-n", &self.name, "-j", "link", "show", "dev", node_if])
+            .output()
+            .expect("ip");
+        let links: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        links[0]["link_netnsid"].as_i64()
+    }
+
+    fn add_pod_network_at(&self, n: u32) -> PodNetwork {
         // "<sandbox>p<n>": reap_stale still finds the creating pid in the name.
         let name = format!("{}p{n}", self.name);
         run("ip", &["netns", "add", &name]);
@@ -474,21 +533,32 @@ impl Sandbox {
         let pod = PodNetwork {
             netns: netns.expect("open pod netns"),
             name,
+            n,
+            node_if: format!("vn{n}"),
             node_ip: format!("10.213.{}.1", n % 250),
             pod_ip: format!("10.213.{}.2", n % 250),
         };
-        let (node_if, pod_if) = (format!("vn{n}"), format!("vp{n}"));
+        let pod_if = format!("vp{n}");
         self.ip(&[
-            "link", "add", &node_if, "type", "veth", "peer", "name", &pod_if, "netns", &pod.name,
+            "link",
+            "add",
+            &pod.node_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_if,
+            "netns",
+            &pod.name,
         ]);
         self.ip(&[
             "addr",
             "add",
             &format!("{}/24", pod.node_ip),
             "dev",
-            &node_if,
+            &pod.node_if,
         ]);
-        self.ip(&["link", "set", &node_if, "up"]);
+        self.ip(&["link", "set", &pod.node_if, "up"]);
         let in_pod = |args: &[&str]| {
             let mut all = vec!["-n", pod.name.as_str()];
             all.extend_from_slice(args);
@@ -507,10 +577,16 @@ impl Sandbox {
     }
 }
 
+/// The addresses of a removed pod network ([`Sandbox::remove_pod_network`]).
+pub struct PodSlot(u32);
+
 /// A pod's network namespace, deleted (with its end of the veth pair) on drop.
 pub struct PodNetwork {
     pub name: String,
     netns: File,
+    n: u32,
+    /// The node's end of the pod's veth pair, in the sandbox's namespace.
+    pub node_if: String,
     /// The node's address on the pod's link: what `--pod-address` names.
     pub node_ip: String,
     pub pod_ip: String,

@@ -12,7 +12,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{ACCESS_KEY_PREFIX, CONNECTION_PATH, INSTANCE_ID, TTL_HEADER, USER_DATA},
-    sandbox::{Agent, OTHER_SERVER, Process, Sandbox, attached_programs, binary, skip},
+    sandbox::{Agent, ENFORCED_ATTACH_TYPES, OTHER_SERVER, Process, Sandbox, attach_types, binary},
 };
 
 const IMDS: &str = "http://169.254.169.254";
@@ -687,47 +687,21 @@ fn explain_mode_says_why_in_a_header_and_is_off_by_default() {
     );
 }
 
-/// The attach types of the programs attached to a cgroup, sorted; `None` (after `skip`)
-/// without bpftool.
-fn attached(cgroup: &Path) -> Option<Vec<String>> {
-    match attached_programs(cgroup) {
-        Ok(programs) => {
-            let mut types: Vec<String> = programs.into_iter().map(|p| p.attach_type).collect();
-            types.sort();
-            Some(types)
-        }
-        Err(error) => {
-            skip(&error);
-            None
-        }
-    }
-}
-
 #[test]
-fn without_pods_other_connections_run_no_program_at_their_tcp_events() {
+fn other_connections_run_no_program_at_their_tcp_events() {
     let Some(mut env) = start("no-sock-ops", false) else {
         return;
     };
     let sb = &env.sandbox;
-    let Some(enforced) = attached(&sb.cgroup("enforced")) else {
+    let Some(enforced) = attach_types(&sb.cgroup("enforced")) else {
         return;
     };
     // At connect() and socket() only: no sock_ops program, which the kernel would run at five
     // points of every TCP connection.
-    assert_eq!(
-        enforced,
-        [
-            "cgroup_inet4_connect",
-            "cgroup_inet6_connect",
-            "cgroup_inet_sock_create",
-            "cgroup_udp4_sendmsg",
-            "cgroup_udp6_sendmsg",
-        ],
-        "{enforced:?}"
-    );
+    assert_eq!(enforced, ENFORCED_ATTACH_TYPES, "{enforced:?}");
     // The agent finds its callers through a program on its own cgroup.
     assert_eq!(
-        attached(&sb.cgroup("agent")).unwrap_or_default(),
+        attach_types(&sb.cgroup("agent")).unwrap_or_default(),
         ["cgroup_inet4_getpeername"]
     );
     let allowed = sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
@@ -742,11 +716,11 @@ fn without_pods_other_connections_run_no_program_at_their_tcp_events() {
     env.agent.process.signal(libc::SIGKILL);
     env.agent.process.wait(Duration::from_secs(5));
     assert_eq!(
-        attached(&sb.cgroup("agent")).unwrap_or_default(),
+        attach_types(&sb.cgroup("agent")).unwrap_or_default(),
         Vec::<String>::new()
     );
     assert_eq!(
-        attached(&sb.cgroup("enforced")).unwrap_or_default(),
+        attach_types(&sb.cgroup("enforced")).unwrap_or_default(),
         enforced
     );
 }

@@ -5,7 +5,7 @@
 
 use imds_tests::{
     fake_imds::INSTANCE_ID,
-    sandbox::{PodNetwork, Process, Sandbox},
+    sandbox::{ENFORCED_ATTACH_TYPES, PodNetwork, Process, Sandbox, attach_types},
 };
 
 const INSTANCE_ID_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
@@ -95,6 +95,12 @@ fn a_pod_in_its_own_network_namespace_is_diverted_to_the_node_address() {
         "{audit:#?}"
     );
 
+    // Found in the pod's namespace by the agent's getpeername program: serving pods adds no
+    // program at the TCP events of every connection in the enforced cgroups.
+    if let Some(enforced) = attach_types(&sandbox.cgroup("enforced")) {
+        assert_eq!(enforced, ENFORCED_ATTACH_TYPES);
+    }
+
     // The node's namespace (a hostNetwork pod in the same cgroup) still goes to loopback.
     let host = sandbox.curl("enforced/pod-a", None, &[INSTANCE_ID_URL]);
     assert_eq!(
@@ -119,6 +125,65 @@ fn a_pod_in_its_own_network_namespace_is_diverted_to_the_node_address() {
             "{straight:?}"
         );
     }
+}
+
+#[test]
+fn a_pod_address_given_to_a_new_pod_is_served_in_the_new_pods_namespace() {
+    let Some(sandbox) = Sandbox::new("podnet-reuse") else {
+        return;
+    };
+    let first = sandbox.add_pod_network();
+    let _imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&[("pods.yaml", POD_POLICY)]);
+    let node_ip = first.node_ip.clone();
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policies],
+        &["--pod-address", &node_ip],
+    );
+    let served = sandbox.curl_in_pod(&first, "enforced/pod-a", &[INSTANCE_ID_URL]);
+    assert_eq!(served.status, 200, "{served:?}\n{}", agent.log());
+    let first_id = sandbox.pod_netns_id(&first.node_if);
+
+    // The agent now knows the address by the first pod's namespace id. The pod goes, another
+    // pod's namespace takes that id, and a new pod gets the first one's addresses.
+    let slot = sandbox.remove_pod_network(first);
+    let other = sandbox.add_pod_network();
+    let other_id = sandbox.pod_netns_id(&other.node_if);
+    let second = sandbox.add_pod_network_in(slot);
+    let second_id = sandbox.pod_netns_id(&second.node_if);
+    assert_eq!(
+        (other_id, second_id == first_id),
+        (first_id, false),
+        "premise: the freed id went to the other pod"
+    );
+
+    let allowed = sandbox.curl_in_pod(&second, "enforced/pod-a", &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (allowed.status, allowed.body.as_str()),
+        (200, INSTANCE_ID),
+        "{allowed:?}\n{}",
+        agent.log()
+    );
+    let denied = sandbox.curl_in_pod(&second, "enforced/pod-a", &[CREDENTIALS_URL]);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(denied.body.contains("pods"), "{denied:?}");
+    let audit = agent.audit();
+    let last: Vec<_> = audit
+        .iter()
+        .rev()
+        .take(2)
+        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            (Some("/pod-a"), Some("deny")),
+            (Some("/pod-a"), Some("allow"))
+        ],
+        "{audit:#?}"
+    );
 }
 
 #[test]

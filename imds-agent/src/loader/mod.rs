@@ -2,18 +2,17 @@
 //! gives the rest of the agent typed access to the maps.
 //!
 //! Pin directory layout (one per agent installation; each test uses its own):
-//! - `connect4`, `sock_ops`: the cgroup links. While pinned they stay attached, also when the
-//!   agent is stopped or crashes, so enforcement does not lapse: diverted connects then find
-//!   no listener and fail (fail closed). `sock_ops` only where pods can be diverted.
+//! - `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`: the cgroup links. While
+//!   pinned they stay attached, also when the agent is stopped or crashes, so enforcement does
+//!   not lapse: diverted connects then find no listener and fail (fail closed).
 //! - `IMDS_*`: the maps, pinned by name, so a restarted agent adopts the live state.
 //!
-//! Attribution: a connection diverted from the agent's own network namespace carries its
-//! caller on the client's socket (socket storage). A getpeername program on the agent's own
-//! cgroup (not pinned: it lives as long as the agent) copies it to the accepted socket, where
-//! the agent reads it. Pods are in other namespaces, where no lookup from the agent's side
-//! reaches; for them a sock_ops program records the connection by its source address once the
-//! port is chosen. sock_ops runs at five points of every TCP connection in the enforced
-//! cgroups, which is why it is attached only when pods can be diverted.
+//! Attribution: a diverted connection carries its caller on the client's socket (socket
+//! storage). A getpeername program on the agent's own cgroup (not pinned: it lives as long as
+//! the agent) finds that socket from the connection the agent accepted, by its address pair,
+//! and copies the caller to the accepted socket, where the agent reads it. For a pod the
+//! lookup goes to the pod's network namespace, whose id the agent resolves from the pod's
+//! address beforehand (`podns`). No program runs at the TCP events of other connections.
 //!
 //! Adoption: a new agent loads fresh programs on the pinned maps, attaches new links (for a
 //! moment both generations run; they share maps and rewrite identically), then renames the
@@ -23,7 +22,7 @@
 use std::{
     fs::File,
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     sync::Mutex,
@@ -34,21 +33,23 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, SkStorage},
     pin::PinError,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
 use imds_common::{
     COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
     GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CALLERS,
-    MAP_CONNS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_VERDICTS,
+    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_POD_NETNS, MAP_VERDICTS,
     PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROG_SOCK_CREATE, PROG_SOCK_OPS, SockAddr, SocketOffsets, VerdictKey,
+    PROG_SOCK_CREATE, SocketOffsets, VerdictKey,
 };
 
 use crate::fs;
 
 pub mod btf;
+mod netlink;
+pub mod podns;
 pub mod sockdiag;
 
 /// The object built by build.rs from `imds-ebpf`.
@@ -59,16 +60,17 @@ const LINK_CONNECT6: &str = "connect6";
 const LINK_SENDMSG4: &str = "sendmsg4";
 const LINK_SENDMSG6: &str = "sendmsg6";
 const LINK_SOCK_CREATE: &str = "sock_create";
-const LINK_SOCK_OPS: &str = "sock_ops";
 /// Every link an installation pins.
-const LINKS: [&str; 6] = [
+const LINKS: [&str; 5] = [
     LINK_CONNECT4,
     LINK_CONNECT6,
     LINK_SENDMSG4,
     LINK_SENDMSG6,
     LINK_SOCK_CREATE,
-    LINK_SOCK_OPS,
 ];
+/// Pinned by earlier versions, which recorded pods' connections with a sock_ops program; an
+/// upgraded agent removes them (unpinning the link detaches that program).
+const RETIRED_PINS: [&str; 3] = ["sock_ops", "IMDS_PENDING", "IMDS_CONNS"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -138,7 +140,8 @@ pub struct Enforcer {
     // getpeername link on the agent's own cgroup, which goes with the agent.
     _ebpf: Ebpf,
     callers: SkStorage<MapData, Caller>,
-    conns: HashMap<MapData, SockAddr, Caller>,
+    /// Where pods are served (`pod_divert_to`).
+    pods: Option<podns::PodNamespaces>,
     exempt: Mutex<HashMap<MapData, u64, u8>>,
     verdicts: Mutex<HashMap<MapData, VerdictKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
@@ -238,8 +241,7 @@ impl Enforcer {
                 link
             }};
         }
-        // The recorders first: a connect program that diverts must always have them in place.
-        // The agent's side stays owned by the loaded object (dropped with the agent).
+        // The agent's side first: it stays owned by the loaded object (dropped with the agent).
         {
             let program: &mut CgroupSockAddr = program(&mut ebpf, PROG_GETPEERNAME4)?;
             program.load().map_err(program_error(PROG_GETPEERNAME4))?;
@@ -248,10 +250,6 @@ impl Enforcer {
                 .map_err(program_error(PROG_GETPEERNAME4))?;
         }
         tracing::debug!(cgroup = %own_cgroup_path.display(), "attribution program attached to the agent's own cgroup");
-        let sock_ops = match config.pod_divert_to {
-            Some(_) => Some(attach!(SockOps, PROG_SOCK_OPS)),
-            None => None,
-        };
         let links = [
             (LINK_CONNECT4, attach!(CgroupSockAddr, PROG_CONNECT4)),
             (LINK_CONNECT6, attach!(CgroupSockAddr, PROG_CONNECT6)),
@@ -259,20 +257,23 @@ impl Enforcer {
             (LINK_SENDMSG6, attach!(CgroupSockAddr, PROG_SENDMSG6)),
             (LINK_SOCK_CREATE, attach!(CgroupSock, PROG_SOCK_CREATE)),
         ];
-        if let Some(link) = sock_ops {
-            replace_pin(config.pin_dir, LINK_SOCK_OPS, link)?;
-        }
         for (name, link) in links {
             replace_pin(config.pin_dir, name, link)?;
         }
-        if config.pod_divert_to.is_none() {
-            // A previous agent's, from a configuration with pods: unpinning detaches it.
-            remove_pin(config.pin_dir, LINK_SOCK_OPS)?;
+        for name in RETIRED_PINS {
+            remove_pin(config.pin_dir, name)?;
         }
 
+        let pods = match config.pod_divert_to {
+            Some(listener) => Some(podns::PodNamespaces::new(
+                listener,
+                take_map(&mut ebpf, MAP_POD_NETNS)?,
+            )),
+            None => None,
+        };
         let enforcer = Self {
             callers: take_map(&mut ebpf, MAP_CALLERS)?,
-            conns: take_map(&mut ebpf, MAP_CONNS)?,
+            pods,
             exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
             verdicts: Mutex::new(take_map(&mut ebpf, MAP_VERDICTS)?),
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
@@ -284,16 +285,46 @@ impl Enforcer {
         Ok(enforcer)
     }
 
-    /// The kernel's record of a diverted connection the agent accepted: on the accepted
-    /// socket for one from the agent's own namespace (asking for its peer runs the program
-    /// that puts it there), else by the client's address as accepted (pods).
-    pub fn caller(&self, accepted: &tokio::net::TcpStream, peer: &SockAddr) -> Option<Caller> {
-        if accepted.peer_addr().is_ok()
-            && let Ok(caller) = self.callers.get(accepted, 0)
-        {
+    /// The kernel's record of a diverted connection the agent accepted from `peer`, which
+    /// asking for the peer's address moves onto the accepted socket (the getpeername
+    /// program). For a pod, its namespace is resolved first, and once more if the record is
+    /// not found (a pod address reused by a new pod). `None`: the connection was not diverted.
+    pub fn caller(&self, accepted: &tokio::net::TcpStream, peer: SocketAddr) -> Option<Caller> {
+        let pod = self.pod_address(accepted, peer);
+        let prepare = |address, again| {
+            let pods = self.pods.as_ref()?;
+            pods.prepare(address, again)
+                .inspect_err(|error| {
+                    tracing::warn!(%peer, %error, "cannot find the network namespace of a connection to the pod listener: it is refused");
+                })
+                .ok()
+        };
+        let asked = match pod {
+            Some(address) => prepare(address, false)?,
+            None => false,
+        };
+        let read = || {
+            accepted.peer_addr().ok()?;
+            self.callers.get(accepted, 0).ok()
+        };
+        if let Some(caller) = read() {
             return Some(caller);
         }
-        self.conns.get(peer, 0).ok()
+        match pod {
+            Some(address) if !asked && prepare(address, true)? => read(),
+            _ => None,
+        }
+    }
+
+    /// The client's address when the connection came to the pod listener.
+    fn pod_address(&self, accepted: &tokio::net::TcpStream, peer: SocketAddr) -> Option<Ipv4Addr> {
+        let listener = self.pods.as_ref()?.listener;
+        match (peer, accepted.local_addr().ok()?) {
+            (SocketAddr::V4(peer), SocketAddr::V4(local)) if *local.ip() == listener => {
+                Some(*peer.ip())
+            }
+            _ => None,
+        }
     }
 
     /// Connects `socket` to `addr` without being diverted: registers the socket's cookie as
@@ -436,7 +467,7 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
         return Ok(false);
     }
     // Links first, so no program runs on maps that are going away.
-    for link in LINKS {
+    for link in LINKS.into_iter().chain(RETIRED_PINS) {
         remove_pin(pin_dir, link)?;
     }
     std::fs::remove_dir_all(pin_dir).map_err(err)?;

@@ -10,25 +10,19 @@ use std::{
     io,
     mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
+
+use super::netlink::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Reply};
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 const IPPROTO_TCP: u8 = 6;
 /// Every TCP state but LISTEN (10) and TIME_WAIT (6): sockets that can still carry a request.
 const STATES: u32 = 0xfff & !(1 << 10) & !(1 << 6);
 
-const NLMSG_HDR: usize = 16;
 const SOCKID: usize = 48;
-const REQ_V2: usize = 8 + SOCKID;
 const DIAG_MSG: usize = 4 + SOCKID + 20;
 
 /// One TCP socket as sock_diag reports it.
@@ -42,18 +36,12 @@ pub struct DiagSocket {
     id: [u8; SOCKID],
 }
 
+/// An `inet_diag_req_v2` for TCP sockets of `family` in [`STATES`].
 fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID]) -> Vec<u8> {
-    let len = NLMSG_HDR + REQ_V2;
-    let mut message = Vec::with_capacity(len);
-    message.extend_from_slice(&(len as u32).to_ne_bytes());
-    message.extend_from_slice(&kind.to_ne_bytes());
-    message.extend_from_slice(&flags.to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    message.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
-    message.extend_from_slice(&STATES.to_ne_bytes());
-    message.extend_from_slice(id);
-    message
+    let mut payload = vec![family, IPPROTO_TCP, 0, 0];
+    payload.extend_from_slice(&STATES.to_ne_bytes());
+    payload.extend_from_slice(id);
+    netlink::request(kind, flags, &payload)
 }
 
 fn address(family: u8, bytes: &[u8], port: [u8; 2]) -> SocketAddr {
@@ -69,47 +57,20 @@ fn address(family: u8, bytes: &[u8], port: [u8; 2]) -> SocketAddr {
 }
 
 /// Parses one dump datagram: the sockets in it, and whether the dump is done.
-pub fn parse_dump(mut data: &[u8]) -> io::Result<(Vec<DiagSocket>, bool)> {
+pub fn parse_dump(data: &[u8]) -> io::Result<(Vec<DiagSocket>, bool)> {
     let mut sockets = Vec::new();
-    while data.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
-        if len < NLMSG_HDR || len > data.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "truncated netlink message",
-            ));
-        }
-        let body = &data[NLMSG_HDR..len];
-        match kind {
-            NLMSG_DONE => return Ok((sockets, true)),
-            NLMSG_ERROR => {
-                let errno = i32::from_ne_bytes(
-                    body.get(0..4)
-                        .unwrap_or(&[0; 4])
-                        .try_into()
-                        .expect("4 bytes"),
-                );
-                return Err(io::Error::from_raw_os_error(-errno));
-            }
-            SOCK_DIAG_BY_FAMILY if body.len() >= DIAG_MSG => {
+    for reply in netlink::replies(data)? {
+        match reply {
+            Reply::Done => return Ok((sockets, true)),
+            Reply::Message {
+                kind: SOCK_DIAG_BY_FAMILY,
+                body,
+            } if body.len() >= DIAG_MSG => {
                 let family = body[0];
                 let id: [u8; SOCKID] = body[4..4 + SOCKID].try_into().expect("sockid");
-                let mut cgroup_id = None;
-                let mut attrs = &body[DIAG_MSG..];
-                while attrs.len() >= 4 {
-                    let attr_len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-                    let attr_kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-                    if attr_len < 4 || attr_len > attrs.len() {
-                        break;
-                    }
-                    if attr_kind == INET_DIAG_CGROUP_ID && attr_len >= 12 {
-                        cgroup_id = Some(u64::from_ne_bytes(
-                            attrs[4..12].try_into().expect("8 bytes"),
-                        ));
-                    }
-                    attrs = attrs.get((attr_len + 3) & !3..).unwrap_or_default();
-                }
+                let cgroup_id = netlink::attributes(&body[DIAG_MSG..])
+                    .find(|&(kind, value)| kind == INET_DIAG_CGROUP_ID && value.len() >= 8)
+                    .map(|(_, value)| u64::from_ne_bytes(value[..8].try_into().expect("8 bytes")));
                 sockets.push(DiagSocket {
                     family,
                     source: address(family, &id[4..20], [id[0], id[1]]),
@@ -120,62 +81,24 @@ pub fn parse_dump(mut data: &[u8]) -> io::Result<(Vec<DiagSocket>, bool)> {
             }
             _ => {}
         }
-        data = data.get((len + 3) & !3..).unwrap_or_default();
     }
     Ok((sockets, false))
-}
-
-fn netlink() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned from here on.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
-    // SAFETY: send(2) of an initialised buffer.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn receive(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: recv(2) into a buffer of the given length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 /// Every TCP socket of this network namespace that can still carry a request.
 pub fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
     let mut all = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let fd = netlink()?;
-        send(
-            &fd,
-            &request(
-                SOCK_DIAG_BY_FAMILY,
-                NLM_F_REQUEST | NLM_F_DUMP,
-                family,
-                &[0; SOCKID],
-            ),
-        )?;
+        let socket = netlink::Socket::open(NETLINK_SOCK_DIAG)?;
+        socket.send(&request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            &[0; SOCKID],
+        ))?;
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            let n = receive(&fd, &mut buffer)?;
+            let n = socket.receive(&mut buffer)?;
             let (sockets, done) = parse_dump(&buffer[..n])?;
             all.extend(sockets);
             if done || n == 0 {
@@ -188,24 +111,17 @@ pub fn tcp_sockets() -> io::Result<Vec<DiagSocket>> {
 
 /// Aborts a socket: its owner's next read or write fails with ECONNABORTED.
 pub fn destroy(socket: &DiagSocket) -> io::Result<()> {
-    let fd = netlink()?;
-    send(
-        &fd,
-        &request(
-            SOCK_DESTROY,
-            NLM_F_REQUEST | NLM_F_ACK,
-            socket.family,
-            &socket.id,
-        ),
-    )?;
+    let netlink = netlink::Socket::open(NETLINK_SOCK_DIAG)?;
+    netlink.send(&request(
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        socket.family,
+        &socket.id,
+    ))?;
     let mut buffer = [0u8; 512];
-    let n = receive(&fd, &mut buffer)?;
-    match parse_dump(&buffer[..n]) {
-        // An ack is an NLMSG_ERROR with errno 0.
-        Err(error) if error.raw_os_error() == Some(0) => Ok(()),
-        Err(error) => Err(error),
-        Ok(_) => Ok(()),
-    }
+    let n = netlink.receive(&mut buffer)?;
+    // An ack, or an error with the kernel's errno.
+    netlink::replies(&buffer[..n]).map(drop)
 }
 
 /// The IPv4 address a destination names, for IPv4 and v4-mapped IPv6 sockets.
@@ -233,18 +149,12 @@ mod tests {
         let mut body = vec![libc::AF_INET as u8, 1, 0, 0];
         body.extend_from_slice(&id);
         body.extend_from_slice(&[0u8; 20]);
-        // rtattr: len 12, type CGROUP_ID, u64
-        body.extend_from_slice(&12u16.to_ne_bytes());
-        body.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
-        body.extend_from_slice(&4242u64.to_ne_bytes());
-        let mut data = Vec::new();
-        data.extend_from_slice(&((NLMSG_HDR + body.len()) as u32).to_ne_bytes());
-        data.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        data.extend_from_slice(&[0u8; 10]);
-        data.extend_from_slice(&body);
-        data.extend_from_slice(&(NLMSG_HDR as u32).to_ne_bytes());
-        data.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
-        data.extend_from_slice(&[0u8; 10]);
+        body.extend(netlink::attribute(
+            INET_DIAG_CGROUP_ID,
+            &4242u64.to_ne_bytes(),
+        ));
+        let mut data = netlink::request(SOCK_DIAG_BY_FAMILY, 0, &body);
+        data.extend(netlink::request(netlink::NLMSG_DONE, 0, &[]));
         data
     }
 

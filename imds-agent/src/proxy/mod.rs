@@ -15,7 +15,7 @@ pub mod tokens;
 
 use std::{
     convert::Infallible,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,9 +25,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
-use imds_common::{
-    AF_INET, AF_INET6, Caller, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey,
-};
+use imds_common::{AF_INET, AF_INET6, Caller, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -269,13 +267,12 @@ async fn accept_any(
 }
 
 async fn attribute(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Option<Connection> {
-    let key = match peer.ip() {
-        IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), peer.port()),
-        // The listener is IPv4; connect6 diverts to its v4-mapped address, so a peer that
-        // arrives over IPv6 was not diverted by the kernel.
-        IpAddr::V6(_) => return None,
-    };
-    let caller: Caller = filter.enforcer.caller(stream, &key)?;
+    // The listener is IPv4; connect6 diverts to its v4-mapped address, so a peer that arrives
+    // over IPv6 was not diverted by the kernel.
+    if peer.is_ipv6() {
+        return None;
+    }
+    let caller: Caller = filter.enforcer.caller(stream, peer)?;
     let mut identity = filter.resolver.identify(&caller);
     if let crate::identity::Workload::Pod { pod_uid, .. } = &identity.workload
         && identity.pod.is_none()
