@@ -124,7 +124,7 @@ pub struct RunArgs {
     /// route's interface; `none`: such connects are refused. On Kubernetes pass the node's
     /// IP (the DaemonSet does, from status.hostIP). A pod's connection is attributed in the
     /// pod's network namespace, found by the route to the pod's address: its veth (or netkit)
-    /// link, whose other end is in the pod.
+    /// link, or the bridge port behind which the pod's address was learned.
     #[arg(long, default_value = "auto")]
     pub pod_address: crate::node::PodAddress,
     /// The cloud the agent runs on (auto, aws, gcp, azure, oci, openstack, digitalocean,

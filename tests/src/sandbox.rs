@@ -492,7 +492,13 @@ impl Sandbox {
     /// pair, with the node as its default gateway, as a CNI plugin sets one up. Without the
     /// programs, the pod reaches the metadata address through the node.
     pub fn add_pod_network(&self) -> PodNetwork {
-        self.add_pod_network_at(NEXT.fetch_add(1, Ordering::Relaxed))
+        self.add_pod_network_at(NEXT.fetch_add(1, Ordering::Relaxed), false)
+    }
+
+    /// A pod network whose node end of the veth pair is a port of a bridge that holds the
+    /// node's address, as the bridge CNI plugin, flannel and Docker connect containers.
+    pub fn add_bridged_pod_network(&self) -> PodNetwork {
+        self.add_pod_network_at(NEXT.fetch_add(1, Ordering::Relaxed), true)
     }
 
     /// Deletes `pod` and waits until the kernel has removed it (the namespace, its veth pair
@@ -511,7 +517,7 @@ impl Sandbox {
 
     /// A new pod network with the addresses of a removed one.
     pub fn add_pod_network_in(&self, slot: PodSlot) -> PodNetwork {
-        self.add_pod_network_at(slot.0)
+        self.add_pod_network_at(slot.0, false)
     }
 
     /// The id in the sandbox's namespace of the pod namespace at the other end of `node_if`
@@ -525,7 +531,7 @@ impl Sandbox {
         links[0]["link_netnsid"].as_i64()
     }
 
-    fn add_pod_network_at(&self, n: u32) -> PodNetwork {
+    fn add_pod_network_at(&self, n: u32, bridged: bool) -> PodNetwork {
         // "<sandbox>p<n>": reap_stale still finds the creating pid in the name.
         let name = format!("{}p{n}", self.name);
         run("ip", &["netns", "add", &name]);
@@ -551,13 +557,16 @@ impl Sandbox {
             "netns",
             &pod.name,
         ]);
-        self.ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", pod.node_ip),
-            "dev",
-            &pod.node_if,
-        ]);
+        let node_address = format!("{}/24", pod.node_ip);
+        if bridged {
+            let bridge = format!("vb{n}");
+            self.ip(&["link", "add", &bridge, "type", "bridge"]);
+            self.ip(&["addr", "add", &node_address, "dev", &bridge]);
+            self.ip(&["link", "set", &bridge, "up"]);
+            self.ip(&["link", "set", &pod.node_if, "master", &bridge]);
+        } else {
+            self.ip(&["addr", "add", &node_address, "dev", &pod.node_if]);
+        }
         self.ip(&["link", "set", &pod.node_if, "up"]);
         let in_pod = |args: &[&str]| {
             let mut all = vec!["-n", pod.name.as_str()];

@@ -187,6 +187,48 @@ fn a_pod_address_given_to_a_new_pod_is_served_in_the_new_pods_namespace() {
 }
 
 #[test]
+fn a_pod_on_a_bridge_is_found_behind_its_bridge_port() {
+    let Some(sandbox) = Sandbox::new("podnet-bridge") else {
+        return;
+    };
+    let pod = sandbox.add_bridged_pod_network();
+    let _imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&[("pods.yaml", POD_POLICY)]);
+    let node_ip = pod.node_ip.clone();
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policies],
+        &["--pod-address", &node_ip],
+    );
+    // The route to the pod leaves by the bridge, which has no other end: the pod's namespace
+    // is behind the bridge port its address was learned on.
+    let allowed = sandbox.curl_in_pod(&pod, "enforced/pod-a", &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (allowed.status, allowed.body.as_str()),
+        (200, INSTANCE_ID),
+        "{allowed:?}\n{}",
+        agent.log()
+    );
+    let denied = sandbox.curl_in_pod(&pod, "enforced/pod-a", &[CREDENTIALS_URL]);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(denied.body.contains("pods"), "{denied:?}");
+    let audit = agent.audit();
+    let seen: Vec<_> = audit
+        .iter()
+        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("/pod-a"), Some("allow")),
+            (Some("/pod-a"), Some("deny"))
+        ],
+        "{audit:#?}"
+    );
+}
+
+#[test]
 fn without_a_pod_address_connects_from_pods_are_refused_in_the_kernel() {
     let Some(env) = start("podnet-none", Some("none")) else {
         return;

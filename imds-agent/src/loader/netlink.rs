@@ -133,7 +133,8 @@ pub fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
             return None;
         }
         let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
-        let kind = u16::from_ne_bytes([data[2], data[3]]);
+        // Without the nested and byte-order flags (NLA_TYPE_MASK).
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff;
         if len < 4 || len > data.len() {
             return None;
         }

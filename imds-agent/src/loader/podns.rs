@@ -2,7 +2,10 @@
 //! it: the namespace's id (nsid) in the agent's namespace. The route to the pod's address
 //! leaves by the pod's link (a veth pair, or a netkit one), whose other end is in the pod's
 //! namespace; the kernel reports that namespace's id with the link, assigning one if it has
-//! none yet (`ip link` shows it as link-netnsid).
+//! none yet (`ip link` shows it as link-netnsid). Where pods share a bridge (the bridge CNI
+//! plugin, flannel, Docker), the route leaves by the bridge: the pod's link is the bridge
+//! port its hardware address was learned on (the neighbour entry, then the bridge's
+//! forwarding table).
 
 use std::{collections::HashMap as StdHashMap, net::Ipv4Addr, sync::Mutex};
 
@@ -15,13 +18,23 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const IFLA_LINK_NETNSID: u16 = 37;
-/// `struct rtmsg` and `struct ifinfomsg`, which start the route and link messages.
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
+const NDA_VLAN: u16 = 5;
+/// `struct rtmsg`, `struct ifinfomsg` and `struct ndmsg`, which start the route, link and
+/// neighbour messages.
 const RTMSG: usize = 12;
 const IFINFOMSG: usize = 16;
+const NDMSG: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetnsError {
@@ -33,6 +46,11 @@ pub enum PodNetnsError {
     #[error("asking the kernel for interface {ifindex}: {source}")]
     Link {
         ifindex: u32,
+        source: std::io::Error,
+    },
+    #[error("asking the kernel for {what}: {source}")]
+    Bridge {
+        what: String,
         source: std::io::Error,
     },
     #[error("the kernel's answer about {0} has no {1}")]
@@ -47,15 +65,22 @@ pub enum PodNetnsError {
 }
 
 /// The id in this network namespace of the namespace at the other end of the link by which
-/// the route to `address` leaves.
+/// the route to `address` leaves, or of the bridge port behind which `address` was learned.
 pub fn netns_id_of(address: Ipv4Addr) -> Result<u32, PodNetnsError> {
     let ifindex = route_interface(address)?;
-    let (name, netns_id) = link_peer_netns(ifindex)?;
-    let link = name.unwrap_or_else(|| format!("interface {ifindex}"));
+    let mut link = link(ifindex)?;
+    if link.netns_id.is_none() && link.kind.as_deref() == Some("bridge") {
+        let mac = neighbour_address(address, ifindex)?;
+        link = self::link(bridge_port(&mac, ifindex)?)?;
+    }
+    let name = link.name.unwrap_or_else(|| format!("interface {ifindex}"));
     // Negative: the kernel could not assign one (NETNSA_NSID_NOT_ASSIGNED).
-    netns_id
+    link.netns_id
         .and_then(|id| u32::try_from(id).ok())
-        .ok_or(PodNetnsError::NotAPodLink { address, link })
+        .ok_or(PodNetnsError::NotAPodLink {
+            address,
+            link: name,
+        })
 }
 
 /// One request, one reply: the body of its first message of the `expected` kind.
@@ -92,9 +117,17 @@ fn route_interface(address: Ipv4Addr) -> Result<u32, PodNetnsError> {
         })
 }
 
-/// The link's name and the id of the namespace its other end is in (none for a link whose
-/// ends are both here, or that has no other end).
-fn link_peer_netns(ifindex: u32) -> Result<(Option<String>, Option<i32>), PodNetnsError> {
+/// What the kernel says about a link.
+struct Link {
+    name: Option<String>,
+    /// `bridge`, `veth`, ... (IFLA_INFO_KIND); none for a link without a driver kind.
+    kind: Option<String>,
+    /// The id of the namespace its other end is in; none for a link whose ends are both here,
+    /// or that has no other end.
+    netns_id: Option<i32>,
+}
+
+fn link(ifindex: u32) -> Result<Link, PodNetnsError> {
     // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change (u32).
     let mut payload = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
     payload.extend_from_slice(&(ifindex as i32).to_ne_bytes());
@@ -105,20 +138,93 @@ fn link_peer_netns(ifindex: u32) -> Result<(Option<String>, Option<i32>), PodNet
     )
     .map_err(|source| PodNetnsError::Link { ifindex, source })?
     .ok_or_else(|| PodNetnsError::Incomplete(format!("interface {ifindex}"), "link"))?;
-    let (mut name, mut netns_id) = (None, None);
+    let text = |value: &[u8]| {
+        let value = value.split(|&b| b == 0).next().unwrap_or_default();
+        String::from_utf8_lossy(value).into_owned()
+    };
+    let mut link = Link {
+        name: None,
+        kind: None,
+        netns_id: None,
+    };
     for (kind, value) in netlink::attributes(body.get(IFINFOMSG..).unwrap_or_default()) {
         match kind {
-            IFLA_IFNAME => {
-                let value = value.split(|&b| b == 0).next().unwrap_or_default();
-                name = Some(String::from_utf8_lossy(value).into_owned());
+            IFLA_IFNAME => link.name = Some(text(value)),
+            IFLA_LINKINFO => {
+                link.kind = netlink::attributes(value)
+                    .find(|&(kind, _)| kind == IFLA_INFO_KIND)
+                    .map(|(_, value)| text(value));
             }
             IFLA_LINK_NETNSID if value.len() >= 4 => {
-                netns_id = Some(i32::from_ne_bytes(value[..4].try_into().expect("4 bytes")));
+                link.netns_id = Some(i32::from_ne_bytes(value[..4].try_into().expect("4 bytes")));
             }
             _ => {}
         }
     }
-    Ok((name, netns_id))
+    Ok(link)
+}
+
+/// `struct ndmsg`: family, pads, ifindex (i32), state (u16), flags, type.
+fn ndmsg(family: u8, ifindex: u32) -> Vec<u8> {
+    let mut ndmsg = vec![family, 0, 0, 0];
+    ndmsg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    ndmsg.extend_from_slice(&[0u8; 4]);
+    ndmsg
+}
+
+/// The hardware address of the neighbour `address` on link `ifindex`. The agent has just
+/// answered the pod's connection through that link, so the entry is fresh.
+fn neighbour_address(address: Ipv4Addr, ifindex: u32) -> Result<Vec<u8>, PodNetnsError> {
+    let what = format!("the neighbour {address}");
+    let mut payload = ndmsg(libc::AF_INET as u8, ifindex);
+    payload.extend(netlink::attribute(NDA_DST, &address.octets()));
+    let body = ask(
+        &netlink::request(RTM_GETNEIGH, NLM_F_REQUEST, &payload),
+        RTM_NEWNEIGH,
+    )
+    .map_err(|source| PodNetnsError::Bridge {
+        what: what.clone(),
+        source,
+    })?
+    .ok_or_else(|| PodNetnsError::Incomplete(what.clone(), "neighbour"))?;
+    netlink::attributes(body.get(NDMSG..).unwrap_or_default())
+        .find(|&(kind, _)| kind == NDA_LLADDR)
+        .map(|(_, value)| value.to_vec())
+        .ok_or(PodNetnsError::Incomplete(what, "hardware address"))
+}
+
+/// The port of bridge `bridge` on which `mac` was learned: without a VLAN, or on VLAN 1 (the
+/// default of a bridge that filters VLANs).
+fn bridge_port(mac: &[u8], bridge: u32) -> Result<u32, PodNetnsError> {
+    let hex: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    let what = format!("the bridge port of {}", hex.join(":"));
+    let mut last = None;
+    for vlan in [None, Some(1u16)] {
+        let mut payload = ndmsg(libc::AF_BRIDGE as u8, 0);
+        payload.extend(netlink::attribute(NDA_LLADDR, mac));
+        payload.extend(netlink::attribute(NDA_MASTER, &bridge.to_ne_bytes()));
+        if let Some(vlan) = vlan {
+            payload.extend(netlink::attribute(NDA_VLAN, &vlan.to_ne_bytes()));
+        }
+        match ask(
+            &netlink::request(RTM_GETNEIGH, NLM_F_REQUEST, &payload),
+            RTM_NEWNEIGH,
+        ) {
+            Ok(Some(body)) if body.len() >= NDMSG => {
+                let port = i32::from_ne_bytes(body[4..8].try_into().expect("4 bytes"));
+                return u32::try_from(port)
+                    .map_err(|_| PodNetnsError::Incomplete(what.clone(), "port"));
+            }
+            Ok(_) => last = Some(PodNetnsError::Incomplete(what.clone(), "entry")),
+            Err(source) => {
+                last = Some(PodNetnsError::Bridge {
+                    what: what.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    Err(last.expect("asked at least once"))
 }
 
 /// The agent's side of the pods' namespace map: each pod address is resolved when it first
