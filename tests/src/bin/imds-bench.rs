@@ -661,20 +661,14 @@ const HISTORY: &str = "## Before and after\n\n\
 | section 1 measured by one client alternating between the two cgroups every 50 connects, instead of separate runs minutes apart | connect p50 ratio | 1.04, 1.18, 1.21 (quick runs) | 1.033, 1.030 (quick runs); 1.046, 1.019 (full runs) |\n\
 | policy file writes spread evenly over the agent's 100 ms poll interval (each round wrote at about the same point of it, so the figure measured that point) | policy change -> enforced, median (min-max) | 39.4 (35.8-60.1) ms and 76.7 (68.5-270.4) ms in two earlier runs | 46.2 (26.4-81.4) ms |\n\
 | JSON audit lines serialised by the agent (serde, a reused buffer, one write) instead of tracing-subscriber's JSON formatter | share of the agent's CPU in the audit line (perf, 16 keep-alive clients) | 19.3% (formatting 8.0%) | 15.3% (formatting 4.2%) |\n\
-| callers in the agent's network namespace recorded on their own socket (socket storage), which a getpeername program on the agent's cgroup finds from the accepted connection; the sock_ops program attached only when pods are served (`--pod-address`) | programs' run time per connect()+close() to another server (BPF stats); connect p50 ratio | 822 ns (sock_ops 5 x 132 ns); 1.019-1.046 | 182 and 185 ns (connect4 119-128, sock_create 64-76; a quick and a full run), 713 ns with pods served; 0.960 and 1.012, with pods served 0.999 and 1.021 |\n\n\
+| callers in the agent's network namespace recorded on their own socket (socket storage), which a getpeername program on the agent's cgroup finds from the accepted connection; the sock_ops program attached only when pods are served (`--pod-address`) | programs' run time per connect()+close() to another server (BPF stats); connect p50 ratio | 822 ns (sock_ops 5 x 132 ns); 1.019-1.046 | 182 and 185 ns (connect4 119-128, sock_create 64-76; a quick and a full run), 713 ns with pods served; 0.960 and 1.012, with pods served 0.999 and 1.021 |\n\
+| pods' connections attributed in the pod's own namespace: the agent resolves its id from the route to the pod's address (the pod's veth, or its bridge port), and the getpeername program looks the client's socket up there; the sock_ops program removed | with pods served: programs' run time per connect()+close() (BPF stats); connect p50 ratio (min-max) | 713 ns (sock_ops 5 x 139 ns); 1.021 (1.017-1.074) | 184 ns (connect4 118, sock_create 66); 1.012 (0.985-1.073) |\n\n\
 Open findings, by section:\n\n\
-- 1 (connect ratio, target 1.01). Callers in the agent's own network namespace now cost\n\
-  other connections two program runs (connect4 and sock_create, about 180 ns with the\n\
-  kernel's accounting on, which adds two clock reads to each). The p50 ratio measured\n\
-  1.012 in the last full run (1.003-1.017 across its rounds) and 0.960 in a quick run:\n\
-  at the target, within this VM's noise of about 2% between rounds. Serving pods adds\n\
-  sock_ops, which the kernel runs at five points of every TCP connection (timeout and\n\
-  window set-up, ECN, connect, established; 105-140 ns each here), with no way to skip a\n\
-  socket: 1.021 (1.017-1.074) and 0.999 in the same runs. It is there because pods\n\
-  connect from network namespaces of their own, where the agent's getpeername lookup does\n\
-  not reach: bpf_sk_lookup_tcp can search another namespace only by its id in the agent's\n\
-  namespace, so the agent would have to assign ids to pod namespaces and map each pod's\n\
-  address to one. That is the next step for nodes that serve pods.\n\
+- 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
+  program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
+  which adds two clock reads to each), also where pods are served. The p50 ratio measured\n\
+  1.012 in the last full run (0.985-1.073 across its rounds): at the target within this\n\
+  VM's noise, which moves single rounds by several percent either way.\n\
 - 3 (+20 / +60 us and 20k req/s). Both lie below what any proxy reaches on this 2-core\n\
   VM: direct requests run at 16.8-21.3k req/s across runs, and the bare relay (one more\n\
   loopback hop, no HTTP) reaches 13.2-14.8k and adds +15 to +60 us. The agent is within\n\
@@ -697,6 +691,9 @@ Open findings, by section:\n\n\
   exec count in the connect program, so that the executable and name can be cached per\n\
   process image. Each new client connection also costs the agent a task and the kernel's\n\
   record lookup (`imds-bench profile close strace`: about 20 syscalls per connection).\n\
+- 6 (policy change -> enforced, target 200 ms). The median stays at 46-68 ms, but one round\n\
+  of five in the last full run took 377 ms (earlier runs' slowest: 81-93 ms). Not yet\n\
+  explained; the next step is to log the agent's poll, compile and swap times per round.\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
 client) runs section 3's load against the agent and prints its CPU per request;\n\
@@ -758,12 +755,11 @@ fn run(quick: bool) -> Result {
     let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
     let other = "127.0.0.1:8080";
     let n = if quick { "2000" } else { "5000" };
-    // Two configurations: callers in the agent's network namespace only (what this sandbox
-    // is), and pods served as well (--pod-address), which adds the sock_ops program.
+    // The agent serves pods as well as its own namespace (--pod-address), as it does by
+    // default on a host with a default route.
     let pod = sandbox.add_pod_network();
     let pods_served = ["--pod-address", pod.node_ip.as_str()];
-    let configurations: [&[&str]; 2] = [&["--pod-address", "none"], &pods_served];
-    let (mut with, mut without) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let (mut with, mut without) = (Vec::new(), Vec::new());
     // The kernel's own accounting of the programs' run time: a machine-wide switch, restored
     // by the guard however this function returns.
     // 2. Other traffic, packet path: the same server in both sandboxes; the second one has
@@ -791,7 +787,7 @@ fn run(quick: bool) -> Result {
     };
     let (mut packet_nothing, mut packet_ours, mut packet_nat) =
         (Vec::new(), Vec::new(), Vec::new());
-    let mut program_ns = [Vec::new(), Vec::new()];
+    let mut program_ns = Vec::new();
     let (plain, enforced) = (sandbox.cgroup("outside"), sandbox.cgroup("enforced/client"));
     let connect_ab = [
         "connect-ab",
@@ -805,28 +801,24 @@ fn run(quick: bool) -> Result {
         if iptables.is_ok() {
             packet_nat.push(packet(&nat)?);
         }
-        for (i, extra) in configurations.iter().enumerate() {
-            // Programs only: the agent is stopped (its links stay pinned), so its process
-            // does not compete for the two cores while other traffic is measured.
-            let mut agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], extra);
-            agent.process.signal(libc::SIGKILL);
-            agent.process.wait(Duration::from_secs(5));
-            // One client alternates between a cgroup without programs and the enforced one.
-            let ab = child(&sandbox, "outside", &connect_ab)?;
-            without[i].push(vec![ab[0], ab[1]]);
-            with[i].push(vec![ab[2], ab[3]]);
-            if i == 0 {
-                packet_ours.push(packet(&sandbox)?);
-            }
-            // The programs' own run time, in a run of its own: the kernel's accounting adds
-            // two clock reads per program run, which the comparison above should not include.
-            let stats = BpfStats::enable();
-            child(&sandbox, "enforced/client", &["connect", other, "500"])?;
-            program_ns[i].push(program_run_time(&sandbox.cgroup_root.join("enforced"), 500));
-            drop(stats);
-            drop(agent);
-            imds_agent::loader::detach(&sandbox.pin_dir).map_err(|e| e.to_string())?;
-        }
+        // Programs only: the agent is stopped (its links stay pinned), so its process does
+        // not compete for the two cores while other traffic is measured.
+        let mut agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], &pods_served);
+        agent.process.signal(libc::SIGKILL);
+        agent.process.wait(Duration::from_secs(5));
+        // One client alternates between a cgroup without programs and the enforced one.
+        let ab = child(&sandbox, "outside", &connect_ab)?;
+        without.push(vec![ab[0], ab[1]]);
+        with.push(vec![ab[2], ab[3]]);
+        packet_ours.push(packet(&sandbox)?);
+        // The programs' own run time, in a run of its own: the kernel's accounting adds two
+        // clock reads per program run, which the comparison above should not include.
+        let stats = BpfStats::enable();
+        child(&sandbox, "enforced/client", &["connect", other, "500"])?;
+        program_ns.push(program_run_time(&sandbox.cgroup_root.join("enforced"), 500));
+        drop(stats);
+        drop(agent);
+        imds_agent::loader::detach(&sandbox.pin_dir).map_err(|e| e.to_string())?;
     }
     let column = |runs: &[Vec<f64>], i: usize| runs.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let _ = writeln!(
@@ -835,39 +827,31 @@ fn run(quick: bool) -> Result {
     );
     let _ = writeln!(
         report,
-        "| programs attached by an agent that serves | | cgroup without programs | enforced cgroup, programs attached | ratio (target <= 1.01) | ratio min-max |\n|---|---|---|---|---|---|"
+        "| | cgroup without programs | enforced cgroup, programs attached | ratio (target <= 1.01) | ratio min-max |\n|---|---|---|---|---|"
     );
-    let served = [
-        "its own network namespace",
-        "pods as well (`--pod-address`)",
-    ];
-    for (c, serves) in served.iter().enumerate() {
-        for (label, i) in [("median (p50)", 0), ("p99", 1)] {
-            let (a, b) = (median(column(&without[c], i)), median(column(&with[c], i)));
-            let ratios: Vec<f64> = with[c]
-                .iter()
-                .zip(&without[c])
-                .map(|(w, o)| w[i] / o[i])
-                .collect();
-            let (low, high) = ratios
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
-            let _ = writeln!(
-                report,
-                "| {serves} | {label} | {:.1} us | {:.1} us | {:.3} | {low:.3}-{high:.3} |",
-                a / 1e3,
-                b / 1e3,
-                b / a
-            );
-        }
+    for (label, i) in [("median (p50)", 0), ("p99", 1)] {
+        let (a, b) = (median(column(&without, i)), median(column(&with, i)));
+        let ratios: Vec<f64> = with
+            .iter()
+            .zip(&without)
+            .map(|(w, o)| w[i] / o[i])
+            .collect();
+        let (low, high) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
+        let _ = writeln!(
+            report,
+            "| {label} | {:.1} us | {:.1} us | {:.3} | {low:.3}-{high:.3} |",
+            a / 1e3,
+            b / 1e3,
+            b / a
+        );
     }
     let _ = writeln!(
         report,
-        "\nOne client process alternates between the two cgroups in batches of 50 connects, so both\ncolumns see the machine at the same moments (the connect figures drift by several\nmicroseconds between runs). The programs are attached and pinned with the agent process\nstopped, so the ratio isolates the kernel side from CPU contention with the agent on this\n2-core machine. Callers in the agent's own network namespace are attributed through their\nsocket, found from the agent's side; pods' namespaces are out of that lookup's reach, so\nserving pods adds a sock_ops program, which the kernel runs at five points of every TCP\nconnection. The programs' own run time per connect()+close() (kernel BPF stats, in a\nseparate run of 500): {:.0} ns in all ({}); serving pods, {:.0} ns ({}).\n",
-        median(program_ns[0].iter().map(|p| p.0).collect()),
-        program_ns[0].last().map_or("", |p| p.1.as_str()),
-        median(program_ns[1].iter().map(|p| p.0).collect()),
-        program_ns[1].last().map_or("", |p| p.1.as_str()),
+        "\nOne client process alternates between the two cgroups in batches of 50 connects, so both\ncolumns see the machine at the same moments (the connect figures drift by several\nmicroseconds between runs). The programs are those of an agent serving pods as well as\nits own namespace (`--pod-address`), attached and pinned with the agent process stopped,\nso the ratio isolates the kernel side from CPU contention with the agent on this 2-core\nmachine. They run at socket() and connect() only: callers are attributed through their\nsocket, which the agent's getpeername program finds (in the pod's namespace for a pod),\nso no program runs at the TCP events of other connections. The programs' own run time\nper connect()+close() (kernel BPF stats, in a separate run of 500): {:.0} ns in all ({}).\n",
+        median(program_ns.iter().map(|p| p.0).collect()),
+        program_ns.last().map_or("", |p| p.1.as_str()),
     );
 
     let _ = writeln!(
