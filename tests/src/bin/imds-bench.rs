@@ -35,8 +35,9 @@ fn main() -> ExitCode {
         Some("run") => run(args.iter().any(|a| a == "--quick")),
         Some("profile") => profile(&args[1..]),
         Some("engine") => engine(&args[1..]),
+        Some("reactions") => reactions_only(&args[1..]),
         _ => Err(
-            "usage: imds-bench run [--quick] | profile keepalive|close [perf|strace|none] [OUTPUT] | engine [ROUNDS]"
+            "usage: imds-bench run [--quick] | profile keepalive|close [perf|strace|none] [OUTPUT] | engine [ROUNDS] | reactions [ROUNDS]"
                 .into(),
         ),
     };
@@ -692,12 +693,15 @@ Open findings, by section:\n\n\
   process image. Each new client connection also costs the agent a task and the kernel's\n\
   record lookup (`imds-bench profile close strace`: about 20 syscalls per connection).\n\
 - 6 (policy change -> enforced, target 200 ms). The median stays at 46-68 ms, but one round\n\
-  of five in the last full run took 377 ms (earlier runs' slowest: 81-93 ms). Not yet\n\
-  explained; the next step is to log the agent's poll, compile and swap times per round.\n\
+  of five in the last full run took 377 ms (earlier runs' slowest: 81-93 ms). Run alone\n\
+  (`imds-bench reactions 20`, twice), all 40 rounds took 3-98 ms, within one poll interval\n\
+  (100 ms) of the write, so the slow round most likely came from the full run's conditions\n\
+  (it follows the load sections) rather than the reload path; not proven. Each round's\n\
+  figure is now printed as it runs.\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
 client) runs section 3's load against the agent and prints its CPU per request;\n\
-`imds-bench engine` runs section 5 alone.";
+`imds-bench engine` runs section 5 alone, `imds-bench reactions [ROUNDS]` section 6.";
 
 /// Per-caller limits raised: the benchmarks measure the filter, not the throttle.
 const UNLIMITED: [&str; 6] = [
@@ -1371,6 +1375,19 @@ fn engine(args: &[String]) -> Result {
     result
 }
 
+/// `reactions [ROUNDS]`: section 6 alone (default 20 rounds), each round on stderr.
+fn reactions_only(args: &[String]) -> Result {
+    let rounds: usize = match args.first() {
+        Some(rounds) => rounds.parse().map_err(|e| format!("ROUNDS: {e}"))?,
+        None => 20,
+    };
+    let sandbox = Sandbox::new("reactions").ok_or("cannot create the sandbox")?;
+    let _imds = sandbox.start_fake_imds(false);
+    let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
+    print!("{}", reactions(&sandbox, &policy_dir, rounds)?);
+    Ok(())
+}
+
 /// Agent start -> ready; policy change -> enforced; new cgroup -> first request served.
 fn reactions(sandbox: &Sandbox, policy_dir: &Path, rounds: usize) -> Result<String> {
     let socket_path = sandbox.work_dir.join("notify.sock");
@@ -1449,6 +1466,10 @@ fn reactions(sandbox: &Sandbox, policy_dir: &Path, rounds: usize) -> Result<Stri
         let seen: u128 = line.trim().parse().map_err(|_| format!("flip: {line:?}"))?;
         let _ = flip.wait();
         reload_ms.push((seen.saturating_sub(written)) as f64 / 1e6);
+        eprintln!(
+            "bench: 6. round {round}: policy change enforced in {:.1} ms",
+            reload_ms[round]
+        );
         std::fs::write(&file, original).map_err(|e| e.to_string())?;
         drop(agent);
     }
