@@ -5,7 +5,7 @@
 
 use imds_tests::{
     fake_imds::INSTANCE_ID,
-    sandbox::{ENFORCED_ATTACH_TYPES, PodNetwork, Process, Sandbox, attach_types},
+    sandbox::{Agent, ENFORCED_ATTACH_TYPES, PodNetwork, Process, Sandbox, attach_types},
 };
 
 const INSTANCE_ID_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
@@ -27,7 +27,7 @@ rules:
 struct Env {
     pod: PodNetwork,
     _imds: Process,
-    agent: imds_tests::sandbox::Agent,
+    agent: Agent,
     sandbox: Sandbox,
 }
 
@@ -52,6 +52,49 @@ fn start(label: &str, pod_address: Option<&str>) -> Option<Env> {
     })
 }
 
+/// The fake metadata service and an agent serving pods on `node_ip` with [`POD_POLICY`].
+fn serve_pods(sandbox: &Sandbox, node_ip: &str) -> (Process, Agent) {
+    let imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&[("pods.yaml", POD_POLICY)]);
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policies],
+        &["--pod-address", node_ip],
+    );
+    (imds, agent)
+}
+
+/// A workload of the pod in cgroup /pod-a gets what [`POD_POLICY`] grants and is denied the
+/// rest, and the agent audits both requests under the pod's cgroup.
+fn assert_pod_a_served(sandbox: &Sandbox, pod: &PodNetwork, agent: &Agent) {
+    let allowed = sandbox.curl_in_pod(pod, "enforced/pod-a", &[INSTANCE_ID_URL]);
+    assert_eq!(
+        (allowed.status, allowed.body.as_str()),
+        (200, INSTANCE_ID),
+        "{allowed:?}\n{}",
+        agent.log()
+    );
+    let denied = sandbox.curl_in_pod(pod, "enforced/pod-a", &[CREDENTIALS_URL]);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(denied.body.contains("pods"), "{denied:?}");
+    let audit = agent.audit();
+    let last: Vec<_> = audit
+        .iter()
+        .rev()
+        .take(2)
+        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            (Some("/pod-a"), Some("deny")),
+            (Some("/pod-a"), Some("allow"))
+        ],
+        "{audit:#?}"
+    );
+}
+
 #[test]
 fn a_pod_in_its_own_network_namespace_is_diverted_to_the_node_address() {
     let Some(env) = start("podnet", None) else {
@@ -68,32 +111,9 @@ fn a_pod_in_its_own_network_namespace_is_diverted_to_the_node_address() {
         "{unenforced:?}"
     );
 
-    let allowed = sandbox.curl_in_pod(pod, "enforced/pod-a", &[INSTANCE_ID_URL]);
-    assert_eq!(
-        (allowed.status, allowed.body.as_str()),
-        (200, INSTANCE_ID),
-        "{allowed:?}\n{}",
-        env.agent.log()
-    );
-    let denied = sandbox.curl_in_pod(pod, "enforced/pod-a", &[CREDENTIALS_URL]);
-    assert_eq!(denied.status, 403, "{denied:?}");
-    assert!(denied.body.contains("pods"), "{denied:?}");
-
-    // Both reached the agent (a rewrite to loopback would have found no listener in the pod)
-    // and were attributed to the pod's cgroup.
-    let audit = env.agent.audit();
-    let seen: Vec<_> = audit
-        .iter()
-        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
-        .collect();
-    assert_eq!(
-        seen,
-        [
-            (Some("/pod-a"), Some("allow")),
-            (Some("/pod-a"), Some("deny"))
-        ],
-        "{audit:#?}"
-    );
+    // Both reach the agent (a rewrite to loopback would find no listener in the pod).
+    assert_pod_a_served(sandbox, pod, &env.agent);
+    assert_eq!(env.agent.audit().len(), 2);
 
     // Found in the pod's namespace by the agent's getpeername program: serving pods adds no
     // program at the TCP events of every connection in the enforced cgroups.
@@ -133,17 +153,8 @@ fn a_pod_address_given_to_a_new_pod_is_served_in_the_new_pods_namespace() {
         return;
     };
     let first = sandbox.add_pod_network();
-    let _imds = sandbox.start_fake_imds(false);
-    let policies = sandbox.write_policies(&[("pods.yaml", POD_POLICY)]);
-    let node_ip = first.node_ip.clone();
-    let agent = sandbox.start_agent(
-        "enforced",
-        "agent",
-        &[&policies],
-        &["--pod-address", &node_ip],
-    );
-    let served = sandbox.curl_in_pod(&first, "enforced/pod-a", &[INSTANCE_ID_URL]);
-    assert_eq!(served.status, 200, "{served:?}\n{}", agent.log());
+    let (_imds, agent) = serve_pods(&sandbox, &first.node_ip);
+    assert_pod_a_served(&sandbox, &first, &agent);
     let first_id = sandbox.pod_netns_id(&first.node_if);
 
     // The agent now knows the address by the first pod's namespace id. The pod goes, another
@@ -158,32 +169,7 @@ fn a_pod_address_given_to_a_new_pod_is_served_in_the_new_pods_namespace() {
         (first_id, false),
         "premise: the freed id went to the other pod"
     );
-
-    let allowed = sandbox.curl_in_pod(&second, "enforced/pod-a", &[INSTANCE_ID_URL]);
-    assert_eq!(
-        (allowed.status, allowed.body.as_str()),
-        (200, INSTANCE_ID),
-        "{allowed:?}\n{}",
-        agent.log()
-    );
-    let denied = sandbox.curl_in_pod(&second, "enforced/pod-a", &[CREDENTIALS_URL]);
-    assert_eq!(denied.status, 403, "{denied:?}");
-    assert!(denied.body.contains("pods"), "{denied:?}");
-    let audit = agent.audit();
-    let last: Vec<_> = audit
-        .iter()
-        .rev()
-        .take(2)
-        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
-        .collect();
-    assert_eq!(
-        last,
-        [
-            (Some("/pod-a"), Some("deny")),
-            (Some("/pod-a"), Some("allow"))
-        ],
-        "{audit:#?}"
-    );
+    assert_pod_a_served(&sandbox, &second, &agent);
 }
 
 #[test]
@@ -192,40 +178,10 @@ fn a_pod_on_a_bridge_is_found_behind_its_bridge_port() {
         return;
     };
     let pod = sandbox.add_bridged_pod_network();
-    let _imds = sandbox.start_fake_imds(false);
-    let policies = sandbox.write_policies(&[("pods.yaml", POD_POLICY)]);
-    let node_ip = pod.node_ip.clone();
-    let agent = sandbox.start_agent(
-        "enforced",
-        "agent",
-        &[&policies],
-        &["--pod-address", &node_ip],
-    );
+    let (_imds, agent) = serve_pods(&sandbox, &pod.node_ip);
     // The route to the pod leaves by the bridge, which has no other end: the pod's namespace
     // is behind the bridge port its address was learned on.
-    let allowed = sandbox.curl_in_pod(&pod, "enforced/pod-a", &[INSTANCE_ID_URL]);
-    assert_eq!(
-        (allowed.status, allowed.body.as_str()),
-        (200, INSTANCE_ID),
-        "{allowed:?}\n{}",
-        agent.log()
-    );
-    let denied = sandbox.curl_in_pod(&pod, "enforced/pod-a", &[CREDENTIALS_URL]);
-    assert_eq!(denied.status, 403, "{denied:?}");
-    assert!(denied.body.contains("pods"), "{denied:?}");
-    let audit = agent.audit();
-    let seen: Vec<_> = audit
-        .iter()
-        .map(|l| (l["cgroup"].as_str(), l["decision"].as_str()))
-        .collect();
-    assert_eq!(
-        seen,
-        [
-            (Some("/pod-a"), Some("allow")),
-            (Some("/pod-a"), Some("deny"))
-        ],
-        "{audit:#?}"
-    );
+    assert_pod_a_served(&sandbox, &pod, &agent);
 }
 
 #[test]
