@@ -7,7 +7,7 @@
 //! port its hardware address was learned on (the neighbour entry, then the bridge's
 //! forwarding table).
 
-use std::{collections::HashMap as StdHashMap, net::Ipv4Addr, sync::Mutex};
+use std::{collections::HashSet, net::Ipv4Addr, sync::Mutex};
 
 use aya::maps::{HashMap, MapData, MapError};
 use imds_common::{MAP_POD_NETNS, MAX_POD_NETNS};
@@ -38,18 +38,8 @@ const NDMSG: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetnsError {
-    #[error("asking the kernel for the route to {address}: {source}")]
-    Route {
-        address: Ipv4Addr,
-        source: std::io::Error,
-    },
-    #[error("asking the kernel for interface {ifindex}: {source}")]
-    Link {
-        ifindex: u32,
-        source: std::io::Error,
-    },
     #[error("asking the kernel for {what}: {source}")]
-    Bridge {
+    Ask {
         what: String,
         source: std::io::Error,
     },
@@ -83,19 +73,28 @@ pub fn netns_id_of(address: Ipv4Addr) -> Result<u32, PodNetnsError> {
         })
 }
 
-/// One request, one reply: the body of its first message of the `expected` kind.
-fn ask(message: &[u8], expected: u16) -> std::io::Result<Option<Vec<u8>>> {
-    let socket = netlink::Socket::open(libc::NETLINK_ROUTE)?;
-    socket.send(message)?;
-    // A link's message with its statistics is a few KiB.
-    let mut buffer = vec![0u8; 32 * 1024];
-    let n = socket.receive(&mut buffer)?;
-    Ok(netlink::replies(&buffer[..n])?
-        .into_iter()
-        .find_map(|reply| match reply {
-            Reply::Message { kind, body } if kind == expected => Some(body.to_vec()),
-            _ => None,
-        }))
+/// One request, one reply: the body of its first message of the `expected` kind. `what` names
+/// what was asked for, in errors.
+fn ask(message: &[u8], expected: u16, what: &str) -> Result<Vec<u8>, PodNetnsError> {
+    let exchange = || -> std::io::Result<Option<Vec<u8>>> {
+        let socket = netlink::Socket::open(libc::NETLINK_ROUTE)?;
+        socket.send(message)?;
+        // A link's message with its statistics is a few KiB.
+        let mut buffer = vec![0u8; 32 * 1024];
+        let n = socket.receive(&mut buffer)?;
+        Ok(netlink::replies(&buffer[..n])?
+            .into_iter()
+            .find_map(|reply| match reply {
+                Reply::Message { kind, body } if kind == expected => Some(body.to_vec()),
+                _ => None,
+            }))
+    };
+    exchange()
+        .map_err(|source| PodNetnsError::Ask {
+            what: what.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| PodNetnsError::Incomplete(what.to_owned(), "answer"))
 }
 
 /// The interface index of the route the kernel would use to reach `address`.
@@ -103,18 +102,16 @@ fn route_interface(address: Ipv4Addr) -> Result<u32, PodNetnsError> {
     // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32).
     let mut payload = vec![libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     payload.extend(netlink::attribute(RTA_DST, &address.octets()));
+    let what = format!("the route to {address}");
     let body = ask(
         &netlink::request(RTM_GETROUTE, NLM_F_REQUEST, &payload),
         RTM_NEWROUTE,
-    )
-    .map_err(|source| PodNetnsError::Route { address, source })?
-    .ok_or_else(|| PodNetnsError::Incomplete(format!("the route to {address}"), "route"))?;
+        &what,
+    )?;
     netlink::attributes(body.get(RTMSG..).unwrap_or_default())
         .find(|&(kind, value)| kind == RTA_OIF && value.len() >= 4)
         .map(|(_, value)| u32::from_ne_bytes(value[..4].try_into().expect("4 bytes")))
-        .ok_or_else(|| {
-            PodNetnsError::Incomplete(format!("the route to {address}"), "output interface")
-        })
+        .ok_or(PodNetnsError::Incomplete(what, "output interface"))
 }
 
 /// What the kernel says about a link.
@@ -135,9 +132,8 @@ fn link(ifindex: u32) -> Result<Link, PodNetnsError> {
     let body = ask(
         &netlink::request(RTM_GETLINK, NLM_F_REQUEST, &payload),
         RTM_NEWLINK,
-    )
-    .map_err(|source| PodNetnsError::Link { ifindex, source })?
-    .ok_or_else(|| PodNetnsError::Incomplete(format!("interface {ifindex}"), "link"))?;
+        &format!("interface {ifindex}"),
+    )?;
     let text = |value: &[u8]| {
         let value = value.split(|&b| b == 0).next().unwrap_or_default();
         String::from_utf8_lossy(value).into_owned()
@@ -181,12 +177,8 @@ fn neighbour_address(address: Ipv4Addr, ifindex: u32) -> Result<Vec<u8>, PodNetn
     let body = ask(
         &netlink::request(RTM_GETNEIGH, NLM_F_REQUEST, &payload),
         RTM_NEWNEIGH,
-    )
-    .map_err(|source| PodNetnsError::Bridge {
-        what: what.clone(),
-        source,
-    })?
-    .ok_or_else(|| PodNetnsError::Incomplete(what.clone(), "neighbour"))?;
+        &what,
+    )?;
     netlink::attributes(body.get(NDMSG..).unwrap_or_default())
         .find(|&(kind, _)| kind == NDA_LLADDR)
         .map(|(_, value)| value.to_vec())
@@ -206,22 +198,21 @@ fn bridge_port(mac: &[u8], bridge: u32) -> Result<u32, PodNetnsError> {
         if let Some(vlan) = vlan {
             payload.extend(netlink::attribute(NDA_VLAN, &vlan.to_ne_bytes()));
         }
-        match ask(
+        let asked = ask(
             &netlink::request(RTM_GETNEIGH, NLM_F_REQUEST, &payload),
             RTM_NEWNEIGH,
-        ) {
-            Ok(Some(body)) if body.len() >= NDMSG => {
-                let port = i32::from_ne_bytes(body[4..8].try_into().expect("4 bytes"));
-                return u32::try_from(port)
-                    .map_err(|_| PodNetnsError::Incomplete(what.clone(), "port"));
+            &what,
+        );
+        match asked {
+            Ok(body) => {
+                let port = body
+                    .get(4..8)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                return port
+                    .and_then(|port| u32::try_from(port).ok())
+                    .ok_or(PodNetnsError::Incomplete(what, "port"));
             }
-            Ok(_) => last = Some(PodNetnsError::Incomplete(what.clone(), "entry")),
-            Err(source) => {
-                last = Some(PodNetnsError::Bridge {
-                    what: what.clone(),
-                    source,
-                })
-            }
+            Err(error) => last = Some(error),
         }
     }
     Err(last.expect("asked at least once"))
@@ -234,7 +225,8 @@ pub struct PodNamespaces {
     /// The node address pods are diverted to, where the agent listens.
     pub listener: Ipv4Addr,
     map: Mutex<HashMap<MapData, u32, u32>>,
-    known: Mutex<StdHashMap<Ipv4Addr, u32>>,
+    /// The addresses written to `map`, so that a known pod costs no syscall.
+    known: Mutex<HashSet<Ipv4Addr>>,
 }
 
 impl PodNamespaces {
@@ -242,7 +234,7 @@ impl PodNamespaces {
         Self {
             listener,
             map: Mutex::new(map),
-            known: Mutex::new(StdHashMap::new()),
+            known: Mutex::new(HashSet::new()),
         }
     }
 
@@ -255,7 +247,7 @@ impl PodNamespaces {
                 .known
                 .lock()
                 .expect("pod netns lock")
-                .contains_key(&address)
+                .contains(&address)
         {
             return Ok(false);
         }
@@ -271,7 +263,7 @@ impl PodNamespaces {
             // More addresses than a node has pods: forget them all, they are asked again.
             known.clear();
         }
-        known.insert(address, id);
+        known.insert(address);
         Ok(true)
     }
 }
