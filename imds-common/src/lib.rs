@@ -15,6 +15,12 @@ pub const MAP_ENDPOINTS6: &str = "IMDS_ENDPOINTS6";
 /// programs) and on the agent's accepted socket (getpeername program), where the agent reads it
 /// by file descriptor.
 pub const MAP_CALLERS: &str = "IMDS_CALLERS";
+/// Where the agent pins [`MAP_CALLERS`]. The name carries the [`Caller`] layout: a map pinned
+/// by an agent with another layout cannot be adopted (the kernel would refuse programs that
+/// write the new size into it), so a new layout is pinned under a new name.
+pub const PIN_CALLERS: &str = "IMDS_CALLERS_V2";
+/// Pins of earlier [`Caller`] layouts, which an upgraded agent removes.
+pub const RETIRED_CALLER_PINS: [&str; 1] = ["IMDS_CALLERS"];
 /// Pods' network namespaces, keyed by the pod's IPv4 address (network byte order); value: the
 /// namespace's id (nsid) in the agent's namespace, where the getpeername program looks up the
 /// client's socket. Written by the agent before it asks for a pod connection's peer.
@@ -45,6 +51,8 @@ pub const GLOBAL_POD_DIVERT_IP4: &str = "IMDS_POD_DIVERT_IP4";
 pub const GLOBAL_REFUSE_RAW: &str = "IMDS_REFUSE_RAW";
 /// Global set at load time: [`SocketOffsets`] of the running kernel.
 pub const GLOBAL_SOCK_OFFSETS: &str = "IMDS_SOCK_OFFSETS";
+/// Global set at load time: [`TaskOffsets`] of the running kernel.
+pub const GLOBAL_TASK_OFFSETS: &str = "IMDS_TASK_OFFSETS";
 
 /// Program names as they appear in the object file.
 pub const PROG_CONNECT4: &str = "imds_connect4";
@@ -104,10 +112,16 @@ pub struct Caller {
     /// The socket creator's uid and gid (as `cgroup_id`).
     pub uid: u32,
     pub gid: u32,
-    pub _pad0: u32,
+    /// Which program image of the process connected: the low 32 bits of the connecting
+    /// task's `self_exec_id`, which every exec() increments (threads share their process's).
+    pub exec_id: u32,
+    /// When the process started (its thread-group leader's `start_boottime`, nanoseconds since
+    /// boot), so that a reused pid is told apart; 0 when the kernel's task fields are unknown.
+    /// With `pid` and `exec_id`, it names one program image of one process.
+    pub process_start: u64,
     /// The metadata endpoint the caller asked for before the rewrite.
     pub original: SockAddr,
-    pub _pad1: u32,
+    pub _pad: u32,
 }
 
 /// Whose verdict: the policy depends on the cgroup, uid and gid (and on the executable, which
@@ -139,6 +153,18 @@ pub struct SocketOffsets {
     pub file_cred: u32,
     pub cred_uid: u32,
     pub cred_gid: u32,
+    pub valid: u32,
+}
+
+/// Byte offsets of the `task_struct` fields that say which process image connected
+/// (`group_leader`, then its `start_boottime`; `self_exec_id`), read from the kernel's BTF at
+/// load time as [`SocketOffsets`] are. `valid == 0`: [`Caller::process_start`] stays 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub group_leader: u32,
+    pub start_boottime: u32,
+    pub self_exec_id: u32,
     pub valid: u32,
 }
 
@@ -191,6 +217,8 @@ mod user {
     unsafe impl aya::Pod for VerdictKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SocketOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TaskOffsets {}
 }
 
 #[cfg(test)]
@@ -201,9 +229,12 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Endpoint>(), 8);
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
-        assert_eq!(core::mem::size_of::<Caller>(), 48);
+        assert_eq!(core::mem::size_of::<Caller>(), 56);
+        assert_eq!(core::mem::offset_of!(Caller, process_start), 24);
+        assert_eq!(core::mem::offset_of!(Caller, original), 32);
         assert_eq!(core::mem::size_of::<VerdictKey>(), 16);
         assert_eq!(core::mem::size_of::<SocketOffsets>(), 40);
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 16);
     }
 
     #[test]

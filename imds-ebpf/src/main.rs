@@ -10,8 +10,8 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
         generated::{
-            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
-            bpf_sk_storage_delete, bpf_sk_storage_get,
+            bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
+            bpf_sk_release, bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
     macros::{cgroup_sock, cgroup_sock_addr},
@@ -23,7 +23,7 @@ use imds_common::{
 use maps::{
     IMDS_CALLERS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
     IMDS_HOST_NETNS, IMDS_POD_DIVERT_IP4, IMDS_POD_NETNS, IMDS_REFUSE_RAW, IMDS_SOCK_OFFSETS,
-    IMDS_VERDICTS, count,
+    IMDS_TASK_OFFSETS, IMDS_VERDICTS, count,
 };
 
 /// cgroup/connect4 return values: 1 lets connect() go on (possibly rewritten), 0 fails it with
@@ -258,14 +258,16 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         }
         _ => {}
     }
+    let (process_start, exec_id) = process_image().unwrap_or((0, 0));
     let caller = Caller {
         cgroup_id: key.cgroup_id,
         pid: (pid_tgid >> 32) as u32,
         uid: key.uid,
         gid: key.gid,
-        _pad0: 0,
+        exec_id,
+        process_start,
         original,
-        _pad1: 0,
+        _pad: 0,
     };
     // On the socket itself: the agent finds it from the connection it accepts (its getpeername
     // program), so no program has to run at the TCP events of every other connection. A
@@ -322,6 +324,25 @@ fn socket_creator(ctx: &SockAddrContext) -> Option<VerdictKey> {
         uid: kernel_read(cred, at.cred_uid)?,
         gid: kernel_read(cred, at.cred_gid)?,
     })
+}
+
+/// Which program image of which process is connecting: its thread-group leader's start time
+/// and the task's exec count. The agent caches what it reads from /proc about a process
+/// under these (a reused pid has another start time, an exec() another count), so a process
+/// that connects again costs it no /proc reads. `None` without offsets or if a read fails.
+#[inline(always)]
+fn process_image() -> Option<(u64, u32)> {
+    let at = IMDS_TASK_OFFSETS.load();
+    if at.valid == 0 {
+        return None;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs loaded with CAP_PERFMON (as
+    // bpf_probe_read_kernel); returns the running task's address.
+    let task = unsafe { bpf_get_current_task() };
+    let leader: u64 = kernel_read(task, at.group_leader)?;
+    let start: u64 = kernel_read(leader, at.start_boottime)?;
+    let exec_id: u64 = kernel_read(task, at.self_exec_id)?;
+    Some((start, exec_id as u32))
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; `None` for a null base or a fault.

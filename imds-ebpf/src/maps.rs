@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use imds_common::{
     Caller, Counter, Endpoint, MAX_ENDPOINTS, MAX_EXEMPT, MAX_POD_NETNS, MAX_VERDICTS,
-    SocketOffsets, VerdictKey,
+    SocketOffsets, TaskOffsets, VerdictKey,
 };
 
 #[map]
@@ -66,6 +66,15 @@ pub static IMDS_SOCK_OFFSETS: Global<SocketOffsets> = Global::new(SocketOffsets 
     file_cred: 0,
     cred_uid: 0,
     cred_gid: 0,
+    valid: 0,
+});
+/// Where the connecting process's start time and exec count are found in this kernel's
+/// task_struct; set by the loader from the kernel's BTF (all zero without it).
+#[unsafe(no_mangle)]
+pub static IMDS_TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets {
+    group_leader: 0,
+    start_boottime: 0,
+    self_exec_id: 0,
     valid: 0,
 });
 /// 1: enforced cgroups cannot create raw IP sockets. Set by the loader.

@@ -14,9 +14,10 @@ fn caller(cgroup_id: u64) -> Caller {
         pid: 0,
         uid: 0,
         gid: 0,
-        _pad0: 0,
+        exec_id: 0,
+        process_start: 0,
         original: SockAddr::v4(0, 80),
-        _pad1: 0,
+        _pad: 0,
     }
 }
 

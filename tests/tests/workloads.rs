@@ -552,9 +552,7 @@ fn unmatched_bypass_leaves_unselected_callers_undiverted() {
     );
 }
 
-#[test]
-fn executables_select_by_the_calling_program() {
-    let by_exe = r#"
+const CURL_ONLY: &str = r#"
 name: curl-only
 callers: {executables: ["/usr/bin/curl"]}
 default: deny
@@ -564,7 +562,10 @@ rules:
     methods: [GET]
     paths: ["/latest/meta-data/instance-id"]
 "#;
-    let Some(env) = start("exe", &[("exe.yaml", by_exe)]) else {
+
+#[test]
+fn executables_select_by_the_calling_program() {
+    let Some(env) = start("exe", &[("exe.yaml", CURL_ONLY)]) else {
         return;
     };
     let curl = env
@@ -598,6 +599,68 @@ rules:
         .find(|l| l["status"] == 403)
         .expect("audit line");
     assert_eq!(line["comm"], "bash");
+}
+
+/// The agent reads a process's executable and name once per program it runs (the kernel
+/// names the program image at connect()): an exec() in the same pid is a new program, a
+/// rename is not.
+#[test]
+fn a_process_that_execs_another_program_is_attributed_to_the_new_one() {
+    let Some(env) = start("exec", &[("exe.yaml", CURL_ONLY)]) else {
+        return;
+    };
+    let target = url(INSTANCE_ID_PATH);
+    let script = format!(
+        r#"
+import ctypes, os, urllib.error, urllib.request
+def get():
+    try:
+        return urllib.request.urlopen("{target}", timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+print(get(), flush=True)
+ctypes.CDLL(None).prctl(15, b"renamed", 0, 0, 0)  # PR_SET_NAME
+print(get(), flush=True)
+os.execv("/usr/bin/curl", ["curl", "-s", "-o", "/dev/null", "-w", "%{{http_code}}", "{target}"])
+"#
+    );
+    let output = env
+        .sandbox
+        .command("python3", "enforced/app")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.split_whitespace().collect::<Vec<_>>(),
+        ["403", "403", "200"],
+        "python3 is not curl; after exec() it is: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<_> = env
+        .agent
+        .audit()
+        .into_iter()
+        .filter(|l| l["cgroup"] == "/app")
+        .collect();
+    let seen: Vec<_> = lines
+        .iter()
+        .map(|l| (l["status"].as_u64(), l["comm"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some(403), Some("python3")),
+            // Named as when its program first connected: the name is informational and a
+            // process can rename itself at will; reading it costs /proc reads per connection.
+            (Some(403), Some("python3")),
+            (Some(200), Some("curl")),
+        ]
+    );
+    assert!(
+        lines.iter().all(|l| l["pid"] == lines[0]["pid"]),
+        "one process throughout: {lines:?}"
+    );
 }
 
 #[test]

@@ -39,11 +39,12 @@ pub struct Identity {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
-    /// The process name (informational: pids can be reused).
+    /// The process name (informational: a process can rename itself), as it was when the
+    /// process's current program first connected.
     pub comm: Option<String>,
-    /// The executable, read when the connection is accepted and only if the process is still
-    /// in the connection's cgroup (a reused pid elsewhere gives `None`, which no `executables`
-    /// selector matches).
+    /// The executable of the process's current program, read from /proc when that program
+    /// first connects and only if the pid still names the process that connected (a reused
+    /// pid gives `None`, which no `executables` selector matches).
     pub exe: Option<String>,
 }
 
@@ -88,7 +89,7 @@ fn pod_and_container(
     (pod, container)
 }
 
-/// How many cgroup id -> path entries are kept.
+/// How many cgroup id -> path entries, and how many process images, are kept.
 const CACHE_CAPACITY: usize = 4096;
 
 /// Resolves cgroup ids below one enforced root.
@@ -98,14 +99,65 @@ pub struct Resolver {
     /// The enforced root, relative to the mount (`/` for the whole hierarchy).
     root: String,
     pods: Arc<PodDirectory>,
-    cache: Mutex<PathCache>,
+    /// cgroup id -> path relative to the mount.
+    paths: Mutex<Bounded<u64, String>>,
+    images: Mutex<Bounded<ImageKey, ProcessImage>>,
+    /// Clock ticks per second, the unit of a process's start time in /proc/<pid>/stat.
+    clock_ticks: u64,
 }
 
-/// cgroup id -> path relative to the mount, bounded (oldest out first).
-#[derive(Default)]
-struct PathCache {
-    paths: HashMap<u64, String>,
-    order: VecDeque<u64>,
+/// A map that keeps at most [`CACHE_CAPACITY`] entries (oldest out first).
+struct Bounded<K, V> {
+    entries: HashMap<K, V>,
+    order: VecDeque<K>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Default for Bounded<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
+    fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key)
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.entries.insert(key.clone(), value).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > CACHE_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &K) {
+        if self.entries.remove(key).is_some() {
+            self.order.retain(|k| k != key);
+        }
+    }
+}
+
+/// One program image of one process, as the connect programs name it: a reused pid has
+/// another start time, and exec() changes the exec count.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct ImageKey {
+    pid: u32,
+    start: u64,
+    exec_id: u32,
+}
+
+/// What /proc said about a process image when it first connected.
+#[derive(Clone)]
+struct ProcessImage {
+    exe: Option<String>,
+    comm: Option<String>,
 }
 
 /// `FILEID_KERNFS` (include/linux/exportfs.h): cgroup2 file handles carry the 64-bit cgroup id.
@@ -139,7 +191,13 @@ impl Resolver {
                 .trim_end_matches('/')
                 .to_owned(),
             pods,
-            cache: Mutex::new(PathCache::default()),
+            paths: Mutex::default(),
+            images: Mutex::default(),
+            // SAFETY: sysconf has no preconditions.
+            clock_ticks: u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+                .ok()
+                .filter(|&ticks| ticks > 0)
+                .unwrap_or(100),
         })
     }
 
@@ -154,10 +212,11 @@ impl Resolver {
             .and_then(|path| relative_to(&self.root, path));
         let workload = cgroup.as_deref().map_or(Workload::Other, workload::parse);
         let (pod, container) = pod_and_container(&workload, &self.pods);
+        let process = self.process_image(caller, full_path.as_deref());
         Identity {
             cgroup_id: caller.cgroup_id,
             unit: cgroup.as_deref().and_then(unit_of),
-            exe: full_path.as_deref().and_then(|p| executable(caller.pid, p)),
+            exe: process.exe,
             cgroup,
             workload,
             pod,
@@ -165,8 +224,40 @@ impl Resolver {
             uid: caller.uid,
             gid: caller.gid,
             pid: caller.pid,
-            comm: process_name(caller.pid),
+            comm: process.comm,
         }
+    }
+
+    /// The caller's executable and name: read once per process image and then cached, when
+    /// the kernel named the image; otherwise read for each connection, with the process's
+    /// cgroup as the check that the pid was not reused.
+    fn process_image(&self, caller: &Caller, cgroup: Option<&str>) -> ProcessImage {
+        if caller.process_start == 0 {
+            return ProcessImage {
+                exe: cgroup.and_then(|path| executable(caller.pid, path)),
+                comm: process_name(caller.pid),
+            };
+        }
+        let key = ImageKey {
+            pid: caller.pid,
+            start: caller.process_start,
+            exec_id: caller.exec_id,
+        };
+        if let Some(image) = self.images.lock().expect("images lock").get(&key) {
+            return image.clone();
+        }
+        let Some(image) = read_image(caller.pid, caller.process_start, self.clock_ticks) else {
+            // Gone, or the pid is another process's now: nothing to cache.
+            return ProcessImage {
+                exe: None,
+                comm: None,
+            };
+        };
+        self.images
+            .lock()
+            .expect("images lock")
+            .insert(key, image.clone());
+        image
     }
 
     /// The cgroup's path, from the cache when the cached path still names this cgroup. Ids
@@ -174,10 +265,9 @@ impl Resolver {
     /// so a removed cgroup, or an id reused for another one, is resolved afresh.
     fn cached_path(&self, cgroup_id: u64) -> Option<String> {
         let cached = self
-            .cache
-            .lock()
-            .expect("cache lock")
             .paths
+            .lock()
+            .expect("paths lock")
             .get(&cgroup_id)
             .cloned();
         if let Some(path) = cached {
@@ -187,22 +277,10 @@ impl Resolver {
             }
         }
         let path = self.cgroup_path(cgroup_id).ok();
-        let mut cache = self.cache.lock().expect("cache lock");
+        let mut paths = self.paths.lock().expect("paths lock");
         match &path {
-            Some(path) => {
-                if cache.paths.insert(cgroup_id, path.clone()).is_none() {
-                    cache.order.push_back(cgroup_id);
-                }
-                while cache.order.len() > CACHE_CAPACITY {
-                    if let Some(old) = cache.order.pop_front() {
-                        cache.paths.remove(&old);
-                    }
-                }
-            }
-            None => {
-                cache.paths.remove(&cgroup_id);
-                cache.order.retain(|id| *id != cgroup_id);
-            }
+            Some(path) => paths.insert(cgroup_id, path.clone()),
+            None => paths.remove(&cgroup_id),
         }
         path
     }
@@ -276,6 +354,35 @@ fn executable(pid: u32, cgroup: &str) -> Option<String> {
     exe.to_str().map(str::to_owned)
 }
 
+/// The executable and name of process `pid`, if it is still the process that started at
+/// `start` (nanoseconds since boot, as the kernel recorded it at connect()). The executable is
+/// read before the start time is checked: a pid that names the connecting process after the
+/// read named it during the read too (a pid never returns to an earlier process).
+fn read_image(pid: u32, start: u64, clock_ticks: u64) -> Option<ProcessImage> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|exe| exe.to_str().map(str::to_owned));
+    let stat = read_proc(&format!("/proc/{pid}/stat"))?;
+    let (comm, started_ticks) = parse_stat(&stat)?;
+    // The kernel reports start_boottime in clock ticks, truncated (nsec_to_clock_t).
+    let expected_ticks = start / (1_000_000_000 / clock_ticks);
+    (started_ticks == expected_ticks).then(|| ProcessImage {
+        exe,
+        comm: Some(comm.to_owned()),
+    })
+}
+
+/// The name and the start time (field 22, in clock ticks since boot) from a /proc/<pid>/stat
+/// line. The name is between the first `(` and the last `)`: it may hold either, and spaces.
+fn parse_stat(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    // Fields 3 onwards follow the name: the start time is the 20th of them.
+    let start = stat.get(close + 1..)?.split_ascii_whitespace().nth(19)?;
+    Some((comm, start.parse().ok()?))
+}
+
 fn process_name(pid: u32) -> Option<String> {
     let comm = read_proc(&format!("/proc/{pid}/comm"))?;
     Some(comm.trim_end().to_owned())
@@ -318,6 +425,49 @@ mod tests {
         let status = read_proc("/proc/self/status").expect("status");
         assert!(status.len() > 1024 && status.contains("VmRSS"), "{status}");
         assert_eq!(read_proc("/proc/self/no-such-file"), None);
+    }
+
+    #[test]
+    fn stat_lines_give_the_name_and_start_time_whatever_the_name_holds() {
+        let tail = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 4242 20 21";
+        assert_eq!(
+            parse_stat(&format!("77 (curl) {tail}")),
+            Some(("curl", 4242))
+        );
+        assert_eq!(
+            parse_stat(&format!("77 (a) b (c)) {tail}")),
+            Some(("a) b (c)", 4242))
+        );
+        assert_eq!(parse_stat("77 (curl) S 1 2"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    /// This process's start time as the kernel records it at connect(), to the tick.
+    fn own_start_ns(clock_ticks: u64) -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let (_, ticks) = parse_stat(&stat).expect("own stat");
+        ticks * (1_000_000_000 / clock_ticks)
+    }
+
+    #[test]
+    fn a_process_image_is_read_only_while_its_pid_names_the_process_that_connected() {
+        let clock_ticks = 100;
+        let pid = std::process::id();
+        let start = own_start_ns(clock_ticks);
+        let image = read_image(pid, start, clock_ticks).expect("own image");
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(image.exe.as_deref(), exe.to_str());
+        assert_eq!(
+            image.comm.as_deref(),
+            Some(
+                std::fs::read_to_string("/proc/self/comm")
+                    .unwrap()
+                    .trim_end()
+            )
+        );
+        // The same pid with another start time: a process that has gone, its pid reused.
+        let later = start + 1_000_000_000 / clock_ticks;
+        assert!(read_image(pid, later, clock_ticks).is_none());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use imds_common::SocketOffsets;
+use imds_common::{SocketOffsets, TaskOffsets};
 
 const MAGIC: u16 = 0xeb9f;
 
@@ -183,12 +183,6 @@ impl Btf {
     }
 }
 
-/// The offsets the connect programs need, or why they cannot be had (the programs then
-/// attribute connections to the connecting task).
-pub fn socket_offsets() -> Result<SocketOffsets, BtfError> {
-    socket_offsets_from(&Btf::from_sys_fs()?)
-}
-
 pub fn socket_offsets_from(btf: &Btf) -> Result<SocketOffsets, BtfError> {
     let at = |ty: &str, field: &str| btf.member_offset(ty, field);
     Ok(SocketOffsets {
@@ -201,6 +195,17 @@ pub fn socket_offsets_from(btf: &Btf) -> Result<SocketOffsets, BtfError> {
         file_cred: at("file", "f_cred")?,
         cred_uid: at("cred", "uid")?,
         cred_gid: at("cred", "gid")?,
+        valid: 1,
+    })
+}
+
+/// The task_struct offsets the connect programs need to name the connecting process image.
+pub fn task_offsets_from(btf: &Btf) -> Result<TaskOffsets, BtfError> {
+    let at = |field: &str| btf.member_offset("task_struct", field);
+    Ok(TaskOffsets {
+        group_leader: at("group_leader")?,
+        start_boottime: at("start_boottime")?,
+        self_exec_id: at("self_exec_id")?,
         valid: 1,
     })
 }
@@ -230,6 +235,29 @@ mod tests {
             Err(BtfError::Missing(_))
         ));
         assert!(btf.member_offset("no_such_struct", "x").is_err());
+    }
+
+    #[test]
+    fn the_running_kernels_task_offsets_are_found() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("SKIP: no /sys/kernel/btf/vmlinux");
+            return;
+        };
+        let offsets = task_offsets_from(&btf).expect("offsets");
+        // parent_exec_id and self_exec_id are adjacent u64s (kernel >= 5.7).
+        assert_eq!(
+            offsets.self_exec_id,
+            btf.member_offset("task_struct", "parent_exec_id").unwrap() + 8
+        );
+        // start_time (monotonic) comes right before start_boottime.
+        assert_eq!(
+            offsets.start_boottime,
+            btf.member_offset("task_struct", "start_time").unwrap() + 8
+        );
+        assert!(
+            offsets.group_leader > 0 && offsets.valid == 1,
+            "{offsets:?}"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - `connect4`, `connect6`, `sendmsg4`, `sendmsg6`, `sock_create`: the cgroup links. While
 //!   pinned they stay attached, also when the agent is stopped or crashes, so enforcement does
 //!   not lapse: diverted connects then find no listener and fail (fail closed).
-//! - `IMDS_*`: the maps, pinned by name, so a restarted agent adopts the live state.
+//! - `IMDS_*`: the maps, pinned by name, so a restarted agent adopts the live state. The
+//!   callers map's pin names its record layout (`IMDS_CALLERS_V2`).
 //!
 //! Attribution: a diverted connection carries its caller on the client's socket (socket
 //! storage). A getpeername program on the agent's own cgroup (not pinned: it lives as long as
@@ -17,7 +18,9 @@
 //! Adoption: a new agent loads fresh programs on the pinned maps, attaches new links (for a
 //! moment both generations run; they share maps and rewrite identically), then renames the
 //! new pins over the old ones, which detaches the previous generation. There is no window in
-//! which the cgroup is unenforced.
+//! which the cgroup is unenforced. An upgrade that changes the caller record's layout also
+//! changes the callers map: a connect made by the old generation in that moment is not found
+//! by the new agent and is refused ("not diverted"), as the client would see a restart.
 
 use std::{
     fs::File,
@@ -39,10 +42,11 @@ use aya::{
 };
 use imds_common::{
     COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
-    GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, MAP_CALLERS,
-    MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_POD_NETNS, MAP_VERDICTS,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROG_SOCK_CREATE, SocketOffsets, VerdictKey,
+    GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS,
+    GLOBAL_TASK_OFFSETS, MAP_CALLERS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT,
+    MAP_POD_NETNS, MAP_VERDICTS, PIN_CALLERS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4,
+    PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, RETIRED_CALLER_PINS, SocketOffsets,
+    TaskOffsets, VerdictKey,
 };
 
 use crate::fs;
@@ -165,14 +169,7 @@ impl Enforcer {
             source,
         })?;
 
-        let offsets = btf::socket_offsets().unwrap_or_else(|error| {
-            tracing::warn!(
-                %error,
-                "cannot find the socket fields in the kernel's BTF: connections are attributed \
-                 to the connecting task instead of the socket's creator"
-            );
-            SocketOffsets::default()
-        });
+        let (offsets, task_offsets) = kernel_offsets();
         let divert_ip = u32::from_ne_bytes(config.divert_to.ip().octets());
         let divert_port = config.divert_to.port();
         let pod_divert_ip = config
@@ -182,10 +179,11 @@ impl Enforcer {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(config.pin_dir)
             // BTF maps carry no pinning flag of their own.
-            .map_pin_path(MAP_CALLERS, config.pin_dir.join(MAP_CALLERS))
+            .map_pin_path(MAP_CALLERS, config.pin_dir.join(PIN_CALLERS))
             .override_global(GLOBAL_DIVERT_IP4, &divert_ip, true)
             .override_global(GLOBAL_DIVERT_PORT, &divert_port, true)
             .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
+            .override_global(GLOBAL_TASK_OFFSETS, &task_offsets, true)
             .override_global(GLOBAL_HOST_NETNS, &host_netns, true)
             .override_global(GLOBAL_POD_DIVERT_IP4, &pod_divert_ip, true)
             .override_global(
@@ -260,7 +258,7 @@ impl Enforcer {
         for (name, link) in links {
             replace_pin(config.pin_dir, name, link)?;
         }
-        for name in RETIRED_PINS {
+        for name in RETIRED_PINS.into_iter().chain(RETIRED_CALLER_PINS) {
             remove_pin(config.pin_dir, name)?;
         }
 
@@ -467,11 +465,35 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
         return Ok(false);
     }
     // Links first, so no program runs on maps that are going away.
-    for link in LINKS.into_iter().chain(RETIRED_PINS) {
+    for link in LINKS
+        .into_iter()
+        .chain(RETIRED_PINS)
+        .chain(RETIRED_CALLER_PINS)
+    {
         remove_pin(pin_dir, link)?;
     }
     std::fs::remove_dir_all(pin_dir).map_err(err)?;
     Ok(true)
+}
+
+/// The kernel structure offsets the connect programs follow, from the kernel's BTF; without
+/// them the programs fall back as the warnings say.
+fn kernel_offsets() -> (SocketOffsets, TaskOffsets) {
+    const NO_SOCKET_FIELDS: &str = "cannot find the socket fields in the kernel's BTF: \
+        connections are attributed to the connecting task instead of the socket's creator";
+    const NO_TASK_FIELDS: &str = "cannot find the process fields in the kernel's BTF: the \
+        executable and name of a caller are read from /proc for each of its connections";
+    fn fallback<T: Default>(error: &btf::BtfError, consequence: &str) -> T {
+        tracing::warn!(%error, "{consequence}");
+        T::default()
+    }
+    match btf::Btf::from_sys_fs() {
+        Ok(btf) => (
+            btf::socket_offsets_from(&btf).unwrap_or_else(|e| fallback(&e, NO_SOCKET_FIELDS)),
+            btf::task_offsets_from(&btf).unwrap_or_else(|e| fallback(&e, NO_TASK_FIELDS)),
+        ),
+        Err(e) => (fallback(&e, NO_SOCKET_FIELDS), fallback(&e, NO_TASK_FIELDS)),
+    }
 }
 
 fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
