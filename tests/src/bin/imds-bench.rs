@@ -663,20 +663,22 @@ const HISTORY: &str = "## Before and after\n\n\
 | policy file writes spread evenly over the agent's 100 ms poll interval (each round wrote at about the same point of it, so the figure measured that point) | policy change -> enforced, median (min-max) | 39.4 (35.8-60.1) ms and 76.7 (68.5-270.4) ms in two earlier runs | 46.2 (26.4-81.4) ms |\n\
 | JSON audit lines serialised by the agent (serde, a reused buffer, one write) instead of tracing-subscriber's JSON formatter | share of the agent's CPU in the audit line (perf, 16 keep-alive clients) | 19.3% (formatting 8.0%) | 15.3% (formatting 4.2%) |\n\
 | callers in the agent's network namespace recorded on their own socket (socket storage), which a getpeername program on the agent's cgroup finds from the accepted connection; the sock_ops program attached only when pods are served (`--pod-address`) | programs' run time per connect()+close() to another server (BPF stats); connect p50 ratio | 822 ns (sock_ops 5 x 132 ns); 1.019-1.046 | 182 and 185 ns (connect4 119-128, sock_create 64-76; a quick and a full run), 713 ns with pods served; 0.960 and 1.012, with pods served 0.999 and 1.021 |\n\
-| pods' connections attributed in the pod's own namespace: the agent resolves its id from the route to the pod's address (the pod's veth, or its bridge port), and the getpeername program looks the client's socket up there; the sock_ops program removed | with pods served: programs' run time per connect()+close() (BPF stats); connect p50 ratio (min-max) | 713 ns (sock_ops 5 x 139 ns); 1.021 (1.017-1.074) | 184 ns (connect4 118, sock_create 66); 1.012 (0.985-1.073) |\n\n\
+| pods' connections attributed in the pod's own namespace: the agent resolves its id from the route to the pod's address (the pod's veth, or its bridge port), and the getpeername program looks the client's socket up there; the sock_ops program removed | with pods served: programs' run time per connect()+close() (BPF stats); connect p50 ratio (min-max) | 713 ns (sock_ops 5 x 139 ns); 1.021 (1.017-1.074) | 184 ns (connect4 118, sock_create 66); 1.012 (0.985-1.073) |\n\
+| the connect programs record the process's start time and exec count; the agent reads a process's executable and name from /proc once per program image (checked against that start time) instead of reading its cgroup, executable and name for every connection | new connection per request, 16 clients: agent CPU per request; agent req/s (`imds-bench profile close none`, 3 runs each; then the full run, section 4) | 95.7 us; 7.6k req/s (full run: 106.6 us, 6787 req/s) | 71-72 us; 8.4-8.6k req/s (full run: 76.6 us, 8078 req/s) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
   which adds two clock reads to each), also where pods are served. The p50 ratio measured\n\
-  1.012 in the last full run (0.985-1.073 across its rounds): at the target within this\n\
-  VM's noise, which moves single rounds by several percent either way.\n\
+  1.012 (0.985-1.073 across its rounds) and then 1.006 (0.994-1.013) in the last two full\n\
+  runs: at the target within this VM's noise, which moves single rounds by several\n\
+  percent either way.\n\
 - 3 (+20 / +60 us and 20k req/s). Both lie below what any proxy reaches on this 2-core\n\
   VM: direct requests run at 16.8-21.3k req/s across runs, and the bare relay (one more\n\
   loopback hop, no HTTP) reaches 13.2-14.8k and adds +15 to +60 us. The agent is within\n\
   10-25% of the relay and level with nginx on keep-alive connections. CPU time per request\n\
   (section 4) moves less between runs and shows the real gap: with 16 keep-alive clients\n\
   35-46 us for the agent, 25-30 for nginx and 22-26 for the relay; with a new connection\n\
-  per request 108-131 against nginx's 48-56. Under load (perf, 16 keep-alive clients) 55% of the\n\
+  per request 108-131 against nginx's 48-56 (77 since the change below). Under load (perf, 16 keep-alive clients) 55% of the\n\
   agent's CPU is in the kernel (loopback TCP, which a proxy cannot avoid), 15% in the\n\
   audit line (its write, then the inventory and metrics), the rest in HTTP parsing,\n\
   the policy and the runtime. With one client the agent sleeps and wakes twice per\n\
@@ -686,12 +688,13 @@ Open findings, by section:\n\n\
   req/s either way with 16), nor did audit lines written by a thread of their own\n\
   (tracing-appender). Audit lines off entirely: 31-36 instead of 39-43 us of CPU per\n\
   request, 13.4-14.5k instead of 12.4-13.3k req/s.\n\
-- 3, new connection per request: 23% of the agent's CPU is attribution, 14% of it\n\
-  reading /proc (the pid's cgroup, to make sure a reused pid does not lend its executable\n\
-  to the connection, and its name). Next candidate: record the process's start time and\n\
-  exec count in the connect program, so that the executable and name can be cached per\n\
-  process image. Each new client connection also costs the agent a task and the kernel's\n\
-  record lookup (`imds-bench profile close strace`: about 20 syscalls per connection).\n\
+- 3, new connection per request: attribution took 23% of the agent's CPU, 14% of it\n\
+  reading /proc; it is now read once per process image (see above), and the agent's CPU\n\
+  per request fell by a quarter (nginx's lead in req/s: 1.23x to 1.10x). What remains per\n\
+  connection is mostly the kernel's (accept, the upstream connect, close) and a task per\n\
+  connection. Moving the accept loop from the main thread onto a runtime worker (one thread\n\
+  switch fewer per connection in theory) measured the same in alternating runs (75-86\n\
+  against 77-87 us of CPU per request), so it was left as it is.\n\
 - 6 (policy change -> enforced, target 200 ms). The median stays at 46-68 ms, but one round\n\
   of five in the last full run took 377 ms (earlier runs' slowest: 81-93 ms). Run alone\n\
   (`imds-bench reactions 20`, twice), all 40 rounds took 3-98 ms, within one poll interval\n\
@@ -819,11 +822,19 @@ fn run(quick: bool) -> Result {
         // clock reads per program run, which the comparison above should not include.
         let stats = BpfStats::enable();
         child(&sandbox, "enforced/client", &["connect", other, "500"])?;
-        program_ns.push(program_run_time(&sandbox.cgroup_root.join("enforced"), 500));
+        let run_time = program_run_time(&sandbox.cgroup_root.join("enforced"), 500);
+        eprintln!(
+            "bench: 1. programs' run time: {:.0} ns ({})",
+            run_time.0, run_time.1
+        );
+        program_ns.push(run_time);
         drop(stats);
         drop(agent);
         imds_agent::loader::detach(&sandbox.pin_dir).map_err(|e| e.to_string())?;
     }
+    // The round with the median total, so that its breakdown adds up to the figure shown.
+    program_ns.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let program_ns = program_ns.swap_remove(program_ns.len() / 2);
     let column = |runs: &[Vec<f64>], i: usize| runs.iter().map(|r| r[i]).collect::<Vec<f64>>();
     let _ = writeln!(
         report,
@@ -853,9 +864,8 @@ fn run(quick: bool) -> Result {
     }
     let _ = writeln!(
         report,
-        "\nOne client process alternates between the two cgroups in batches of 50 connects, so both\ncolumns see the machine at the same moments (the connect figures drift by several\nmicroseconds between runs). The programs are those of an agent serving pods as well as\nits own namespace (`--pod-address`), attached and pinned with the agent process stopped,\nso the ratio isolates the kernel side from CPU contention with the agent on this 2-core\nmachine. They run at socket() and connect() only: callers are attributed through their\nsocket, which the agent's getpeername program finds (in the pod's namespace for a pod),\nso no program runs at the TCP events of other connections. The programs' own run time\nper connect()+close() (kernel BPF stats, in a separate run of 500): {:.0} ns in all ({}).\n",
-        median(program_ns.iter().map(|p| p.0).collect()),
-        program_ns.last().map_or("", |p| p.1.as_str()),
+        "\nOne client process alternates between the two cgroups in batches of 50 connects, so both\ncolumns see the machine at the same moments (the connect figures drift by several\nmicroseconds between runs). The programs are those of an agent serving pods as well as\nits own namespace (`--pod-address`), attached and pinned with the agent process stopped,\nso the ratio isolates the kernel side from CPU contention with the agent on this 2-core\nmachine. They run at socket() and connect() only: callers are attributed through their\nsocket, which the agent's getpeername program finds (in the pod's namespace for a pod),\nso no program runs at the TCP events of other connections. The programs' own run time\nper connect()+close() (kernel BPF stats, in a separate run of 500 per round; the median\nround): {:.0} ns in all ({}).\n",
+        program_ns.0, program_ns.1,
     );
 
     let _ = writeln!(
