@@ -284,6 +284,38 @@ fn a_killed_agent_fails_closed_and_a_restarted_agent_serves_again() {
     assert_eq!(denied.status, 403);
 }
 
+/// An agent started over an earlier version's installation whose caller records had another
+/// layout: it must not adopt that map (the kernel would refuse its programs), and it removes
+/// the old pin. Here the old pin is any map under the old name.
+#[test]
+fn an_upgraded_agent_leaves_an_older_caller_map_alone_and_removes_its_pin() {
+    let Some(sandbox) = Sandbox::new("upgrade") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    imds_agent::fs::ensure_bpffs().expect("bpffs");
+    std::fs::create_dir_all(&sandbox.pin_dir).unwrap();
+    let [old_pin] = imds_common::RETIRED_CALLER_PINS.map(|name| sandbox.pin_dir.join(name));
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old_pin)
+        .args("type hash key 4 value 48 entries 1 name IMDS_CALLERS".split(' '))
+        .output()
+        .expect("bpftool");
+    assert!(created.status.success(), "{created:?}");
+
+    let agent = sandbox.start_agent("enforced", "agent", &[&repo_policies()], &[]);
+    let served = sandbox.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        (served.status, served.body.as_str()),
+        (200, INSTANCE_ID),
+        "{served:?}\n{}",
+        agent.log()
+    );
+    assert!(!old_pin.exists(), "the old callers pin is still there");
+    assert!(sandbox.pin_dir.join(imds_common::PIN_CALLERS).exists());
+}
+
 #[test]
 fn detach_removes_enforcement() {
     let Some(mut env) = start("detach", false) else {
