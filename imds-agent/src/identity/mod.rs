@@ -196,7 +196,7 @@ impl Resolver {
             // SAFETY: sysconf has no preconditions.
             clock_ticks: u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
                 .ok()
-                .filter(|&ticks| ticks > 0)
+                .filter(|ticks| (1..=1_000_000_000).contains(ticks))
                 .unwrap_or(100),
         })
     }

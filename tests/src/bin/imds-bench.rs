@@ -664,13 +664,13 @@ const HISTORY: &str = "## Before and after\n\n\
 | JSON audit lines serialised by the agent (serde, a reused buffer, one write) instead of tracing-subscriber's JSON formatter | share of the agent's CPU in the audit line (perf, 16 keep-alive clients) | 19.3% (formatting 8.0%) | 15.3% (formatting 4.2%) |\n\
 | callers in the agent's network namespace recorded on their own socket (socket storage), which a getpeername program on the agent's cgroup finds from the accepted connection; the sock_ops program attached only when pods are served (`--pod-address`) | programs' run time per connect()+close() to another server (BPF stats); connect p50 ratio | 822 ns (sock_ops 5 x 132 ns); 1.019-1.046 | 182 and 185 ns (connect4 119-128, sock_create 64-76; a quick and a full run), 713 ns with pods served; 0.960 and 1.012, with pods served 0.999 and 1.021 |\n\
 | pods' connections attributed in the pod's own namespace: the agent resolves its id from the route to the pod's address (the pod's veth, or its bridge port), and the getpeername program looks the client's socket up there; the sock_ops program removed | with pods served: programs' run time per connect()+close() (BPF stats); connect p50 ratio (min-max) | 713 ns (sock_ops 5 x 139 ns); 1.021 (1.017-1.074) | 184 ns (connect4 118, sock_create 66); 1.012 (0.985-1.073) |\n\
-| the connect programs record the process's start time and exec count; the agent reads a process's executable and name from /proc once per program image (checked against that start time) instead of reading its cgroup, executable and name for every connection | new connection per request, 16 clients: agent CPU per request; agent req/s (`imds-bench profile close none`, 3 runs each; then the full run, section 4) | 95.7 us; 7.6k req/s (full run: 106.6 us, 6787 req/s) | 71-72 us; 8.4-8.6k req/s (full run: 76.6 us, 8078 req/s) |\n\n\
+| the connect programs record the process's start time and exec count; the agent reads a process's executable and name from /proc once per program image (checked against that start time) instead of reading its cgroup, executable and name for every connection | new connection per request, 16 clients: agent CPU per request; agent req/s (`imds-bench profile close none`, 3 runs each; then the full run, section 4) | 95.7 us; 7.6k req/s (full run: 106.6 us, 6787 req/s) | 71-72 us; 8.4-8.6k req/s (two full runs: 76.6 and 81.2 us, 8078 and 7755 req/s) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
   which adds two clock reads to each), also where pods are served. The p50 ratio measured\n\
-  1.012 (0.985-1.073 across its rounds) and then 1.006 (0.994-1.013) in the last two full\n\
-  runs: at the target within this VM's noise, which moves single rounds by several\n\
+  1.012 (0.985-1.073 across its rounds), 1.006 (0.994-1.013) and 1.008 (0.939-1.008) in\n\
+  the last three full runs: at the target within this VM's noise, which moves single rounds by several\n\
   percent either way.\n\
 - 3 (+20 / +60 us and 20k req/s). Both lie below what any proxy reaches on this 2-core\n\
   VM: direct requests run at 16.8-21.3k req/s across runs, and the bare relay (one more\n\
@@ -678,7 +678,7 @@ Open findings, by section:\n\n\
   10-25% of the relay and level with nginx on keep-alive connections. CPU time per request\n\
   (section 4) moves less between runs and shows the real gap: with 16 keep-alive clients\n\
   35-46 us for the agent, 25-30 for nginx and 22-26 for the relay; with a new connection\n\
-  per request 108-131 against nginx's 48-56 (77 since the change below). Under load (perf, 16 keep-alive clients) 55% of the\n\
+  per request 108-131 against nginx's 48-56 (77-81 since the change below). Under load (perf, 16 keep-alive clients) 55% of the\n\
   agent's CPU is in the kernel (loopback TCP, which a proxy cannot avoid), 15% in the\n\
   audit line (its write, then the inventory and metrics), the rest in HTTP parsing,\n\
   the policy and the runtime. With one client the agent sleeps and wakes twice per\n\
@@ -690,7 +690,7 @@ Open findings, by section:\n\n\
   request, 13.4-14.5k instead of 12.4-13.3k req/s.\n\
 - 3, new connection per request: attribution took 23% of the agent's CPU, 14% of it\n\
   reading /proc; it is now read once per process image (see above), and the agent's CPU\n\
-  per request fell by a quarter (nginx's lead in req/s: 1.23x to 1.10x). What remains per\n\
+  per request fell by a quarter (nginx's lead in req/s: 1.23x to 1.10-1.15x). What remains per\n\
   connection is mostly the kernel's (accept, the upstream connect, close) and a task per\n\
   connection. Moving the accept loop from the main thread onto a runtime worker (one thread\n\
   switch fewer per connection in theory) measured the same in alternating runs (75-86\n\
