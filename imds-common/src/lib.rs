@@ -19,8 +19,6 @@ pub const MAP_CALLERS: &str = "IMDS_CALLERS";
 /// by an agent with another layout cannot be adopted (the kernel would refuse programs that
 /// write the new size into it), so a new layout is pinned under a new name.
 pub const PIN_CALLERS: &str = "IMDS_CALLERS_V2";
-/// Pins of earlier [`Caller`] layouts, which an upgraded agent removes.
-pub const RETIRED_CALLER_PINS: [&str; 1] = ["IMDS_CALLERS"];
 /// Pods' network namespaces, keyed by the pod's IPv4 address (network byte order); value: the
 /// namespace's id (nsid) in the agent's namespace, where the getpeername program looks up the
 /// client's socket. Written by the agent before it asks for a pod connection's peer.

@@ -295,7 +295,7 @@ fn an_upgraded_agent_leaves_an_older_caller_map_alone_and_removes_its_pin() {
     let _imds = sandbox.start_fake_imds(false);
     imds_agent::fs::ensure_bpffs().expect("bpffs");
     std::fs::create_dir_all(&sandbox.pin_dir).unwrap();
-    let [old_pin] = imds_common::RETIRED_CALLER_PINS.map(|name| sandbox.pin_dir.join(name));
+    let old_pin = sandbox.pin_dir.join("IMDS_CALLERS");
     let created = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&old_pin)

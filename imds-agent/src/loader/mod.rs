@@ -45,8 +45,7 @@ use imds_common::{
     GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS,
     GLOBAL_TASK_OFFSETS, MAP_CALLERS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT,
     MAP_POD_NETNS, MAP_VERDICTS, PIN_CALLERS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4,
-    PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, RETIRED_CALLER_PINS, SocketOffsets,
-    TaskOffsets, VerdictKey,
+    PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, SocketOffsets, TaskOffsets, VerdictKey,
 };
 
 use crate::fs;
@@ -72,9 +71,10 @@ const LINKS: [&str; 5] = [
     LINK_SENDMSG6,
     LINK_SOCK_CREATE,
 ];
-/// Pinned by earlier versions, which recorded pods' connections with a sock_ops program; an
-/// upgraded agent removes them (unpinning the link detaches that program).
-const RETIRED_PINS: [&str; 3] = ["sock_ops", "IMDS_PENDING", "IMDS_CONNS"];
+/// Pinned by earlier versions, which an upgraded agent removes: a sock_ops program that
+/// recorded pods' connections (unpinning the link detaches it) and its maps, and the callers
+/// map of the 48-byte caller layout.
+const RETIRED_PINS: [&str; 4] = ["sock_ops", "IMDS_PENDING", "IMDS_CONNS", "IMDS_CALLERS"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -258,7 +258,7 @@ impl Enforcer {
         for (name, link) in links {
             replace_pin(config.pin_dir, name, link)?;
         }
-        for name in RETIRED_PINS.into_iter().chain(RETIRED_CALLER_PINS) {
+        for name in RETIRED_PINS {
             remove_pin(config.pin_dir, name)?;
         }
 
@@ -465,11 +465,7 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
         return Ok(false);
     }
     // Links first, so no program runs on maps that are going away.
-    for link in LINKS
-        .into_iter()
-        .chain(RETIRED_PINS)
-        .chain(RETIRED_CALLER_PINS)
-    {
+    for link in LINKS.into_iter().chain(RETIRED_PINS) {
         remove_pin(pin_dir, link)?;
     }
     std::fs::remove_dir_all(pin_dir).map_err(err)?;
