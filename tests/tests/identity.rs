@@ -1,6 +1,7 @@
-//! The identity cache against real cgroups: ids are inode numbers, so a cached path must not
-//! outlive its cgroup. (cgroup v2 refuses renames with EPERM, so removal is the only way a
-//! cgroup's path stops naming it.)
+//! The identity caches against real cgroups and processes: ids are inode numbers, so a cached
+//! path must not outlive its cgroup (cgroup v2 refuses renames with EPERM, so removal is the
+//! only way a cgroup's path stops naming it); and a pid must still name the process that
+//! connected before /proc says anything about it.
 
 use std::{os::unix::fs::MetadataExt as _, sync::Arc};
 
@@ -50,4 +51,63 @@ fn cached_paths_do_not_outlive_their_cgroup() {
         Some("/app")
     );
     assert_eq!(resolver.identify(&caller(first_id)).cgroup, None);
+}
+
+/// A caller's executable is read from /proc only while its pid names the process that
+/// connected: by the start time the connect programs record, or, without the kernel's task
+/// fields (start 0), by the pid's cgroup. A pid that names another process lends it nothing.
+#[test]
+fn a_callers_executable_is_read_only_while_its_pid_names_the_process_that_connected() {
+    let Some(sandbox) = Sandbox::new("idexe") else {
+        return;
+    };
+    let resolver = Resolver::new(
+        &sandbox.cgroup_mount,
+        &sandbox.cgroup_root,
+        Arc::new(PodDirectory::default()),
+    )
+    .expect("resolver");
+    let app_id = std::fs::metadata(sandbox.cgroup("app")).unwrap().ino();
+    let other_id = std::fs::metadata(sandbox.cgroup("other")).unwrap().ino();
+    let mut sleeper = sandbox
+        .command("sleep", "app")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    let pid = sleeper.id();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_str();
+    // Field 22 of /proc/<pid>/stat, in clock ticks (100 per second): the kernel's
+    // start_boottime truncated, so any nanosecond value in that tick stands for it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let start = ticks * 10_000_000 + 1234;
+    let connected = |cgroup_id, process_start| {
+        resolver.identify(&Caller {
+            pid,
+            process_start,
+            ..caller(cgroup_id)
+        })
+    };
+
+    let named = connected(app_id, start);
+    assert_eq!(
+        (named.exe.as_deref(), named.comm.as_deref()),
+        (exe, Some("sleep"))
+    );
+    // Another start time: the pid is another process's now.
+    let reused = connected(app_id, start + 10_000_000);
+    assert_eq!((reused.exe, reused.comm), (None, None));
+    // Without the task fields: the pid must be in the connection's cgroup.
+    assert_eq!(connected(app_id, 0).exe.as_deref(), exe);
+    assert_eq!(connected(other_id, 0).exe, None);
+
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }
