@@ -22,17 +22,23 @@ fn caller(cgroup_id: u64) -> Caller {
     }
 }
 
-#[test]
-fn cached_paths_do_not_outlive_their_cgroup() {
-    let Some(sandbox) = Sandbox::new("idcache") else {
-        return;
-    };
+/// A sandbox, and a resolver for the cgroups below its root (the agent's, without pods).
+fn resolver_in_sandbox(label: &str) -> Option<(Sandbox, Resolver)> {
+    let sandbox = Sandbox::new(label)?;
     let resolver = Resolver::new(
         &sandbox.cgroup_mount,
         &sandbox.cgroup_root,
         Arc::new(PodDirectory::default()),
     )
     .expect("resolver");
+    Some((sandbox, resolver))
+}
+
+#[test]
+fn cached_paths_do_not_outlive_their_cgroup() {
+    let Some((sandbox, resolver)) = resolver_in_sandbox("idcache") else {
+        return;
+    };
     let first = sandbox.cgroup("app");
     let first_id = std::fs::metadata(&first).unwrap().ino();
     assert_eq!(
@@ -58,15 +64,9 @@ fn cached_paths_do_not_outlive_their_cgroup() {
 /// fields (start 0), by the pid's cgroup. A pid that names another process lends it nothing.
 #[test]
 fn a_callers_executable_is_read_only_while_its_pid_names_the_process_that_connected() {
-    let Some(sandbox) = Sandbox::new("idexe") else {
+    let Some((sandbox, resolver)) = resolver_in_sandbox("idexe") else {
         return;
     };
-    let resolver = Resolver::new(
-        &sandbox.cgroup_mount,
-        &sandbox.cgroup_root,
-        Arc::new(PodDirectory::default()),
-    )
-    .expect("resolver");
     let app_id = std::fs::metadata(sandbox.cgroup("app")).unwrap().ino();
     let other_id = std::fs::metadata(sandbox.cgroup("other")).unwrap().ino();
     let mut sleeper = sandbox
