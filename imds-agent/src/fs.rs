@@ -23,9 +23,20 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
 }
 
 /// The directory of this process's own cgroup on the cgroup v2 mount.
+///
+/// `/proc/self/cgroup` names the cgroup from the root of the process's cgroup namespace,
+/// which need not be the mount's root: a container given the node's cgroup tree (a hostPath
+/// volume) sees a mount whose root is its own node's root (`/sys/fs/cgroup` bound from a
+/// subtree), and in a private cgroup namespace (containerd on cgroup v2) it reads `/` for a
+/// cgroup deep in the tree. The path is used where the mount's root is a prefix of it;
+/// otherwise the cgroup is found on the mount by the process's own pid in `cgroup.procs`.
 pub fn own_cgroup() -> io::Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let (mount_root, mount_point) = find_mount_entry(&mountinfo, "cgroup2").ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted")
+    })?;
     let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
-    let relative = cgroups
+    let own = cgroups
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| {
@@ -34,20 +45,63 @@ pub fn own_cgroup() -> io::Result<PathBuf> {
                 "no cgroup v2 line in /proc/self/cgroup",
             )
         })?;
-    Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
+    if let Some(relative) = below_mount_root(&mount_root, own) {
+        let dir = mount_point.join(relative);
+        if dir.join("cgroup.procs").is_file() {
+            return Ok(dir);
+        }
+    }
+    find_cgroup_of(&mount_point, std::process::id()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "this process's cgroup ({own} in its cgroup namespace) is not on the cgroup2 \
+                 mount at {} (root {mount_root}): mount the whole cgroup tree there",
+                mount_point.display()
+            ),
+        )
+    })
 }
 
-/// The first mount point of a file system type in mountinfo text (proc(5) format: the mount
-/// point is field 5, the type is the first field after the " - " separator).
+/// `cgroup` relative to a mount whose root is `mount_root`, if it is below it.
+fn below_mount_root<'a>(mount_root: &str, cgroup: &'a str) -> Option<&'a str> {
+    let root = mount_root.trim_end_matches('/');
+    let rest = cgroup.strip_prefix(root)?;
+    (rest.is_empty() || rest.starts_with('/')).then(|| rest.trim_start_matches('/'))
+}
+
+/// The cgroup directory below `dir` whose `cgroup.procs` lists `pid` (as this process's pid
+/// namespace numbers it, which is how the kernel writes the file for its reader).
+fn find_cgroup_of(dir: &Path, pid: u32) -> Option<PathBuf> {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    if procs.lines().any(|line| line.trim().parse() == Ok(pid)) {
+        return Some(dir.to_owned());
+    }
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|entry| find_cgroup_of(&entry.path(), pid))
+}
+
+/// The first mount point of a file system type in mountinfo text.
 pub fn find_mount(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
+    find_mount_entry(mountinfo, fstype).map(|(_, point)| point)
+}
+
+/// The root within the file system (field 4) and the mount point (field 5) of the first mount
+/// of a file system type in mountinfo text (proc(5) format; the type is the first field after
+/// the " - " separator).
+fn find_mount_entry(mountinfo: &str, fstype: &str) -> Option<(String, PathBuf)> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         if right.split(' ').next()? != fstype {
             return None;
         }
-        left.split(' ')
-            .nth(4)
-            .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        let mut fields = left.split(' ').skip(3);
+        let root = unescape_mountinfo(fields.next()?);
+        let point = PathBuf::from(unescape_mountinfo(fields.next()?));
+        Some((root, point))
     })
 }
 
@@ -111,10 +165,25 @@ pub fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Mounts bpffs at [`BPFFS_ROOT`] unless it is mounted there already.
+///
+/// Not in a container that shares the node's processes but not its mounts (a DaemonSet pod
+/// with hostPID): a bpffs mounted there is the container's own, and the pinned links, which
+/// keep enforcement while no agent runs, would go with the container.
 pub fn ensure_bpffs() -> io::Result<()> {
     let root = Path::new(BPFFS_ROOT);
     if is_bpffs(root) {
         return Ok(());
+    }
+    if !shares_init_mounts() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{BPFFS_ROOT} is not a bpf file system, and one mounted here would be this \
+                 container's own: the pinned programs, and enforcement with them, would go when \
+                 it exits. Mount bpffs on the node (systemd does; or `mount -t bpf bpf \
+                 {BPFFS_ROOT}`) and give the agent the node's {BPFFS_ROOT} (a hostPath volume)"
+            ),
+        ));
     }
     std::fs::create_dir_all(root)?;
     let source = c"bpf";
@@ -133,6 +202,18 @@ pub fn ensure_bpffs() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether this process is in the mount namespace of pid 1 as it sees it (true when that
+/// cannot be read: pid 1 is then this container's own, or /proc hides it).
+fn shares_init_mounts() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(own), Ok(init)) => own == init,
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +247,44 @@ mod tests {
         );
         let only_prio = format!("{HYBRID}42 31 0:39 / /x rw - cgroup cgroup rw,net_prio\n");
         assert_eq!(collapsing_v1_controllers(&only_prio), ["net_prio"]);
+    }
+
+    #[test]
+    fn a_cgroup_is_found_below_a_mount_of_a_subtree() {
+        // The node's tree bound into a container: the mount's root is the node's cgroup.
+        let bound = "90 80 0:38 /node-a /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_mount_entry(bound, "cgroup2"),
+            Some(("/node-a".into(), PathBuf::from("/sys/fs/cgroup")))
+        );
+        assert_eq!(
+            below_mount_root("/node-a", "/node-a/kubepods/pod1/ctr"),
+            Some("kubepods/pod1/ctr")
+        );
+        assert_eq!(below_mount_root("/node-a", "/node-a"), Some(""));
+        assert_eq!(
+            below_mount_root("/", "/system.slice/x"),
+            Some("system.slice/x")
+        );
+        // Another subtree, one that only shares a prefix, and a private cgroup namespace
+        // (whose mount root reads as a walk upwards): not derivable from the path.
+        assert_eq!(below_mount_root("/node-a", "/node-b/x"), None);
+        assert_eq!(below_mount_root("/node-a", "/node-ab/x"), None);
+        assert_eq!(below_mount_root("/../../..", "/"), None);
+    }
+
+    #[test]
+    fn a_cgroup_is_found_by_a_pid_in_its_procs_file() {
+        let dir = std::env::temp_dir().join(format!("imds-fs-test-{}", std::process::id()));
+        let leaf = dir.join("kubepods/pod1/ctr");
+        std::fs::create_dir_all(&leaf).expect("dirs");
+        std::fs::write(dir.join("cgroup.procs"), "1\n").expect("root procs");
+        std::fs::write(dir.join("kubepods/cgroup.procs"), "").expect("procs");
+        std::fs::write(leaf.join("cgroup.procs"), "17\n4242\n").expect("leaf procs");
+        assert_eq!(find_cgroup_of(&dir, 4242), Some(leaf));
+        assert_eq!(find_cgroup_of(&dir, 1), Some(dir.clone()));
+        assert_eq!(find_cgroup_of(&dir, 424), None);
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]
