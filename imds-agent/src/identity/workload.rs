@@ -5,7 +5,8 @@
 //!   (guaranteed pods have no qos level: `kubepods.slice/kubepods-pod<uid>.slice/...`);
 //!   runtimes `cri-containerd`, `crio`, `docker`.
 //! - Kubernetes pods, cgroupfs driver: `kubepods/<qos>/pod<uid>/<container-id>`
-//!   (guaranteed: `kubepods/pod<uid>/<id>`).
+//!   (guaranteed: `kubepods/pod<uid>/<id>`); containerd names the leaf by the bare id, CRI-O
+//!   `crio-<id>`, podman `libpod-<id>` (and `libpod-<id>.scope` under systemd).
 //! - systemd units: `system.slice/<unit>.service`, user services under
 //!   `user.slice/user-<uid>.slice/user@<uid>.service/...`, sessions `.../session-<n>.scope`.
 //! - Anything else is a plain path.
@@ -32,7 +33,8 @@ pub enum Workload {
         qos: Qos,
         /// The container's runtime id (64 hex digits), when the cgroup is a container's.
         container_id: Option<String>,
-        /// `cri-containerd`, `crio`, `docker`, or `None` for the cgroupfs driver.
+        /// The runtime's prefix of the leaf (`cri-containerd`, `crio`, `docker`, `libpod`), or
+        /// `None` for a bare id (containerd under the cgroupfs driver).
         runtime: Option<String>,
     },
     /// A systemd unit (`nginx.service`, `session-3.scope`), with the user whose slice it is in
@@ -44,8 +46,11 @@ pub enum Workload {
     Other,
 }
 
-/// Container runtimes' scope prefixes under the systemd driver.
-const RUNTIMES: [&str; 3] = ["cri-containerd", "crio", "docker"];
+/// Container runtimes' prefixes of a container's cgroup leaf: `<runtime>-<id>.scope` under the
+/// systemd driver, `<runtime>-<id>` under cgroupfs (CRI-O, podman). Their monitors
+/// (`crio-conmon-<id>`, `libpod-conmon-<id>`) are not containers: `crio-conmon` and
+/// `libpod-conmon` are no runtime's prefix.
+const RUNTIMES: [&str; 4] = ["cri-containerd", "crio", "docker", "libpod"];
 
 pub fn parse(cgroup: &str) -> Workload {
     let components: Vec<&str> = cgroup.split('/').filter(|c| !c.is_empty()).collect();
@@ -117,14 +122,15 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
-/// `<runtime>-<id>.scope` (systemd driver) or `<id>` (cgroupfs driver).
+/// `<runtime>-<id>.scope` (systemd driver), `<runtime>-<id>` or `<id>` (cgroupfs driver).
 fn container(component: &str) -> Option<(String, Option<String>)> {
-    if let Some(scope) = component.strip_suffix(".scope") {
-        let (runtime, id) = scope.rsplit_once('-')?;
-        return (RUNTIMES.contains(&runtime) && is_container_id(id))
-            .then(|| (id.to_owned(), Some(runtime.to_owned())));
+    if is_container_id(component) {
+        return Some((component.to_owned(), None));
     }
-    is_container_id(component).then(|| (component.to_owned(), None))
+    let leaf = component.strip_suffix(".scope").unwrap_or(component);
+    let (runtime, id) = leaf.rsplit_once('-')?;
+    (RUNTIMES.contains(&runtime) && is_container_id(id))
+        .then(|| (id.to_owned(), Some(runtime.to_owned())))
 }
 
 fn is_container_id(s: &str) -> bool {
@@ -209,6 +215,44 @@ mod tests {
             (
                 format!("/kubepods/pod{UID}"),
                 pod(Qos::Guaranteed, false, None),
+            ),
+            // cgroupfs driver, runtimes that prefix the leaf: CRI-O and podman (and podman's
+            // monitor, which is not a container)
+            (
+                format!("/kubepods/burstable/pod{UID}/crio-{CID}"),
+                pod(Qos::Burstable, true, Some("crio")),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/libpod-{CID}"),
+                pod(Qos::BestEffort, true, Some("libpod")),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/libpod-{CID}/nested"),
+                pod(Qos::BestEffort, true, Some("libpod")),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/libpod-conmon-{CID}"),
+                pod(Qos::BestEffort, false, None),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/crio-conmon-{CID}"),
+                pod(Qos::BestEffort, false, None),
+            ),
+            // podman under the systemd driver
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/libpod-{CID}.scope"
+                ),
+                pod(Qos::BestEffort, true, Some("libpod")),
+            ),
+            // a prefix that is no runtime's, and an id of the wrong length
+            (
+                format!("/kubepods/besteffort/pod{UID}/other-{CID}"),
+                pod(Qos::BestEffort, false, None),
+            ),
+            (
+                format!("/kubepods/besteffort/pod{UID}/libpod-{}", &CID[..63]),
+                pod(Qos::BestEffort, false, None),
             ),
             // nested kubepods trees (kind nodes, k3s)
             (
