@@ -86,7 +86,7 @@ pub enum LoaderError {
     PinDir { path: PathBuf, source: io::Error },
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
-    #[error("loading the eBPF object failed: {0}")]
+    #[error("loading the eBPF object failed: {0}{hint}", hint = permission_hint(.0))]
     Load(#[from] EbpfError),
     #[error("program {name}: {source}")]
     Program {
@@ -472,6 +472,23 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
     Ok(true)
 }
 
+/// What to check when the kernel refused bpf() (EPERM somewhere in the error's causes).
+fn permission_hint(error: &EbpfError) -> &'static str {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+        {
+            return " (bpf() was refused: the agent needs CAP_BPF, CAP_PERFMON and \
+                    CAP_NET_ADMIN, and in a container a seccomp profile that lets bpf() \
+                    through: the runtimes' default profiles do only with CAP_SYS_ADMIN)";
+        }
+        cause = current.source();
+    }
+    ""
+}
+
 /// The kernel structure offsets the connect programs follow, from the kernel's BTF; without
 /// them the programs fall back as the warnings say.
 fn kernel_offsets() -> (SocketOffsets, TaskOffsets) {
@@ -631,4 +648,29 @@ fn socket_option_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::MapError;
+
+    use super::*;
+
+    fn map_refused(errno: i32) -> LoaderError {
+        LoaderError::Load(EbpfError::MapError(MapError::CreateError {
+            name: "IMDS_ENDPOINTS4".into(),
+            io_error: io::Error::from_raw_os_error(errno),
+        }))
+    }
+
+    #[test]
+    fn a_refused_bpf_call_says_what_to_check() {
+        let refused = map_refused(libc::EPERM).to_string();
+        assert!(
+            refused.contains("IMDS_ENDPOINTS4") && refused.contains("CAP_SYS_ADMIN"),
+            "{refused}"
+        );
+        let other = map_refused(libc::ENOMEM).to_string();
+        assert!(!other.contains("seccomp"), "{other}");
+    }
 }
