@@ -3,6 +3,8 @@
 //! Depends on std alone on purpose: it must build on a fresh machine before `setup` has
 //! installed the eBPF toolchain that the agent's build script needs.
 
+mod image;
+
 use std::{
     env,
     path::{Path, PathBuf},
@@ -17,14 +19,21 @@ commands:
           curl, rust-src for nightly, bpf-linker; botocore, google-auth and azure-identity
           for the SDK tests
   demo    set up, build, and run the demo in a sandbox network namespace
-  test    set up, build, and run every test (what CI runs), plus fmt and clippy checks
+  test    set up, build, and run every test (what CI runs), plus fmt and clippy checks;
+          builds the image and the container test's workload image first
   bench [--quick]  measure side by side in a sandbox and write BENCHMARKS.md
   package build the Debian package (target/debian/imds-agent_*.deb)
+  image   build the agent's OCI image for amd64 and arm64 with buildah (no daemon, no
+          registry): loaded into local storage as localhost/imds-agent:<version>, written
+          as OCI archives under target/image/
   fuzz [SECONDS]  run each fuzz target for SECONDS (default 60) with cargo-fuzz (nightly);
           a crash stops with the input under fuzz/artifacts: make it a regression test";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect attachments, iproute2 and curl
-/// for the sandbox and its workloads.
+/// for the sandbox and its workloads; for the image and the container test: buildah, podman
+/// with runc and netavark (crun refuses hybrid cgroup layouts; netavark sets up its bridges
+/// with iptables), skopeo, mmdebstrap (the
+/// workload image), the arm64 cross compiler and libc, and qemu-user to start the arm64 build.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -33,6 +42,18 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "curl",
+    "ca-certificates",
+    "buildah",
+    "podman",
+    "runc",
+    "netavark",
+    "aardvark-dns",
+    "skopeo",
+    "mmdebstrap",
+    "iptables",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user-static",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -44,6 +65,7 @@ fn main() -> ExitCode {
         Some("demo") => setup().and_then(|()| demo()),
         Some("test") => setup().and_then(|()| test()),
         Some("package") => setup().and_then(|()| package()),
+        Some("image") => setup().and_then(|()| image::image()),
         Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--quick"))),
         Some("fuzz") => {
             let seconds = args
@@ -134,6 +156,13 @@ fn setup() -> Result {
             "--toolchain",
             "nightly",
         ]))?;
+    }
+    let has_arm64 = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("aarch64-unknown-linux-gnu"));
+    if !has_arm64 {
+        run(Command::new("rustup").args(["target", "add", "aarch64-unknown-linux-gnu"]))?;
     }
     if !succeeds("bpf-linker", &["--version"]) {
         let llvm = "/usr/lib/llvm-22";
@@ -273,6 +302,9 @@ fn test() -> Result {
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The packaging test checks the .deb's contents.
     package()?;
+    // The container test runs the image deploy/ names, and pods from the workload image.
+    image::image()?;
+    image::workload_image()?;
     // Unit tests, the tests of the fake IMDS, and the end-to-end tests against the kernel.
     let mut command = cargo();
     command.args(["test"]).stdout(std::process::Stdio::piped());
