@@ -121,8 +121,10 @@ pub struct RunArgs {
     /// Where callers in other network namespaces (pods) reach the agent: an IPv4 address of
     /// this node, where the agent also listens on the --listen port. Their diverted connects
     /// go there, since a pod's loopback is its own. `auto`: the address of the default
-    /// route's interface; `none`: such connects are refused. On Kubernetes pass the node's
-    /// IP (the DaemonSet does, from status.hostIP). A pod's connection is attributed in the
+    /// route's interface; `none`: such connects are refused. A comma-separated list (as
+    /// Kubernetes writes status.hostIPs) gives its first IPv4 address; a list of IPv6
+    /// addresses only (an IPv6-only node) refuses pods' connects, with a warning. On
+    /// Kubernetes the DaemonSet passes the node's addresses (status.hostIPs). A pod's connection is attributed in the
     /// pod's network namespace, found by the route to the pod's address: its veth (or netkit)
     /// link, or the bridge port behind which the pod's address was learned.
     #[arg(long, default_value = "auto")]
@@ -151,8 +153,10 @@ pub struct RunArgs {
     /// Divert only the --endpoint addresses, not the provider's defaults.
     #[arg(long, requires = "endpoints")]
     pub no_default_endpoints: bool,
-    /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754).
-    #[arg(long)]
+    /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754). An
+    /// address in brackets may be of either family, so `[$(NODE_IP)]:9754` serves an IPv4 or
+    /// an IPv6 node.
+    #[arg(long, value_parser = parse_listen_address)]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Run although a cgroup v1 net_cls or net_prio hierarchy is mounted (by default the agent
     /// refuses: their use disables the kernel's cgroup v2 socket matching).
@@ -290,5 +294,45 @@ impl RunArgs {
             all.push(*endpoint);
         }
         all
+    }
+}
+
+/// `ADDRESS:PORT`, `[IPV6]:PORT`, or `[IPV4]:PORT`: brackets are accepted around either
+/// family, so a Kubernetes manifest can write `[$(NODE_IP)]:PORT` whatever the node's family.
+pub fn parse_listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let bracketed = s
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+        .and_then(|(ip, port)| Some((ip.parse::<std::net::IpAddr>().ok()?, port.parse().ok()?)));
+    bracketed
+        .map(|(ip, port)| std::net::SocketAddr::new(ip, port))
+        .ok_or_else(|| format!("{s:?}: expected ADDRESS:PORT or [ADDRESS]:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_take_brackets_around_either_family() {
+        for (text, expected) in [
+            ("127.0.0.1:9754", "127.0.0.1:9754"),
+            ("[10.0.0.7]:9754", "10.0.0.7:9754"),
+            ("[fd00::7]:9754", "[fd00::7]:9754"),
+        ] {
+            assert_eq!(parse_listen_address(text), Ok(expected.parse().unwrap()));
+        }
+        for bad in [
+            "fd00::7:9754",
+            "[10.0.0.7]",
+            "10.0.0.7",
+            "[node]:9754",
+            "[::1]:x",
+        ] {
+            assert!(parse_listen_address(bad).is_err(), "{bad} parsed");
+        }
     }
 }

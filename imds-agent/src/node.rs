@@ -4,37 +4,56 @@
 //! same port. Connections there are served only if the kernel recorded them as diverted, so
 //! the listener being reachable from elsewhere gives nothing away.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 /// `--pod-address`: how the node address for pods is found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodAddress {
     /// The IPv4 address of the interface holding the default route.
     Auto,
     /// No address: connects from other namespaces to a metadata endpoint are refused.
     None,
     Ip(Ipv4Addr),
+    /// The node's addresses, all IPv6 (an IPv6-only node; Kubernetes' `status.hostIPs` there):
+    /// pods reach the agent over IPv4 only, so their connects are refused, with a warning.
+    Ipv6Only(Vec<Ipv6Addr>),
 }
 
 impl FromStr for PodAddress {
     type Err = String;
 
+    /// `auto`, `none`, or the node's addresses, comma-separated as Kubernetes writes
+    /// `status.hostIPs` (`10.0.0.7,fd00::7`): the first IPv4 one is used.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "auto" => Ok(Self::Auto),
-            "none" => Ok(Self::None),
-            _ => {
-                let ip: Ipv4Addr = s
-                    .parse()
-                    .map_err(|_| format!("{s:?}: expected auto, none or an IPv4 address"))?;
-                if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-                    return Err(format!(
-                        "{ip}: pods cannot reach the agent there (a pod's loopback is its own)"
-                    ));
-                }
-                Ok(Self::Ip(ip))
+            "auto" => return Ok(Self::Auto),
+            "none" => return Ok(Self::None),
+            _ => {}
+        }
+        let mut listed = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            let ip: IpAddr = part.parse().map_err(|_| {
+                format!("{part:?}: expected auto, none, or the node's addresses (comma-separated)")
+            })?;
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                return Err(format!(
+                    "{ip}: pods cannot reach the agent there (a pod's loopback is its own)"
+                ));
+            }
+            listed.push(ip);
+        }
+        let mut v6 = Vec::new();
+        for ip in listed {
+            match ip {
+                IpAddr::V4(ip) => return Ok(Self::Ip(ip)),
+                IpAddr::V6(ip) => v6.push(ip),
             }
         }
+        Ok(Self::Ipv6Only(v6))
     }
 }
 
@@ -44,6 +63,10 @@ impl fmt::Display for PodAddress {
             Self::Auto => f.write_str("auto"),
             Self::None => f.write_str("none"),
             Self::Ip(ip) => ip.fmt(f),
+            Self::Ipv6Only(ips) => {
+                let listed: Vec<String> = ips.iter().map(Ipv6Addr::to_string).collect();
+                f.write_str(&listed.join(","))
+            }
         }
     }
 }
@@ -51,10 +74,19 @@ impl fmt::Display for PodAddress {
 impl PodAddress {
     /// The address to use, `None` for no pod diversion. `auto` without a default route (or
     /// with no IPv4 address on its interface) is no pod diversion, with the reason.
-    pub fn resolve(self) -> (Option<Ipv4Addr>, Option<String>) {
+    pub fn resolve(&self) -> (Option<Ipv4Addr>, Option<String>) {
         match self {
-            Self::Ip(ip) => (Some(ip), None),
+            Self::Ip(ip) => (Some(*ip), None),
             Self::None => (None, None),
+            Self::Ipv6Only(_) => (
+                None,
+                Some(format!(
+                    "--pod-address {self}: the node has no IPv4 address; pods reach the agent \
+                     over IPv4 only, so connects from pods to the metadata service are refused \
+                     (node daemons are served). On dual-stack nodes pass an IPv4 address of \
+                     the node"
+                )),
+            ),
             Self::Auto => {
                 let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
                 let Some(interface) = default_route_interface(&route) else {
@@ -147,9 +179,41 @@ mod tests {
             "10.0.0.7".parse(),
             Ok(PodAddress::Ip(Ipv4Addr::new(10, 0, 0, 7)))
         );
-        for bad in ["127.0.0.1", "0.0.0.0", "node", "fd00::1"] {
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "node",
+            "::1",
+            "10.0.0.7,",
+            "10.0.0.7,::1",
+        ] {
             assert!(bad.parse::<PodAddress>().is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn node_address_lists_give_their_first_ipv4_address() {
+        // status.hostIPs on a dual-stack node, in either family order.
+        assert_eq!(
+            "fd00::7,10.0.0.7".parse(),
+            Ok(PodAddress::Ip(Ipv4Addr::new(10, 0, 0, 7)))
+        );
+        assert_eq!(
+            "10.0.0.7,fd00::7".parse(),
+            Ok(PodAddress::Ip(Ipv4Addr::new(10, 0, 0, 7)))
+        );
+        // An IPv6-only node: no pod diversion, and a warning that says so.
+        let v6_only: PodAddress = "fd00::7".parse().expect("parses");
+        assert_eq!(
+            v6_only,
+            PodAddress::Ipv6Only(vec!["fd00::7".parse().unwrap()])
+        );
+        let (ip, problem) = v6_only.resolve();
+        assert_eq!(ip, None);
+        assert!(
+            problem.is_some_and(|p| p.contains("fd00::7") && p.contains("IPv4 only")),
+            "the warning names the address and the reason"
+        );
     }
 
     #[test]

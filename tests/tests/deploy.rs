@@ -202,8 +202,12 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
         ("kustomize.config.k8s.io/v1beta1", "Kustomization")
     );
     assert_eq!(kustomization.images.len(), 1);
-    assert!(
-        !kustomization.images[0].new_name.is_empty() && !kustomization.images[0].new_tag.is_empty()
+    // The image `cargo xtask image` builds: its name in local storage, the agent's version.
+    let image = &kustomization.images[0];
+    assert_eq!(
+        (image.new_name.as_str(), image.new_tag.as_str()),
+        ("localhost/imds-agent", env!("CARGO_PKG_VERSION")),
+        "deploy/ names another image than `cargo xtask image` builds"
     );
     assert!(!kustomization.patches.is_empty());
 
@@ -370,33 +374,46 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
     }
 
     // The container's command line is the agent's: parse it with the agent's own parser,
-    // with the $(VAR) references the kubelet substitutes.
+    // with the $(VAR) references the kubelet substitutes, on an IPv4, a dual-stack and an
+    // IPv6-only node.
     let env: Vec<&str> = container
         .env
         .iter()
         .flatten()
         .map(|e| e.name.as_str())
         .collect();
-    let args: Vec<String> = container
-        .args
-        .iter()
-        .flatten()
-        .map(|a| {
-            let mut a = a.clone();
-            for (var, value) in [("$(NODE_NAME)", "node-a"), ("$(NODE_IP)", "10.0.0.7")] {
-                if a.contains(var) {
-                    assert!(env.contains(&&var[2..var.len() - 1]), "{var} is not in env");
-                    a = a.replace(var, value);
-                }
-            }
-            assert!(!a.contains("$("), "unresolved reference in {a}");
-            a
-        })
-        .chain(extra_args)
-        .collect();
     use clap::{CommandFactory as _, Parser as _};
-    imds_agent::cli::Cli::try_parse_from(std::iter::once("imds-agent".to_owned()).chain(args))
-        .unwrap_or_else(|e| panic!("the DaemonSet's args: {e}"));
+    let nodes = [
+        ("10.0.0.7", "10.0.0.7"),
+        ("fd00::7", "fd00::7,10.0.0.7"),
+        ("fd00::7", "fd00::7"),
+    ];
+    for (node_ip, node_ips) in nodes {
+        let args: Vec<String> = container
+            .args
+            .iter()
+            .flatten()
+            .map(|a| {
+                let mut a = a.clone();
+                let values = [
+                    ("$(NODE_NAME)", "node-a"),
+                    ("$(NODE_IPS)", node_ips),
+                    ("$(NODE_IP)", node_ip),
+                ];
+                for (var, value) in values {
+                    if a.contains(var) {
+                        assert!(env.contains(&&var[2..var.len() - 1]), "{var} is not in env");
+                        a = a.replace(var, value);
+                    }
+                }
+                assert!(!a.contains("$("), "unresolved reference in {a}");
+                a
+            })
+            .chain(extra_args.iter().cloned())
+            .collect();
+        imds_agent::cli::Cli::try_parse_from(std::iter::once("imds-agent".to_owned()).chain(args))
+            .unwrap_or_else(|e| panic!("the DaemonSet's args on a node at {node_ips}: {e}"));
+    }
     // Each setting in the settings config map is one the agent reads from its environment.
     let command = imds_agent::cli::Cli::command();
     let run = command.find_subcommand("run").expect("run");
