@@ -502,7 +502,8 @@ impl hyper::body::Body for EventStream {
     }
 }
 
-/// A pod on `node` with one running container, as the API server reports it.
+/// A pod on `node` with one running container, as the API server reports it, running as the
+/// namespace's `default` service account.
 pub fn pod(
     namespace: &str,
     name: &str,
@@ -511,11 +512,24 @@ pub fn pod(
     labels: Value,
     container_id: &str,
 ) -> Value {
+    pod_as(namespace, name, uid, node, labels, "default", container_id)
+}
+
+/// As [`pod`], running as `service_account`.
+pub fn pod_as(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    labels: Value,
+    service_account: &str,
+    container_id: &str,
+) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"namespace": namespace, "name": name, "uid": uid, "labels": labels},
-        "spec": {"nodeName": node, "serviceAccountName": "default",
+        "spec": {"nodeName": node, "serviceAccountName": service_account,
                  "containers": [{"name": "app", "image": "app:1"}]},
         "status": {"phase": "Running", "containerStatuses": [{
             "name": "app", "containerID": format!("containerd://{container_id}"),

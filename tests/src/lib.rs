@@ -3,4 +3,5 @@
 
 pub mod fake_imds;
 pub mod fake_kube;
+pub mod kubelet;
 pub mod sandbox;

@@ -319,7 +319,9 @@ impl Sandbox {
         self.spawn_fake_imds(&["--provider", provider], extra)
     }
 
-    fn spawn_fake_imds(&self, flags: &[&str], extra: &[&str]) -> Process {
+    /// The fake metadata service with `fake-imds` flags, on the sandbox's metadata addresses
+    /// and on `extra`.
+    pub fn spawn_fake_imds(&self, flags: &[&str], extra: &[&str]) -> Process {
         let mut command = self.command(binary("fake-imds"), "imds");
         command
             .args([
@@ -609,13 +611,21 @@ impl Drop for PodNetwork {
     }
 }
 
+/// What [`Curl`] runs curl with: quiet but for errors, a 5 s limit, and the status code on a
+/// line of its own after the body.
+pub const CURL_ARGS: [&str; 7] = ["-sS", "--noproxy", "*", "-m", "5", "-w", "\n%{http_code}"];
+
 fn run_curl(mut command: Command, args: &[&str]) -> Curl {
     command
-        .args(["-sS", "--noproxy", "*", "-m", "5", "-w", "\n%{http_code}"])
+        .args(CURL_ARGS)
         .args(args)
         .env_clear()
         .env("PATH", "/usr/bin:/bin");
-    let output = command.output().expect("run curl");
+    curl_result(command.output().expect("run curl"))
+}
+
+/// What a curl run with [`CURL_ARGS`] saw.
+pub fn curl_result(output: std::process::Output) -> Curl {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
     Curl {
@@ -624,6 +634,18 @@ fn run_curl(mut command: Command, args: &[&str]) -> Curl {
         exit: output.status.code().unwrap_or(-1),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// Whether `name` is a sandbox's ("imds-<label>-<pid>-<n>") whose test process is gone.
+pub fn is_stale(name: &str) -> bool {
+    let mut parts = name.rsplit('-');
+    let (Some(_), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    name.starts_with("imds-")
+        && pid
+            .parse::<u32>()
+            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 impl Drop for Sandbox {
@@ -657,14 +679,7 @@ fn reap_stale() {
     let cgroup_mount = imds_agent::fs::cgroup2_mount().ok();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let mut parts = name.rsplit('-');
-        let (Some(_), Some(pid)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if !name.starts_with("imds-") || Path::new(&format!("/proc/{pid}")).exists() {
+        if !is_stale(name) {
             continue;
         }
         if let Some(mount) = &cgroup_mount {

@@ -25,6 +25,9 @@ struct Args {
     /// Whose metadata service to serve.
     #[arg(long, value_enum, default_value_t = Provider::Aws)]
     provider: Provider,
+    /// Append each request to this file as `METHOD PATH`.
+    #[arg(long)]
+    request_log: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -45,6 +48,7 @@ async fn main() {
             tokens_required: args.tokens_required,
             role: args.role,
             provider: args.provider,
+            request_log: args.request_log,
         },
     )
     .await;

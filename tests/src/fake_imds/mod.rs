@@ -50,6 +50,9 @@ pub struct Config {
     pub role: String,
     /// Whose metadata service to serve.
     pub provider: Provider,
+    /// A file to which each request is appended as `METHOD PATH` when it arrives, for tests
+    /// of what reached the service.
+    pub request_log: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             tokens_required: false,
             role: "demo-node-role".into(),
             provider: Provider::Aws,
+            request_log: None,
         }
     }
 }
@@ -99,6 +103,9 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
                     let service = service_fn(move |request| {
                         let state = state.clone();
                         async move {
+                            if let Some(log) = &state.config.request_log {
+                                log_request(log, &request);
+                            }
                             if let Some(delay) = requested_delay(&request) {
                                 tokio::time::sleep(delay).await;
                             }
@@ -119,6 +126,19 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
     }
     for task in tasks {
         let _ = task.await;
+    }
+}
+
+fn log_request<B>(log: &std::path::Path, request: &Request<B>) {
+    use std::io::Write as _;
+    let line = format!("{} {}\n", request.method(), request.uri().path());
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(error) = appended {
+        eprintln!("fake-imds: request log {}: {error}", log.display());
     }
 }
 
