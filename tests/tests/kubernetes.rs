@@ -95,6 +95,11 @@ struct Env {
 
 impl Env {
     fn start(label: &str, extra: &[&str]) -> Option<Self> {
+        Self::start_with(label, extra, Vec::new())
+    }
+
+    /// As [`Self::start`], with further objects in the API before the agent starts.
+    fn start_with(label: &str, extra: &[&str], objects: Vec<(Kind, Value)>) -> Option<Self> {
         let sandbox = Sandbox::new(label)?;
         let imds = sandbox.start_fake_imds(false);
         let api = FakeApiServer::start(sandbox.bind_tcp("127.0.0.1:0"));
@@ -102,6 +107,9 @@ impl Env {
         api.apply(kind, object);
         let (kind, object) = policy(None, "baseline", baseline_spec());
         api.apply(kind, object);
+        for (kind, object) in objects {
+            api.apply(kind, object);
+        }
         let kubeconfig = api.kubeconfig(&sandbox.work_dir);
         let files = sandbox.write_policies(&[]);
         let pod_network = sandbox.add_pod_network();
@@ -287,6 +295,57 @@ fn pods_and_policies_arrive_by_watch_and_updates_flip_decisions() {
         accepted_condition(&env.api, "payments", "grab").is_some_and(|c| c["status"] == "False")
     }));
     assert_eq!(env.get(&web_pod, CREDENTIALS_URL).status, 403);
+}
+
+/// A namespace admin's ImdsPolicy with a value the agent cannot read (a uid past u32; the
+/// schema of older releases admitted it) must stall nothing: a new agent becomes ready, the
+/// object is reported, every other policy applies, and a fix is picked up.
+#[test]
+fn a_policy_the_agent_cannot_read_is_reported_and_stalls_nothing() {
+    let mut unreadable = payments_spec(true);
+    unreadable["callers"]["uids"] = json!([4294967296u64]);
+    let bad = policy(Some("tenant"), "huge-uid", unreadable);
+    // Env::start_with fails the test unless the agent turns ready.
+    let Some(env) = Env::start_with("kube-unreadable", &[], vec![bad]) else {
+        return;
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            accepted_condition(&env.api, "tenant", "huge-uid")
+                .is_some_and(|c| c["status"] == "False")
+        }),
+        "the unreadable object is never reported:\n{}",
+        env.agent.log()
+    );
+    let condition = accepted_condition(&env.api, "tenant", "huge-uid").expect("condition");
+    let message = condition["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cannot be read") && message.contains("4294967296"),
+        "says what: {message}"
+    );
+    // The other policies apply: the namespace policy and the cluster default.
+    env.add_pod(&API_0, NODE);
+    env.add_pod(&WEB_0, NODE);
+    assert_eq!(env.get(&API_0.cgroup(), CREDENTIALS_URL).status, 200);
+    assert_eq!(env.get(&WEB_0.cgroup(), CREDENTIALS_URL).status, 403);
+    assert!(
+        env.metrics()
+            .contains("imds_agent_policy_resources{state=\"invalid\"} 1"),
+        "{}",
+        env.metrics()
+    );
+
+    // Fixed by its owner: accepted.
+    let (kind, object) = policy(Some("tenant"), "huge-uid", payments_spec(true));
+    env.api.apply(kind, object);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            accepted_condition(&env.api, "tenant", "huge-uid")
+                .is_some_and(|c| c["status"] == "True")
+        }),
+        "{:?}",
+        env.api.get(Kind::ImdsPolicy, "tenant", "huge-uid")
+    );
 }
 
 #[test]

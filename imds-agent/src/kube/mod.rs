@@ -4,3 +4,6 @@
 pub mod crd;
 pub mod taint;
 pub mod watch;
+
+#[cfg(test)]
+mod watch_tests;

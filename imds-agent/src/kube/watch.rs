@@ -6,6 +6,13 @@
 //! kube-runtime's backoff (exponential, capped); the metrics show each watch's state and
 //! errors. A policy update that does not validate is reported (`Accepted=False`) and the
 //! object's previously accepted version stays in force.
+//!
+//! Policies are watched as untyped objects and read one by one: a typed watch fails a whole
+//! list page on one object it cannot deserialize, so one tenant's object (an ImdsPolicy is a
+//! namespace admin's to write) would stop policy changes on every node and keep a new agent
+//! from ever becoming ready. An object that cannot be read is reported like one that does not
+//! validate, and nothing else waits on it. Untyped rather than kube's `DeserializeGuard`, so
+//! that the object's own status (the condition already written) is read whatever its spec.
 
 use std::{
     collections::BTreeMap,
@@ -21,14 +28,14 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    api::{Patch, PatchParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
-use super::crd::{ClusterImdsPolicy, ImdsPolicy, PolicyStatus};
+use super::crd::{ClusterImdsPolicy, ImdsPolicy};
 use crate::{
     identity::pods::{ContainerInfo, PodDirectory, PodInfo},
     metrics::Metrics,
@@ -118,7 +125,8 @@ impl Watches {
     }
 
     async fn watch_policies<K: PolicyResource>(self: Arc<Self>, resources: Arc<ResourcePolicies>) {
-        let api: Api<K> = Api::all(self.client.clone());
+        let api: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &ApiResource::erase::<K>(&()));
         let mut events = watcher(api, watcher::Config::default())
             .default_backoff()
             .boxed();
@@ -136,9 +144,11 @@ impl Watches {
                 }
                 Ok(watcher::Event::InitDone) => {
                     listed_all = true;
-                    resources.relist(listed.drain(..))
+                    resources.relist::<K>(&listed)
                 }
-                Ok(watcher::Event::Apply(object)) => resources.apply(&object).into_iter().collect(),
+                Ok(watcher::Event::Apply(object)) => {
+                    resources.apply::<K>(&object).into_iter().collect()
+                }
                 Ok(watcher::Event::Delete(object)) => {
                     resources.delete::<K>(&object);
                     Vec::new()
@@ -162,6 +172,7 @@ impl Watches {
                 self.report::<K>(report).await;
             }
             if std::mem::take(&mut listed_all) {
+                listed.clear();
                 // In force and reported: ready as far as this kind goes.
                 K::synced(&self.synced).store(true, Ordering::Relaxed);
                 self.metrics.watch_synced(K::PLURAL, true);
@@ -182,7 +193,11 @@ impl Watches {
     /// Writes the `Accepted` condition. Every agent writes the same condition for the same
     /// generation (validation depends on the spec alone), so concurrent writers agree.
     async fn report<K: PolicyResource>(&self, report: Report) {
-        let api = K::api(self.client.clone(), report.namespace.as_deref());
+        let resource = ApiResource::erase::<K>(&());
+        let api: Api<DynamicObject> = match report.namespace.as_deref() {
+            Some(namespace) => Api::namespaced_with(self.client.clone(), namespace, &resource),
+            None => Api::all_with(self.client.clone(), &resource),
+        };
         let (status, reason, message) = match &report.error {
             None => ("True", "Valid", "in force".to_owned()),
             Some(error) if report.previous_in_force => (
@@ -266,10 +281,7 @@ pub trait PolicyResource:
     /// Whether it governs the pods of its own namespace only.
     const NAMESPACED: bool;
     fn document(&self) -> &PolicyDocument;
-    fn status(&self) -> Option<&PolicyStatus>;
     fn synced(synced: &Synced) -> &AtomicBool;
-    /// The API for objects in `namespace` (namespaced kinds) or the cluster.
-    fn api(client: Client, namespace: Option<&str>) -> Api<Self>;
 }
 
 impl PolicyResource for ImdsPolicy {
@@ -278,14 +290,8 @@ impl PolicyResource for ImdsPolicy {
     fn document(&self) -> &PolicyDocument {
         &self.spec.policy
     }
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
     fn synced(synced: &Synced) -> &AtomicBool {
         &synced.namespaced_policies
-    }
-    fn api(client: Client, namespace: Option<&str>) -> Api<Self> {
-        Api::namespaced(client, namespace.unwrap_or("default"))
     }
 }
 
@@ -295,20 +301,30 @@ impl PolicyResource for ClusterImdsPolicy {
     fn document(&self) -> &PolicyDocument {
         &self.spec.policy
     }
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
     fn synced(synced: &Synced) -> &AtomicBool {
         &synced.cluster_policies
     }
-    fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
-        Api::all(client)
-    }
+}
+
+/// Reads one watched object as `K`, or says why it cannot be read (a value out of what the
+/// agent reads, a field of the wrong type): the reason a report gives.
+fn read_object<K: PolicyResource>(object: &DynamicObject) -> Result<K, String> {
+    let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    serde_json::from_value(value).map_err(|e| format!("cannot be read: {e}"))
+}
+
+/// The object's `Accepted` condition as it stands, whatever else its status holds.
+fn accepted_condition(object: &DynamicObject) -> Option<Condition> {
+    object.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
 }
 
 /// The policy resources as validated, by (plural, namespace, name).
 #[derive(Default)]
-struct ResourcePolicies {
+pub(super) struct ResourcePolicies {
     entries: Mutex<BTreeMap<(&'static str, String, String), Entry>>,
 }
 
@@ -320,12 +336,12 @@ struct Entry {
 }
 
 /// What to write into one object's status.
-struct Report {
-    source: String,
+pub(super) struct Report {
+    pub(super) source: String,
     namespace: Option<String>,
     name: String,
     generation: Option<i64>,
-    error: Option<String>,
+    pub(super) error: Option<String>,
     previous_in_force: bool,
     /// The object's Accepted condition as it was.
     previous_condition: Option<Condition>,
@@ -334,7 +350,7 @@ struct Report {
 impl ResourcePolicies {
     /// Validates a new or changed object. `None` when its spec did not change (a status
     /// update, or a resync): nothing to do, nothing to report.
-    fn apply<K: PolicyResource>(&self, object: &K) -> Option<Report> {
+    pub(super) fn apply<K: PolicyResource>(&self, object: &DynamicObject) -> Option<Report> {
         let namespace = object.namespace().filter(|_| K::NAMESPACED);
         let name = object.name_any();
         let generation = object.meta().generation;
@@ -356,12 +372,21 @@ impl ResourcePolicies {
             Some(namespace) => format!("{}/{namespace}/{name}", K::PLURAL),
             None => format!("{}/{name}", K::PLURAL),
         };
-        let result = compile_resource(
-            &PathBuf::from(&source),
-            source.clone(),
-            object.document(),
-            namespace.as_deref(),
-        );
+        let result = read_object::<K>(object).and_then(|typed| {
+            compile_resource(
+                &PathBuf::from(&source),
+                source.clone(),
+                typed.document(),
+                namespace.as_deref(),
+            )
+            .map_err(|errors| {
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        });
         let entry = entries.entry(key).or_insert(Entry {
             generation: None,
             accepted: None,
@@ -374,15 +399,9 @@ impl ResourcePolicies {
                 entry.valid = true;
                 None
             }
-            Err(errors) => {
+            Err(error) => {
                 entry.valid = false;
-                Some(
-                    errors
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                )
+                Some(error)
             }
         };
         Some(Report {
@@ -392,16 +411,13 @@ impl ResourcePolicies {
             generation,
             error,
             previous_in_force: entry.accepted.is_some(),
-            previous_condition: object
-                .status()
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted").cloned()),
+            previous_condition: accepted_condition(object),
         })
     }
 
     /// A complete list of one kind (at start, or after the watch restarted): objects no
     /// longer listed are gone.
-    fn relist<K: PolicyResource>(&self, objects: impl Iterator<Item = K>) -> Vec<Report> {
-        let objects: Vec<K> = objects.collect();
+    pub(super) fn relist<K: PolicyResource>(&self, objects: &[DynamicObject]) -> Vec<Report> {
         {
             let mut entries = self.entries.lock().expect("resource policies");
             entries.retain(|(plural, namespace, name), _| {
@@ -413,10 +429,10 @@ impl ResourcePolicies {
                     })
             });
         }
-        objects.iter().filter_map(|o| self.apply(o)).collect()
+        objects.iter().filter_map(|o| self.apply::<K>(o)).collect()
     }
 
-    fn delete<K: PolicyResource>(&self, object: &K) {
+    fn delete<K: PolicyResource>(&self, object: &DynamicObject) {
         let namespace = object
             .namespace()
             .filter(|_| K::NAMESPACED)
@@ -429,7 +445,7 @@ impl ResourcePolicies {
     }
 
     /// The policies in force, in a stable order.
-    fn accepted(&self) -> Vec<Policy> {
+    pub(super) fn accepted(&self) -> Vec<Policy> {
         self.entries
             .lock()
             .expect("resource policies")
