@@ -41,6 +41,10 @@ pub struct Request<'a> {
     pub gid: u32,
     pub pid: u32,
     pub comm: &'a str,
+    /// The executable as the caller's file system names it, and whether it is the node's
+    /// file there (`node-file`, `container`, `not-the-node-file`).
+    pub exe: &'a str,
+    pub exe_check: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub decision: &'a str,
@@ -81,6 +85,8 @@ impl Request<'_> {
             gid = self.gid,
             pid = self.pid,
             comm = self.comm,
+            exe = self.exe,
+            exe_check = self.exe_check,
             method = self.method,
             path = self.path,
             decision = self.decision,
@@ -131,6 +137,8 @@ mod tests {
             gid: 1000,
             pid: 42,
             comm: "curl",
+            exe: "/usr/bin/curl",
+            exe_check: "node-file",
             method: "GET",
             path: "/latest/meta-data/instance-id",
             decision: "allow",
@@ -158,6 +166,7 @@ mod tests {
         assert_eq!(value["cgroup"], "/web/\"quoted\"\n");
         assert_eq!(value["latency_us"], 123);
         assert_eq!(value["upstream_status"], 200);
-        assert_eq!(value.as_object().unwrap().len(), 23);
+        assert_eq!(value["exe_check"], "node-file");
+        assert_eq!(value.as_object().unwrap().len(), 25);
     }
 }

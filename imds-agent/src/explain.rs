@@ -21,7 +21,10 @@ pub fn explain(args: &ExplainArgs) -> Result<String, String> {
         (None, None) => return Err("--cgroup or --pod is required".into()),
     };
     let mut identity = Identity::for_cgroup(&cgroup, args.uid, gid, &pods);
-    identity.exe.clone_from(&args.exe);
+    identity.exe = args
+        .exe
+        .as_deref()
+        .map(crate::identity::executable::Executable::assumed);
     let path =
         CanonicalPath::parse(&args.path).map_err(|e| format!("path {:?}: {e}", args.path))?;
     let method = args.method.to_ascii_uppercase();

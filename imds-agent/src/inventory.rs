@@ -80,7 +80,7 @@ impl Inventory {
         if let Some(exe) = &identity.exe
             && entry.executables.len() < MAX_EXECUTABLES
         {
-            entry.executables.insert(exe.clone());
+            entry.executables.insert(exe.path.clone());
         }
         entry.last_seen = crate::status::iso8601(std::time::SystemTime::now());
     }
@@ -177,7 +177,9 @@ mod tests {
         let inventory = Inventory::default();
         let mut web =
             Identity::for_cgroup("/system.slice/web.service", 0, 0, &PodDirectory::default());
-        web.exe = Some("/usr/bin/python3".into());
+        web.exe = Some(crate::identity::executable::Executable::assumed(
+            "/usr/bin/python3",
+        ));
         let batch = Identity::for_cgroup("/batch", 1000, 1000, &PodDirectory::default());
         let read = |path, group, denied, tokenless| Use {
             path,

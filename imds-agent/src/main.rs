@@ -79,6 +79,16 @@ fn main() -> ExitCode {
                             policy.name(),
                             policy.rule_count()
                         );
+                        for rule in policy.credentials_by_executable_alone() {
+                            eprintln!(
+                                "{}: warning: policy '{}' rule '{rule}' grants credentials by \
+                                 executable alone: any process that runs that program (or, in a \
+                                 container, any program at that path) gets them; add a cgroup, \
+                                 unit, uid or pod selector beside it",
+                                policy.source().display(),
+                                policy.name(),
+                            );
+                        }
                     }
                     ExitCode::SUCCESS
                 }

@@ -60,6 +60,26 @@ fn policy_check_reports_every_error_with_its_location_and_exits_64() {
 }
 
 #[test]
+fn policy_check_warns_where_credentials_hang_on_an_executable_alone() {
+    let dir = std::env::temp_dir().join(format!("imds-cli-exe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("aws.yaml");
+    std::fs::write(
+        &file,
+        "name: aws-cli\ncallers: {executables: [\"/usr/bin/aws\"]}\ndefault: deny\nrules:\n  - {name: creds, action: allow, methods: [GET], groups: [credentials]}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = agent(&["policy", "check", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 0, "a warning, not an error: {stderr}");
+    assert!(stdout.contains("ok: policy 'aws-cli'"), "{stdout}");
+    assert!(
+        stderr.contains("aws.yaml: warning: policy 'aws-cli' rule 'creds' grants credentials by executable alone"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_missing_policy_file_is_named() {
     let (code, _, stderr) = agent(&["policy", "check", "/nonexistent/p.yaml"]);
     assert_eq!(code, 64);

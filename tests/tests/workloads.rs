@@ -691,3 +691,116 @@ fn a_restarted_agent_does_not_inherit_the_previous_policys_kernel_verdicts() {
         "{served:?}"
     );
 }
+
+/// A GET of the instance id over a plain socket, as a Python program run under another name;
+/// prints the status line.
+const PYTHON_GET: &str = "import socket; s = socket.create_connection(('169.254.169.254', 80)); \
+    s.sendall(b'GET /latest/meta-data/instance-id HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'); \
+    print(s.recv(4096).decode().split('\\r\\n')[0])";
+
+/// Runs Python as `/usr/bin/curl`: in a private user and mount namespace (what any
+/// unprivileged user may make), the Python interpreter bind-mounted over /usr/bin/curl, so
+/// that /proc/<pid>/exe reads `/usr/bin/curl`. Returns the status line it got.
+fn python_posing_as_curl(sandbox: &Sandbox, cgroup: &str) -> String {
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("/usr/bin/python3");
+    let script = format!(
+        "mount --bind {} /usr/bin/curl && exec /usr/bin/curl -c \"{PYTHON_GET}\"",
+        python.display()
+    );
+    let output = sandbox
+        .command_as("unshare", cgroup, Some(1000))
+        .args(["--map-root-user", "--mount", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The executable of the audit lines with this status, and what was checked of it.
+fn audited_executables(agent: &Agent, status: u64) -> Vec<(String, String)> {
+    agent
+        .audit()
+        .into_iter()
+        .filter(|l| l["status"] == status)
+        .map(|l| {
+            (
+                l["exe"].as_str().unwrap_or_default().to_owned(),
+                l["exe_check"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Another program bind-mounted over the allowed path reads as that path in /proc/<pid>/exe;
+/// it is not the node's file there, so the selector does not match it. The real one does.
+#[test]
+fn another_program_mounted_over_the_allowed_path_is_not_that_program() {
+    let Some(env) = start("exe-mount", &[("exe.yaml", CURL_ONLY)]) else {
+        return;
+    };
+    let curl = env
+        .sandbox
+        .curl("enforced/app", Some(1000), &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(curl.status, 200, "{curl:?}");
+    let posing = python_posing_as_curl(&env.sandbox, "enforced/app");
+    assert!(posing.starts_with("HTTP/1.1 403"), "{posing}");
+    assert_eq!(
+        audited_executables(&env.agent, 200),
+        [("/usr/bin/curl".to_owned(), "node-file".to_owned())]
+    );
+    assert_eq!(
+        audited_executables(&env.agent, 403),
+        [("/usr/bin/curl".to_owned(), "not-the-node-file".to_owned())],
+        "the audit says why"
+    );
+}
+
+/// A selector that pins the program's content: the real curl is allowed on the host and in a
+/// container (where a path alone names the container's own file); another file at that
+/// path is not, in either.
+#[test]
+fn a_pinned_digest_names_the_program_whatever_its_path() {
+    let content = std::fs::read("/usr/bin/curl").expect("/usr/bin/curl");
+    let digest: String = sha256_hex(&content);
+    let policy = CURL_ONLY.replace(
+        "[\"/usr/bin/curl\"]",
+        &format!("[\"/usr/bin/curl@sha256:{digest}\"]"),
+    );
+    let Some(env) = start("exe-digest", &[("exe.yaml", &policy)]) else {
+        return;
+    };
+    let container = pod_cgroup(POD_A, CONTAINER_A);
+    for cgroup in ["enforced/app", container.as_str()] {
+        let curl = env
+            .sandbox
+            .curl(cgroup, Some(1000), &[&url(INSTANCE_ID_PATH)]);
+        assert_eq!(curl.status, 200, "{cgroup}: {curl:?}");
+        let posing = python_posing_as_curl(&env.sandbox, cgroup);
+        assert!(posing.starts_with("HTTP/1.1 403"), "{cgroup}: {posing}");
+    }
+    let checks: Vec<String> = audited_executables(&env.agent, 403)
+        .into_iter()
+        .map(|(_, check)| check)
+        .collect();
+    assert_eq!(checks, ["not-the-node-file", "container"]);
+}
+
+/// sha256 as `sha256sum` prints it.
+fn sha256_hex(content: &[u8]) -> String {
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), content).expect("write");
+    let output = child.wait_with_output().expect("sha256sum output");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned()
+}

@@ -2,6 +2,7 @@
 //! a cgroup path, the workload (pod and container, systemd unit), and the process. Never from
 //! the source address.
 
+pub mod executable;
 pub mod pods;
 pub mod workload;
 
@@ -17,6 +18,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use executable::{Digests, Executable};
 use imds_common::Caller;
 use pods::{PodDirectory, PodInfo};
 pub use workload::Workload;
@@ -44,8 +46,9 @@ pub struct Identity {
     pub comm: Option<String>,
     /// The executable of the process's current program, read from /proc when that program
     /// first connects and only if the pid still names the process that connected (a reused
-    /// pid gives `None`, which no `executables` selector matches).
-    pub exe: Option<String>,
+    /// pid gives `None`, which no `executables` selector matches), with whether it is the
+    /// node's file at its path (see `executable`).
+    pub exe: Option<Executable>,
 }
 
 impl Identity {
@@ -102,6 +105,7 @@ pub struct Resolver {
     /// cgroup id -> path relative to the mount.
     paths: Mutex<Bounded<u64, String>>,
     images: Mutex<Bounded<ImageKey, ProcessImage>>,
+    digests: Digests,
     /// Clock ticks per second, the unit of a process's start time in /proc/<pid>/stat.
     clock_ticks: u64,
 }
@@ -156,7 +160,7 @@ struct ImageKey {
 /// What /proc said about a process image when it first connected.
 #[derive(Clone)]
 struct ProcessImage {
-    exe: Option<String>,
+    exe: Option<Executable>,
     comm: Option<String>,
 }
 
@@ -193,6 +197,7 @@ impl Resolver {
             pods,
             paths: Mutex::default(),
             images: Mutex::default(),
+            digests: Digests::default(),
             // SAFETY: sysconf has no preconditions.
             clock_ticks: u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
                 .ok()
@@ -205,6 +210,11 @@ impl Resolver {
         &self.pods
     }
 
+    /// Whether executables' digests are read: while a policy pins one.
+    pub fn want_digests(&self, wanted: bool) {
+        self.digests.want(wanted);
+    }
+
     pub fn identify(&self, caller: &Caller) -> Identity {
         let full_path = self.cached_path(caller.cgroup_id);
         let cgroup = full_path
@@ -212,7 +222,9 @@ impl Resolver {
             .and_then(|path| relative_to(&self.root, path));
         let workload = cgroup.as_deref().map_or(Workload::Other, workload::parse);
         let (pod, container) = pod_and_container(&workload, &self.pods);
-        let process = self.process_image(caller, full_path.as_deref());
+        // A container's executable is named in its own file system (see `executable`).
+        let in_container = matches!(workload, Workload::Pod { .. });
+        let process = self.process_image(caller, full_path.as_deref(), in_container);
         Identity {
             cgroup_id: caller.cgroup_id,
             unit: cgroup.as_deref().and_then(unit_of),
@@ -231,10 +243,17 @@ impl Resolver {
     /// The caller's executable and name: read once per process image and then cached, when
     /// the kernel named the image; otherwise read for each connection, with the process's
     /// cgroup as the check that the pid was not reused.
-    fn process_image(&self, caller: &Caller, cgroup: Option<&str>) -> ProcessImage {
+    fn process_image(
+        &self,
+        caller: &Caller,
+        cgroup: Option<&str>,
+        container: bool,
+    ) -> ProcessImage {
         if caller.process_start == 0 {
             return ProcessImage {
-                exe: cgroup.and_then(|path| executable(caller.pid, path)),
+                exe: cgroup
+                    .filter(|path| in_cgroup(caller.pid, path))
+                    .and_then(|_| executable::read(caller.pid, container, &self.digests)),
                 comm: process_name(caller.pid),
             };
         }
@@ -244,9 +263,16 @@ impl Resolver {
             exec_id: caller.exec_id,
         };
         if let Some(image) = self.images.lock().expect("images lock").get(&key) {
-            return image.clone();
+            // Read before a policy pinned a digest: read again, for the digest.
+            let digest_missing =
+                self.digests.wanted() && image.exe.as_ref().is_some_and(|e| e.sha256.is_none());
+            if !digest_missing {
+                return image.clone();
+            }
         }
-        let Some(image) = read_image(caller.pid, caller.process_start, self.clock_ticks) else {
+        let read = || executable::read(caller.pid, container, &self.digests);
+        let Some(image) = read_image(caller.pid, caller.process_start, self.clock_ticks, read)
+        else {
             // Gone, or the pid is another process's now: nothing to cache.
             return ProcessImage {
                 exe: None,
@@ -342,26 +368,24 @@ pub fn unit_of(cgroup: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// `/proc/<pid>/exe`, if the process is still in `cgroup` (mount-relative path): a pid
-/// reused by a process elsewhere must not lend its executable to this connection.
-fn executable(pid: u32, cgroup: &str) -> Option<String> {
-    let cgroups = read_proc(&format!("/proc/{pid}/cgroup"))?;
-    let current = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-    if current != cgroup {
-        return None;
-    }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    exe.to_str().map(str::to_owned)
+/// Whether process `pid` is still in `cgroup` (mount-relative path): a pid reused by a
+/// process elsewhere must not lend its executable to this connection.
+fn in_cgroup(pid: u32, cgroup: &str) -> bool {
+    read_proc(&format!("/proc/{pid}/cgroup"))
+        .is_some_and(|cgroups| cgroups.lines().find_map(|l| l.strip_prefix("0::")) == Some(cgroup))
 }
 
 /// The executable and name of process `pid`, if it is still the process that started at
 /// `start` (nanoseconds since boot, as the kernel recorded it at connect()). The executable is
 /// read before the start time is checked: a pid that names the connecting process after the
 /// read named it during the read too (a pid never returns to an earlier process).
-fn read_image(pid: u32, start: u64, clock_ticks: u64) -> Option<ProcessImage> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .and_then(|exe| exe.to_str().map(str::to_owned));
+fn read_image(
+    pid: u32,
+    start: u64,
+    clock_ticks: u64,
+    read_exe: impl FnOnce() -> Option<Executable>,
+) -> Option<ProcessImage> {
+    let exe = read_exe();
     let stat = read_proc(&format!("/proc/{pid}/stat"))?;
     let (comm, started_ticks) = parse_stat(&stat)?;
     // The kernel reports start_boottime in clock ticks, truncated (nsec_to_clock_t).
@@ -454,9 +478,11 @@ mod tests {
         let clock_ticks = 100;
         let pid = std::process::id();
         let start = own_start_ns(clock_ticks);
-        let image = read_image(pid, start, clock_ticks).expect("own image");
+        let digests = Digests::default();
+        let read = || executable::read(pid, false, &digests);
+        let image = read_image(pid, start, clock_ticks, read).expect("own image");
         let exe = std::env::current_exe().unwrap();
-        assert_eq!(image.exe.as_deref(), exe.to_str());
+        assert_eq!(image.exe.map(|e| e.path).as_deref(), exe.to_str());
         assert_eq!(
             image.comm.as_deref(),
             Some(
@@ -467,7 +493,8 @@ mod tests {
         );
         // The same pid with another start time: a process that has gone, its pid reused.
         let later = start + 1_000_000_000 / clock_ticks;
-        assert!(read_image(pid, later, clock_ticks).is_none());
+        let read = || executable::read(pid, false, &digests);
+        assert!(read_image(pid, later, clock_ticks, read).is_none());
     }
 
     #[test]

@@ -31,6 +31,7 @@
 //! caller), and where the audit policies would have denied, the request is logged and counted
 //! as would-deny.
 
+mod exe_pattern;
 pub mod groups;
 pub mod pattern;
 pub mod store;
@@ -45,7 +46,8 @@ use std::{
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::identity::Identity;
+use crate::identity::{Identity, executable::ExeOrigin};
+use exe_pattern::ExePattern;
 pub use pattern::{
     CanonicalPath, CompiledPatterns, NamePattern, PathError, PathPattern, PatternSet, Specificity,
 };
@@ -220,7 +222,10 @@ pub struct SelectorDocument {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(with = "Vec<String>")]
     pub units: Vec<Spanned<String>>,
-    /// Executable path patterns.
+    /// Executable path patterns, each optionally pinned to the program's content:
+    /// `PATTERN@sha256:<64 hex digits>`. A host process matches a path only while it runs
+    /// the node's file at that path; a container's path is its own file system's, and only
+    /// a digest says which program runs there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(with = "Vec<String>")]
     pub executables: Vec<Spanned<String>>,
@@ -290,7 +295,7 @@ impl Located<'_> {
 pub struct Selector {
     cgroups: Vec<PathPattern>,
     units: Vec<NamePattern>,
-    executables: Vec<PathPattern>,
+    executables: Vec<ExePattern>,
     uids: Vec<u32>,
     gids: Vec<u32>,
     namespaces: Vec<String>,
@@ -302,6 +307,18 @@ pub struct Selector {
 impl Selector {
     fn matches(&self, caller: &ResolvedCaller<'_>) -> bool {
         self.mismatch(caller).is_none()
+    }
+
+    /// Whether no field but `executables` narrows the callers.
+    fn names_no_caller_but_by_executable(&self) -> bool {
+        self.cgroups.is_empty()
+            && self.units.is_empty()
+            && self.uids.is_empty()
+            && self.gids.is_empty()
+            && self.namespaces.is_empty()
+            && self.pod_labels.is_empty()
+            && self.service_accounts.is_empty()
+            && self.containers.is_empty()
     }
 
     /// The first field that does not match, for `policy explain`.
@@ -333,12 +350,21 @@ impl Selector {
         ) {
             return Some("units");
         }
-        let exe = caller.exe.as_ref();
-        if !any(
-            self.executables.is_empty(),
-            exe.is_some_and(|e| self.executables.iter().any(|p| p.matches(e))),
-        ) {
-            return Some("executables");
+        if !self.executables.is_empty() {
+            let (Some(path), Some(exe)) = (&caller.exe, &caller.identity.exe) else {
+                return Some("executables");
+            };
+            if !self.executables.iter().any(|p| p.matches(path, exe)) {
+                return Some(
+                    if exe.origin == ExeOrigin::NotTheNodeFile
+                        && self.executables.iter().any(|p| p.path.matches(path))
+                    {
+                        "executables (the file running is not the node's file at that path)"
+                    } else {
+                        "executables"
+                    },
+                );
+            }
         }
         if !any(
             self.namespaces.is_empty(),
@@ -434,9 +460,48 @@ impl Policy {
         self.rules.len()
     }
 
+    /// Where this policy grants credentials to callers named by their executable alone (no
+    /// cgroup, unit, uid, gid or pod field beside it): any process that runs that program,
+    /// or a container's program at that path, gets them. `policy check` warns of each: the
+    /// rule's name, or `default`.
+    pub fn credentials_by_executable_alone(&self) -> Vec<&str> {
+        const CREDENTIALS: [&str; 3] = [
+            "/latest/meta-data/iam/security-credentials/role",
+            "/computeMetadata/v1/instance/service-accounts/default/token",
+            "/metadata/identity/oauth2/token",
+        ];
+        let grants = |paths: &CompiledPatterns| {
+            CREDENTIALS.iter().any(|path| {
+                CanonicalPath::parse(path).is_ok_and(|path| paths.best_match(&path).is_some())
+            })
+        };
+        let by_executable_alone = |rule: Option<&Selector>| {
+            let selectors = || std::iter::once(&self.callers).chain(rule);
+            selectors().any(|s| !s.executables.is_empty())
+                && selectors().all(Selector::names_no_caller_but_by_executable)
+        };
+        let mut found: Vec<&str> = self
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Allow && r.methods.contains("GET"))
+            .filter(|r| grants(&r.paths) && by_executable_alone(Some(&r.callers)))
+            .map(|r| r.name.as_str())
+            .collect();
+        if self.default == Action::Allow && by_executable_alone(None) {
+            found.push(DEFAULT_RULE);
+        }
+        found
+    }
+
     fn uses_executables(&self) -> bool {
         !self.callers.executables.is_empty()
             || self.rules.iter().any(|r| !r.callers.executables.is_empty())
+    }
+
+    fn pins_digests(&self) -> bool {
+        std::iter::once(&self.callers)
+            .chain(self.rules.iter().map(|r| &r.callers))
+            .any(|s| s.executables.iter().any(ExePattern::pins_digest))
     }
 
     /// This policy's verdict: its first matching rule, else its default.
@@ -548,8 +613,8 @@ impl<'a> ResolvedCaller<'a> {
             cgroup: CanonicalPath::parse(identity.cgroup.as_deref()?).ok()?,
             exe: identity
                 .exe
-                .as_deref()
-                .and_then(|e| CanonicalPath::parse(e).ok()),
+                .as_ref()
+                .and_then(|e| CanonicalPath::parse(&e.path).ok()),
         })
     }
 }
@@ -635,6 +700,11 @@ impl PolicySet {
 
     pub fn policies(&self) -> &[Policy] {
         &self.policies
+    }
+
+    /// Whether a policy pins an executable's digest: only then are digests read.
+    pub fn pins_digests(&self) -> bool {
+        self.policies.iter().any(Policy::pins_digests)
     }
 
     /// This set with the agent's mode (`--mode audit`: a dry run).
@@ -1281,7 +1351,7 @@ fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDocu
         .executables
         .iter()
         .enumerate()
-        .filter_map(|(i, e)| match PathPattern::parse(&e.value) {
+        .filter_map(|(i, e)| match ExePattern::parse(&e.value) {
             Ok(p) => Some(p),
             Err(err) => {
                 at.error(

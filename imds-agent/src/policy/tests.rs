@@ -1,5 +1,8 @@
 use super::*;
-use crate::identity::pods::{ContainerInfo, PodDirectory, PodInfo};
+use crate::identity::{
+    executable::Executable,
+    pods::{ContainerInfo, PodDirectory, PodInfo},
+};
 
 fn errors(text: &str) -> Vec<String> {
     parse(Path::new("p.yaml"), text)
@@ -323,10 +326,23 @@ fn executables_select_by_path_pattern() {
         Selection::Policies(vec![]),
         "unknown exe matches nothing"
     );
-    who.exe = Some("/usr/bin/python3.11".into());
+    who.exe = Some(Executable::assumed("/usr/bin/python3.11"));
     assert_eq!(set.select(&who), Selection::Policies(vec![0]));
-    who.exe = Some("/usr/bin/curl".into());
+    who.exe = Some(Executable::assumed("/usr/bin/curl"));
     assert_eq!(set.select(&who), Selection::Policies(vec![]));
+    // The path, but another file than the node's there (mounted over it): not selected, and
+    // explain says why.
+    who.exe = Some(Executable {
+        origin: ExeOrigin::NotTheNodeFile,
+        ..Executable::assumed("/usr/bin/python3.11")
+    });
+    assert_eq!(set.select(&who), Selection::Policies(vec![]));
+    let path = CanonicalPath::parse("/latest/meta-data/instance-id").unwrap();
+    let explained = set.explain(&who, "GET", &path);
+    assert!(
+        explained.contains("not the node's file at that path"),
+        "{explained}"
+    );
 }
 
 #[test]
@@ -701,4 +717,46 @@ fn rules_naming_one_group_share_its_compiled_patterns_and_mixed_rules_match_all_
         decide(&set, &who, "GET", "/latest/meta-data/mac").0,
         Action::Deny
     );
+}
+
+#[test]
+fn credentials_granted_by_an_executable_alone_are_found() {
+    let alone = r#"
+name: aws-cli
+callers: {executables: ["/usr/bin/aws"]}
+default: deny
+rules:
+  - {name: creds, action: allow, methods: [GET], groups: [credentials]}
+  - {name: info, action: allow, methods: [GET], groups: [instance-info]}
+"#;
+    let beside_a_unit = r#"
+name: backup
+callers: {executables: ["/usr/bin/aws"], units: [backup.service]}
+default: deny
+rules:
+  - {name: creds, action: allow, methods: [GET], groups: [credentials]}
+"#;
+    let rule_level = r#"
+name: mixed
+default: deny
+rules:
+  - name: creds
+    action: allow
+    methods: [GET]
+    groups: [credentials]
+    callers: {executables: ["/usr/bin/aws"]}
+"#;
+    let by_default = "name: d\ncallers: {executables: [\"/usr/bin/aws\"]}\ndefault: allow\n";
+    let found = |text: &str| {
+        let policy = parse(Path::new("p.yaml"), text).expect("valid");
+        policy
+            .credentials_by_executable_alone()
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(found(alone), ["creds"]);
+    assert!(found(beside_a_unit).is_empty());
+    assert_eq!(found(rule_level), ["creds"]);
+    assert_eq!(found(by_default), ["default"]);
 }

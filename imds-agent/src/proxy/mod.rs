@@ -89,7 +89,14 @@ pub struct SelectionCache {
     entries: std::sync::Mutex<std::collections::HashMap<SelectionKey, (u64, Arc<Selection>)>>,
 }
 
-type SelectionKey = (u64, u32, u32, Option<String>);
+/// The executable with what was checked of it: the same path running another file (mounted
+/// over it, or another content) is another caller.
+type SelectionKey = (
+    u64,
+    u32,
+    u32,
+    Option<crate::identity::executable::Executable>,
+);
 
 /// Entries kept before the cache starts over (a cheap bound; a miss only costs a scan).
 const SELECTION_CACHE_MAX: usize = 8192;
@@ -273,6 +280,8 @@ async fn attribute(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Opt
         return None;
     }
     let caller: Caller = filter.enforcer.caller(stream, peer)?;
+    let policy = filter.policy.current();
+    filter.resolver.want_digests(policy.set.pins_digests());
     let mut identity = filter.resolver.identify(&caller);
     if let crate::identity::Workload::Pod { pod_uid, .. } = &identity.workload
         && identity.pod.is_none()
@@ -292,7 +301,6 @@ async fn attribute(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Opt
             tracing::warn!(pod_uid = %pod_uid, wait = ?filter.unknown_pod_wait, "a pod the API server has not reported: deciding without pod metadata");
         }
     }
-    let policy = filter.policy.current();
     let selection = filter.selections.get(&identity, &policy);
     if let Some(verdict) = policy.set.kernel_verdict(&selection, &identity) {
         install_verdict(filter, &caller, verdict, policy.version);
@@ -1007,6 +1015,8 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
         gid: id.gid,
         pid: id.pid,
         comm: id.comm.as_deref().unwrap_or("?"),
+        exe: id.exe.as_ref().map_or("", |e| e.path.as_str()),
+        exe_check: id.exe.as_ref().map_or("", |e| e.origin.as_str()),
         method,
         path: target,
         decision: outcome.decision,
