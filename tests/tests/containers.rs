@@ -93,12 +93,8 @@ impl Cluster {
         let network = podman.create_network(&format!("{}-pods", sandbox.name), [10, 214, subnet]);
 
         let api = FakeApiServer::start(sandbox.bind_tcp("127.0.0.1:0"));
-        // The pod default from deploy/, and the example namespace policy: the API server
-        // keeps no namespace on a cluster-scoped object.
-        let mut pod_default = rendered.get("ClusterImdsPolicy", "pod-default").clone();
-        if let Some(meta) = pod_default["metadata"].as_object_mut() {
-            meta.remove("namespace");
-        }
+        // The pod default from deploy/, and the example namespace policy.
+        let pod_default = rendered.get("ClusterImdsPolicy", "pod-default").clone();
         api.apply(Kind::ClusterImdsPolicy, pod_default);
         let example = std::fs::read_to_string(repo().join("policies/kubernetes/payments-api.yaml"))
             .expect("example policy");

@@ -9,6 +9,7 @@ use std::{
 };
 
 use imds_agent::kube::crd::{ClusterImdsPolicy, ImdsPolicy};
+use imds_tests::kubelet::Rendered;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -30,7 +31,6 @@ fn repo() -> PathBuf {
 struct Kustomization {
     api_version: String,
     kind: String,
-    namespace: String,
     resources: Vec<String>,
     images: Vec<Image>,
     config_map_generator: Vec<Generator>,
@@ -75,6 +75,7 @@ struct Image {
 #[serde(deny_unknown_fields)]
 struct Generator {
     name: String,
+    namespace: String,
     #[serde(default)]
     literals: Vec<String>,
     #[serde(default)]
@@ -282,10 +283,26 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
         .find(|b| b.role_ref.name == "imds-agent")
         .expect("binding");
     let subject = &binding.subjects.as_ref().expect("subjects")[0];
+    let namespace = daemon_set.metadata.namespace.as_deref();
     assert_eq!(
         (subject.name.as_str(), subject.namespace.as_deref()),
-        (account.as_str(), Some(kustomization.namespace.as_str()))
+        (account.as_str(), namespace)
     );
+    assert!(
+        objects
+            .service_accounts
+            .iter()
+            .all(|s| s.metadata.namespace.as_deref() == namespace),
+        "the ServiceAccount is in the DaemonSet's namespace"
+    );
+    for generator in &kustomization.config_map_generator {
+        assert_eq!(
+            Some(generator.namespace.as_str()),
+            namespace,
+            "{}",
+            generator.name
+        );
+    }
     let role = objects
         .cluster_roles
         .iter()
@@ -484,4 +501,76 @@ fn an_unknown_field_is_caught() {
     });
     let result = std::panic::catch_unwind(|| strict::<ServiceAccount>(Path::new("t.yaml"), &typo));
     assert!(result.is_err(), "a misspelt field must fail");
+}
+
+/// `kubectl kustomize`, as users apply deploy/ (and with the startup-taint component, through
+/// an overlay as a user would enable it): every namespaced object in the agent's namespace,
+/// and no namespace on a cluster-scoped one (kustomize would stamp one on the
+/// ClusterImdsPolicy, which some GitOps tools reject).
+#[test]
+fn the_rendered_manifests_put_namespaces_only_on_namespaced_objects() {
+    let deploy = repo().join("deploy");
+    let overlay = repo().join(format!(
+        "target/kustomize-startup-taint-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&overlay).expect("overlay directory");
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources: [../../deploy]\ncomponents: [../../deploy/startup-taint]\n",
+    )
+    .expect("overlay");
+    let renderings = [
+        ("deploy/", Rendered::kustomize(&deploy)),
+        ("deploy/ with startup-taint", Rendered::kustomize(&overlay)),
+    ];
+    std::fs::remove_dir_all(&overlay).expect("remove overlay");
+    for (what, rendered) in &renderings {
+        // Cluster-scoped: built-in kinds the manifests use, and custom kinds whose CRD says so.
+        let mut cluster_scoped: Vec<&str> = vec![
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ];
+        cluster_scoped.extend(
+            rendered
+                .objects
+                .iter()
+                .filter(|o| {
+                    o["kind"] == "CustomResourceDefinition" && o["spec"]["scope"] == "Cluster"
+                })
+                .filter_map(|o| o["spec"]["names"]["kind"].as_str()),
+        );
+        for object in &rendered.objects {
+            let kind = object["kind"].as_str().unwrap_or_default();
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            let namespace = &object["metadata"]["namespace"];
+            if cluster_scoped.contains(&kind) {
+                assert!(
+                    namespace.is_null(),
+                    "{what}: {kind} {name} has namespace {namespace}"
+                );
+            } else {
+                assert_eq!(namespace, "imds-agent", "{what}: {kind} {name}");
+            }
+        }
+        assert!(
+            rendered
+                .objects
+                .iter()
+                .any(|o| o["kind"] == "ClusterImdsPolicy"),
+            "{what}: the pod default is rendered"
+        );
+    }
+    let taint = &renderings[1].1;
+    let args =
+        &taint.get("DaemonSet", "imds-agent")["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array().is_some_and(|a| a
+            .iter()
+            .any(|arg| arg == "--remove-node-taint=imds-agent.dev/agent-not-ready")),
+        "{args}"
+    );
 }
