@@ -574,3 +574,117 @@ fn the_rendered_manifests_put_namespaces_only_on_namespaced_objects() {
         "{args}"
     );
 }
+
+/// Runs `program args`, returning (success, stdout and stderr); `None` (after a skip) when
+/// the tool is not installed.
+fn tool(program: &str, args: &[&std::ffi::OsStr]) -> Option<(bool, String)> {
+    match std::process::Command::new(program).args(args).output() {
+        Ok(output) => Some((
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )),
+        Err(error) => {
+            imds_tests::sandbox::skip(&format!(
+                "{program}: {error} (cargo xtask setup installs it)"
+            ));
+            None
+        }
+    }
+}
+
+/// What users' pipelines run on manifests: `kubernetes-validate --strict` (the API's own
+/// schemas, unknown fields refused) on every object of both renderings, and every custom
+/// resource in the repository (the rendered pod default, the examples in policies/kubernetes)
+/// against deploy/crds.yaml's schema as the API server reads it. The schema check is shown
+/// to refuse what the server would (a value past a bound, an unknown field).
+#[test]
+fn manifests_pass_kubernetes_validate_and_custom_resources_their_schema() {
+    let dir = repo().join(format!("target/manifest-checks-{}", std::process::id()));
+    let overlay = dir.join("with-startup-taint");
+    std::fs::create_dir_all(&overlay).expect("check directory");
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources: [../../../deploy]\ncomponents: [../../../deploy/startup-taint]\n",
+    )
+    .expect("overlay");
+    let mut rendered = Vec::new();
+    for (name, source) in [
+        ("deploy.yaml", repo().join("deploy")),
+        ("taint.yaml", overlay),
+    ] {
+        let output = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&source)
+            .output()
+            .expect("kubectl kustomize");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let file = dir.join(name);
+        std::fs::write(&file, &output.stdout).expect("write rendering");
+        rendered.push(file);
+    }
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: imds-agent.dev/v1alpha1\nkind: ImdsPolicy\nmetadata: {name: bad, namespace: t}\n\
+         spec:\n  default: deny\n  callers: {uids: [4294967296]}\n  surplus: 1\n",
+    )
+    .expect("write bad resource");
+
+    let validate: Vec<&std::ffi::OsStr> = std::iter::once("--strict".as_ref())
+        .chain(rendered.iter().map(|p| p.as_os_str()))
+        .collect();
+    let Some((valid, report)) = tool("kubernetes-validate", &validate) else {
+        std::fs::remove_dir_all(&dir).ok();
+        return;
+    };
+    assert!(valid && !report.contains("ERROR"), "{report}");
+    assert_eq!(
+        report
+            .matches("passed for resource daemonset/imds-agent")
+            .count(),
+        2,
+        "{report}"
+    );
+
+    let script = repo().join("tests/validate_custom_resources.py");
+    let crds = repo().join("deploy/crds.yaml");
+    let mut resources: Vec<PathBuf> = rendered.clone();
+    for entry in std::fs::read_dir(repo().join("policies/kubernetes")).expect("examples") {
+        resources.push(entry.expect("entry").path());
+    }
+    let args = |files: &[PathBuf]| -> Vec<std::ffi::OsString> {
+        [script.as_os_str(), crds.as_os_str()]
+            .into_iter()
+            .map(ToOwned::to_owned)
+            .chain(files.iter().map(|f| f.as_os_str().to_owned()))
+            .collect()
+    };
+    let run = |files: &[PathBuf]| {
+        let args = args(files);
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        tool("python3", &refs).expect("python3 runs")
+    };
+    let (valid, report) = run(&resources);
+    assert!(valid, "{report}");
+    assert!(
+        report.contains("checked 5 custom resources, 0 errors"),
+        "{report}"
+    );
+    let (valid, report) = run(std::slice::from_ref(&bad));
+    assert!(!valid, "{report}");
+    assert!(
+        report.contains("spec.callers.uids.0: 4294967296 is greater than the maximum")
+            && report.contains("'surplus' was unexpected"),
+        "{report}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

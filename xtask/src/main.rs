@@ -194,6 +194,13 @@ fn setup() -> Result {
         &["python3-azure-identity"],
         &["azure-identity"],
     )?;
+    // The manifests' checks: kubernetes-validate (the API's schemas, strict) and jsonschema
+    // for custom resources against deploy/crds.yaml.
+    python_modules(
+        "kubernetes_validate, jsonschema, yaml",
+        &[],
+        &["kubernetes-validate", "jsonschema", "pyyaml"],
+    )?;
     Ok(())
 }
 
