@@ -219,6 +219,27 @@ mod user {
     unsafe impl aya::Pod for TaskOffsets {}
 }
 
+/// The third word of a v4-mapped address (`::ffff:a.b.c.d`), host order.
+pub const V4_MAPPED_WORD: u32 = 0x0000_ffff;
+/// The first word of the NAT64 well-known prefix `64:ff9b::/96`, host order.
+pub const NAT64_WORD: u32 = 0x0064_ff9b;
+
+/// The IPv4 address inside a v4-mapped, v4-compatible or NAT64 IPv6 address, given and
+/// returned as the kernel holds them (network order words). The connect and sendmsg programs
+/// treat such an address as the IPv4 endpoint it embeds: a miss here lets a dual-stack socket
+/// reach the metadata service undiverted, so it lives here, where host tests cover it.
+#[inline(always)]
+pub fn embedded_ipv4(ip6: &[u32; 4]) -> Option<u32> {
+    let (w0, w1, w2) = (
+        u32::from_be(ip6[0]),
+        u32::from_be(ip6[1]),
+        u32::from_be(ip6[2]),
+    );
+    let embeds = (w0 == 0 && w1 == 0 && (w2 == V4_MAPPED_WORD || w2 == 0))
+        || (w0 == NAT64_WORD && w1 == 0 && w2 == 0);
+    embeds.then_some(ip6[3])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +254,38 @@ mod tests {
         assert_eq!(core::mem::size_of::<VerdictKey>(), 16);
         assert_eq!(core::mem::size_of::<SocketOffsets>(), 40);
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 16);
+    }
+
+    /// An IPv6 address as the kernel holds it: four network-order words.
+    fn words(ip: core::net::Ipv6Addr) -> [u32; 4] {
+        let o = ip.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+
+    #[test]
+    fn ipv4_endpoints_embedded_in_ipv6_addresses_are_found() {
+        let metadata = u32::from_ne_bytes([169, 254, 169, 254]);
+        for embedding in [
+            "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::169.254.169.254",
+        ] {
+            let ip: core::net::Ipv6Addr = embedding.parse().unwrap();
+            assert_eq!(embedded_ipv4(&words(ip)), Some(metadata), "{embedding}");
+        }
+        for other in [
+            "fd00:ec2::254",
+            "::1:a9fe:a9fe",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2001:db8::a9fe:a9fe",
+            "fe80::a9fe:a9fe",
+        ] {
+            let ip: core::net::Ipv6Addr = other.parse().unwrap();
+            assert_eq!(embedded_ipv4(&words(ip)), None, "{other}");
+        }
     }
 
     #[test]

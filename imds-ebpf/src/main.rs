@@ -18,7 +18,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use imds_common::{
-    Caller, Counter, Endpoint, SockAddr, VERDICT_BYPASS, VERDICT_REFUSE, VerdictKey,
+    Caller, Counter, Endpoint, SockAddr, V4_MAPPED_WORD, VERDICT_BYPASS, VERDICT_REFUSE,
+    VerdictKey, embedded_ipv4,
 };
 use maps::{
     IMDS_CALLERS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
@@ -172,23 +173,6 @@ pub fn imds_sock_create(ctx: SockContext) -> i32 {
 }
 
 const SOCK_RAW: u32 = 3;
-
-/// The third word of a v4-mapped address (`::ffff:a.b.c.d`), host order.
-const V4_MAPPED_WORD: u32 = 0x0000_ffff;
-/// The first word of the NAT64 well-known prefix `64:ff9b::/96`, host order.
-const NAT64_WORD: u32 = 0x0064_ff9b;
-
-/// The IPv4 address inside a v4-mapped, v4-compatible or NAT64 IPv6 address (network order).
-fn embedded_ipv4(ip6: &[u32; 4]) -> Option<u32> {
-    let (w0, w1, w2) = (
-        u32::from_be(ip6[0]),
-        u32::from_be(ip6[1]),
-        u32::from_be(ip6[2]),
-    );
-    let embeds = (w0 == 0 && w1 == 0 && (w2 == V4_MAPPED_WORD || w2 == 0))
-        || (w0 == NAT64_WORD && w1 == 0 && w2 == 0);
-    embeds.then_some(ip6[3])
-}
 
 enum Connect {
     /// To the agent's listener at this IPv4 address (network byte order).
