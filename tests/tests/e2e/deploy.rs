@@ -13,13 +13,13 @@ use imds_tests::kubelet::Rendered;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Namespace, ServiceAccount},
+        core::v1::{Namespace, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -126,6 +126,7 @@ struct Objects {
     cluster_roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
     daemon_sets: Vec<DaemonSet>,
+    services: Vec<Service>,
     crds: Vec<CustomResourceDefinition>,
     policies: Vec<ImdsPolicy>,
     cluster_policies: Vec<ClusterImdsPolicy>,
@@ -149,6 +150,7 @@ fn parse_resources(file: &Path, objects: &mut Objects) {
                 objects.bindings.push(strict(file, &document));
             }
             ("apps/v1", "DaemonSet") => objects.daemon_sets.push(strict(file, &document)),
+            ("v1", "Service") => objects.services.push(strict(file, &document)),
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                 objects.crds.push(strict(file, &document));
             }
@@ -216,7 +218,8 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
     for resource in &kustomization.resources {
         parse_resources(&deploy.join(resource), &mut objects);
     }
-    // Every file is used: a resource, or a generator's input; directories are components.
+    // Every file is used: a resource, or a generator's input; directories are components,
+    // but for the Helm chart (checked against the kustomize build on its own).
     let generated: Vec<&String> = kustomization
         .config_map_generator
         .iter()
@@ -226,6 +229,9 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
     for entry in std::fs::read_dir(&deploy).expect("deploy/") {
         let entry = entry.expect("entry");
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "helm" {
+            continue;
+        }
         if entry.path().is_dir() {
             extra_args.extend(parse_component(&entry.path(), &mut objects));
             continue;
@@ -338,6 +344,38 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
             .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
     );
     let container = &pod.containers[0];
+
+    // The metrics Service selects the agents and names their metrics port.
+    let [service] = objects.services.as_slice() else {
+        panic!("one Service expected");
+    };
+    let service_spec = service.spec.as_ref().expect("service spec");
+    let pod_labels = daemon_set
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    for (key, value) in service_spec.selector.iter().flatten() {
+        assert_eq!(
+            pod_labels.get(key),
+            Some(value),
+            "the Service selects {key}={value}"
+        );
+    }
+    let named_ports: Vec<String> = container
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    for port in service_spec.ports.iter().flatten() {
+        let target = match &port.target_port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) => name,
+            other => panic!("the Service targets the port by name, not {other:?}"),
+        };
+        assert!(named_ports.contains(target), "no container port {target}");
+    }
     let security = container
         .security_context
         .as_ref()
@@ -687,4 +725,203 @@ fn manifests_pass_kubernetes_validate_and_custom_resources_their_schema() {
         "{report}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `helm template` of the chart in deploy/helm/imds-agent into the agent's namespace, with
+/// `--set` values; `None` (after a skip) without helm.
+fn helm_template(set: &[&str]) -> Option<Vec<Value>> {
+    let chart = repo().join("deploy/helm/imds-agent");
+    let mut command = std::process::Command::new("helm");
+    command.args(["template", "imds-agent"]).arg(&chart).args([
+        "--namespace",
+        "imds-agent",
+        "--include-crds",
+    ]);
+    for value in set {
+        command.args(["--set", value]);
+    }
+    let output = match command.output() {
+        Ok(output) => output,
+        Err(error) => {
+            imds_tests::sandbox::skip(&format!("helm: {error} (cargo xtask setup installs it)"));
+            return None;
+        }
+    };
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("UTF-8");
+    let objects: Vec<Value> = serde_saphyr::from_multiple(&text).expect("helm's output parses");
+    Some(objects.into_iter().filter(|o| !o.is_null()).collect())
+}
+
+/// A rendering's objects by (kind, name), with what only the packaging tool adds taken off:
+/// kustomize's hash suffix on generated ConfigMaps (and on the references to them), Helm's
+/// own labels, and the pod template's config checksum (Helm's way to roll the agents on a
+/// change of configuration, as the hashed names are kustomize's).
+fn comparable(objects: &[Value]) -> BTreeMap<(String, String), Value> {
+    let mut text = serde_json::to_string(objects).expect("serialise");
+    for object in objects.iter().filter(|o| o["kind"] == "ConfigMap") {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        if let Some((base, hash)) = name.rsplit_once('-')
+            && hash.len() == 10
+            && hash.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            text = text.replace(&format!("\"{name}\""), &format!("\"{base}\""));
+        }
+    }
+    let objects: Vec<Value> = serde_json::from_str(&text).expect("parse");
+    objects
+        .into_iter()
+        .map(|mut object| {
+            for meta in ["/metadata", "/spec/template/metadata"] {
+                let Some(meta) = object.pointer_mut(meta).and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                if let Some(labels) = meta.get_mut("labels").and_then(Value::as_object_mut) {
+                    for helm in [
+                        "helm.sh/chart",
+                        "app.kubernetes.io/instance",
+                        "app.kubernetes.io/managed-by",
+                    ] {
+                        labels.remove(helm);
+                    }
+                }
+                if let Some(annotations) =
+                    meta.get_mut("annotations").and_then(Value::as_object_mut)
+                {
+                    annotations.remove("checksum/config");
+                }
+                meta.retain(|_, v| !v.as_object().is_some_and(serde_json::Map::is_empty));
+            }
+            let key = (
+                object["kind"].as_str().unwrap_or_default().to_owned(),
+                object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+            (key, object)
+        })
+        .collect()
+}
+
+/// Where two values first differ (a JSON pointer and both sides), if they do. Numbers are
+/// compared by value: kustomize writes 21600.0 as 21600, Helm leaves it as it is.
+fn first_difference(helm: &Value, kustomize: &Value, at: &str) -> Option<String> {
+    match (helm, kustomize) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                first_difference(
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    &format!("{at}/{k}"),
+                )
+            })
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| first_difference(x, y, &format!("{at}/{i}"))),
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => None,
+        (a, b) if a == b => None,
+        (a, b) => Some(format!("{at}: helm {a}, kustomize {b}")),
+    }
+}
+
+/// The Helm chart renders what `kubectl kustomize deploy/` does, by default and with the
+/// startup taint; the release namespace is Helm's to create (`--create-namespace`), so the
+/// kustomize build's Namespace is the one object only the chart's `namespace.create` makes.
+/// `helm lint --strict` is clean, and monitoring turns on the operator's monitors.
+#[test]
+fn the_helm_chart_renders_what_kustomize_builds() {
+    let Some(default) = helm_template(&[]) else {
+        return;
+    };
+    let kustomized: Vec<Value> = Rendered::kustomize(&repo().join("deploy"))
+        .objects
+        .into_iter()
+        .filter(|o| o["kind"] != "Namespace")
+        .collect();
+    let assert_same = |what: &str, helm: &[Value], kustomize: &[Value]| {
+        let (helm, kustomize) = (comparable(helm), comparable(kustomize));
+        assert_eq!(
+            helm.keys().collect::<Vec<_>>(),
+            kustomize.keys().collect::<Vec<_>>(),
+            "{what}: the same objects"
+        );
+        for (key, object) in &kustomize {
+            if let Some(difference) = first_difference(&helm[key], object, "") {
+                panic!("{what}: {key:?}: {difference}");
+            }
+        }
+    };
+    assert_same("default", &default, &kustomized);
+
+    let overlay = repo().join(format!("target/helm-taint-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay).expect("overlay");
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources: [../../deploy]\ncomponents: [../../deploy/startup-taint]\n",
+    )
+    .expect("overlay");
+    let tainted: Vec<Value> = Rendered::kustomize(&overlay)
+        .objects
+        .into_iter()
+        .filter(|o| o["kind"] != "Namespace")
+        .collect();
+    std::fs::remove_dir_all(&overlay).ok();
+    let helm_tainted = helm_template(&["startupTaint.enabled=true"]).expect("helm ran before");
+    assert_same("startup taint", &helm_tainted, &tainted);
+
+    let with_namespace = helm_template(&["namespace.create=true"]).expect("helm ran before");
+    let namespace = with_namespace
+        .iter()
+        .find(|o| o["kind"] == "Namespace")
+        .expect("namespace.create makes the Namespace");
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+    let monitored = helm_template(&[
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.podMonitor.enabled=true",
+    ])
+    .expect("helm ran before");
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        let monitor = monitored
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"));
+        assert_eq!(
+            monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "imds-agent",
+            "{monitor}"
+        );
+    }
+    let settings = helm_template(&["mode=audit", "endpoints={169.254.170.2:80}"]).expect("helm");
+    let data = &settings
+        .iter()
+        .find(|o| o["metadata"]["name"] == "imds-agent-settings")
+        .expect("settings")["data"];
+    assert_eq!(
+        (&data["IMDS_AGENT_MODE"], &data["IMDS_AGENT_ENDPOINTS"]),
+        (&json!("audit"), &json!("169.254.170.2:80"))
+    );
+
+    let lint = std::process::Command::new("helm")
+        .args(["lint", "--strict"])
+        .arg(repo().join("deploy/helm/imds-agent"))
+        .output()
+        .expect("helm lint");
+    assert!(
+        lint.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
 }
