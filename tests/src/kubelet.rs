@@ -621,49 +621,36 @@ impl Podman {
 
     /// Removes containers and networks labelled for sandboxes whose test process is gone.
     fn reap_stale(&self) {
+        self.remove_stale(
+            &["ps", "--all"],
+            "{{.Names}}",
+            &["rm", "--force", "--time", "0"],
+        );
+        self.remove_stale(
+            &["network", "ls"],
+            "{{.Name}}",
+            &["network", "rm", "--force"],
+        );
+    }
+
+    /// `podman LIST --filter label=...`, then `podman REMOVE NAME` for each whose sandbox is
+    /// stale; `name` is the listing's template field for the name.
+    fn remove_stale(&self, list: &[&str], name: &str, remove: &[&str]) {
         let filter = format!("label={LABEL}");
-        let listed = self
-            .command(&[
-                "ps",
-                "--all",
-                "--filter",
-                &filter,
-                "--format",
-                "{{.Names}} {{.Labels}}",
-            ])
-            .output();
-        let Ok(listed) = listed else { return };
+        let format = format!("{name} {{{{.Labels}}}}");
+        let mut args = list.to_vec();
+        args.extend(["--filter", &filter, "--format", &format]);
+        let Ok(listed) = self.command(&args).output() else {
+            return;
+        };
         for line in String::from_utf8_lossy(&listed.stdout).lines() {
             let Some(name) = line.split_whitespace().next() else {
                 continue;
             };
-            if let Some(owner) = label_value(line)
-                && sandbox::is_stale(&owner)
-            {
-                let _ = self
-                    .command(&["rm", "--force", "--time", "0", name])
-                    .output();
-            }
-        }
-        let networks = self
-            .command(&[
-                "network",
-                "ls",
-                "--filter",
-                &filter,
-                "--format",
-                "{{.Name}} {{.Labels}}",
-            ])
-            .output();
-        let Ok(networks) = networks else { return };
-        for line in String::from_utf8_lossy(&networks.stdout).lines() {
-            let Some(name) = line.split_whitespace().next() else {
-                continue;
-            };
-            if let Some(owner) = label_value(line)
-                && sandbox::is_stale(&owner)
-            {
-                let _ = self.command(&["network", "rm", "--force", name]).output();
+            if label_value(line).is_some_and(|owner| sandbox::is_stale(&owner)) {
+                let mut args = remove.to_vec();
+                args.push(name);
+                let _ = self.command(&args).output();
             }
         }
     }

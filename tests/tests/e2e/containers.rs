@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -16,6 +16,8 @@ use imds_tests::{
     kubelet::{Node, PodNetwork, Podman, PodmanRun, Rendered, WORKLOAD_IMAGE, podman_run},
     sandbox::{Curl, ENFORCED_ATTACH_TYPES, Process, Sandbox, attach_types},
 };
+
+use crate::support::{repo, wait_until};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
@@ -35,10 +37,6 @@ from botocore.utils import InstanceMetadataFetcher
 creds = InstanceMetadataFetcher().retrieve_iam_role_credentials()
 print(json.dumps({"role": creds.get("role_name"), "access_key": creds.get("access_key")}))
 "#;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Unpins the agent's links and maps from the node's bpffs directory when dropped.
 struct NodePins(PathBuf);
@@ -233,17 +231,6 @@ impl Cluster {
             .map(|log| log.lines().count())
             .unwrap_or(0)
     }
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

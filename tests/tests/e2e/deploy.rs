@@ -10,6 +10,8 @@ use std::{
 
 use imds_agent::kube::crd::{ClusterImdsPolicy, ImdsPolicy};
 use imds_tests::kubelet::Rendered;
+
+use crate::support::{TaintOverlay, repo};
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -20,10 +22,6 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The parts of a kustomization this repository uses; anything else is a typo.
 #[derive(Debug, Deserialize)]
@@ -547,23 +545,14 @@ fn an_unknown_field_is_caught() {
 /// ClusterImdsPolicy, which some GitOps tools reject).
 #[test]
 fn the_rendered_manifests_put_namespaces_only_on_namespaced_objects() {
-    let deploy = repo().join("deploy");
-    let overlay = repo().join(format!(
-        "target/kustomize-startup-taint-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&overlay).expect("overlay directory");
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-         resources: [../../deploy]\ncomponents: [../../deploy/startup-taint]\n",
-    )
-    .expect("overlay");
+    let overlay = TaintOverlay::new();
     let renderings = [
-        ("deploy/", Rendered::kustomize(&deploy)),
-        ("deploy/ with startup-taint", Rendered::kustomize(&overlay)),
+        ("deploy/", Rendered::kustomize(&repo().join("deploy"))),
+        (
+            "deploy/ with startup-taint",
+            Rendered::kustomize(&overlay.0),
+        ),
     ];
-    std::fs::remove_dir_all(&overlay).expect("remove overlay");
     for (what, rendered) in &renderings {
         // Cluster-scoped: built-in kinds the manifests use, and custom kinds whose CRD says so.
         let mut cluster_scoped: Vec<&str> = vec![
@@ -642,18 +631,12 @@ fn tool(program: &str, args: &[&std::ffi::OsStr]) -> Option<(bool, String)> {
 #[test]
 fn manifests_pass_kubernetes_validate_and_custom_resources_their_schema() {
     let dir = repo().join(format!("target/manifest-checks-{}", std::process::id()));
-    let overlay = dir.join("with-startup-taint");
-    std::fs::create_dir_all(&overlay).expect("check directory");
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-         resources: [../../../deploy]\ncomponents: [../../../deploy/startup-taint]\n",
-    )
-    .expect("overlay");
+    std::fs::create_dir_all(&dir).expect("check directory");
+    let overlay = TaintOverlay::new();
     let mut rendered = Vec::new();
     for (name, source) in [
         ("deploy.yaml", repo().join("deploy")),
-        ("taint.yaml", overlay),
+        ("taint.yaml", overlay.0.clone()),
     ] {
         let output = std::process::Command::new("kubectl")
             .arg("kustomize")
@@ -862,20 +845,11 @@ fn the_helm_chart_renders_what_kustomize_builds() {
     };
     assert_same("default", &default, &kustomized);
 
-    let overlay = repo().join(format!("target/helm-taint-{}", std::process::id()));
-    std::fs::create_dir_all(&overlay).expect("overlay");
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
-         resources: [../../deploy]\ncomponents: [../../deploy/startup-taint]\n",
-    )
-    .expect("overlay");
-    let tainted: Vec<Value> = Rendered::kustomize(&overlay)
+    let tainted: Vec<Value> = Rendered::kustomize(&TaintOverlay::new().0)
         .objects
         .into_iter()
         .filter(|o| o["kind"] != "Namespace")
         .collect();
-    std::fs::remove_dir_all(&overlay).ok();
     let helm_tainted = helm_template(&["startupTaint.enabled=true"]).expect("helm ran before");
     assert_same("startup taint", &helm_tainted, &tainted);
 

@@ -3,7 +3,7 @@
 
 use std::{
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -12,12 +12,10 @@ use imds_tests::{
     sandbox::{Agent, Sandbox, binary, skip},
 };
 
+use crate::support::repo;
+
 const IMDS: &str = "http://169.254.169.254";
 const CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/demo-node-role";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn default_policy() -> PathBuf {
     repo().join("packaging/default-policy.yaml")

@@ -2,13 +2,15 @@
 //! pods of this node and policy resources arrive by watch, decisions follow them, and the
 //! agent reports each policy's status.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use imds_tests::{
     fake_imds::INSTANCE_ID,
     fake_kube::{self, FakeApiServer, Kind, policy},
     sandbox::{Agent, Curl, PodNetwork, Process, Sandbox},
 };
+
+use crate::support::wait_until;
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
@@ -170,17 +172,6 @@ impl Env {
         self.get("outside", &format!("http://{METRICS}/metrics"))
             .body
     }
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done()
 }
 
 fn accepted_condition(api: &FakeApiServer, namespace: &str, name: &str) -> Option<Value> {

@@ -14,5 +14,6 @@ mod identity;
 mod kubernetes;
 mod pods;
 mod providers;
+mod support;
 mod tokens;
 mod workloads;
