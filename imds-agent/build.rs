@@ -9,10 +9,40 @@ fn main() -> anyhow::Result<()> {
     if skip {
         fs::write(out_dir.join("imds-ebpf"), [])?;
     }
+    git_revision();
     let ebpf = aya_build::Package {
         name: "imds-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../imds-ebpf"),
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::default())
+}
+
+/// IMDS_AGENT_REVISION: the commit the agent is built from (`imds_agent_build_info`), when
+/// built from a git checkout. Rebuilt when the checked-out commit changes.
+fn git_revision() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(revision) = git(&["rev-parse", "HEAD"]) else {
+        return;
+    };
+    println!("cargo:rustc-env=IMDS_AGENT_REVISION={revision}");
+    for watched in ["HEAD", "packed-refs"] {
+        if let Some(path) = git(&["rev-parse", "--git-path", watched]) {
+            println!("cargo:rerun-if-changed={root}/{path}");
+        }
+    }
+    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"])
+        && let Some(path) = git(&["rev-parse", "--git-path", &reference])
+    {
+        println!("cargo:rerun-if-changed={root}/{path}");
+    }
 }

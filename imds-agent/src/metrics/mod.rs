@@ -38,6 +38,21 @@ pub struct RequestLabels {
     pub namespace: String,
     /// The first named path group the path falls in (see `policy::groups`), or "other".
     pub group: &'static str,
+    /// The HTTP status the caller got.
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    /// As denials name it: a file's policy name, `imdspolicies/NS/NAME`, `(none)`.
+    policy: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    revision: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,18 +77,30 @@ struct StateLabels {
     state: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KernelLabels {
-    counter: String,
-}
+/// Seconds from a request's arrival to its audit line. The top buckets hold GCP's
+/// `wait_for_change` long polls (up to --long-poll-max-seconds, an hour by default), which
+/// would otherwise all land in +Inf.
+const DURATION_BUCKETS: [f64; 18] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0,
+    300.0, 900.0, 3_600.0,
+];
+
+/// This build's revision, from git when it was built (build.rs), or `unknown`.
+const REVISION: &str = match option_env!("IMDS_AGENT_REVISION") {
+    Some(revision) => revision,
+    None => "unknown",
+};
 
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    denials: Family<DenialLabels, Counter>,
+    request_seconds: Histogram,
     upstream_seconds: Histogram,
     reloads: Family<ResultLabels, Counter>,
     policy_version: Gauge,
-    kernel: Family<KernelLabels, Gauge>,
+    kernel: Family<ResultLabels, Counter>,
+    process: ProcessMetrics,
     watch_synced: Family<WatchLabels, Gauge>,
     watch_errors: Family<WatchLabels, Counter>,
     pods_known: Gauge,
@@ -83,13 +110,40 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("imds_agent");
+        let mut root = Registry::default();
+        // The process's own, under the names every exporter gives them (no prefix).
+        let process = ProcessMetrics::register(&mut root);
+        let registry = root.sub_registry_with_prefix("imds_agent");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests by decision, pod namespace and path group",
+            "Requests by decision, pod namespace, path group and HTTP status",
             requests.clone(),
         );
+        let denials = Family::<DenialLabels, Counter>::default();
+        registry.register(
+            "denials",
+            "Denied requests by the policy and rule that denied them",
+            denials.clone(),
+        );
+        let request_seconds = Histogram::new(DURATION_BUCKETS);
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its answer's audit line, upstream included",
+            request_seconds.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "1, labelled with the agent's version and the git revision it was built from",
+            build.clone(),
+        );
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                revision: REVISION,
+            })
+            .set(1);
         // 50 us .. ~1.6 s
         let upstream_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
@@ -109,10 +163,10 @@ impl Default for Metrics {
             "Version of the policy in force",
             policy_version.clone(),
         );
-        let kernel = Family::<KernelLabels, Gauge>::default();
+        let kernel = Family::<ResultLabels, Counter>::default();
         registry.register(
             "kernel_connects",
-            "Connects to metadata endpoints seen by the kernel programs (diverted, passed, refused, bypassed)",
+            "Connects to metadata endpoints seen by the kernel programs, by result (diverted, passed, refused, bypassed); kept across agent restarts",
             kernel.clone(),
         );
         let watch_synced = Family::<WatchLabels, Gauge>::default();
@@ -147,8 +201,11 @@ impl Default for Metrics {
         );
         Self {
             imdsv1,
-            registry,
+            registry: root,
             requests,
+            denials,
+            request_seconds,
+            process,
             upstream_seconds,
             reloads,
             policy_version,
@@ -173,16 +230,32 @@ pub fn group_of(path: &str) -> &'static str {
 }
 
 impl Metrics {
-    /// Counts a request; `group` is its path's ([`group_of`]). No allocation unless the
-    /// caller is a pod (the namespace label).
-    pub fn request(&self, decision: &'static str, namespace: &str, group: &'static str) {
+    /// Counts a request; `group` is its path's ([`group_of`]), `code` the status answered.
+    /// No allocation unless the caller is a pod (the namespace label).
+    pub fn request(&self, decision: &'static str, namespace: &str, group: &'static str, code: u16) {
         self.requests
             .get_or_create(&RequestLabels {
                 decision,
                 namespace: namespace.to_owned(),
                 group,
+                code,
             })
             .inc();
+    }
+
+    /// Counts a denial by what denied it.
+    pub fn denial(&self, policy: &str, rule: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                policy: policy.to_owned(),
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A request's time from arrival to its audit line.
+    pub fn request_duration(&self, seconds: f64) {
+        self.request_seconds.observe(seconds);
     }
 
     /// Counts a request without a session token (IMDSv1, or Alibaba's token-less mode).
@@ -243,16 +316,80 @@ impl Metrics {
                 ("refused", counters.refused),
                 ("bypassed", counters.bypassed),
             ] {
-                self.kernel
-                    .get_or_create(&KernelLabels {
-                        counter: name.into(),
-                    })
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+                // The kernel's counts only grow (the maps are pinned); the counter follows.
+                let counter = self.kernel.get_or_create(&ResultLabels {
+                    result: name.into(),
+                });
+                counter.inc_by(value.saturating_sub(counter.get()));
             }
         }
+        self.process.refresh();
         let mut text = String::new();
         let _ = encode(&mut text, &self.registry);
         text
+    }
+}
+
+/// The agent's own process, read from /proc at scrape time.
+struct ProcessMetrics {
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    resident_bytes: Gauge,
+    open_fds: Gauge,
+    start_seconds: Gauge,
+}
+
+impl ProcessMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            cpu_seconds: Counter::default(),
+            resident_bytes: Gauge::default(),
+            open_fds: Gauge::default(),
+            start_seconds: Gauge::default(),
+        };
+        registry.register(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            metrics.cpu_seconds.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory size, in bytes",
+            metrics.resident_bytes.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors",
+            metrics.open_fds.clone(),
+        );
+        registry.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds",
+            metrics.start_seconds.clone(),
+        );
+        metrics
+    }
+
+    fn refresh(&self) {
+        let Ok(me) = procfs::process::Process::myself() else {
+            return;
+        };
+        let ticks = procfs::ticks_per_second() as f64;
+        if let Ok(stat) = me.stat() {
+            let cpu = (stat.utime + stat.stime) as f64 / ticks;
+            self.cpu_seconds
+                .inc_by((cpu - self.cpu_seconds.get()).max(0.0));
+            let rss_bytes = stat.rss.saturating_mul(procfs::page_size());
+            self.resident_bytes
+                .set(i64::try_from(rss_bytes).unwrap_or(i64::MAX));
+            if let Ok(boot) = procfs::boot_time_secs() {
+                let started = boot + stat.starttime / procfs::ticks_per_second();
+                self.start_seconds
+                    .set(i64::try_from(started).unwrap_or(i64::MAX));
+            }
+        }
+        if let Ok(fds) = me.fd_count() {
+            self.open_fds.set(i64::try_from(fds).unwrap_or(i64::MAX));
+        }
     }
 }
 

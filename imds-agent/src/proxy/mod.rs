@@ -203,7 +203,7 @@ pub async fn serve(
             accepted = accept_any(&listeners, &mut turn) => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(slot) = connections.clone().try_acquire_owned() else {
-                        filter.metrics.request("overload", "", "other");
+                        filter.metrics.request("overload", "", "other", 503);
                         tokio::spawn(refuse(stream, peer, "503 Service Unavailable", "imds-agent: overloaded, try again later\n", "overload"));
                         continue;
                     };
@@ -211,7 +211,7 @@ pub async fn serve(
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
                         let Some(connection) = attribute(&filter, &stream, peer).await else {
-                            filter.metrics.request("refuse", "", "other");
+                            filter.metrics.request("refuse", "", "other", 403);
                             refuse_unrecorded(stream, peer).await;
                             return;
                         };
@@ -977,7 +977,15 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
     let id = &connection.identity;
     let namespace = id.pod.as_ref().map_or("", |p| p.namespace.as_str());
     let group = crate::metrics::group_of(target);
-    filter.metrics.request(outcome.decision, namespace, group);
+    filter
+        .metrics
+        .request(outcome.decision, namespace, group, outcome.status.as_u16());
+    filter
+        .metrics
+        .request_duration(started.elapsed().as_secs_f64());
+    if outcome.decision == "deny" {
+        filter.metrics.denial(outcome.policy, outcome.rule);
+    }
     if tokenless {
         filter.metrics.imdsv1_request(namespace);
     }

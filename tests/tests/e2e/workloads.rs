@@ -195,14 +195,30 @@ fn pods_in_two_namespaces_get_what_their_namespace_policy_grants() {
 
     let metrics = scrape(sb);
     for line in [
-        r#"imds_agent_requests_total{decision="allow",namespace="payments",group="credentials"} 2"#,
-        r#"imds_agent_requests_total{decision="deny",namespace="frontend",group="credentials"} 1"#,
-        r#"imds_agent_requests_total{decision="allow",namespace="frontend",group="instance-info"} 2"#,
-        r#"imds_agent_kernel_connects{counter="diverted"} 5"#,
+        r#"imds_agent_requests_total{decision="allow",namespace="payments",group="credentials",code="200"} 2"#,
+        r#"imds_agent_requests_total{decision="deny",namespace="frontend",group="credentials",code="403"} 1"#,
+        r#"imds_agent_requests_total{decision="allow",namespace="frontend",group="instance-info",code="200"} 2"#,
+        r#"imds_agent_denials_total{policy="frontend",rule="default"} 1"#,
+        r#"imds_agent_kernel_connects_total{result="diverted"} 5"#,
+        r#"imds_agent_request_duration_seconds_count 5"#,
+        r#"# TYPE process_cpu_seconds counter"#,
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
             "missing {line}:\n{metrics}"
+        );
+    }
+    // The build, and the process's own figures, under the names exporters give them.
+    for prefix in [
+        "imds_agent_build_info{version=\"0.1.0\",revision=\"",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(prefix)),
+            "missing {prefix}:\n{metrics}"
         );
     }
 
@@ -461,7 +477,7 @@ default: deny
 "#;
 
 fn kernel_counter(sandbox: &Sandbox, name: &str) -> u64 {
-    let needle = format!("imds_agent_kernel_connects{{counter=\"{name}\"}} ");
+    let needle = format!("imds_agent_kernel_connects_total{{result=\"{name}\"}} ");
     scrape(sandbox)
         .lines()
         .find_map(|l| l.strip_prefix(needle.as_str()))
