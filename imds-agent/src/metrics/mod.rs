@@ -199,6 +199,22 @@ impl Default for Metrics {
             "Requests without a session token (AWS IMDSv1, Alibaba token-less), by pod namespace; imds-agent report names the workloads",
             imdsv1.clone(),
         );
+        // Series that exist from the start, so that rates and alerts see them before the first
+        // event: every kernel result and reload result, at 0.
+        for result in ["diverted", "passed", "refused", "bypassed"] {
+            kernel
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
+                .inc_by(0);
+        }
+        for result in ["ok", "rejected"] {
+            reloads
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
+                .inc_by(0);
+        }
         Self {
             imdsv1,
             registry: root,
@@ -324,6 +340,12 @@ impl Metrics {
             }
         }
         self.process.refresh();
+        self.exposition()
+    }
+
+    /// The exposition as it stands, without reading the values taken at scrape time (a family
+    /// is listed once it has a sample).
+    pub fn exposition(&self) -> String {
         let mut text = String::new();
         let _ = encode(&mut text, &self.registry);
         text

@@ -899,3 +899,121 @@ fn the_helm_chart_renders_what_kustomize_builds() {
         String::from_utf8_lossy(&lint.stderr)
     );
 }
+
+/// The metric families an expression names (ours: `imds_agent_*` and `process_*`), with the
+/// sample suffixes a counter or a histogram adds taken off.
+fn families_named(expression: &str) -> Vec<String> {
+    expression
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|token| token.starts_with("imds_agent_") || token.starts_with("process_"))
+        .map(|token| {
+            ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| token.strip_suffix(suffix))
+                .unwrap_or(token)
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The Grafana dashboard and the alerts in the chart ask only for metrics the agent exposes
+/// (a renamed metric would leave a panel or an alert silently empty), and the chart renders
+/// both, with the dashboard's JSON intact.
+#[test]
+fn the_dashboard_and_the_alerts_name_metrics_the_agent_exposes() {
+    // Every family with a sample: those that have none until an event get one here.
+    let metrics = imds_agent::metrics::Metrics::default();
+    metrics.request("allow", "", "other", 200);
+    metrics.denial("p", "r");
+    metrics.request_duration(0.001);
+    metrics.upstream_latency(0.001);
+    metrics.imdsv1_request("");
+    metrics.watch_synced("pods", true);
+    metrics.watch_error("pods");
+    metrics.pods_known(1);
+    metrics.policy_resources(1, 0);
+    let exposed: Vec<String> = metrics
+        .exposition()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        exposed.iter().any(|f| f == "imds_agent_requests"),
+        "{exposed:?}"
+    );
+
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/helm/imds-agent/dashboards/imds-agent.json"))
+            .expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut expressions: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(expressions.len() >= 10, "{expressions:?}");
+
+    let Some(rendered) = helm_template(&[
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.dashboard.enabled=true",
+    ]) else {
+        return;
+    };
+    let rules = rendered
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .expect("the PrometheusRule");
+    let alerts: Vec<&Value> = rules["spec"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| {
+            g["rules"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .leak()
+                .iter()
+        })
+        .collect();
+    let names: Vec<&str> = alerts.iter().filter_map(|r| r["alert"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ImdsAgentNotReady",
+            "ImdsAgentPolicyRejected",
+            "ImdsAgentWatchNotSynced",
+            "ImdsAgentRefusalsRising"
+        ]
+    );
+    expressions.extend(
+        alerts
+            .iter()
+            .filter_map(|r| r["expr"].as_str().map(str::to_owned)),
+    );
+    for expression in &expressions {
+        for family in families_named(expression) {
+            assert!(
+                exposed.contains(&family),
+                "{family} (in {expression}) is no metric the agent exposes: {exposed:?}"
+            );
+        }
+    }
+    let shipped = rendered
+        .iter()
+        .find(|o| o["metadata"]["name"] == "imds-agent-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(shipped["metadata"]["labels"]["grafana_dashboard"], "1");
+    let carried: Value = serde_json::from_str(
+        shipped["data"]["imds-agent.json"]
+            .as_str()
+            .expect("JSON text"),
+    )
+    .expect("the ConfigMap carries the dashboard as JSON");
+    assert_eq!(carried, dashboard);
+}
