@@ -31,12 +31,21 @@ pub fn write_json_lines(json: bool) {
 /// One request's audit record.
 #[derive(Debug, Serialize)]
 pub struct Request<'a> {
+    /// Unique per request (also in the `imds-agent-request-id` header of the agent's own
+    /// answers, so a denial a client saw can be found here).
+    pub request_id: &'a str,
+    /// The node (Kubernetes' node name, else the host name).
+    pub node: &'a str,
     pub cgroup: &'a str,
     pub cgroup_id: u64,
     pub unit: &'a str,
     pub namespace: &'a str,
     pub pod: &'a str,
+    pub pod_uid: &'a str,
+    pub service_account: &'a str,
     pub container: &'a str,
+    /// The runtime's id of the container (from its cgroup).
+    pub container_id: &'a str,
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
@@ -47,6 +56,8 @@ pub struct Request<'a> {
     pub exe_check: &'a str,
     pub method: &'a str,
     pub path: &'a str,
+    /// The client's User-Agent (it names the SDK and its version).
+    pub user_agent: &'a str,
     pub decision: &'a str,
     pub policy: &'a str,
     pub rule: &'a str,
@@ -75,12 +86,17 @@ impl Request<'_> {
         }
         tracing::info!(
             target: TARGET,
+            request_id = self.request_id,
+            node = self.node,
             cgroup = self.cgroup,
             cgroup_id = self.cgroup_id,
             unit = self.unit,
             namespace = self.namespace,
             pod = self.pod,
+            pod_uid = self.pod_uid,
+            service_account = self.service_account,
             container = self.container,
+            container_id = self.container_id,
             uid = self.uid,
             gid = self.gid,
             pid = self.pid,
@@ -89,6 +105,7 @@ impl Request<'_> {
             exe_check = self.exe_check,
             method = self.method,
             path = self.path,
+            user_agent = self.user_agent,
             decision = self.decision,
             policy = self.policy,
             rule = self.rule,
@@ -127,12 +144,17 @@ mod tests {
     #[test]
     fn json_lines_have_tracing_subscribers_layout_and_escape_what_they_carry() {
         let request = Request {
+            request_id: "18c2f0a1-7",
+            node: "node-a",
             cgroup: "/web/\"quoted\"\n",
             cgroup_id: 7,
             unit: "web.service",
             namespace: "",
             pod: "",
+            pod_uid: "",
+            service_account: "",
             container: "",
+            container_id: "",
             uid: 1000,
             gid: 1000,
             pid: 42,
@@ -141,6 +163,7 @@ mod tests {
             exe_check: "node-file",
             method: "GET",
             path: "/latest/meta-data/instance-id",
+            user_agent: "Botocore/1.34.0",
             decision: "allow",
             policy: "web",
             rule: "info",
@@ -157,7 +180,7 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(
             text.starts_with(
-                "{\"timestamp\":\"2026-11-24T00:00:00.000123Z\",\"level\":\"INFO\",\"message\":\"request\",\"cgroup\":\"/web/\\\"quoted\\\"\\n\","
+                "{\"timestamp\":\"2026-11-24T00:00:00.000123Z\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":\"18c2f0a1-7\",\"node\":\"node-a\",\"cgroup\":\"/web/\\\"quoted\\\"\\n\","
             ),
             "{text}"
         );
@@ -167,6 +190,7 @@ mod tests {
         assert_eq!(value["latency_us"], 123);
         assert_eq!(value["upstream_status"], 200);
         assert_eq!(value["exe_check"], "node-file");
-        assert_eq!(value.as_object().unwrap().len(), 25);
+        assert_eq!(value["user_agent"], "Botocore/1.34.0");
+        assert_eq!(value.as_object().unwrap().len(), 31);
     }
 }

@@ -257,6 +257,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         provider,
         token_binding: !args.no_token_binding,
         explain_denials: args.explain_denials,
+        node: args.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default()
+        }),
         inventory: Arc::new(crate::inventory::Inventory::default()),
         tokens: Arc::new(crate::proxy::tokens::TokenBindings::default()),
         unknown_pod_wait: if args.kubernetes {

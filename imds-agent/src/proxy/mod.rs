@@ -77,7 +77,26 @@ pub struct Filter {
     pub tokens: Arc<tokens::TokenBindings>,
     /// Who reads what (`imds-agent report`).
     pub inventory: Arc<crate::inventory::Inventory>,
+    /// The node, as audit lines name it.
+    pub node: String,
 }
+
+/// A request id unique to this agent's life and across its restarts: the agent's start
+/// (milliseconds since the epoch, hex) and a count.
+fn next_request_id() -> String {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    });
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{start:x}-{n}")
+}
+
+/// The header that carries the request id on the agent's own answers.
+const REQUEST_ID_HEADER: &str = "imds-agent-request-id";
 
 /// Which policies select a caller, shared across its connections: SDKs open a connection per
 /// request, and selecting scans every loaded policy. Keyed by what selection depends on (the
@@ -518,6 +537,9 @@ struct Exchange<'a> {
     connection: &'a Connection,
     method: String,
     target: String,
+    /// The client's User-Agent, for the audit line.
+    user_agent: String,
+    request_id: String,
     started: Instant,
     /// An AWS request without a session token (IMDSv1), for the inventory.
     tokenless: bool,
@@ -532,7 +554,11 @@ impl Exchange<'_> {
     fn answer(&self, outcome: Outcome<'_>, body: String) -> Response<Body> {
         let status = outcome.status;
         self.audit(outcome);
-        own_answer(self.filter.provider, status, body)
+        let mut response = own_answer(self.filter.provider, status, body);
+        if let Ok(id) = HeaderValue::from_str(&self.request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, id);
+        }
+        response
     }
 }
 
@@ -560,6 +586,13 @@ async fn handle(
         connection,
         method: request.method().as_str().to_owned(),
         target: request.uri().path().to_owned(),
+        user_agent: request
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+        request_id: next_request_id(),
         started: Instant::now(),
         tokenless: false,
     };
@@ -969,6 +1002,8 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
         connection,
         method,
         target,
+        user_agent,
+        request_id,
         started,
         tokenless,
     } = exchange;
@@ -1012,13 +1047,26 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
             rule: outcome.rule.to_owned(),
         });
     }
+    let (pod_uid, container_id) = match &id.workload {
+        crate::identity::Workload::Pod {
+            pod_uid,
+            container_id,
+            ..
+        } => (pod_uid.as_str(), container_id.as_deref().unwrap_or("")),
+        _ => ("", ""),
+    };
     crate::audit::Request {
+        request_id,
+        node: &filter.node,
         cgroup: id.cgroup.as_deref().unwrap_or("?"),
         cgroup_id: id.cgroup_id,
         unit: id.unit.as_deref().unwrap_or(""),
         namespace,
         pod: id.pod.as_ref().map_or("", |p| p.name.as_str()),
+        pod_uid,
+        service_account: id.pod.as_ref().map_or("", |p| p.service_account.as_str()),
         container: id.container.as_deref().unwrap_or(""),
+        container_id,
         uid: id.uid,
         gid: id.gid,
         pid: id.pid,
@@ -1027,6 +1075,7 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
         exe_check: id.exe.as_ref().map_or("", |e| e.origin.as_str()),
         method,
         path: target,
+        user_agent,
         decision: outcome.decision,
         policy: outcome.policy,
         rule: outcome.rule,

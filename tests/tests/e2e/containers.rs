@@ -328,6 +328,60 @@ fn the_daemonset_image_enforces_pods_that_a_real_runtime_runs() {
         ),
         "{api_line}"
     );
+    // What a SIEM correlates on: the node, the pod's uid and service account, the runtime's
+    // container id, the SDK that asked, a request id.
+    let api_container_id = podman.run(&["inspect", "--format", "{{.Id}}", &api_pod]);
+    assert_eq!(
+        (
+            &api_line["node"],
+            &api_line["pod_uid"],
+            &api_line["service_account"],
+            &api_line["container_id"]
+        ),
+        (
+            &json!(NODE),
+            &json!(API_POD_UID),
+            &json!("api"),
+            &json!(api_container_id)
+        ),
+        "{api_line}"
+    );
+    assert!(
+        api_line["user_agent"]
+            .as_str()
+            .is_some_and(|ua| ua.starts_with("python-urllib3/")),
+        "botocore's metadata fetcher asks through urllib3: {api_line}"
+    );
+    // A denial's answer carries its request id, which finds its audit line.
+    let headers = podman.exec(
+        &web_pod,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%header{imds-agent-request-id}",
+            CREDENTIALS_URL,
+        ],
+    );
+    let request_id = String::from_utf8_lossy(&headers.stdout).trim().to_owned();
+    assert!(!request_id.is_empty(), "no request id on the denial");
+    let denied_line = cluster
+        .audit()
+        .into_iter()
+        .find(|a| a["request_id"] == request_id.as_str())
+        .unwrap_or_else(|| panic!("no audit line with request id {request_id}"));
+    assert_eq!(
+        (&denied_line["pod"], &denied_line["status"]),
+        (&json!("web-0"), &json!(403))
+    );
+    assert!(
+        denied_line["user_agent"]
+            .as_str()
+            .is_some_and(|ua| ua.starts_with("curl/")),
+        "{denied_line}"
+    );
     let web_line = line("web-0", "demo-node-role");
     assert_eq!(
         (&web_line["decision"], &web_line["policy"]),
