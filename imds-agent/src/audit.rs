@@ -10,8 +10,13 @@
 
 use std::{
     cell::RefCell,
+    fs::File,
     io::Write as _,
-    sync::atomic::{AtomicBool, Ordering},
+    path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -26,6 +31,51 @@ static JSON: AtomicBool = AtomicBool::new(false);
 /// [`Request::log`] itself.
 pub fn write_json_lines(json: bool) {
     JSON.store(json, Ordering::Relaxed);
+}
+
+/// Where audit lines go when they have a sink of their own (`--audit-log`): always as JSON,
+/// one line per request, apart from the operational log on stderr.
+enum Sink {
+    Stdout,
+    File { path: PathBuf, file: File },
+}
+
+static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+
+/// `--audit-log`: `stderr` (with the other logs, the default), `stdout`, or a file appended to
+/// (reopened by [`reopen`] on SIGHUP, after a log rotation has moved it).
+pub fn set_sink(target: &str) -> std::io::Result<()> {
+    let sink = match target {
+        "stderr" => None,
+        "stdout" => Some(Sink::Stdout),
+        path => Some(Sink::File {
+            path: PathBuf::from(path),
+            file: open_append(Path::new(path))?,
+        }),
+    };
+    *SINK.lock().expect("audit sink") = sink;
+    Ok(())
+}
+
+/// Reopens the audit file at its path (the rotated one is left to the rotation). A failure is
+/// logged; lines go on to the file that was open.
+pub fn reopen() {
+    let mut sink = SINK.lock().expect("audit sink");
+    if let Some(Sink::File { path, file }) = sink.as_mut() {
+        match open_append(path) {
+            Ok(reopened) => *file = reopened,
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot reopen the audit log; writing on to the old file")
+            }
+        }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// One request's audit record.
@@ -69,6 +119,24 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     pub fn log(&self) {
+        {
+            let mut sink = SINK.lock().expect("audit sink");
+            if let Some(sink) = sink.as_mut() {
+                thread_local! {
+                    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+                }
+                LINE.with_borrow_mut(|line| {
+                    line.clear();
+                    self.json_line(SystemTime::now(), line);
+                    // An audit line that cannot be written has nowhere else to go.
+                    let _ = match sink {
+                        Sink::Stdout => std::io::stdout().lock().write_all(line),
+                        Sink::File { file, .. } => file.write_all(line),
+                    };
+                });
+                return;
+            }
+        }
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
             return;
         }

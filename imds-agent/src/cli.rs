@@ -19,6 +19,12 @@ pub struct Cli {
     /// imds_agent::audit. Filter with IMDS_AGENT_LOG (e.g. "info", "imds_agent=debug").
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Where audit lines go: `stderr` (with the other logs, as --log-format writes them),
+    /// `stdout`, or a file to append to. Apart from stderr they are always JSON, one line per
+    /// request, so that a collector takes them apart from the operational log. A file is
+    /// reopened on SIGHUP, after a log rotation moved it.
+    #[arg(long, default_value = "stderr", global = true)]
+    pub audit_log: String,
     #[command(subcommand)]
     pub command: Command,
 }

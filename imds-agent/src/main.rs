@@ -45,6 +45,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(error) = imds_agent::audit::set_sink(&cli.audit_log) {
+        eprintln!("imds-agent: --audit-log {}: {error}", cli.audit_log);
+        return ExitCode::from(EXIT_CONFIG);
+    }
     match cli.command {
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -349,6 +349,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     let reload_on_hup = tokio::spawn(async move {
         while sighup.recv().await.is_some() {
+            crate::audit::reopen();
             let store = policy.clone();
             let _ = tokio::task::spawn_blocking(move || store.reload_and_log("SIGHUP")).await;
         }

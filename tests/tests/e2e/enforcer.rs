@@ -756,3 +756,62 @@ fn other_connections_run_no_program_at_their_tcp_events() {
         enforced
     );
 }
+
+/// Audit lines in a file of their own (`--audit-log`), apart from the operational log, and a
+/// log rotation: the file is moved away, SIGHUP, and the next line starts a new file.
+#[test]
+fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
+    let Some(sandbox) = Sandbox::new("audit-file") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let file = sandbox.work_dir.join("audit.jsonl");
+    let agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&repo_policies()],
+        &["--audit-log", file.to_str().expect("UTF-8 path")],
+    );
+    let lines = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON audit line"))
+            .collect()
+    };
+    let first = sandbox.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(first.status, 200, "{first:?}");
+    let written = lines(&file);
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(
+        (&written[0]["path"], &written[0]["target"]),
+        (
+            &serde_json::json!(INSTANCE_ID_PATH),
+            &serde_json::json!("imds_agent::audit")
+        )
+    );
+    assert!(
+        agent.audit().is_empty(),
+        "audit lines left the operational log:\n{}",
+        agent.log()
+    );
+
+    let rotated = sandbox.work_dir.join("audit.jsonl.1");
+    std::fs::rename(&file, &rotated).expect("rotate");
+    agent.process.signal(libc::SIGHUP);
+    let reopened = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        file.exists()
+    });
+    assert!(
+        reopened,
+        "the audit file was not reopened:\n{}",
+        agent.log()
+    );
+    let second = sandbox.curl("enforced/web", None, &[&url(CREDENTIALS_PATH)]);
+    assert_eq!(second.status, 403, "{second:?}");
+    assert_eq!(lines(&rotated).len(), 1);
+    let after = lines(&file);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["decision"], "deny");
+}
