@@ -263,6 +263,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 .unwrap_or_default()
         }),
         inventory: Arc::new(crate::inventory::Inventory::default()),
+        denial_events: kube_client.clone().map(|client| {
+            crate::kube::events::DenialEvents::start(
+                client,
+                args.node_name.clone().unwrap_or_default(),
+            )
+        }),
         tokens: Arc::new(crate::proxy::tokens::TokenBindings::default()),
         unknown_pod_wait: if args.kubernetes {
             Duration::from_millis(args.unknown_pod_wait_ms)

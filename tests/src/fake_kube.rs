@@ -77,6 +77,8 @@ struct State {
     watchers: Vec<Watcher>,
     /// Requests seen, as "METHOD path?query", for tests of what the agent asked.
     requests: Vec<String>,
+    /// Events created (events.k8s.io/v1), as posted.
+    events: Vec<Value>,
 }
 
 struct Watcher {
@@ -194,6 +196,11 @@ impl FakeApiServer {
             .cloned()
     }
 
+    /// The events created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().expect("state").events.clone()
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().expect("state").requests.clone()
     }
@@ -298,6 +305,18 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Bo
                 Err(response) => response,
             };
         }
+    }
+    if method == Method::POST
+        && path.starts_with("/apis/events.k8s.io/v1/namespaces/")
+        && path.ends_with("/events")
+    {
+        return match json_body(request).await {
+            Ok(event) => {
+                state.lock().expect("state").events.push(event.clone());
+                json_response(StatusCode::CREATED, &event)
+            }
+            Err(response) => response,
+        };
     }
     if method == Method::PATCH
         && let Some((kind, namespace, name)) = status_target(&path)

@@ -2,6 +2,7 @@
 //! ImdsPolicies, ClusterImdsPolicies).
 
 pub mod crd;
+pub mod events;
 pub mod taint;
 pub mod watch;
 

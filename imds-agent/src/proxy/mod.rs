@@ -79,6 +79,8 @@ pub struct Filter {
     pub inventory: Arc<crate::inventory::Inventory>,
     /// The node, as audit lines name it.
     pub node: String,
+    /// Events on pods for their denials (on Kubernetes).
+    pub denial_events: Option<crate::kube::events::DenialEvents>,
 }
 
 /// A request id unique to this agent's life and across its restarts: the agent's start
@@ -1020,6 +1022,15 @@ fn audit(exchange: &Exchange<'_>, outcome: Outcome<'_>) {
         .request_duration(started.elapsed().as_secs_f64());
     if outcome.decision == "deny" {
         filter.metrics.denial(outcome.policy, outcome.rule);
+        if let (Some(events), Some(pod)) = (&filter.denial_events, &id.pod) {
+            events.denied(crate::kube::events::Denial {
+                pod: pod.clone(),
+                policy: outcome.policy.to_owned(),
+                rule: outcome.rule.to_owned(),
+                method: method.to_owned(),
+                path: target.to_owned(),
+            });
+        }
     }
     if tokenless {
         filter.metrics.imdsv1_request(namespace);

@@ -322,6 +322,11 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
     assert_eq!(granted["pods"], read);
     assert_eq!(granted["imdspolicies"], read);
     assert!(!granted.contains_key("nodes") && !granted.contains_key("secrets"));
+    assert_eq!(
+        granted["events"],
+        ["create"],
+        "events on pods, nothing more"
+    );
     assert!(
         granted["imdspolicies/status"]
             .iter()

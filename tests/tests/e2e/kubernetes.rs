@@ -339,6 +339,56 @@ fn a_policy_the_agent_cannot_read_is_reported_and_stalls_nothing() {
     );
 }
 
+/// A pod whose metadata request is denied gets an Event saying why (`kubectl describe pod`),
+/// once per policy and rule per interval; a pod that is served gets none.
+#[test]
+fn a_denied_pod_gets_an_event_naming_the_policy_and_rule() {
+    let Some(env) = Env::start("kube-events", &[]) else {
+        return;
+    };
+    env.add_pod(&API_0, NODE);
+    env.add_pod(&WEB_0, NODE);
+    assert_eq!(env.get(&API_0.cgroup(), CREDENTIALS_URL).status, 200);
+    for _ in 0..3 {
+        assert_eq!(env.get(&WEB_0.cgroup(), CREDENTIALS_URL).status, 403);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || !env.api.events().is_empty()),
+        "no event:\n{}",
+        env.agent.log()
+    );
+    // Time for any further (wrong) events to arrive.
+    std::thread::sleep(Duration::from_millis(300));
+    let events = env.api.events();
+    assert_eq!(events.len(), 1, "one per pod, policy and rule: {events:#?}");
+    let event = &events[0];
+    assert_eq!(
+        (
+            &event["regarding"]["kind"],
+            &event["regarding"]["namespace"],
+            &event["regarding"]["name"],
+            &event["regarding"]["uid"],
+            &event["reason"],
+            &event["type"],
+        ),
+        (
+            &json!("Pod"),
+            &json!("frontend"),
+            &json!("web-0"),
+            &json!(WEB_UID),
+            &json!("MetadataRequestDenied"),
+            &json!("Warning"),
+        ),
+        "{event}"
+    );
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("clusterimdspolicies/baseline")
+            && note.contains("/latest/meta-data/iam/security-credentials/demo-node-role"),
+        "{note}"
+    );
+}
+
 #[test]
 fn a_deleted_pod_is_forgotten_and_an_api_outage_keeps_enforcement() {
     let Some(mut env) = Env::start("kube-outage", &["--unknown-pod-wait-ms", "300"]) else {
