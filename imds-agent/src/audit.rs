@@ -26,6 +26,14 @@ use serde::Serialize;
 pub const TARGET: &str = "imds_agent::audit";
 
 static JSON: AtomicBool = AtomicBool::new(false);
+static OTEL_NAMES: AtomicBool = AtomicBool::new(false);
+
+/// `--audit-names otel`: JSON audit lines name their fields as OpenTelemetry's semantic
+/// conventions do (`http.request.method`, `url.path`, `k8s.pod.name`, ...; ECS shares most),
+/// and the agent's own under `imds_agent.`.
+pub fn otel_names(otel: bool) {
+    OTEL_NAMES.store(otel, Ordering::Relaxed);
+}
 
 /// Set once at start-up, with `--log-format json`: audit lines are written as JSON by
 /// [`Request::log`] itself.
@@ -127,7 +135,7 @@ impl Request<'_> {
                 }
                 LINE.with_borrow_mut(|line| {
                     line.clear();
-                    self.json_line(SystemTime::now(), line);
+                    self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed));
                     // An audit line that cannot be written has nowhere else to go.
                     let _ = match sink {
                         Sink::Stdout => std::io::stdout().lock().write_all(line),
@@ -146,7 +154,7 @@ impl Request<'_> {
             }
             LINE.with_borrow_mut(|line| {
                 line.clear();
-                self.json_line(SystemTime::now(), line);
+                self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed));
                 // An audit line that cannot be written has nowhere else to go.
                 let _ = std::io::stderr().lock().write_all(line);
             });
@@ -187,7 +195,7 @@ impl Request<'_> {
 
     /// The line as tracing-subscriber's flattened JSON would write it: timestamp, level and
     /// message first, the fields, then the target; newline-terminated.
-    fn json_line(&self, time: SystemTime, line: &mut Vec<u8>) {
+    fn json_line(&self, time: SystemTime, line: &mut Vec<u8>, otel: bool) {
         let _ = write!(
             line,
             "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"message\":\"request\",",
@@ -195,11 +203,54 @@ impl Request<'_> {
         );
         let fields = line.len();
         // Serialising a struct of strings and integers into memory cannot fail.
-        let _ = serde_json::to_writer(&mut *line, self);
+        let _ = if otel {
+            serde_json::to_writer(&mut *line, &OtelNamed(self))
+        } else {
+            serde_json::to_writer(&mut *line, self)
+        };
         // `{...}` -> `...`: the fields join the object opened above.
         line.remove(fields);
         line.pop();
         let _ = writeln!(line, ",\"target\":\"{TARGET}\"}}");
+    }
+}
+
+/// A record under OpenTelemetry's names (`--audit-names otel`).
+struct OtelNamed<'a>(&'a Request<'a>);
+
+impl Serialize for OtelNamed<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let r = self.0;
+        let mut map = serializer.serialize_map(Some(27))?;
+        map.serialize_entry("imds_agent.request_id", r.request_id)?;
+        map.serialize_entry("k8s.node.name", r.node)?;
+        map.serialize_entry("imds_agent.cgroup", r.cgroup)?;
+        map.serialize_entry("imds_agent.cgroup_id", &r.cgroup_id)?;
+        map.serialize_entry("imds_agent.systemd_unit", r.unit)?;
+        map.serialize_entry("k8s.namespace.name", r.namespace)?;
+        map.serialize_entry("k8s.pod.name", r.pod)?;
+        map.serialize_entry("k8s.pod.uid", r.pod_uid)?;
+        map.serialize_entry("imds_agent.service_account", r.service_account)?;
+        map.serialize_entry("k8s.container.name", r.container)?;
+        map.serialize_entry("container.id", r.container_id)?;
+        map.serialize_entry("process.user.id", &r.uid)?;
+        map.serialize_entry("process.group.id", &r.gid)?;
+        map.serialize_entry("process.pid", &r.pid)?;
+        map.serialize_entry("process.executable.name", r.comm)?;
+        map.serialize_entry("process.executable.path", r.exe)?;
+        map.serialize_entry("imds_agent.exe_check", r.exe_check)?;
+        map.serialize_entry("http.request.method", r.method)?;
+        map.serialize_entry("url.path", r.path)?;
+        map.serialize_entry("user_agent.original", r.user_agent)?;
+        map.serialize_entry("imds_agent.decision", r.decision)?;
+        map.serialize_entry("imds_agent.policy", r.policy)?;
+        map.serialize_entry("imds_agent.rule", r.rule)?;
+        map.serialize_entry("http.response.status_code", &r.status)?;
+        map.serialize_entry("imds_agent.upstream_status_code", &r.upstream_status)?;
+        map.serialize_entry("imds_agent.detail", r.detail)?;
+        map.serialize_entry("imds_agent.latency_us", &r.latency_us)?;
+        map.end()
     }
 }
 
@@ -242,7 +293,7 @@ mod tests {
         };
         let mut line = Vec::new();
         let time = UNIX_EPOCH + Duration::from_micros(1_795_478_400_000_123);
-        request.json_line(time, &mut line);
+        request.json_line(time, &mut line, false);
         let text = String::from_utf8(line).unwrap();
         assert!(text.ends_with("}\n"), "{text}");
         assert_eq!(text.lines().count(), 1, "{text}");
@@ -260,5 +311,27 @@ mod tests {
         assert_eq!(value["exe_check"], "node-file");
         assert_eq!(value["user_agent"], "Botocore/1.34.0");
         assert_eq!(value.as_object().unwrap().len(), 31);
+
+        // The same record under OpenTelemetry's names.
+        let mut line = Vec::new();
+        request.json_line(time, &mut line, true);
+        let otel: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        for (field, expected) in [
+            ("http.request.method", serde_json::json!("GET")),
+            (
+                "url.path",
+                serde_json::json!("/latest/meta-data/instance-id"),
+            ),
+            ("http.response.status_code", serde_json::json!(200)),
+            ("user_agent.original", serde_json::json!("Botocore/1.34.0")),
+            ("k8s.node.name", serde_json::json!("node-a")),
+            ("process.pid", serde_json::json!(42)),
+            ("imds_agent.decision", serde_json::json!("allow")),
+            ("target", serde_json::json!(TARGET)),
+        ] {
+            assert_eq!(otel[field], expected, "{field}: {otel}");
+        }
+        // Every field of the record, under one name or the other.
+        assert_eq!(otel.as_object().unwrap().len(), 31, "{otel}");
     }
 }

@@ -25,8 +25,19 @@ pub struct Cli {
     /// reopened on SIGHUP, after a log rotation moved it.
     #[arg(long, default_value = "stderr", global = true)]
     pub audit_log: String,
+    /// How JSON audit lines name their fields: `default`, or `otel` for OpenTelemetry's
+    /// semantic conventions (http.request.method, url.path, k8s.pod.name, container.id, ...;
+    /// ECS shares most), the agent's own fields under `imds_agent.`.
+    #[arg(long, value_enum, default_value_t = AuditNames::Default, global = true)]
+    pub audit_names: AuditNames,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuditNames {
+    Default,
+    Otel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

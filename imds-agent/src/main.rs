@@ -45,6 +45,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    imds_agent::audit::otel_names(cli.audit_names == imds_agent::cli::AuditNames::Otel);
     if let Err(error) = imds_agent::audit::set_sink(&cli.audit_log) {
         eprintln!("imds-agent: --audit-log {}: {error}", cli.audit_log);
         return ExitCode::from(EXIT_CONFIG);

@@ -757,8 +757,9 @@ fn other_connections_run_no_program_at_their_tcp_events() {
     );
 }
 
-/// Audit lines in a file of their own (`--audit-log`), apart from the operational log, and a
-/// log rotation: the file is moved away, SIGHUP, and the next line starts a new file.
+/// Audit lines in a file of their own (`--audit-log`), apart from the operational log, under
+/// OpenTelemetry's names (`--audit-names otel`), and a log rotation: the file is moved away,
+/// SIGHUP, and the next line starts a new file.
 #[test]
 fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
     let Some(sandbox) = Sandbox::new("audit-file") else {
@@ -770,7 +771,12 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
         "enforced",
         "agent",
         &[&repo_policies()],
-        &["--audit-log", file.to_str().expect("UTF-8 path")],
+        &[
+            "--audit-log",
+            file.to_str().expect("UTF-8 path"),
+            "--audit-names",
+            "otel",
+        ],
     );
     let lines = |path: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
@@ -784,9 +790,14 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
     let written = lines(&file);
     assert_eq!(written.len(), 1, "{written:?}");
     assert_eq!(
-        (&written[0]["path"], &written[0]["target"]),
+        (
+            &written[0]["url.path"],
+            &written[0]["http.response.status_code"],
+            &written[0]["target"]
+        ),
         (
             &serde_json::json!(INSTANCE_ID_PATH),
+            &serde_json::json!(200),
             &serde_json::json!("imds_agent::audit")
         )
     );
@@ -813,5 +824,5 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
     assert_eq!(lines(&rotated).len(), 1);
     let after = lines(&file);
     assert_eq!(after.len(), 1, "{after:?}");
-    assert_eq!(after[0]["decision"], "deny");
+    assert_eq!(after[0]["imds_agent.decision"], "deny");
 }
