@@ -83,10 +83,41 @@ pub fn crds_yaml() -> String {
 /// The CRD with every integer bounded by what the agent reads it as, so that the API server
 /// refuses a value the agent could not read. Kubernetes knows the formats int32 and int64
 /// only (and warns about others from 1.34): schemars' `uint32` and the like become a range.
+/// And what else the schema can say of a rule, so that `kubectl apply` refuses it at once
+/// rather than the agents reporting it afterwards (see [`constrain_rules`]).
 fn bounded(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     let mut value = serde_json::to_value(crd).expect("a CRD serializes");
     bound_integers(&mut value["spec"]["versions"]);
+    for version in value["spec"]["versions"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        let spec = &mut version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        constrain_rules(&mut spec["properties"]["rules"]);
+    }
     serde_json::from_value(value).expect("a bounded CRD is a CRD")
+}
+
+/// A rule's name as the agent takes it (1-128 of `A-Z a-z 0-9 . _ -`, not `default`, unique
+/// in its policy: a map list keyed by name), its methods and groups as the agent knows them.
+/// The one CEL rule compares a string, the cheapest rule there is; what the schema cannot
+/// say (path grammar, a namespace policy naming another namespace, which CEL in a CRD cannot
+/// see) stays with the agents' `Accepted` condition.
+fn constrain_rules(rules: &mut serde_json::Value) {
+    rules["x-kubernetes-list-type"] = "map".into();
+    rules["x-kubernetes-list-map-keys"] = serde_json::json!(["name"]);
+    let rule = &mut rules["items"]["properties"];
+    rule["name"]["pattern"] = "^[A-Za-z0-9._-]{1,128}$".into();
+    rule["name"]["maxLength"] = 128.into();
+    rule["name"]["x-kubernetes-validations"] = serde_json::json!([{
+        "rule": "self != 'default'",
+        "message": "'default' names the policy's default",
+    }]);
+    let mut methods: Vec<&str> = crate::policy::METHODS.to_vec();
+    methods.push("*");
+    rule["methods"]["items"]["enum"] = serde_json::json!(methods);
+    rule["groups"]["items"]["enum"] = serde_json::json!(crate::policy::groups::NAMES);
 }
 
 fn bound_integers(schema: &mut serde_json::Value) {

@@ -1073,7 +1073,7 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 }
 
 /// The known HTTP methods a rule may name (RFC 9110 plus PATCH).
-const METHODS: [&str; 8] = [
+pub(crate) const METHODS: [&str; 8] = [
     "GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS", "TRACE",
 ];
 

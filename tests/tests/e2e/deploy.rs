@@ -661,7 +661,8 @@ fn manifests_pass_kubernetes_validate_and_custom_resources_their_schema() {
     std::fs::write(
         &bad,
         "apiVersion: imds-agent.dev/v1alpha1\nkind: ImdsPolicy\nmetadata: {name: bad, namespace: t}\n\
-         spec:\n  default: deny\n  callers: {uids: [4294967296]}\n  surplus: 1\n",
+         spec:\n  default: deny\n  callers: {uids: [4294967296]}\n  surplus: 1\n  \
+         rules: [{name: \"two words\", action: allow, methods: [FETCH], groups: [secrets]}]\n",
     )
     .expect("write bad resource");
 
@@ -712,6 +713,14 @@ fn manifests_pass_kubernetes_validate_and_custom_resources_their_schema() {
             && report.contains("'surplus' was unexpected"),
         "{report}"
     );
+    // What the schema says of a rule: its name's form, known methods and groups.
+    for refused in [
+        "spec.rules.0.name: 'two words' does not match",
+        "spec.rules.0.methods.0: 'FETCH' is not one of",
+        "spec.rules.0.groups.0: 'secrets' is not one of",
+    ] {
+        assert!(report.contains(refused), "{refused}:\n{report}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
