@@ -35,6 +35,7 @@ mod exe_pattern;
 pub mod groups;
 pub mod pattern;
 pub mod store;
+mod suggest;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -51,6 +52,7 @@ use exe_pattern::ExePattern;
 pub use pattern::{
     CanonicalPath, CompiledPatterns, NamePattern, PathError, PathPattern, PatternSet, Specificity,
 };
+use suggest::did_you_mean;
 
 #[derive(
     Debug,
@@ -659,6 +661,14 @@ impl PolicySet {
                 handles
                     .into_iter()
                     .flat_map(|h| h.join().expect("policy parser thread"))
+                    // A file of several documents gives several policies.
+                    .flat_map(|(file, result)| match result {
+                        Ok(policies) => policies
+                            .into_iter()
+                            .map(|p| (file.clone(), Ok(p)))
+                            .collect::<Vec<_>>(),
+                        Err(errors) => vec![(file, Err(errors))],
+                    })
                     .collect()
             });
         let mut policies: Vec<Policy> = Vec::new();
@@ -1085,20 +1095,62 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn load_file(file: &Path) -> Result<Policy, Vec<PolicyError>> {
+fn load_file(file: &Path) -> Result<Vec<Policy>, Vec<PolicyError>> {
     let text = std::fs::read_to_string(file).map_err(|source| {
         vec![PolicyError::Read {
             file: file.to_owned(),
             source,
         }]
     })?;
-    parse(file, &text)
+    parse_all(file, &text)
 }
 
-/// Parses and validates one policy file.
+/// Parses and validates a policy file of one policy.
 pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
-    let doc: PolicyDocument =
-        serde_saphyr::from_str(text).map_err(|e| vec![yaml_error(file, text, &e)])?;
+    let mut policies = parse_all(file, text)?;
+    if policies.len() != 1 {
+        return Err(vec![PolicyError::Invalid {
+            file: file.to_owned(),
+            line: 1,
+            column: 1,
+            field: "document".into(),
+            message: format!("{} policies where one was expected", policies.len()),
+        }]);
+    }
+    Ok(policies.remove(0))
+}
+
+/// Parses and validates a policy file: one policy, or several as YAML documents (`---`), as
+/// Kubernetes users write manifests. Errors of every document are reported together.
+pub fn parse_all(file: &Path, text: &str) -> Result<Vec<Policy>, Vec<PolicyError>> {
+    let documents: Vec<Option<PolicyDocument>> =
+        serde_saphyr::from_multiple(text).map_err(|e| vec![yaml_error(file, text, &e)])?;
+    let documents: Vec<PolicyDocument> = documents.into_iter().flatten().collect();
+    if documents.is_empty() {
+        return Err(vec![PolicyError::Invalid {
+            file: file.to_owned(),
+            line: 1,
+            column: 1,
+            field: "document".into(),
+            message: "no policy in the file".into(),
+        }]);
+    }
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    for doc in &documents {
+        match parse_document(file, doc) {
+            Ok(policy) => policies.push(policy),
+            Err(found) => errors.extend(found),
+        }
+    }
+    if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_document(file: &Path, doc: &PolicyDocument) -> Result<Policy, Vec<PolicyError>> {
     let Some(name) = &doc.name else {
         return Err(vec![PolicyError::Invalid {
             file: file.to_owned(),
@@ -1115,7 +1167,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
     if !valid_name(&name.value) {
         at.error(name, "name", "must be 1-128 of A-Z a-z 0-9 - _ .");
     }
-    compile(at, name.value.clone(), &doc, None)
+    compile(at, name.value.clone(), doc, None)
 }
 
 /// Validates the spec of an API object (ImdsPolicy, ClusterImdsPolicy). `source` names the
@@ -1259,9 +1311,10 @@ fn compile_methods(
                 method,
                 format!("{field}.methods[{i}]"),
                 format_args!(
-                    "unknown method {:?} (expected one of {}, or \"*\")",
+                    "unknown method {:?} (expected one of {}, or \"*\"){}",
                     method.value,
-                    METHODS.join(", ")
+                    METHODS.join(", "),
+                    did_you_mean(&method.value, &METHODS)
                 ),
             );
         }
@@ -1301,9 +1354,10 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Arc<
                 group,
                 format!("{field}.groups[{i}]"),
                 format_args!(
-                    "unknown group {:?} (expected one of {})",
+                    "unknown group {:?} (expected one of {}){}",
                     group.value,
-                    groups::NAMES.join(", ")
+                    groups::NAMES.join(", "),
+                    did_you_mean(&group.value, &groups::NAMES)
                 ),
             ),
         }
@@ -1382,12 +1436,34 @@ fn yaml_error(file: &Path, text: &str, error: &serde_saphyr::Error) -> PolicyErr
     // source snippet; keep the message only, the location is printed in front of it.
     let display = error.to_string();
     let first = display.lines().next().unwrap_or("invalid YAML");
-    let message = first
+    let mut message = first
         .strip_prefix("error: ")
         .and_then(|rest| rest.strip_prefix("line "))
         .and_then(|rest| rest.split_once(": "))
         .map_or(first, |(_, message)| message)
         .to_owned();
+    // serde names an unknown field or variant in backticks, then what it expected (in
+    // backticks, or as a plain list after "expected one of").
+    if message.starts_with("unknown field") || message.starts_with("unknown variant") {
+        let named: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+        let plain: Vec<&str> = message
+            .split_once("expected one of ")
+            .map(|(_, list)| {
+                list.split([',', ' '])
+                    .filter(|w| !w.is_empty() && *w != "or")
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let [given, rest @ ..] = named.as_slice() {
+            let expected = if rest.is_empty() {
+                plain.as_slice()
+            } else {
+                rest
+            };
+            let suggestion = did_you_mean(given, expected);
+            message.push_str(&suggestion);
+        }
+    }
     PolicyError::Invalid {
         file: file.to_owned(),
         line,

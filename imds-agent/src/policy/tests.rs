@@ -477,12 +477,14 @@ fn errors_name_file_line_column_and_field() {
     assert_eq!(
         errors("name: a\ndefault: allow\nrulez: []\n"),
         [
-            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, mode, callers, default, rules, tokens"
+            "p.yaml:3:1: rulez: unknown field `rulez`, expected one of name, description, mode, callers, default, rules, tokens; did you mean \"rules\"?"
         ]
     );
     assert_eq!(
         errors("name: a\ndefault: alow\n"),
-        ["p.yaml:2:10: default: unknown variant `alow`, expected one of allow, deny"]
+        [
+            "p.yaml:2:10: default: unknown variant `alow`, expected one of allow, deny; did you mean \"allow\"?"
+        ]
     );
     let bad_rules = r#"name: a
 default: deny
@@ -759,4 +761,79 @@ rules:
     assert!(found(beside_a_unit).is_empty());
     assert_eq!(found(rule_level), ["creds"]);
     assert_eq!(found(by_default), ["default"]);
+}
+
+#[test]
+fn a_file_holds_several_policies_as_yaml_documents() {
+    let text = "\
+name: first
+default: deny
+---
+name: second
+default: allow
+---
+";
+    let policies = parse_all(Path::new("p.yaml"), text).expect("two policies");
+    let names: Vec<&str> = policies.iter().map(Policy::name).collect();
+    assert_eq!(names, ["first", "second"]);
+    // An error in the second document is located in the file, not in the document.
+    let broken = "name: first\ndefault: deny\n---\nname: second\ndefault: alow\n";
+    let errors: Vec<String> = parse_all(Path::new("p.yaml"), broken)
+        .expect_err("rejected")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("p.yaml:5:") && e.contains("alow")),
+        "{errors:?}"
+    );
+    // One policy where one is expected.
+    assert!(parse(Path::new("p.yaml"), text).is_err());
+    assert!(
+        parse_all(Path::new("p.yaml"), "---\n").is_err(),
+        "no policy"
+    );
+}
+
+#[test]
+fn near_misses_get_a_did_you_mean() {
+    let rule = |field: &str| {
+        format!(
+            "name: p\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    {field}\n"
+        )
+    };
+    for (text, expected) in [
+        (
+            rule("groups: [credential]"),
+            "did you mean \"credentials\"?",
+        ),
+        (
+            "name: p\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GTE]\n"
+                .to_owned(),
+            "did you mean \"GET\"?",
+        ),
+        (
+            "name: p\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methds: [GET]\n"
+                .to_owned(),
+            "did you mean \"methods\"?",
+        ),
+        (
+            "name: p\ndefault: alow\n".to_owned(),
+            "did you mean \"allow\"?",
+        ),
+    ] {
+        let found = errors(&text);
+        assert!(
+            found.iter().any(|e| e.contains(expected)),
+            "{text}: {found:?}"
+        );
+    }
+    // Nothing close: no guess.
+    let found = errors(&rule("groups: [secrets]"));
+    assert!(
+        !found.iter().any(|e| e.contains("did you mean")),
+        "{found:?}"
+    );
 }

@@ -80,6 +80,33 @@ fn policy_check_warns_where_credentials_hang_on_an_executable_alone() {
 }
 
 #[test]
+fn policy_check_takes_several_policies_in_one_file_and_suggests_near_misses() {
+    let dir = std::env::temp_dir().join(format!("imds-cli-multi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("several.yaml");
+    std::fs::write(
+        &file,
+        "name: web\ndefault: deny\n---\nname: batch\ndefault: deny\nrules:\n  - {name: r, action: allow, methods: [GET], groups: [instance-info]}\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = agent(&["policy", "check", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("several.yaml: ok: policy 'web', 0 rules")
+            && stdout.contains("several.yaml: ok: policy 'batch', 1 rules"),
+        "{stdout}"
+    );
+    std::fs::write(&file, "name: web\ndefault: deny\n---\nname: batch\ndefault: deny\nrules:\n  - {name: r, action: allow, methods: [GET], groups: [instance-infos]}\n").unwrap();
+    let (code, _, stderr) = agent(&["policy", "check", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("several.yaml:7:") && stderr.contains("did you mean \"instance-info\"?"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_missing_policy_file_is_named() {
     let (code, _, stderr) = agent(&["policy", "check", "/nonexistent/p.yaml"]);
     assert_eq!(code, 64);
