@@ -49,6 +49,9 @@ enum Sink {
 }
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+/// Whether [`SINK`] holds a sink: read per request, so that the default (stderr) takes no
+/// lock on the request path.
+static HAS_SINK: AtomicBool = AtomicBool::new(false);
 
 /// `--audit-log`: `stderr` (with the other logs, the default), `stdout`, or a file appended to
 /// (reopened by [`reopen`] on SIGHUP, after a log rotation has moved it).
@@ -61,6 +64,7 @@ pub fn set_sink(target: &str) -> std::io::Result<()> {
             file: open_append(Path::new(path))?,
         }),
     };
+    HAS_SINK.store(sink.is_some(), Ordering::Relaxed);
     *SINK.lock().expect("audit sink") = sink;
     Ok(())
 }
@@ -127,7 +131,7 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     pub fn log(&self) {
-        {
+        if HAS_SINK.load(Ordering::Relaxed) {
             let mut sink = SINK.lock().expect("audit sink");
             if let Some(sink) = sink.as_mut() {
                 thread_local! {
