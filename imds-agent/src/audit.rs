@@ -203,7 +203,7 @@ impl Request<'_> {
         let _ = write!(
             line,
             "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"message\":\"request\",",
-            crate::status::iso8601_micros(time)
+            crate::calendar::iso8601_micros(time)
         );
         let fields = line.len();
         // Serialising a struct of strings and integers into memory cannot fail.

@@ -82,7 +82,7 @@ impl Inventory {
         {
             entry.executables.insert(exe.path.clone());
         }
-        entry.last_seen = crate::status::iso8601(std::time::SystemTime::now());
+        entry.last_seen = crate::calendar::iso8601(std::time::SystemTime::now());
     }
 
     /// Every workload, busiest first.

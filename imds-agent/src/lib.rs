@@ -2,6 +2,7 @@
 //! cgroups to the agent, identifies each caller, and serves or denies each request by policy.
 
 pub mod audit;
+pub mod calendar;
 pub mod cli;
 pub mod detect;
 pub mod explain;
@@ -18,3 +19,5 @@ pub mod provider;
 pub mod proxy;
 pub mod run;
 pub mod status;
+pub mod supervisor;
+pub mod tally;

@@ -20,6 +20,7 @@ use crate::{
     policy::{PolicyError, store::PolicyStore},
     provider::Provider,
     proxy::{self, Filter},
+    supervisor::Tasks,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,9 @@ pub enum RunError {
     },
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    /// A background task ended while the agent ran (exit 1).
+    #[error("a background task ended: {0}")]
+    Task(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -136,7 +140,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             "--mode audit: a dry run, nothing is denied (would-be denials are logged and counted as would-deny)"
         );
     }
-    if policy.current().set.policies().is_empty() {
+    if policy.current().policies().is_empty() {
         tracing::warn!(
             unmatched = %args.unmatched,
             "no policy files: every caller gets the --unmatched decision"
@@ -236,7 +240,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pod_address = %pod_address.map_or("none".to_owned(), |ip| ip.to_string()),
         %provider,
         endpoints = ?endpoints,
-        policies = ?policy.current().set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
+        policies = ?policy.current().policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
         unmatched = %args.unmatched,
         mode = ?args.mode,
         "enforcing"
@@ -244,14 +248,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let enforcer = Arc::new(enforcer);
     let metrics = Arc::new(Metrics::default());
-    let tally = Arc::new(crate::status::Tally::default());
+    let tally = Arc::new(crate::tally::Tally::default());
     let filter = Arc::new(Filter {
         enforcer: enforcer.clone(),
         resolver,
         policy: policy.clone(),
         metrics: metrics.clone(),
         tally: tally.clone(),
-        selections: crate::proxy::SelectionCache::default(),
         endpoints,
         pool: Arc::new(crate::proxy::pool::UpstreamPool::default()),
         provider,
@@ -292,20 +295,22 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     // Healthy from here on: attached, policy loaded. Ready once the watches have listed.
     let synced = Arc::new(crate::kube::watch::Synced::default());
-    let taint = match (&kube_client, &args.remove_node_taint) {
-        (Some(client), Some(key)) => {
-            let synced = synced.clone();
-            Some(tokio::spawn(crate::kube::taint::remove_when_ready(
+    let mut tasks = Tasks::default();
+    if let (Some(client), Some(key)) = (&kube_client, &args.remove_node_taint) {
+        let synced = synced.clone();
+        tasks.job(
+            "node taint removal",
+            crate::kube::taint::remove_when_ready(
                 client.clone(),
                 args.node_name.clone().unwrap_or_default(),
                 key.clone(),
                 move || synced.all(),
-            )))
-        }
-        _ => None,
-    };
-    let watches = kube_client.map(|client| {
-        tokio::spawn(
+            ),
+        );
+    }
+    let ready: metrics::Readiness = if let Some(client) = kube_client {
+        tasks.service(
+            "Kubernetes watches",
             Arc::new(crate::kube::watch::Watches {
                 client,
                 node: args.node_name.clone().unwrap_or_default(),
@@ -315,48 +320,37 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 synced: synced.clone(),
             })
             .run(),
-        )
-    });
-    let ready: metrics::Readiness = if watches.is_some() {
+        );
         Arc::new(move || synced.all())
     } else {
         Arc::new(|| true)
     };
-    let metrics_server = metrics_listener.map(|listener| {
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics,
-            policy.clone(),
-            enforcer.clone(),
-            ready,
-        ))
+    if let Some(listener) = metrics_listener {
+        tasks.service(
+            "metrics endpoint",
+            metrics::serve(listener, metrics, policy.clone(), enforcer.clone(), ready),
+        );
+    }
+    tasks.service("policy file watch", policy.clone().watch());
+    let (pool, tokens) = (filter.pool.clone(), filter.tokens.clone());
+    tasks.service("idle connection and token sweep", async move {
+        let mut interval = tokio::time::interval(crate::proxy::pool::IDLE_TIMEOUT / 2);
+        loop {
+            interval.tick().await;
+            pool.sweep();
+            tokens.sweep();
+        }
     });
-    let watcher = tokio::spawn(policy.clone().watch());
-    let pool_sweeper = {
-        let (pool, tokens) = (filter.pool.clone(), filter.tokens.clone());
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(crate::proxy::pool::IDLE_TIMEOUT / 2);
-            loop {
-                interval.tick().await;
-                pool.sweep();
-                tokens.sweep();
-            }
-        })
-    };
-    // Kernel verdicts were derived from the old policy: drop them on every change.
-    let mut changes = policy.subscribe();
-    let verdict_reset = {
-        let enforcer = enforcer.clone();
-        tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                enforcer.clear_verdicts();
-            }
-        })
-    };
-    let reload_on_hup = tokio::spawn(async move {
+    // Kernel verdicts were derived from the old policy: dropped on every change.
+    let (verdicts, changes) = (enforcer.clone(), policy.subscribe());
+    tasks.service("kernel verdict reset", async move {
+        verdicts.verdicts.follow(changes).await;
+    });
+    let store = policy.clone();
+    tasks.service("SIGHUP reload", async move {
         while sighup.recv().await.is_some() {
             crate::audit::reopen();
-            let store = policy.clone();
+            let store = store.clone();
             let _ = tokio::task::spawn_blocking(move || store.reload_and_log("SIGHUP")).await;
         }
     });
@@ -364,34 +358,43 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let status = format!(
         "STATUS=enforcing {} with {} policies",
         cgroup.display(),
-        filter.policy.current().set.policies().len()
+        filter.policy.current().policies().len()
     );
     if let Err(error) = crate::notify::notify(&format!("READY=1\n{status}")) {
         tracing::warn!(%error, "cannot notify systemd");
     }
-    let state_writer = tokio::spawn(crate::status::write_periodically(
-        args.state_dir.clone(),
-        crate::status::AgentState {
-            pid: std::process::id(),
-            cgroup: cgroup.clone(),
-            listen: args.listen.to_string(),
-            policy_version: 0,
-            policy_sources: Vec::new(),
-            policies: Vec::new(),
-            decisions: Default::default(),
-            recent_denials: Vec::new(),
-            inventory: Vec::new(),
-        },
-        filter.policy.clone(),
-        tally,
-        filter.inventory.clone(),
-    ));
-    let watchdog = crate::notify::watchdog_interval()
-        .map(|interval| tokio::spawn(crate::notify::watchdog(interval)));
-    let shutdown = async move {
+    tasks.service(
+        "state file",
+        crate::status::write_periodically(
+            args.state_dir.clone(),
+            crate::status::AgentState {
+                pid: std::process::id(),
+                cgroup: cgroup.clone(),
+                listen: args.listen.to_string(),
+                policy_version: 0,
+                policy_sources: Vec::new(),
+                policies: Vec::new(),
+                decisions: Default::default(),
+                recent_denials: Vec::new(),
+                inventory: Vec::new(),
+            },
+            filter.policy.clone(),
+            tally,
+            filter.inventory.clone(),
+        ),
+    );
+    if let Some(interval) = crate::notify::watchdog_interval() {
+        tasks.service("systemd watchdog", crate::notify::watchdog(interval));
+    }
+    let mut failure = None;
+    let shutdown = async {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM"),
             _ = sigint.recv() => tracing::info!("SIGINT"),
+            failed = tasks.failure() => {
+                tracing::error!(task = %failed, "a background task ended; stopping (the programs stay attached: callers are refused until the agent is back)");
+                failure = Some(failed);
+            }
         }
     };
     proxy::serve(
@@ -402,23 +405,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     )
     .await;
     let _ = crate::notify::notify("STOPPING=1");
-    if let Some(watchdog) = watchdog {
-        watchdog.abort();
-    }
-    state_writer.abort();
+    tasks.stop().await;
     let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
-    watcher.abort();
-    pool_sweeper.abort();
-    for task in [watches, taint].into_iter().flatten() {
-        task.abort();
-    }
-    reload_on_hup.abort();
-    verdict_reset.abort();
-    if let Some(server) = metrics_server {
-        server.abort();
-    }
     if let Ok(counters) = filter.enforcer.counters() {
         tracing::info!(?counters, "stopped; programs stay attached (pinned)");
     }
-    Ok(())
+    match failure {
+        Some(failed) => Err(RunError::Task(failed)),
+        None => Ok(()),
+    }
 }

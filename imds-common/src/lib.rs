@@ -26,7 +26,7 @@ pub const MAP_POD_NETNS: &str = "IMDS_POD_NETNS";
 /// Socket cookies of the agent's own upstream sockets, which are never diverted.
 pub const MAP_EXEMPT: &str = "IMDS_EXEMPT";
 /// Verdicts the agent installs for callers whose decision does not depend on the request,
-/// keyed by [`VerdictKey`]; value [`VERDICT_REFUSE`] or [`VERDICT_BYPASS`]. A caller without an
+/// keyed by [`CallerKey`]; value [`VERDICT_REFUSE`] or [`VERDICT_BYPASS`]. A caller without an
 /// entry is diverted to the agent.
 pub const MAP_VERDICTS: &str = "IMDS_VERDICTS";
 /// Per-CPU counters, indexed by [`Counter`].
@@ -122,12 +122,23 @@ pub struct Caller {
     pub _pad: u32,
 }
 
-/// Whose verdict: the policy depends on the cgroup, uid and gid (and on the executable, which
-/// is why the agent installs no verdicts while any policy selects by executable). Also what
-/// the kernel records about each socket's creator.
+impl Caller {
+    pub fn key(&self) -> CallerKey {
+        CallerKey {
+            cgroup_id: self.cgroup_id,
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+}
+
+/// Who a caller is, as the kernel attests it: a socket creator's cgroup, uid and gid. The key
+/// of everything kept per caller, in the kernel (its verdict: the policy depends on these, and
+/// on the executable, which is why the agent installs no verdicts while any policy selects by
+/// executable) and in the agent (tokens, limits, idle upstream connections, selections).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct VerdictKey {
+pub struct CallerKey {
     pub cgroup_id: u64,
     pub uid: u32,
     pub gid: u32,
@@ -212,7 +223,7 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for Caller {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for CallerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SocketOffsets {}
     // SAFETY: as above.
@@ -251,7 +262,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Caller>(), 56);
         assert_eq!(core::mem::offset_of!(Caller, process_start), 24);
         assert_eq!(core::mem::offset_of!(Caller, original), 32);
-        assert_eq!(core::mem::size_of::<VerdictKey>(), 16);
+        assert_eq!(core::mem::size_of::<CallerKey>(), 16);
         assert_eq!(core::mem::size_of::<SocketOffsets>(), 40);
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 16);
     }

@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use imds_common::{
-    Caller, Counter, Endpoint, SockAddr, V4_MAPPED_WORD, VERDICT_BYPASS, VERDICT_REFUSE,
-    VerdictKey, embedded_ipv4,
+    Caller, CallerKey, Counter, Endpoint, SockAddr, V4_MAPPED_WORD, VERDICT_BYPASS, VERDICT_REFUSE,
+    embedded_ipv4,
 };
 use maps::{
     IMDS_CALLERS, IMDS_DIVERT_IP4, IMDS_DIVERT_PORT, IMDS_ENDPOINTS4, IMDS_ENDPOINTS6, IMDS_EXEMPT,
@@ -273,9 +273,9 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
 
 /// The cgroup, uid and gid of the task running the program.
 #[inline(always)]
-fn connecting_task() -> VerdictKey {
+fn connecting_task() -> CallerKey {
     let uid_gid = bpf_get_current_uid_gid();
-    VerdictKey {
+    CallerKey {
         // SAFETY: helper valid for cgroup sock_addr programs.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         uid: uid_gid as u32,
@@ -289,7 +289,7 @@ fn connecting_task() -> VerdictKey {
 /// agent read from BTF; only on this path, so other connects pay nothing and no socket
 /// carries extra state. `None` without offsets or if a read fails.
 #[inline(always)]
-fn socket_creator(ctx: &SockAddrContext) -> Option<VerdictKey> {
+fn socket_creator(ctx: &SockAddrContext) -> Option<CallerKey> {
     let at = IMDS_SOCK_OFFSETS.load();
     if at.valid == 0 {
         return None;
@@ -303,7 +303,7 @@ fn socket_creator(ctx: &SockAddrContext) -> Option<VerdictKey> {
     let socket: u64 = kernel_read(sk, at.sk_socket)?;
     let file: u64 = kernel_read(socket, at.socket_file)?;
     let cred: u64 = kernel_read(file, at.file_cred)?;
-    Some(VerdictKey {
+    Some(CallerKey {
         cgroup_id,
         uid: kernel_read(cred, at.cred_uid)?,
         gid: kernel_read(cred, at.cred_gid)?,

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use imds_common::{
-    Caller, Counter, Endpoint, MAX_ENDPOINTS, MAX_EXEMPT, MAX_POD_NETNS, MAX_VERDICTS,
-    SocketOffsets, TaskOffsets, VerdictKey,
+    Caller, CallerKey, Counter, Endpoint, MAX_ENDPOINTS, MAX_EXEMPT, MAX_POD_NETNS, MAX_VERDICTS,
+    SocketOffsets, TaskOffsets,
 };
 
 #[map]
@@ -36,7 +36,7 @@ pub static IMDS_POD_NETNS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(M
 pub static IMDS_EXEMPT: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_EXEMPT, 0);
 
 #[map]
-pub static IMDS_VERDICTS: LruHashMap<VerdictKey, u32> = LruHashMap::pinned(MAX_VERDICTS, 0);
+pub static IMDS_VERDICTS: LruHashMap<CallerKey, u32> = LruHashMap::pinned(MAX_VERDICTS, 0);
 
 #[map]
 pub static IMDS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(imds_common::COUNTER_COUNT, 0);

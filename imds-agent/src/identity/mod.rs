@@ -2,6 +2,7 @@
 //! a cgroup path, the workload (pod and container, systemd unit), and the process. Never from
 //! the source address.
 
+pub mod attribution;
 pub mod executable;
 pub mod pods;
 pub mod workload;
@@ -20,6 +21,7 @@ use std::{
 
 use executable::{Digests, Executable};
 use imds_common::Caller;
+pub use imds_common::CallerKey;
 use pods::{PodDirectory, PodInfo};
 pub use workload::Workload;
 
@@ -52,6 +54,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The caller as the kernel attested it.
+    pub fn key(&self) -> CallerKey {
+        CallerKey {
+            cgroup_id: self.cgroup_id,
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+
     /// An identity for a cgroup path, as `policy explain` and tests build one.
     pub fn for_cgroup(cgroup: &str, uid: u32, gid: u32, pods: &PodDirectory) -> Self {
         let workload = workload::parse(cgroup);

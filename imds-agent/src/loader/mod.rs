@@ -37,44 +37,34 @@ use aya::{
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError,
-        links::{FdLink, LinkError, PinnedLink},
+        links::{FdLink, LinkError},
     },
 };
 use imds_common::{
-    COUNTER_COUNT, Caller, Counter, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT,
-    GLOBAL_HOST_NETNS, GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS,
-    GLOBAL_TASK_OFFSETS, MAP_CALLERS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT,
-    MAP_POD_NETNS, MAP_VERDICTS, PIN_CALLERS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4,
-    PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, SocketOffsets, TaskOffsets, VerdictKey,
+    Caller, Endpoint, GLOBAL_DIVERT_IP4, GLOBAL_DIVERT_PORT, GLOBAL_HOST_NETNS,
+    GLOBAL_POD_DIVERT_IP4, GLOBAL_REFUSE_RAW, GLOBAL_SOCK_OFFSETS, GLOBAL_TASK_OFFSETS,
+    MAP_CALLERS, MAP_COUNTERS, MAP_ENDPOINTS4, MAP_ENDPOINTS6, MAP_EXEMPT, MAP_POD_NETNS,
+    MAP_VERDICTS, PIN_CALLERS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_SENDMSG4,
+    PROG_SENDMSG6, PROG_SOCK_CREATE, SocketOffsets, TaskOffsets,
 };
 
 use crate::fs;
 
 pub mod btf;
 mod netlink;
+mod pins;
 pub mod podns;
 pub mod sockdiag;
+pub mod verdicts;
+
+pub use pins::{Counters, detach, is_attached, pinned_counters};
+use pins::{
+    LINK_CONNECT4, LINK_CONNECT6, LINK_SENDMSG4, LINK_SENDMSG6, LINK_SOCK_CREATE, RETIRED_PINS,
+    prepare_pin_dir, read_counters, remove_pin, replace_pin,
+};
 
 /// The object built by build.rs from `imds-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
-
-const LINK_CONNECT4: &str = "connect4";
-const LINK_CONNECT6: &str = "connect6";
-const LINK_SENDMSG4: &str = "sendmsg4";
-const LINK_SENDMSG6: &str = "sendmsg6";
-const LINK_SOCK_CREATE: &str = "sock_create";
-/// Every link an installation pins.
-const LINKS: [&str; 5] = [
-    LINK_CONNECT4,
-    LINK_CONNECT6,
-    LINK_SENDMSG4,
-    LINK_SENDMSG6,
-    LINK_SOCK_CREATE,
-];
-/// Pinned by earlier versions, which an upgraded agent removes: a sock_ops program that
-/// recorded pods' connections (unpinning the link detaches it) and its maps, and the callers
-/// map of the 48-byte caller layout.
-const RETIRED_PINS: [&str; 4] = ["sock_ops", "IMDS_PENDING", "IMDS_CONNS", "IMDS_CALLERS"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -147,7 +137,8 @@ pub struct Enforcer {
     /// Where pods are served (`pod_divert_to`).
     pods: Option<podns::PodNamespaces>,
     exempt: Mutex<HashMap<MapData, u64, u8>>,
-    verdicts: Mutex<HashMap<MapData, VerdictKey, u32>>,
+    /// What the kernel decides for callers without the agent.
+    pub verdicts: verdicts::KernelVerdicts,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -269,18 +260,14 @@ impl Enforcer {
             )),
             None => None,
         };
-        let enforcer = Self {
+        Ok(Self {
             callers: take_map(&mut ebpf, MAP_CALLERS)?,
             pods,
             exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
-            verdicts: Mutex::new(take_map(&mut ebpf, MAP_VERDICTS)?),
+            verdicts: verdicts::KernelVerdicts::new(take_map(&mut ebpf, MAP_VERDICTS)?),
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
             _ebpf: ebpf,
-        };
-        // Verdicts in an adopted map were derived from the previous agent's policy, which
-        // may not be this one's: start from none (every caller is diverted and re-decided).
-        enforcer.clear_verdicts();
-        Ok(enforcer)
+        })
     }
 
     /// The kernel's record of a diverted connection the agent accepted from `peer`, which
@@ -338,70 +325,6 @@ impl Enforcer {
     pub fn counters(&self) -> Result<Counters, LoaderError> {
         read_counters(&self.counters)
     }
-
-    /// Installs a kernel verdict for a caller (`VERDICT_REFUSE` or `VERDICT_BYPASS`).
-    pub fn set_verdict(&self, key: VerdictKey, verdict: u32) -> Result<(), LoaderError> {
-        self.verdicts
-            .lock()
-            .expect("verdicts lock")
-            .insert(key, verdict, 0)
-            .map_err(|source| LoaderError::Map {
-                name: MAP_VERDICTS,
-                source,
-            })
-    }
-
-    /// Forgets every installed verdict (the policy or the pods changed): callers are diverted
-    /// to the agent again, which decides afresh and reinstalls what still holds.
-    pub fn clear_verdicts(&self) {
-        let mut verdicts = self.verdicts.lock().expect("verdicts lock");
-        let keys: Vec<VerdictKey> = verdicts.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = verdicts.remove(&key);
-        }
-    }
-}
-
-/// Kernel-side counters, summed over CPUs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    pub diverted: u64,
-    pub passed: u64,
-    pub refused: u64,
-    pub bypassed: u64,
-}
-
-fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, LoaderError> {
-    let sum = |counter: Counter| -> Result<u64, LoaderError> {
-        let values = map
-            .get(&(counter as u32), 0)
-            .map_err(|source| LoaderError::Map {
-                name: MAP_COUNTERS,
-                source,
-            })?;
-        Ok(values.iter().sum())
-    };
-    debug_assert_eq!(COUNTER_COUNT, 4);
-    Ok(Counters {
-        diverted: sum(Counter::Diverted)?,
-        passed: sum(Counter::Passed)?,
-        refused: sum(Counter::Refused)?,
-        bypassed: sum(Counter::Bypassed)?,
-    })
-}
-
-/// Reads the counters of an installation from its pinned map, without loading anything.
-pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, LoaderError> {
-    let path = pin_dir.join(MAP_COUNTERS);
-    let data = MapData::from_pin(&path).map_err(|source| LoaderError::Map {
-        name: MAP_COUNTERS,
-        source,
-    })?;
-    let map = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| LoaderError::Map {
-        name: MAP_COUNTERS,
-        source,
-    })?;
-    read_counters(&map)
 }
 
 /// Connects without being diverted by an installation pinned in `pin_dir` (the previous
@@ -449,29 +372,6 @@ async fn connect_with_exemption(
     result.map_err(|source| LoaderError::Connect { addr, source })
 }
 
-/// Whether an installation's links are pinned in `pin_dir`.
-pub fn is_attached(pin_dir: &Path) -> bool {
-    pin_dir.join(LINK_CONNECT4).exists()
-}
-
-/// Removes an installation: unpinning the links detaches the programs; unpinning the maps
-/// frees them once no program uses them. Returns whether there was anything to remove.
-pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
-    let err = |source| LoaderError::Detach {
-        path: pin_dir.to_owned(),
-        source,
-    };
-    if !pin_dir.exists() {
-        return Ok(false);
-    }
-    // Links first, so no program runs on maps that are going away.
-    for link in LINKS.into_iter().chain(RETIRED_PINS) {
-        remove_pin(pin_dir, link)?;
-    }
-    std::fs::remove_dir_all(pin_dir).map_err(err)?;
-    Ok(true)
-}
-
 /// What to check when the kernel refused bpf() (EPERM somewhere in the error's causes).
 fn permission_hint(error: &EbpfError) -> &'static str {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
@@ -507,50 +407,6 @@ fn kernel_offsets() -> (SocketOffsets, TaskOffsets) {
         ),
         Err(e) => (fallback(&e, NO_SOCKET_FIELDS), fallback(&e, NO_TASK_FIELDS)),
     }
-}
-
-fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
-    if pin_dir.starts_with(fs::BPFFS_ROOT) {
-        fs::ensure_bpffs().map_err(|source| LoaderError::Bpffs { source })?;
-    }
-    std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    if fs::is_bpffs(pin_dir) {
-        Ok(())
-    } else {
-        Err(LoaderError::PinDirNotBpffs(pin_dir.to_owned()))
-    }
-}
-
-/// Unpins a link (which detaches it); one that is not pinned is fine.
-fn remove_pin(pin_dir: &Path, name: &str) -> Result<(), LoaderError> {
-    match std::fs::remove_file(pin_dir.join(name)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(LoaderError::Detach {
-            path: pin_dir.join(name),
-            source,
-        }),
-    }
-}
-
-/// Pins `link` under a temporary name and renames it over `name`: the old link (if any) loses
-/// its last reference and detaches only after the new one is attached and pinned.
-fn replace_pin(pin_dir: &Path, name: &str, link: FdLink) -> Result<(), LoaderError> {
-    // bpffs refuses names with dots (reserved by the kernel).
-    let tmp = pin_dir.join(format!("{name}_new"));
-    let _ = std::fs::remove_file(&tmp);
-    let pinned: PinnedLink = link.pin(&tmp).map_err(|source| LoaderError::Pin {
-        path: tmp.clone(),
-        source,
-    })?;
-    let path = pin_dir.join(name);
-    std::fs::rename(&tmp, &path).map_err(|source| LoaderError::Rename { path, source })?;
-    // Closing our fd is fine: the pin keeps the link.
-    drop(pinned);
-    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>

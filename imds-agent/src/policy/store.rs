@@ -16,7 +16,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{Mode, Policy, PolicyError, PolicySet, Unmatched};
+use super::{Mode, Policy, PolicyError, PolicySet, Unmatched, plan::SelectionCache};
 
 /// 100 ms: a change is in force within about that (the 200 ms reaction target), for a few
 /// stat calls per file per tick.
@@ -24,10 +24,30 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A policy set and its version: 1 for the first load, +1 for every change of what decisions
 /// depend on (a successful reload, a policy resource, the pod metadata).
-#[derive(Debug)]
 pub struct Versioned {
     pub version: u64,
-    pub set: Arc<PolicySet>,
+    pub(super) set: Arc<PolicySet>,
+    pub(super) selections: SelectionCache,
+}
+
+impl Versioned {
+    fn new(version: u64, set: Arc<PolicySet>) -> Self {
+        Self {
+            version,
+            set,
+            selections: SelectionCache::default(),
+        }
+    }
+
+    /// The policies in force, in order.
+    pub fn policies(&self) -> &[Policy] {
+        self.set.policies()
+    }
+
+    /// Whether a policy pins an executable's digest: only then are digests read.
+    pub fn pins_digests(&self) -> bool {
+        self.set.pins_digests()
+    }
 }
 
 pub struct PolicyStore {
@@ -64,10 +84,7 @@ impl PolicyStore {
             sources,
             unmatched,
             mode,
-            current: ArcSwap::from_pointee(Versioned {
-                version: 1,
-                set: Arc::new(set.clone()),
-            }),
+            current: ArcSwap::from_pointee(Versioned::new(1, Arc::new(set.clone()))),
             files: std::sync::Mutex::new(set),
             resources: std::sync::Mutex::new(Vec::new()),
             change: std::sync::Mutex::new(()),
@@ -121,10 +138,8 @@ impl PolicyStore {
         let _change = self.change.lock().expect("change lock");
         let current = self.current.load_full();
         let version = current.version + 1;
-        self.current.store(Arc::new(Versioned {
-            version,
-            set: current.set.clone(),
-        }));
+        self.current
+            .store(Arc::new(Versioned::new(version, current.set.clone())));
         self.changes.send_replace(version);
         version
     }
@@ -137,10 +152,8 @@ impl PolicyStore {
             .expect("files lock")
             .with(&self.resources.lock().expect("resources lock"));
         let version = self.current.load().version + 1;
-        self.current.store(Arc::new(Versioned {
-            version,
-            set: Arc::new(set),
-        }));
+        self.current
+            .store(Arc::new(Versioned::new(version, Arc::new(set))));
         self.changes.send_replace(version);
         version
     }
@@ -158,7 +171,7 @@ impl PolicyStore {
                 tracing::info!(
                     version,
                     trigger = why,
-                    policies = ?current.set.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
+                    policies = ?current.policies().iter().map(|p| p.name()).collect::<Vec<_>>(),
                     "policy reloaded"
                 );
             }
@@ -234,12 +247,12 @@ mod tests {
         let errors = store.reload().unwrap_err();
         assert!(errors[0].to_string().contains("p.yaml:2:10"), "{errors:?}");
         assert_eq!(store.current().version, 1);
-        assert_eq!(store.current().set.policies()[0].name(), "one");
+        assert_eq!(store.current().policies()[0].name(), "one");
         assert_eq!(store.reload_failures.load(Ordering::Relaxed), 1);
 
         std::fs::write(&file, "name: two\ndefault: allow\n").unwrap();
         assert_eq!(store.reload().unwrap(), 2);
-        assert_eq!(store.current().set.policies()[0].name(), "two");
+        assert_eq!(store.current().policies()[0].name(), "two");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

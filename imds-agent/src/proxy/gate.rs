@@ -28,10 +28,6 @@ pub const MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
 
-/// The method of the synthetic request that carries a rejection to the service: not a
-/// request a client can make, because the gate refuses it from clients.
-pub const REJECT_METHOD: &str = "IMDS-AGENT-REJECT";
-
 /// Headers that carry a credential or a security decision: exactly one of each, or none.
 const SECURITY_HEADERS: [&str; 9] = [
     "x-aws-ec2-metadata-token",
@@ -45,62 +41,61 @@ const SECURITY_HEADERS: [&str; 9] = [
     "x-forwarded-for",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Violation {
-    pub status: StatusCode,
-    /// Fixed text (never request bytes).
-    pub reason: &'static str,
+/// Why a request head is refused. The text is fixed (never request bytes): it is the reason
+/// the client reads and the audit line names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("bare CR or LF in the request head")]
+    BareLineBreak,
+    #[error("malformed request line")]
+    MalformedRequestLine,
+    #[error("only origin-form request targets are accepted")]
+    NotOriginForm,
+    #[error("unsupported HTTP version")]
+    UnsupportedVersion,
+    #[error("obsolete line folding")]
+    ObsoleteLineFolding,
+    #[error("whitespace before a colon or in a header name")]
+    MalformedHeaderName,
+    #[error("control character in a header value")]
+    ControlCharacter,
+    #[error("request bodies are not accepted")]
+    Body,
+    #[error("duplicate Content-Length")]
+    DuplicateContentLength,
+    #[error("exactly one Host header is required")]
+    Host,
+    #[error("protocol upgrades are not accepted")]
+    Upgrade,
+    #[error("duplicate security header")]
+    DuplicateSecurityHeader,
+    #[error("request line too long")]
+    RequestLineTooLong,
+    #[error("request head too large")]
+    HeadTooLarge,
+    #[error("too many headers")]
+    TooManyHeaders,
+    #[error("request head timed out")]
+    HeadTimedOut,
+    #[error("Expect is not accepted")]
+    Expect,
+    #[error("malformed header line")]
+    MalformedHeaderLine,
+    #[error("method not accepted")]
+    Method,
 }
 
-/// Reason codes carried in the synthetic request's target, so the service can name them.
-pub const REASONS: [&str; 19] = [
-    "bare CR or LF in the request head",
-    "malformed request line",
-    "only origin-form request targets are accepted",
-    "unsupported HTTP version",
-    "obsolete line folding",
-    "whitespace before a colon or in a header name",
-    "control character in a header value",
-    "request bodies are not accepted",
-    "duplicate Content-Length",
-    "exactly one Host header is required",
-    "protocol upgrades are not accepted",
-    "duplicate security header",
-    "request line too long",
-    "request head too large",
-    "too many headers",
-    "request head timed out",
-    "Expect is not accepted",
-    "malformed header line",
-    "method not accepted",
-];
-
-fn violation(index: usize) -> Violation {
-    let status = match index {
-        12 => StatusCode::URI_TOO_LONG,
-        13 | 14 => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        15 => StatusCode::REQUEST_TIMEOUT,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    Violation {
-        status,
-        reason: REASONS[index],
+impl Violation {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::RequestLineTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadTooLarge | Self::TooManyHeaders => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            Self::HeadTimedOut => StatusCode::REQUEST_TIMEOUT,
+            _ => StatusCode::BAD_REQUEST,
+        }
     }
-}
-
-fn reason_index(reason: &str) -> usize {
-    REASONS.iter().position(|r| *r == reason).unwrap_or(1)
-}
-
-/// The violation named by index in a synthetic request's target.
-pub fn violation_from_target(target: &str) -> Violation {
-    let index = target
-        .trim_start_matches('/')
-        .parse::<usize>()
-        .ok()
-        .filter(|i| *i < REASONS.len())
-        .unwrap_or(1);
-    violation(index)
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -127,14 +122,14 @@ fn first_bare_line_break(bytes: &[u8]) -> Option<usize> {
 /// Checks a complete head (ending in CRLFCRLF).
 pub fn check_head(head: &[u8]) -> Result<(), Violation> {
     if head.len() > MAX_HEAD {
-        return Err(violation(13));
+        return Err(Violation::HeadTooLarge);
     }
     // Every CR is followed by LF and every LF is preceded by CR.
     for (i, &b) in head.iter().enumerate() {
         let bare_cr = b == b'\r' && head.get(i + 1) != Some(&b'\n');
         let bare_lf = b == b'\n' && (i == 0 || head[i - 1] != b'\r');
         if bare_cr || bare_lf {
-            return Err(violation(0));
+            return Err(Violation::BareLineBreak);
         }
     }
     let text = &head[..head.len() - 4];
@@ -150,47 +145,50 @@ pub fn check_head(head: &[u8]) -> Result<(), Violation> {
     for line in lines {
         count += 1;
         if count > MAX_HEADERS {
-            return Err(violation(14));
+            return Err(Violation::TooManyHeaders);
         }
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
-            return Err(violation(4));
+            return Err(Violation::ObsoleteLineFolding);
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or(violation(17))?;
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or(Violation::MalformedHeaderLine)?;
         let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.is_empty() || !name.iter().all(|&b| is_token_byte(b)) {
-            return Err(violation(5));
+            return Err(Violation::MalformedHeaderName);
         }
         if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-            return Err(violation(6));
+            return Err(Violation::ControlCharacter);
         }
         let name = String::from_utf8_lossy(name).to_ascii_lowercase();
         let value = trim_ows(value);
         match name.as_str() {
-            "transfer-encoding" => return Err(violation(7)),
+            "transfer-encoding" => return Err(Violation::Body),
             "content-length" => {
                 lengths += 1;
                 if lengths > 1 {
-                    return Err(violation(8));
+                    return Err(Violation::DuplicateContentLength);
                 }
                 if value != b"0" {
-                    return Err(violation(7));
+                    return Err(Violation::Body);
                 }
             }
             "host" => hosts += 1,
-            "upgrade" | "http2-settings" => return Err(violation(10)),
-            "expect" => return Err(violation(16)),
+            "upgrade" | "http2-settings" => return Err(Violation::Upgrade),
+            "expect" => return Err(Violation::Expect),
             _ => {}
         }
         if let Some(i) = SECURITY_HEADERS.iter().position(|h| *h == name) {
             if seen_security[i] {
-                return Err(violation(11));
+                return Err(Violation::DuplicateSecurityHeader);
             }
             seen_security[i] = true;
         }
     }
     let http11 = request_line.ends_with(b"HTTP/1.1");
     if hosts > 1 || (hosts == 0 && http11) {
-        return Err(violation(9));
+        return Err(Violation::Host);
     }
     Ok(())
 }
@@ -209,25 +207,25 @@ fn trim_ows(value: &[u8]) -> &[u8] {
 
 fn check_request_line(line: &[u8]) -> Result<(), Violation> {
     if line.len() > MAX_REQUEST_LINE {
-        return Err(violation(12));
+        return Err(Violation::RequestLineTooLong);
     }
     let mut parts = line.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(violation(1));
+        return Err(Violation::MalformedRequestLine);
     };
     if method.is_empty() || !method.iter().all(|&b| is_token_byte(b)) {
-        return Err(violation(1));
+        return Err(Violation::MalformedRequestLine);
     }
-    if method == REJECT_METHOD.as_bytes() || method == b"CONNECT" || method == b"PRI" {
-        return Err(violation(18));
+    if method == b"CONNECT" || method == b"PRI" {
+        return Err(Violation::Method);
     }
     if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
-        return Err(violation(3));
+        return Err(Violation::UnsupportedVersion);
     }
     if target.first() != Some(&b'/') {
-        return Err(violation(2));
+        return Err(Violation::NotOriginForm);
     }
     // RFC 3986 path and query characters only: no fragment, quotes, backslashes, spaces,
     // brackets or non-ASCII (each a way for two parsers to read one target differently).
@@ -235,18 +233,9 @@ fn check_request_line(line: &[u8]) -> Result<(), Violation> {
         .iter()
         .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
     {
-        return Err(violation(1));
+        return Err(Violation::MalformedRequestLine);
     }
     Ok(())
-}
-
-/// The bytes of the synthetic request that carries a violation to the service.
-fn reject_request(violation: Violation) -> Vec<u8> {
-    format!(
-        "{REJECT_METHOD} /{} HTTP/1.1\r\nhost: imds-agent\r\nconnection: close\r\n\r\n",
-        reason_index(violation.reason)
-    )
-    .into_bytes()
 }
 
 /// Timeouts the gate enforces while reading heads.
@@ -269,6 +258,9 @@ pub struct Gate<S> {
     ready_at: usize,
     /// After a violation or EOF: nothing more is read from the client.
     closed: bool,
+    /// What stopped the reading, when a head was refused: answered once hyper has answered
+    /// the requests before it.
+    violation: Option<Violation>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether the deadline is the head timeout (a head is in progress) or the idle one.
     in_head: bool,
@@ -283,15 +275,25 @@ impl<S> Gate<S> {
             ready: Vec::new(),
             ready_at: 0,
             closed: false,
+            violation: None,
             deadline: None,
             in_head: false,
         }
     }
 
-    /// Queues the rejection behind the heads already checked (earlier pipelined requests are
-    /// still answered) and stops reading from the client.
+    /// The refused head, if reading stopped at one.
+    pub fn violation(&self) -> Option<Violation> {
+        self.violation
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Stops reading from the client: the heads already checked are still handed on (earlier
+    /// pipelined requests are still answered), then the client's stream ends there.
     fn reject(&mut self, violation: Violation) {
-        self.ready.extend_from_slice(&reject_request(violation));
+        self.violation = Some(violation);
         self.pending.clear();
         self.closed = true;
         self.deadline = None;
@@ -312,7 +314,7 @@ impl<S> Gate<S> {
                     self.ready.extend_from_slice(&head);
                 }
                 _ if bare.is_some() => {
-                    self.reject(violation(0));
+                    self.reject(Violation::BareLineBreak);
                     return;
                 }
                 _ => break,
@@ -320,9 +322,9 @@ impl<S> Gate<S> {
         }
         // An incomplete head that is already too large, or a request line that is too long.
         if self.pending.len() > MAX_HEAD {
-            self.reject(violation(13));
+            self.reject(Violation::HeadTooLarge);
         } else if !self.pending.contains(&b'\n') && self.pending.len() > MAX_REQUEST_LINE {
-            self.reject(violation(12));
+            self.reject(Violation::RequestLineTooLong);
         }
     }
 }
@@ -383,7 +385,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                     let deadline = this.deadline.as_mut().expect("armed above");
                     if deadline.as_mut().poll(cx).is_ready() {
                         if this.in_head {
-                            this.reject(violation(15));
+                            this.reject(Violation::HeadTimedOut);
                             continue;
                         }
                         // Idle keep-alive connection: close quietly.
@@ -419,8 +421,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
 mod tests {
     use super::*;
 
-    fn check(head: &str) -> Result<(), (u16, &'static str)> {
-        check_head(head.as_bytes()).map_err(|v| (v.status.as_u16(), v.reason))
+    fn check(head: &str) -> Result<(), (u16, Violation)> {
+        check_head(head.as_bytes()).map_err(|v| (v.status().as_u16(), v))
     }
 
     const OK: &str = "GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token: t\r\n\r\n";
@@ -437,63 +439,74 @@ mod tests {
 
     #[test]
     fn smuggling_shapes_are_rejected() {
-        let table: [(&str, u16, &str); 17] = [
-            ("GET / HTTP/1.1\nHost: x\n\n", 400, REASONS[0]),
-            ("GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", 400, REASONS[0]),
+        let table: [(&str, u16, Violation); 16] = [
+            ("GET / HTTP/1.1\nHost: x\n\n", 400, Violation::BareLineBreak),
+            (
+                "GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n",
+                400,
+                Violation::BareLineBreak,
+            ),
             (
                 "GET http://evil/ HTTP/1.1\r\nHost: x\r\n\r\n",
                 400,
-                REASONS[2],
+                Violation::NotOriginForm,
             ),
-            ("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400, REASONS[2]),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+                400,
+                Violation::NotOriginForm,
+            ),
             (
                 "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: x\r\n\r\n",
                 400,
-                REASONS[18],
+                Violation::Method,
             ),
-            ("PRI * HTTP/2.0\r\n\r\n", 400, REASONS[18]),
-            ("GET  / HTTP/1.1\r\nHost: x\r\n\r\n", 400, REASONS[1]),
+            ("PRI * HTTP/2.0\r\n\r\n", 400, Violation::Method),
+            (
+                "GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+                400,
+                Violation::MalformedRequestLine,
+            ),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
                 400,
-                REASONS[4],
+                Violation::ObsoleteLineFolding,
             ),
-            ("GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400, REASONS[5]),
+            (
+                "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+                400,
+                Violation::MalformedHeaderName,
+            ),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
                 400,
-                REASONS[7],
+                Violation::Body,
             ),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
                 400,
-                REASONS[7],
+                Violation::Body,
             ),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
                 400,
-                REASONS[8],
+                Violation::DuplicateContentLength,
             ),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
                 400,
-                REASONS[9],
+                Violation::Host,
             ),
-            ("GET / HTTP/1.1\r\n\r\n", 400, REASONS[9]),
+            ("GET / HTTP/1.1\r\n\r\n", 400, Violation::Host),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
                 400,
-                REASONS[10],
+                Violation::Upgrade,
             ),
             (
                 "GET / HTTP/1.1\r\nHost: x\r\nx-aws-ec2-metadata-token: a\r\nX-AWS-EC2-METADATA-TOKEN: b\r\n\r\n",
                 400,
-                REASONS[11],
-            ),
-            (
-                "IMDS-AGENT-REJECT /0 HTTP/1.1\r\nHost: x\r\n\r\n",
-                400,
-                REASONS[18],
+                Violation::DuplicateSecurityHeader,
             ),
         ];
         for (head, status, reason) in table {
@@ -535,7 +548,13 @@ mod tests {
             .await
             .expect("the gate must time the head out")
             .unwrap();
-        assert!(String::from_utf8_lossy(&out[..n]).starts_with("IMDS-AGENT-REJECT /15 "));
+        // hyper reads the end of the stream; the connection answers the violation.
+        assert_eq!(n, 0);
+        assert_eq!(gate.violation(), Some(Violation::HeadTimedOut));
+        assert_eq!(
+            Violation::HeadTimedOut.status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 
     #[tokio::test]
@@ -550,9 +569,7 @@ mod tests {
         let mut gate = Gate::new(input.as_bytes(), timeouts);
         let mut out = String::new();
         gate.read_to_string(&mut out).await.unwrap();
-        let reject =
-            format!("{REJECT_METHOD} /0 HTTP/1.1\r\nhost: imds-agent\r\nconnection: close\r\n\r\n");
-        assert_eq!(out, format!("{OK}{OK}{reject}"));
-        assert_eq!(violation_from_target("/0").reason, REASONS[0]);
+        assert_eq!(out, format!("{OK}{OK}"));
+        assert_eq!(gate.violation(), Some(Violation::BareLineBreak));
     }
 }

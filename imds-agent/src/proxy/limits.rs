@@ -1,4 +1,4 @@
-//! Overload protection. Per caller (cgroup and uid): at most `max_in_flight` requests at once
+//! Overload protection. Per caller (cgroup, uid and gid, as the kernel attests them): at most `max_in_flight` requests at once
 //! and a token-bucket rate; over either, 429. Globally: at most `max_connections` client
 //! connections; over it, 503. Overload refuses, never bypasses: the kernel keeps diverting,
 //! so a refused caller simply gets no answer from the metadata service.
@@ -8,6 +8,8 @@ use std::{
     sync::{Arc, Mutex},
     time::Instant,
 };
+
+use crate::identity::CallerKey;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimitsConfig {
@@ -32,9 +34,6 @@ impl Default for LimitsConfig {
         }
     }
 }
-
-/// Whose budget: the kernel-attested cgroup and uid.
-pub type CallerKey = (u64, u32);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -131,6 +130,14 @@ mod tests {
 
     use super::*;
 
+    fn caller(cgroup_id: u64) -> CallerKey {
+        CallerKey {
+            cgroup_id,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
     fn limits(max_in_flight: u32, rate: f64, burst: f64) -> Arc<Limits> {
         Limits::new(LimitsConfig {
             max_in_flight,
@@ -144,17 +151,27 @@ mod tests {
     fn in_flight_requests_are_capped_per_caller() {
         let limits = limits(2, 1000.0, 1000.0);
         let now = Instant::now();
-        let a = limits.admit((1, 0), now).unwrap();
-        let _b = limits.admit((1, 0), now).unwrap();
+        let a = limits.admit(caller(1), now).unwrap();
+        let _b = limits.admit(caller(1), now).unwrap();
         assert_eq!(
-            limits.admit((1, 0), now).unwrap_err(),
+            limits.admit(caller(1), now).unwrap_err(),
             Refusal::TooManyInFlight
         );
         // Another caller is not affected; the same cgroup with another uid is another caller.
-        assert!(limits.admit((2, 0), now).is_ok());
-        assert!(limits.admit((1, 1000), now).is_ok());
+        assert!(limits.admit(caller(2), now).is_ok());
+        assert!(
+            limits
+                .admit(
+                    CallerKey {
+                        uid: 1000,
+                        ..caller(1)
+                    },
+                    now
+                )
+                .is_ok()
+        );
         drop(a);
-        assert!(limits.admit((1, 0), now).is_ok());
+        assert!(limits.admit(caller(1), now).is_ok());
     }
 
     #[test]
@@ -162,22 +179,22 @@ mod tests {
         let limits = limits(100, 10.0, 3.0);
         let start = Instant::now();
         for _ in 0..3 {
-            drop(limits.admit((1, 0), start).unwrap());
+            drop(limits.admit(caller(1), start).unwrap());
         }
         assert_eq!(
-            limits.admit((1, 0), start).unwrap_err(),
+            limits.admit(caller(1), start).unwrap_err(),
             Refusal::RateExceeded
         );
         // 10/s: one token back after 100 ms, not before.
         assert_eq!(
             limits
-                .admit((1, 0), start + Duration::from_millis(50))
+                .admit(caller(1), start + Duration::from_millis(50))
                 .unwrap_err(),
             Refusal::RateExceeded
         );
         assert!(
             limits
-                .admit((1, 0), start + Duration::from_millis(150))
+                .admit(caller(1), start + Duration::from_millis(150))
                 .is_ok()
         );
     }

@@ -19,9 +19,7 @@ pub type Sender = SendRequest<Empty<Bytes>>;
 /// Who may reuse a connection: the caller as the kernel attested it, and where it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub cgroup_id: u64,
-    pub uid: u32,
-    pub gid: u32,
+    pub caller: crate::identity::CallerKey,
     pub upstream: SocketAddr,
 }
 

@@ -14,8 +14,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The caller a token belongs to: the kernel-attested cgroup id, uid and gid.
-pub type Owner = (u64, u32, u32);
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+
+use super::{Body, forward::UpstreamError, request::ValidRequest};
+use crate::{identity::CallerKey as Owner, policy::TokenRules, provider::SessionTokens};
+
+/// The policy name in denials by token binding (not a policy file's decision).
+pub const TOKEN_BINDING_POLICY: &str = "(token binding)";
+
+/// The longest session-token lifetime (AWS and Alibaba: 6 hours): how long a token is bound
+/// when neither the request nor the response states its lifetime.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(21_600);
 
 /// Tokens remembered at most; beyond it the one expiring soonest is forgotten (its holder gets
 /// a 401 and fetches another).
@@ -94,6 +105,67 @@ impl TokenBindings {
     }
 }
 
+/// A token request asking for a longer lifetime than the caller may have asks for the cap.
+pub fn cap_token_ttl(session: &SessionTokens, headers: &mut http::HeaderMap, max: u32) {
+    if session.ttl(headers).is_some_and(|ttl| ttl > u64::from(max)) {
+        headers.insert(session.ttl_header, HeaderValue::from(max));
+    }
+}
+
+/// Why this request's token (or its absence) is refused, as (policy, rule); `None` if not.
+/// `bindings` is `None` when tokens are not bound to callers (`--no-token-binding`).
+pub fn token_refusal<'a>(
+    session: &SessionTokens,
+    bindings: Option<&TokenBindings>,
+    caller: Owner,
+    valid: &ValidRequest,
+    rules: &TokenRules<'a>,
+) -> Option<(&'a str, &'static str)> {
+    if session.is_token_request(&valid.method, &valid.path) {
+        return None;
+    }
+    let Some(token) = valid.headers.get(session.token_header) else {
+        return rules.required_by.map(|policy| (policy, "tokens-required"));
+    };
+    match bindings?.holder(token.as_bytes(), caller) {
+        Holder::Owner => None,
+        Holder::Other => Some((TOKEN_BINDING_POLICY, "token-of-another-caller")),
+        Holder::Unknown => Some((TOKEN_BINDING_POLICY, "token-not-issued-to-caller")),
+    }
+}
+
+/// Records the token in a successful token response as `caller`'s, for its lifetime: the one
+/// the response states (AWS echoes it), else the one asked for, else the longest.
+pub async fn bind_token(
+    bindings: &TokenBindings,
+    session: &SessionTokens,
+    caller: Owner,
+    requested_ttl: Option<u64>,
+    response: Response<Body>,
+) -> Result<Response<Body>, UpstreamError> {
+    if response.status() != StatusCode::OK {
+        return Ok(response);
+    }
+    let ttl = session
+        .ttl(response.headers())
+        .or(requested_ttl)
+        .map_or(MAX_TOKEN_TTL, Duration::from_secs)
+        .min(MAX_TOKEN_TTL);
+    let (parts, body) = response.into_parts();
+    // A token is about 60 bytes; anything much larger is not a token response.
+    let limited = http_body_util::Limited::new(body, 4096);
+    let bytes: Bytes = limited
+        .collect()
+        .await
+        .map_err(|_| UpstreamError::TokenResponse)?
+        .to_bytes();
+    bindings.bind(bytes.trim_ascii(), caller, ttl);
+    Ok(Response::from_parts(
+        parts,
+        Full::new(bytes).map_err(|never| match never {}).boxed(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +173,12 @@ mod tests {
     #[test]
     fn a_token_is_its_owners_until_it_expires() {
         let bindings = TokenBindings::default();
-        let (alice, bob) = ((1, 1000, 1000), (2, 1000, 1000));
+        let caller = |cgroup_id| Owner {
+            cgroup_id,
+            uid: 1000,
+            gid: 1000,
+        };
+        let (alice, bob) = (caller(1), caller(2));
         bindings.bind(b"token-a", alice, Duration::from_secs(60));
         assert_eq!(bindings.holder(b"token-a", alice), Holder::Owner);
         assert_eq!(bindings.holder(b"token-a", bob), Holder::Other);

@@ -29,7 +29,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use imds_agent::{provider::Provider, status::iso8601};
+use imds_agent::{calendar::iso8601, provider::Provider};
 use tokio::net::TcpListener;
 
 pub mod clouds;

@@ -1,0 +1,237 @@
+//! The forward phase: a request rebuilt from what was parsed, sent to the endpoint the caller
+//! asked for over an upstream connection that this client connection uses alone and that only
+//! ever serves this caller (idle ones wait in `pool`, per caller).
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
+
+use super::{Body, Filter, admit::Connection, request};
+
+/// How long connecting to the metadata service may take.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the metadata service gave no usable answer. Fixed text: the client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("invalid target")]
+    InvalidTarget,
+    #[error("socket failed")]
+    Socket,
+    #[error("connect timed out")]
+    ConnectTimedOut,
+    #[error("connect failed")]
+    Connect,
+    #[error("handshake failed")]
+    Handshake,
+    #[error("no answer in time")]
+    TimedOut,
+    #[error("upstream request failed")]
+    Request,
+    #[error("listing too large or truncated")]
+    ListingTooLarge,
+    #[error("listing is not UTF-8")]
+    ListingNotUtf8,
+    #[error("token response unreadable")]
+    TokenResponse,
+}
+
+impl UpstreamError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// How long to wait for the metadata service's response headers.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeouts {
+    /// Ordinary requests.
+    pub request: Duration,
+    /// Upper bound for GCP `wait_for_change` long-polls, which may legitimately hang for
+    /// their `timeout_sec` (or, without one, until the value changes).
+    pub long_poll: Duration,
+}
+
+impl UpstreamTimeouts {
+    /// The bound for one request: a long-poll gets its `timeout_sec` plus slack, within the
+    /// long-poll cap; everything else the ordinary bound.
+    pub fn for_query(&self, query: Option<&str>) -> Duration {
+        let params = || query.into_iter().flat_map(|q| q.split('&'));
+        if !params().any(|p| p == "wait_for_change=true") {
+            return self.request;
+        }
+        params()
+            .find_map(|p| p.strip_prefix("timeout_sec=")?.parse::<u64>().ok())
+            .map_or(self.long_poll, |secs| {
+                (Duration::from_secs(secs) + self.request).min(self.long_poll)
+            })
+    }
+}
+
+pub async fn forward(
+    filter: &Filter,
+    connection: &Connection,
+    valid: &request::ValidRequest,
+    headers: http::HeaderMap,
+) -> Result<Response<Body>, UpstreamError> {
+    let uri: Uri = valid
+        .target()
+        .parse()
+        .map_err(|_| UpstreamError::InvalidTarget)?;
+    let mut upstream_request = Request::new(Empty::<Bytes>::new());
+    *upstream_request.method_mut() = valid.method.clone();
+    *upstream_request.uri_mut() = uri;
+    *upstream_request.headers_mut() = headers;
+    let host = match (connection.original, connection.original.port()) {
+        (SocketAddr::V4(addr), 80) => addr.ip().to_string(),
+        (SocketAddr::V6(addr), 80) => format!("[{}]", addr.ip()),
+        (addr, _) => addr.to_string(),
+    };
+    upstream_request.headers_mut().insert(
+        header::HOST,
+        HeaderValue::from_str(&host).map_err(|_| UpstreamError::InvalidTarget)?,
+    );
+
+    let mut upstream = connection.upstream.lock().await;
+    let ours = match upstream.as_mut() {
+        Some(sender) => sender.ready().await.is_ok(),
+        None => false,
+    };
+    let mut pooled = false;
+    if !ours {
+        *upstream = match connection.pool.take(&connection.pool_key) {
+            Some(sender) => {
+                pooled = true;
+                Some(sender)
+            }
+            None => Some(connect_upstream(filter, connection.original).await?),
+        };
+    }
+    // A connection that sat idle in the pool may have been closed by the server meanwhile:
+    // then the request is sent once more on a new connection (metadata requests are safe to
+    // repeat). Requests on the client connection's own upstream, just checked ready, are
+    // not copied for that.
+    let retry = pooled.then(|| clone_request(&upstream_request));
+    let sender = upstream.as_mut().expect("set above");
+    let sent = Instant::now();
+    let bound = filter.upstream.for_query(valid.query.as_deref());
+    let first = tokio::time::timeout(bound, sender.try_send_request(upstream_request))
+        .await
+        .map_err(|_| UpstreamError::TimedOut)?;
+    let mut response = match (first, retry) {
+        (Ok(response), _) => response,
+        (Err(error), Some(request)) if is_stale_connection(error.error()) => {
+            tracing::debug!(error = %error.error(), "reused upstream connection was closed; retrying on a new one");
+            let sender = upstream.insert(connect_upstream(filter, connection.original).await?);
+            tokio::time::timeout(bound, sender.send_request(request))
+                .await
+                .map_err(|_| UpstreamError::TimedOut)?
+                .map_err(|_| UpstreamError::Request)?
+        }
+        (Err(_), _) => return Err(UpstreamError::Request),
+    };
+    filter
+        .metrics
+        .upstream_latency(sent.elapsed().as_secs_f64());
+    request::strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(BodyExt::boxed))
+}
+
+fn clone_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {
+    let mut copy = Request::new(Empty::new());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Errors of a connection the server closed while it sat idle, before answering.
+fn is_stale_connection(error: &hyper::Error) -> bool {
+    error.is_canceled() || error.is_closed() || error.is_incomplete_message()
+}
+
+async fn connect_upstream(
+    filter: &Filter,
+    addr: SocketAddr,
+) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|_| UpstreamError::Socket)?;
+    // Closed with RST when its client connection ends (never mid-response: the response was
+    // read whole by then). A FIN close would leave a TIME_WAIT per client connection, and at
+    // SDK-style one-connection-per-request rates the agent would run out of source ports.
+    let _ = socket.set_zero_linger();
+    let stream = tokio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        filter.enforcer.connect_exempt(socket, addr),
+    )
+    .await
+    .map_err(|_| UpstreamError::ConnectTimedOut)?
+    .map_err(|error| {
+        tracing::warn!(%error, "upstream connect failed");
+        UpstreamError::Connect
+    })?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_polls_get_their_own_bound() {
+        let t = UpstreamTimeouts {
+            request: Duration::from_secs(10),
+            long_poll: Duration::from_secs(3600),
+        };
+        assert_eq!(t.for_query(None), Duration::from_secs(10));
+        assert_eq!(t.for_query(Some("recursive=true")), Duration::from_secs(10));
+        assert_eq!(
+            t.for_query(Some("wait_for_change=true&timeout_sec=60")),
+            Duration::from_secs(70)
+        );
+        assert_eq!(
+            t.for_query(Some("wait_for_change=true")),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            t.for_query(Some("wait_for_change=true&timeout_sec=99999")),
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn only_a_missed_deadline_is_a_gateway_timeout() {
+        assert_eq!(
+            UpstreamError::TimedOut.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(UpstreamError::Connect.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            UpstreamError::ConnectTimedOut.status(),
+            StatusCode::BAD_GATEWAY
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! One request, phase after phase: limits, validation, the cloud's request rules, the policy's
+//! plan (asked once), session tokens, forward, shape, audit. Each phase either passes the
+//! request on or ends it with a typed refusal, which `refusal` turns into the answer.
+
+use std::time::Instant;
+
+use http::{Request, Response, header};
+use hyper::body::Incoming;
+
+use super::{
+    Body, Filter,
+    admit::Connection,
+    audit::{self, Exchange, Outcome},
+    forward,
+    refusal::Refusal,
+    request, shape, tokens,
+};
+use crate::policy::{Action, Asked};
+
+pub async fn handle(
+    filter: &Filter,
+    connection: &Connection,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let mut exchange = Exchange {
+        filter,
+        connection,
+        method: request.method().as_str().to_owned(),
+        target: request.uri().path().to_owned(),
+        user_agent: request
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+        request_id: audit::next_request_id(),
+        started: Instant::now(),
+        tokenless: false,
+    };
+    let _permit = match filter
+        .limits
+        .admit(connection.identity.key(), exchange.started)
+    {
+        Ok(permit) => permit,
+        Err(refusal) => return refuse(&exchange, &Refusal::Limit(refusal)),
+    };
+    let mut valid = match request::validate(&request) {
+        Ok(valid) => valid,
+        Err(rejection) => return refuse(&exchange, &Refusal::Invalid(rejection)),
+    };
+    if let Err(refusal) = filter.provider.check_request(&valid.path, &valid.headers) {
+        return refuse(&exchange, &Refusal::Protocol(refusal));
+    }
+    let session = filter.provider.session_tokens();
+    let token_request = session.is_some_and(|s| s.is_token_request(&valid.method, &valid.path));
+    exchange.tokenless =
+        session.is_some_and(|s| !token_request && !valid.headers.contains_key(s.token_header));
+
+    // The decide phase: the policy's one answer for this request.
+    let policy = filter.policy.current();
+    let path = valid.canonical_path();
+    let asked = Asked {
+        method: valid.method.as_str(),
+        path: &path,
+        recursive: valid.is_recursive(),
+    };
+    let plan = policy.plan(&connection.admission, &connection.identity, asked);
+    let decision = plan.decision;
+    if decision.action == Action::Deny {
+        let explanation = filter.explain_denials.then(|| plan.explanation(asked));
+        return refuse(
+            &exchange,
+            &Refusal::Denied {
+                policy: decision.policy,
+                rule: decision.rule,
+                explanation,
+            },
+        );
+    }
+
+    let mut would_deny = decision.would_deny;
+    let mut requested_ttl = None;
+    if let Some(session) = &session {
+        if token_request {
+            if let Some((max, _)) = plan.tokens.max_ttl {
+                tokens::cap_token_ttl(session, &mut valid.headers, max);
+            }
+            requested_ttl = session.ttl(&valid.headers);
+        }
+        let bindings = filter.token_binding.then_some(&*filter.tokens);
+        let caller = connection.identity.key();
+        if let Some((policy, rule)) =
+            tokens::token_refusal(session, bindings, caller, &valid, &plan.tokens)
+        {
+            if !plan.dry_run {
+                return refuse(&exchange, &Refusal::Token { policy, rule });
+            }
+            would_deny = would_deny.or(Some((policy, rule)));
+        }
+    }
+
+    // The headers move into the upstream request; nothing reads them after this.
+    let headers = std::mem::take(&mut valid.headers);
+    let mut response = forward::forward(filter, connection, &valid, headers).await;
+    if let Some(session) = &session
+        && token_request
+        && filter.token_binding
+        && let Ok(upstream) = response
+    {
+        let caller = connection.identity.key();
+        response =
+            tokens::bind_token(&filter.tokens, session, caller, requested_ttl, upstream).await;
+    }
+    if let Ok(upstream) = &response
+        && shape::is_listing(&valid, upstream)
+    {
+        let upstream = response.expect("checked above");
+        response = shape::filter_listing(upstream, |entry| {
+            plan.listing_entry_visible(&valid.path, entry)
+        })
+        .await;
+    }
+
+    // An audit-mode policy that would have denied is named in the audit line.
+    let (verdict, policy_name, rule_name) = match would_deny {
+        Some((policy, rule)) => ("would-deny", policy, rule),
+        None => ("allow", decision.policy, decision.rule),
+    };
+    match response {
+        Ok(response) => {
+            let status = response.status();
+            audit::record(
+                &exchange,
+                &Outcome {
+                    decision: verdict,
+                    policy: policy_name,
+                    rule: rule_name,
+                    status,
+                    upstream_status: Some(status),
+                    detail: "",
+                },
+            );
+            response
+        }
+        Err(error) => {
+            let refusal = Refusal::Upstream(error);
+            let detail = refusal.detail();
+            audit::record(
+                &exchange,
+                &Outcome {
+                    decision: verdict,
+                    policy: policy_name,
+                    rule: rule_name,
+                    status: refusal.status(),
+                    upstream_status: None,
+                    detail: &detail,
+                },
+            );
+            refusal
+                .answer(filter.provider, &exchange.request_id)
+                .into_response()
+        }
+    }
+}
+
+/// Audits a refusal, then answers it.
+fn refuse(exchange: &Exchange<'_>, refusal: &Refusal<'_>) -> Response<Body> {
+    record_refusal(exchange, refusal);
+    refusal
+        .answer(exchange.filter.provider, &exchange.request_id)
+        .into_response()
+}
+
+/// The audit of a refusal that no policy allowed past (limits, malformed requests, denials).
+pub fn record_refusal(exchange: &Exchange<'_>, refusal: &Refusal<'_>) {
+    let (policy, rule) = refusal.policy_and_rule();
+    audit::record(
+        exchange,
+        &Outcome {
+            decision: refusal.decision(),
+            policy,
+            rule,
+            status: refusal.status(),
+            upstream_status: None,
+            detail: &refusal.detail(),
+        },
+    );
+}
