@@ -7,8 +7,7 @@
 use std::{collections::HashMap, sync::Arc, sync::Mutex};
 
 use super::{
-    Action, CanonicalPath, Decision, KernelVerdict, PolicySet, Selection, TokenRules,
-    store::Versioned,
+    Action, CanonicalPath, Decision, KernelVerdict, Policy, PolicySet, Selection, TokenRules,
 };
 use crate::identity::{CallerKey, Identity, executable::Executable};
 
@@ -40,6 +39,40 @@ pub struct Plan<'p> {
     set: &'p PolicySet,
     selection: Arc<Selection>,
     identity: &'p Identity,
+}
+
+/// A policy set and its version: 1 for the first load, +1 for every change of what decisions
+/// depend on (a successful reload, a policy resource, the pod metadata).
+pub struct Versioned {
+    pub version: u64,
+    set: Arc<PolicySet>,
+    selections: SelectionCache,
+}
+
+impl Versioned {
+    pub(super) fn new(version: u64, set: Arc<PolicySet>) -> Self {
+        Self {
+            version,
+            set,
+            selections: SelectionCache::default(),
+        }
+    }
+
+    /// The same policies as the next version, with an empty selection cache (for a change of
+    /// something else selections depend on: pod metadata).
+    pub(super) fn next(&self) -> Self {
+        Self::new(self.version + 1, self.set.clone())
+    }
+
+    /// The policies in force, in order.
+    pub fn policies(&self) -> &[Policy] {
+        self.set.policies()
+    }
+
+    /// Whether a policy pins an executable's digest: only then are digests read.
+    pub fn pins_digests(&self) -> bool {
+        self.set.pins_digests()
+    }
 }
 
 impl Versioned {
@@ -144,5 +177,69 @@ impl SelectionCache {
         }
         entries.insert(key, selection.clone());
         selection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        identity::pods::PodDirectory,
+        policy::{Mode, Unmatched, parse},
+    };
+
+    fn version(version: u64, default: &str) -> Versioned {
+        let policy = parse(
+            Path::new("p.yaml"),
+            &format!("name: p{version}\ndefault: {default}\n"),
+        )
+        .expect("valid policy");
+        let set = PolicySet {
+            policies: vec![policy],
+            unmatched: Unmatched::Deny,
+            mode: Mode::Enforce,
+        };
+        Versioned::new(version, Arc::new(set))
+    }
+
+    #[test]
+    fn a_connection_admitted_under_one_version_is_decided_by_the_version_in_force() {
+        let caller = Identity::for_cgroup("/app", 1000, 1000, &PodDirectory::default());
+        let path = CanonicalPath::parse("/latest/meta-data/instance-id").unwrap();
+        let asked = Asked {
+            method: "GET",
+            path: &path,
+            recursive: false,
+        };
+        let first = version(1, "deny");
+        let admission = first.admit(&caller);
+        assert_eq!(
+            admission.kernel_verdict,
+            Some((KernelVerdict::Refuse, 1)),
+            "nothing can be allowed: the kernel may refuse the next connects"
+        );
+        let plan = first.plan(&admission, &caller, asked);
+        assert_eq!(
+            (plan.decision.action, plan.decision.policy),
+            (Action::Deny, "p1")
+        );
+
+        // A reload while the connection stays open: its next request is the new version's.
+        let second = version(2, "allow");
+        let plan = second.plan(&admission, &caller, asked);
+        assert_eq!(
+            (plan.decision.action, plan.decision.policy),
+            (Action::Allow, "p2")
+        );
+        assert_eq!(second.admit(&caller).kernel_verdict, None);
+
+        // The same policies as a new version (a pod change) select afresh.
+        let third = second.next();
+        assert_eq!(third.version, 3);
+        let plan = third.plan(&admission, &caller, asked);
+        assert_eq!(plan.decision.policy, "p2");
+        assert_eq!(admission.selection.lock().unwrap().0, 3);
     }
 }

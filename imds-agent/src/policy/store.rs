@@ -16,39 +16,11 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::{Mode, Policy, PolicyError, PolicySet, Unmatched, plan::SelectionCache};
+use super::{Mode, Policy, PolicyError, PolicySet, Unmatched, plan::Versioned};
 
 /// 100 ms: a change is in force within about that (the 200 ms reaction target), for a few
 /// stat calls per file per tick.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// A policy set and its version: 1 for the first load, +1 for every change of what decisions
-/// depend on (a successful reload, a policy resource, the pod metadata).
-pub struct Versioned {
-    pub version: u64,
-    pub(super) set: Arc<PolicySet>,
-    pub(super) selections: SelectionCache,
-}
-
-impl Versioned {
-    fn new(version: u64, set: Arc<PolicySet>) -> Self {
-        Self {
-            version,
-            set,
-            selections: SelectionCache::default(),
-        }
-    }
-
-    /// The policies in force, in order.
-    pub fn policies(&self) -> &[Policy] {
-        self.set.policies()
-    }
-
-    /// Whether a policy pins an executable's digest: only then are digests read.
-    pub fn pins_digests(&self) -> bool {
-        self.set.pins_digests()
-    }
-}
 
 pub struct PolicyStore {
     sources: Vec<PathBuf>,
@@ -138,8 +110,7 @@ impl PolicyStore {
         let _change = self.change.lock().expect("change lock");
         let current = self.current.load_full();
         let version = current.version + 1;
-        self.current
-            .store(Arc::new(Versioned::new(version, current.set.clone())));
+        self.current.store(Arc::new(current.next()));
         self.changes.send_replace(version);
         version
     }
