@@ -222,7 +222,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ),
         None => None,
     };
-    let enforcer = Enforcer::attach(&AttachConfig {
+    let mut enforcer = Enforcer::attach(&AttachConfig {
         cgroup: &cgroup,
         pin_dir: &args.pin_dir,
         divert_to: args.listen,
@@ -246,6 +246,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "enforcing"
     );
 
+    let kernel_log = enforcer.kernel_log.take();
     let enforcer = Arc::new(enforcer);
     let metrics = Arc::new(Metrics::default());
     let tally = Arc::new(crate::tally::Tally::default());
@@ -332,6 +333,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         );
     }
     tasks.service("policy file watch", policy.clone().watch());
+    if let Some(kernel_log) = kernel_log {
+        tasks.service("kernel log", kernel_log.run());
+    }
     let (pool, tokens) = (filter.pool.clone(), filter.tokens.clone());
     tasks.service("idle connection and token sweep", async move {
         let mut interval = tokio::time::interval(crate::proxy::pool::IDLE_TIMEOUT / 2);

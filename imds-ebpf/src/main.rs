@@ -17,6 +17,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
+use aya_log_ebpf::{info, warn};
 use imds_common::{
     Caller, CallerKey, Counter, Endpoint, SockAddr, V4_MAPPED_WORD, VERDICT_BYPASS, VERDICT_REFUSE,
     embedded_ipv4,
@@ -130,7 +131,7 @@ pub fn imds_sendmsg4(ctx: SockAddrContext) -> i32 {
     if unsafe { IMDS_ENDPOINTS4.get(&ip) }.is_none() {
         return ALLOW;
     }
-    udp_verdict(sa.user_port)
+    udp_verdict(&ctx, sa.user_port)
 }
 
 /// `BPF_CGROUP_UDP6_SENDMSG`: as sendmsg4, for IPv6 endpoints and IPv4 embeddings.
@@ -146,15 +147,17 @@ pub fn imds_sendmsg6(ctx: SockAddrContext) -> i32 {
     if !metadata {
         return ALLOW;
     }
-    udp_verdict(sa.user_port)
+    udp_verdict(&ctx, sa.user_port)
 }
 
 #[inline(always)]
-fn udp_verdict(user_port: u32) -> i32 {
-    if u16::from_be(user_port as u16) == DNS_PORT {
+fn udp_verdict(ctx: &SockAddrContext, user_port: u32) -> i32 {
+    let port = u16::from_be(user_port as u16);
+    if port == DNS_PORT {
         return ALLOW;
     }
     count(Counter::Refused);
+    info!(ctx, "refused: UDP to a metadata address, port {}", port);
     REFUSE
 }
 
@@ -167,6 +170,11 @@ pub fn imds_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock for the program's lifetime.
     let sock_type = unsafe { core::ptr::read_volatile(&(*ctx.sock).type_) };
     if sock_type == SOCK_RAW && IMDS_REFUSE_RAW.load() != 0 {
+        let (cgroup_id, uid) = (connecting_task().cgroup_id, connecting_task().uid);
+        info!(
+            &ctx,
+            "refused a raw socket: cgroup {} uid {}", cgroup_id, uid
+        );
         return REFUSE;
     }
     ALLOW
@@ -191,6 +199,10 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
             return Connect::Allow;
         }
         count(Counter::Refused);
+        info!(
+            ctx,
+            "refused: UDP to a metadata address, port {}", original.port
+        );
         return Connect::Refuse;
     }
     if original.port != endpoint.port {
@@ -198,6 +210,10 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
             return Connect::Allow;
         }
         count(Counter::Refused);
+        info!(
+            ctx,
+            "refused: a metadata address on port {}, not the service's", original.port
+        );
         return Connect::Refuse;
     }
 
@@ -215,6 +231,10 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
     if divert_to == 0 {
         // No address where this namespace can reach the agent: fail closed.
         count(Counter::Refused);
+        warn!(
+            ctx,
+            "refused: no agent address for network namespace {}", netns
+        );
         return Connect::Refuse;
     }
 
@@ -234,6 +254,13 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
     match unsafe { IMDS_VERDICTS.get(&key) } {
         Some(&VERDICT_REFUSE) => {
             count(Counter::Refused);
+            info!(
+                ctx,
+                "refused by the agent's verdict: cgroup {} uid {} gid {}",
+                key.cgroup_id,
+                key.uid,
+                key.gid
+            );
             return Connect::Refuse;
         }
         Some(&VERDICT_BYPASS) => {
@@ -265,6 +292,10 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         .is_some();
     if !recorded {
         count(Counter::Refused);
+        warn!(
+            ctx,
+            "refused: no socket storage for the caller's record (cgroup {})", key.cgroup_id
+        );
         return Connect::Refuse;
     }
     count(Counter::Diverted);

@@ -51,6 +51,7 @@ use imds_common::{
 use crate::fs;
 
 pub mod btf;
+pub mod kernel_log;
 mod netlink;
 mod pins;
 pub mod podns;
@@ -139,6 +140,8 @@ pub struct Enforcer {
     exempt: Mutex<HashMap<MapData, u64, u8>>,
     /// What the kernel decides for callers without the agent.
     pub verdicts: verdicts::KernelVerdicts,
+    /// The programs' diagnostics, until the agent starts reading them.
+    pub kernel_log: Option<kernel_log::KernelLog>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -183,6 +186,11 @@ impl Enforcer {
                 true,
             )
             .load(EBPF_OBJECT)?;
+
+        // Without its reader the programs still run; their refusals are then only counted.
+        let kernel_log = kernel_log::KernelLog::new(&mut ebpf)
+            .inspect_err(|error| tracing::warn!(%error, "the kernel programs' log is not read"))
+            .ok();
 
         // Endpoints first: once the links are in place, the programs consult these maps.
         let mut v4: HashMap<_, u32, Endpoint> = take_map(&mut ebpf, MAP_ENDPOINTS4)?;
@@ -266,6 +274,7 @@ impl Enforcer {
             exempt: Mutex::new(take_map(&mut ebpf, MAP_EXEMPT)?),
             verdicts: verdicts::KernelVerdicts::new(take_map(&mut ebpf, MAP_VERDICTS)?),
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
+            kernel_log,
             _ebpf: ebpf,
         })
     }

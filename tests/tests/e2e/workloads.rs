@@ -502,13 +502,26 @@ fn callers_that_may_read_nothing_are_refused_in_the_kernel_until_the_policy_chan
     let second = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
     assert_eq!((second.status, second.exit), (0, 7), "{second:?}");
     assert_eq!(kernel_counter(sb, "refused"), refused_before + 1);
-    assert_eq!(
-        env.agent
-            .audit()
-            .iter()
-            .filter(|l| l["cgroup"] == "/locked")
-            .count(),
-        1
+    let audit = env.agent.audit();
+    let locked: Vec<_> = audit.iter().filter(|l| l["cgroup"] == "/locked").collect();
+    assert_eq!(locked.len(), 1);
+    // The kernel program says why it refused, in the agent's log (its own diagnostics).
+    wait_for_log(&env.agent, "refused by the agent's verdict", 1);
+    let kernel_says: Vec<String> = env
+        .agent
+        .log()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["target"] == "imds_agent::kernel")
+        .map(|v| v["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let expected = format!(
+        "refused by the agent's verdict: cgroup {} uid ",
+        locked[0]["cgroup_id"]
+    );
+    assert!(
+        kernel_says.iter().any(|m| m.starts_with(&expected)),
+        "{expected:?} in {kernel_says:?}"
     );
     // Callers with something to read are still served by the agent.
     assert_eq!(
