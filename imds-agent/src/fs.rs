@@ -8,13 +8,22 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use procfs::process::MountInfo;
+
 /// Where bpffs is expected; pin directories live below it.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
+/// This mount namespace's mounts (`/proc/self/mountinfo`, read by procfs).
+pub fn mounts() -> io::Result<Vec<MountInfo>> {
+    procfs::process::Process::myself()
+        .and_then(|me| me.mountinfo())
+        .map(|mounts| mounts.0)
+        .map_err(io::Error::other)
+}
+
 /// The mount point of the cgroup v2 hierarchy in this mount namespace.
 pub fn cgroup2_mount() -> io::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    find_mount(&mountinfo, "cgroup2").ok_or_else(|| {
+    find_mount(&mounts()?, "cgroup2").ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             "no cgroup2 file system is mounted (see /proc/self/mountinfo); cgroup v2 is required",
@@ -31,21 +40,24 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
 /// cgroup deep in the tree. The path is used where the mount's root is a prefix of it;
 /// otherwise the cgroup is found on the mount by the process's own pid in `cgroup.procs`.
 pub fn own_cgroup() -> io::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let (mount_root, mount_point) = find_mount_entry(&mountinfo, "cgroup2").ok_or_else(|| {
+    let (mount_root, mount_point) = find_mount_entry(&mounts()?, "cgroup2").ok_or_else(|| {
         io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted")
     })?;
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup")?;
+    let cgroups = procfs::process::Process::myself()
+        .and_then(|me| me.cgroups())
+        .map_err(io::Error::other)?;
     let own = cgroups
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
+        .0
+        .into_iter()
+        .find(|c| c.hierarchy == 0)
+        .map(|c| c.pathname)
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 "no cgroup v2 line in /proc/self/cgroup",
             )
         })?;
-    if let Some(relative) = below_mount_root(&mount_root, own) {
+    if let Some(relative) = below_mount_root(&mount_root, &own) {
         let dir = mount_point.join(relative);
         if dir.join("cgroup.procs").is_file() {
             return Ok(dir);
@@ -84,25 +96,17 @@ fn find_cgroup_of(dir: &Path, pid: u32) -> Option<PathBuf> {
         .find_map(|entry| find_cgroup_of(&entry.path(), pid))
 }
 
-/// The first mount point of a file system type in mountinfo text.
-pub fn find_mount(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
-    find_mount_entry(mountinfo, fstype).map(|(_, point)| point)
+/// The first mount point of a file system type.
+pub fn find_mount(mounts: &[MountInfo], fstype: &str) -> Option<PathBuf> {
+    find_mount_entry(mounts, fstype).map(|(_, point)| point)
 }
 
-/// The root within the file system (field 4) and the mount point (field 5) of the first mount
-/// of a file system type in mountinfo text (proc(5) format; the type is the first field after
-/// the " - " separator).
-fn find_mount_entry(mountinfo: &str, fstype: &str) -> Option<(String, PathBuf)> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split(' ').next()? != fstype {
-            return None;
-        }
-        let mut fields = left.split(' ').skip(3);
-        let root = unescape_mountinfo(fields.next()?);
-        let point = PathBuf::from(unescape_mountinfo(fields.next()?));
-        Some((root, point))
-    })
+/// The root within the file system and the mount point of the first mount of a file system
+/// type. procfs gives both as the kernel writes them, escaped.
+fn find_mount_entry(mounts: &[MountInfo], fstype: &str) -> Option<(String, PathBuf)> {
+    let mount = mounts.iter().find(|m| m.fs_type == fstype)?;
+    let point = unescape_mountinfo(&mount.mount_point.to_string_lossy());
+    Some((unescape_mountinfo(&mount.root), PathBuf::from(point)))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
@@ -135,21 +139,15 @@ fn unescape_mountinfo(field: &str) -> String {
 /// silently collapse.
 const COLLAPSING_V1_CONTROLLERS: [&str; 2] = ["net_cls", "net_prio"];
 
-/// The v1 controllers from [`COLLAPSING_V1_CONTROLLERS`] mounted in this mount namespace.
-pub fn collapsing_v1_controllers(mountinfo: &str) -> Vec<&'static str> {
+/// The v1 controllers from [`COLLAPSING_V1_CONTROLLERS`] among `mounts` (a v1 hierarchy
+/// names its controllers in its super options).
+pub fn collapsing_v1_controllers(mounts: &[MountInfo]) -> Vec<&'static str> {
     COLLAPSING_V1_CONTROLLERS
         .into_iter()
         .filter(|controller| {
-            mountinfo.lines().any(|line| {
-                let Some((_, right)) = line.split_once(" - ") else {
-                    return false;
-                };
-                let mut fields = right.split(' ');
-                fields.next() == Some("cgroup")
-                    && fields
-                        .nth(1)
-                        .is_some_and(|options| options.split(',').any(|o| o == *controller))
-            })
+            mounts
+                .iter()
+                .any(|m| m.fs_type == "cgroup" && m.super_options.contains_key(*controller))
         })
         .collect()
 }
@@ -220,6 +218,13 @@ fn shares_init_mounts() -> bool {
 mod tests {
     use super::*;
 
+    fn parse(mountinfo: &str) -> Vec<MountInfo> {
+        mountinfo
+            .lines()
+            .map(|line| MountInfo::from_line(line).expect("a mountinfo line"))
+            .collect()
+    }
+
     const HYBRID: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
@@ -229,24 +234,24 @@ mod tests {
     #[test]
     fn finds_cgroup2_in_a_hybrid_layout() {
         assert_eq!(
-            find_mount(HYBRID, "cgroup2"),
+            find_mount(&parse(HYBRID), "cgroup2"),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(find_mount(HYBRID, "bpf"), None);
+        assert_eq!(find_mount(&parse(HYBRID), "bpf"), None);
     }
 
     #[test]
     fn finds_net_cls_and_net_prio_v1_hierarchies() {
-        assert!(collapsing_v1_controllers(HYBRID).is_empty());
+        assert!(collapsing_v1_controllers(&parse(HYBRID)).is_empty());
         let with_net = format!(
             "{HYBRID}42 31 0:39 / /sys/fs/cgroup/net_cls,net_prio rw - cgroup cgroup rw,net_cls,net_prio\n"
         );
         assert_eq!(
-            collapsing_v1_controllers(&with_net),
+            collapsing_v1_controllers(&parse(&with_net)),
             ["net_cls", "net_prio"]
         );
         let only_prio = format!("{HYBRID}42 31 0:39 / /x rw - cgroup cgroup rw,net_prio\n");
-        assert_eq!(collapsing_v1_controllers(&only_prio), ["net_prio"]);
+        assert_eq!(collapsing_v1_controllers(&parse(&only_prio)), ["net_prio"]);
     }
 
     #[test]
@@ -254,7 +259,7 @@ mod tests {
         // The node's tree bound into a container: the mount's root is the node's cgroup.
         let bound = "90 80 0:38 /node-a /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            find_mount_entry(bound, "cgroup2"),
+            find_mount_entry(&parse(bound), "cgroup2"),
             Some(("/node-a".into(), PathBuf::from("/sys/fs/cgroup")))
         );
         assert_eq!(
@@ -291,7 +296,7 @@ mod tests {
     fn unescapes_octal_in_mount_points() {
         let line = "41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            find_mount(line, "cgroup2"),
+            find_mount(&parse(line), "cgroup2"),
             Some(PathBuf::from("/mnt/my cgroups"))
         );
     }

@@ -115,7 +115,10 @@ impl PodAddress {
 }
 
 /// The interface of the IPv4 default route in `/proc/net/route` (destination and mask 0; the
-/// lowest metric if there are several).
+/// lowest metric if there are several). Read as text rather than asked over netlink as
+/// `loader::podns` asks for one route: finding the default route means listing the table,
+/// a dump that spans datagrams on a node with a route per pod, which the one-reply netlink
+/// exchanges there do not handle; procfs reads this file no differently.
 fn default_route_interface(table: &str) -> Option<String> {
     table
         .lines()

@@ -151,8 +151,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pods.load_file(file).map_err(RunError::Config)?;
     }
     let mount = fs::cgroup2_mount().map_err(|e| RunError::Config(e.to_string()))?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let collapsing = fs::collapsing_v1_controllers(&mountinfo);
+    let collapsing = fs::collapsing_v1_controllers(&fs::mounts()?);
     if !collapsing.is_empty() && !args.allow_cgroup_v1_net {
         return Err(RunError::Config(format!(
             "cgroup v1 {} is mounted: once used, the kernel stops matching sockets to cgroup v2 \

@@ -424,7 +424,8 @@ fn process_name(pid: u32) -> Option<String> {
 }
 
 /// A small /proc file in one read (read_to_string would stat it first and read twice: a
-/// new connection's identity reads two of these).
+/// new connection's identity reads two of these). Not procfs's readers, which parse every
+/// field of a file through a buffered reader: this is on the path of each new caller.
 fn read_proc(path: &str) -> Option<String> {
     use std::io::Read as _;
     let mut file = File::open(path).ok()?;
