@@ -1,0 +1,195 @@
+//! The agent and the fake services, started inside the sandbox.
+
+use super::*;
+
+impl Sandbox {
+    /// Starts the fake IMDS on the metadata address and on [`OTHER_SERVER`].
+    pub fn start_fake_imds(&self, tokens_required: bool) -> Process {
+        self.start_fake_imds_on(tokens_required, &[])
+    }
+
+    /// As [`Self::start_fake_imds`], also listening on `extra` (addresses the test made
+    /// local with [`Self::ip`]).
+    pub fn start_fake_imds_on(&self, tokens_required: bool, extra: &[&str]) -> Process {
+        let flags: &[&str] = if tokens_required {
+            &["--tokens-required"]
+        } else {
+            &[]
+        };
+        self.spawn_fake_imds(flags, extra)
+    }
+
+    /// The fake metadata service as `provider`'s (a `fake-imds --provider` name), on the
+    /// same addresses and on `extra`.
+    pub fn start_fake_cloud(&self, provider: &str, extra: &[&str]) -> Process {
+        self.spawn_fake_imds(&["--provider", provider], extra)
+    }
+
+    /// The fake metadata service with `fake-imds` flags, on the sandbox's metadata addresses
+    /// and on `extra`.
+    pub fn spawn_fake_imds(&self, flags: &[&str], extra: &[&str]) -> Process {
+        let mut command = self.command(binary("fake-imds"), "imds");
+        command
+            .args([
+                "--listen",
+                &format!("{METADATA_IP}:80"),
+                "--listen",
+                &format!("[{METADATA_IP6}]:80"),
+                "--listen",
+                OTHER_SERVER,
+            ])
+            .args(extra.iter().flat_map(|addr| ["--listen", addr]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        command.args(flags);
+        let mut child = command.spawn().expect("spawn fake-imds");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("read fake-imds readiness");
+        let process = Process { child, log: None };
+        assert!(
+            line.starts_with("listening"),
+            "fake-imds did not start: {line:?}"
+        );
+        process
+    }
+
+    /// Starts the agent enforcing `enforce` (a cgroup below the sandbox root), with the agent
+    /// process itself in `agent_cgroup`, and waits until it is enforcing; panics with its log
+    /// if it exits instead.
+    pub fn start_agent(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let mut agent = self.launch_agent(enforce, agent_cgroup, policies, extra);
+        assert!(agent.is_running(), "the agent exited:\n{}", agent.log());
+        agent
+    }
+
+    /// Starts the agent and waits until it is enforcing or has exited (for tests of start-up
+    /// failures).
+    pub fn launch_agent(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        self.launch_agent_with_env(enforce, agent_cgroup, policies, extra, &[])
+    }
+
+    /// As [`Self::launch_agent`], with extra environment variables for the agent.
+    pub fn launch_agent_with_env(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let log = self.work_dir.join(format!(
+            "agent-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut command = self.command(binary("imds-agent"), agent_cgroup);
+        command
+            .arg("--log-format=json")
+            .arg("run")
+            .arg("--cgroup")
+            .arg(self.cgroup(enforce))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(self.work_dir.join("state"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("agent log"));
+        for policy in policies {
+            command.arg("--policy").arg(policy);
+        }
+        command.envs(env.iter().copied());
+        let child = command.spawn().expect("spawn imds-agent");
+        let mut agent = Agent {
+            process: Process {
+                child,
+                log: Some(log),
+            },
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if agent.log().contains("\"enforcing\"") {
+                return agent;
+            }
+            if let Ok(Some(_)) = agent.process.child.try_wait() {
+                return agent;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not start within 20 s:\n{}", agent.log());
+    }
+}
+
+/// A child process that is killed when dropped.
+pub struct Process {
+    pub child: Child,
+    log: Option<PathBuf>,
+}
+
+impl Process {
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Waits for the process to exit, up to `timeout`; its exit code (None: killed by a
+    /// signal or still running).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent process and its JSON log.
+pub struct Agent {
+    pub process: Process,
+}
+
+impl Agent {
+    pub fn log(&self) -> String {
+        self.process
+            .log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// The audit lines logged so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["target"] == "imds_agent::audit")
+            .collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.child.try_wait(), Ok(None))
+    }
+}
