@@ -70,6 +70,20 @@ impl Sandbox {
         agent
     }
 
+    /// As [`Self::start_agent`], with another build of the agent (`imds-bench builds`).
+    pub fn start_agent_binary(
+        &self,
+        agent: &Path,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let mut agent = self.launch(agent, enforce, agent_cgroup, policies, extra, &[]);
+        assert!(agent.is_running(), "the agent exited:\n{}", agent.log());
+        agent
+    }
+
     /// Starts the agent and waits until it is enforcing or has exited (for tests of start-up
     /// failures).
     pub fn launch_agent(
@@ -91,11 +105,24 @@ impl Sandbox {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        let agent = binary("imds-agent");
+        self.launch(&agent, enforce, agent_cgroup, policies, extra, env)
+    }
+
+    fn launch(
+        &self,
+        agent: &Path,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let log = self.work_dir.join(format!(
             "agent-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut command = self.command(binary("imds-agent"), agent_cgroup);
+        let mut command = self.command(agent, agent_cgroup);
         command
             .arg("--log-format=json")
             .arg("run")
