@@ -123,6 +123,42 @@ fn close_preexisting(resolver: &Resolver, endpoints: &[std::net::SocketAddr]) {
     }
 }
 
+/// How the filter behaves, from the command line.
+fn settings(args: &RunArgs, endpoints: Vec<std::net::SocketAddr>) -> proxy::Settings {
+    proxy::Settings {
+        timeouts: proxy::gate::Timeouts {
+            head: Duration::from_millis(args.head_timeout_ms),
+            idle: Duration::from_millis(args.idle_timeout_ms),
+        },
+        upstream: proxy::UpstreamTimeouts {
+            request: Duration::from_millis(args.upstream_timeout_ms),
+            long_poll: Duration::from_secs(args.long_poll_max_seconds),
+        },
+        endpoints,
+        unknown_pod_wait: if args.kubernetes {
+            Duration::from_millis(args.unknown_pod_wait_ms)
+        } else {
+            Duration::ZERO
+        },
+        explain_denials: args.explain_denials,
+        token_binding: !args.no_token_binding,
+    }
+}
+
+/// The per-caller state, empty, with the command line's limits.
+fn caller_state(args: &RunArgs) -> proxy::CallerState {
+    proxy::CallerState {
+        limits: proxy::limits::Limits::new(proxy::limits::LimitsConfig {
+            max_in_flight: args.max_in_flight_per_caller,
+            rate: args.rate_per_caller,
+            burst: args.burst_per_caller,
+            max_connections: args.max_connections,
+        }),
+        pool: Arc::new(proxy::pool::UpstreamPool::default()),
+        tokens: Arc::new(proxy::tokens::TokenBindings::default()),
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // First of all: a SIGTERM during start-up must end in an orderly exit, not the default
     // action (the handlers only exist once registered).
@@ -253,44 +289,24 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         enforcer: enforcer.clone(),
         resolver,
         policy: policy.clone(),
-        metrics: metrics.clone(),
-        tally: tally.clone(),
-        endpoints,
-        pool: Arc::new(crate::proxy::pool::UpstreamPool::default()),
         provider,
-        token_binding: !args.no_token_binding,
-        explain_denials: args.explain_denials,
-        node: args.node_name.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_default()
-        }),
-        inventory: Arc::new(crate::inventory::Inventory::default()),
-        denial_events: kube_client.clone().map(|client| {
-            crate::kube::events::DenialEvents::start(
-                client,
-                args.node_name.clone().unwrap_or_default(),
-            )
-        }),
-        tokens: Arc::new(crate::proxy::tokens::TokenBindings::default()),
-        unknown_pod_wait: if args.kubernetes {
-            Duration::from_millis(args.unknown_pod_wait_ms)
-        } else {
-            Duration::ZERO
-        },
-        limits: crate::proxy::limits::Limits::new(crate::proxy::limits::LimitsConfig {
-            max_in_flight: args.max_in_flight_per_caller,
-            rate: args.rate_per_caller,
-            burst: args.burst_per_caller,
-            max_connections: args.max_connections,
-        }),
-        upstream: crate::proxy::UpstreamTimeouts {
-            request: Duration::from_millis(args.upstream_timeout_ms),
-            long_poll: Duration::from_secs(args.long_poll_max_seconds),
-        },
-        timeouts: crate::proxy::gate::Timeouts {
-            head: Duration::from_millis(args.head_timeout_ms),
-            idle: Duration::from_millis(args.idle_timeout_ms),
+        settings: settings(&args, endpoints),
+        callers: caller_state(&args),
+        sinks: proxy::audit::Sinks {
+            metrics: metrics.clone(),
+            tally: tally.clone(),
+            inventory: Arc::new(crate::inventory::Inventory::default()),
+            node: args.node_name.clone().unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_default()
+            }),
+            denial_events: kube_client.clone().map(|client| {
+                crate::kube::events::DenialEvents::start(
+                    client,
+                    args.node_name.clone().unwrap_or_default(),
+                )
+            }),
         },
     });
     // Healthy from here on: attached, policy loaded. Ready once the watches have listed.
@@ -335,7 +351,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some(kernel_log) = kernel_log {
         tasks.service("kernel log", kernel_log.run());
     }
-    let (pool, tokens) = (filter.pool.clone(), filter.tokens.clone());
+    let (pool, tokens) = (filter.callers.pool.clone(), filter.callers.tokens.clone());
     tasks.service("idle connection and token sweep", async move {
         let mut interval = tokio::time::interval(crate::proxy::pool::IDLE_TIMEOUT / 2);
         loop {
@@ -383,7 +399,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             },
             filter.policy.clone(),
             tally,
-            filter.inventory.clone(),
+            filter.sinks.inventory.clone(),
         ),
     );
     if let Some(interval) = crate::notify::watchdog_interval() {

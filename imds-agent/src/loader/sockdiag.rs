@@ -3,8 +3,8 @@
 //! netlink interface: dump TCP sockets (each with its cgroup id, kernel >= 5.7), then
 //! SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY) the ones that matter, by socket cookie.
 //!
-//! Scope: the agent's network namespace (sock_diag is per namespace). Pods in their own
-//! namespaces need the same pass there (issue 4).
+//! Scope: the agent's network namespace (sock_diag is per namespace). A pod's connection
+//! opened before the agent started, in the pod's own namespace, is not closed by this pass.
 
 use std::{
     io,

@@ -33,7 +33,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    let max_connections = filter.limits.config().max_connections;
+    let max_connections = filter.callers.limits.config().max_connections;
     let connections = Arc::new(Semaphore::new(max_connections));
     let (draining, draining_seen) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -44,7 +44,7 @@ pub async fn serve(
             accepted = accept_any(&listeners, &mut turn) => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(slot) = connections.clone().try_acquire_owned() else {
-                        filter.metrics.request("overload", "", "other", 503);
+                        filter.sinks.metrics.request("overload", "", "other", 503);
                         let answer = Answer::new(filter.provider, StatusCode::SERVICE_UNAVAILABLE, "imds-agent: overloaded, try again later\n".into());
                         tokio::spawn(refuse_connection(stream, peer, answer, "overload"));
                         continue;
@@ -107,7 +107,7 @@ async fn serve_connection(
     mut draining: watch::Receiver<bool>,
 ) {
     let Some(connection) = admit::admit(&filter, &stream, peer).await else {
-        filter.metrics.request("refuse", "", "other", 403);
+        filter.sinks.metrics.request("refuse", "", "other", 403);
         let answer = Answer::new(
             filter.provider,
             StatusCode::FORBIDDEN,
@@ -131,7 +131,7 @@ async fn serve_connection(
     // Every request head passes the strict gate before hyper sees it; the gate enforces the
     // head and idle timeouts. half_close: once the gate ends the stream, hyper still answers
     // the requests in hand.
-    let gated = Gate::new(stream, filter.timeouts);
+    let gated = Gate::new(stream, filter.settings.timeouts);
     let mut conn = http1::Builder::new()
         .half_close(true)
         .serve_connection(TokioIo::new(gated), service);

@@ -49,7 +49,7 @@ pub async fn admit(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Opt
     let identity = attribution::attribute(
         &filter.resolver,
         &caller,
-        filter.unknown_pod_wait,
+        filter.settings.unknown_pod_wait,
         filter.policy.current().pins_digests(),
     )
     .await;
@@ -61,14 +61,16 @@ pub async fn admit(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Opt
             .verdicts
             .install(caller.key(), verdict, version);
     }
-    let original =
-        crate::provider::upstream_address(original_destination(&caller)?, &filter.endpoints);
+    let original = crate::provider::upstream_address(
+        original_destination(&caller)?,
+        &filter.settings.endpoints,
+    );
     Some(Connection {
         identity,
         admission,
         original,
         upstream: Mutex::new(None),
-        pool: filter.pool.clone(),
+        pool: filter.callers.pool.clone(),
         pool_key: pool::PoolKey {
             caller: caller.key(),
             upstream: original,

@@ -2,12 +2,25 @@
 //! one audit line and is counted in the metrics, the status tally and the inventory; a denial
 //! of a pod's request is also an event on the pod.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use http::StatusCode;
 
 use super::{Filter, admit::Connection};
 use crate::identity::Workload;
+
+/// Where requests are reported: metrics, the status tally, the inventory, events on pods, and
+/// the audit line (which names the node).
+pub struct Sinks {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub tally: Arc<crate::tally::Tally>,
+    /// Who reads what (`imds-agent report`).
+    pub inventory: Arc<crate::inventory::Inventory>,
+    /// The node, as audit lines name it.
+    pub node: String,
+    /// Events on pods for their denials (on Kubernetes).
+    pub denial_events: Option<crate::kube::events::DenialEvents>,
+}
 
 /// One request in flight: who asked what, and since when.
 pub struct Exchange<'a> {
@@ -65,15 +78,17 @@ pub fn record(exchange: &Exchange<'_>, outcome: &Outcome<'_>) {
     let namespace = id.pod.as_ref().map_or("", |p| p.namespace.as_str());
     let group = crate::metrics::group_of(target);
     filter
+        .sinks
         .metrics
         .request(outcome.decision, namespace, group, outcome.status.as_u16());
     filter
+        .sinks
         .metrics
         .request_duration(started.elapsed().as_secs_f64());
     let denied = outcome.decision == "deny";
     if denied {
-        filter.metrics.denial(outcome.policy, outcome.rule);
-        if let (Some(events), Some(pod)) = (&filter.denial_events, &id.pod) {
+        filter.sinks.metrics.denial(outcome.policy, outcome.rule);
+        if let (Some(events), Some(pod)) = (&filter.sinks.denial_events, &id.pod) {
             events.denied(crate::kube::events::Denial {
                 pod: pod.clone(),
                 policy: outcome.policy.to_owned(),
@@ -84,9 +99,9 @@ pub fn record(exchange: &Exchange<'_>, outcome: &Outcome<'_>) {
         }
     }
     if tokenless {
-        filter.metrics.imdsv1_request(namespace);
+        filter.sinks.metrics.imdsv1_request(namespace);
     }
-    filter.inventory.record(
+    filter.sinks.inventory.record(
         id,
         &crate::inventory::Use {
             path: target,
@@ -95,9 +110,9 @@ pub fn record(exchange: &Exchange<'_>, outcome: &Outcome<'_>) {
             tokenless,
         },
     );
-    filter.tally.record(outcome.decision);
+    filter.sinks.tally.record(outcome.decision);
     if denied {
-        filter.tally.denied(crate::tally::Denial {
+        filter.sinks.tally.denied(crate::tally::Denial {
             time: crate::calendar::iso8601(std::time::SystemTime::now()),
             cgroup: id.cgroup.clone().unwrap_or_else(|| "?".into()),
             unit: id.unit.clone().unwrap_or_default(),
@@ -119,7 +134,7 @@ pub fn record(exchange: &Exchange<'_>, outcome: &Outcome<'_>) {
     };
     crate::audit::Request {
         request_id,
-        node: &filter.node,
+        node: &filter.sinks.node,
         cgroup: id.cgroup.as_deref().unwrap_or("?"),
         cgroup_id: id.cgroup_id,
         unit: id.unit.as_deref().unwrap_or(""),

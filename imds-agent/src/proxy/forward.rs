@@ -125,7 +125,7 @@ pub async fn forward(
     let retry = pooled.then(|| clone_request(&upstream_request));
     let sender = upstream.as_mut().expect("set above");
     let sent = Instant::now();
-    let bound = filter.upstream.for_query(valid.query.as_deref());
+    let bound = filter.settings.upstream.for_query(valid.query.as_deref());
     let first = tokio::time::timeout(bound, sender.try_send_request(upstream_request))
         .await
         .map_err(|_| UpstreamError::TimedOut)?;
@@ -142,6 +142,7 @@ pub async fn forward(
         (Err(_), _) => return Err(UpstreamError::Request),
     };
     filter
+        .sinks
         .metrics
         .upstream_latency(sent.elapsed().as_secs_f64());
     request::strip_hop_by_hop(response.headers_mut());

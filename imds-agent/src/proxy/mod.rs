@@ -17,7 +17,7 @@
 
 mod accept;
 mod admit;
-mod audit;
+pub mod audit;
 mod forward;
 pub mod gate;
 pub mod limits;
@@ -36,7 +36,7 @@ use http_body_util::combinators::BoxBody;
 pub use accept::serve;
 pub use forward::UpstreamTimeouts;
 
-use crate::{identity::Resolver, loader::Enforcer, metrics::Metrics, policy::store::PolicyStore};
+use crate::{identity::Resolver, loader::Enforcer, policy::store::PolicyStore};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -45,30 +45,35 @@ pub struct Filter {
     pub enforcer: Arc<Enforcer>,
     pub resolver: Resolver,
     pub policy: Arc<PolicyStore>,
-    pub metrics: Arc<Metrics>,
+    /// The cloud: its request rules apply before any policy, and where its metadata service
+    /// has session tokens, the token rules (per-policy requirements, binding).
+    pub provider: crate::provider::Provider,
+    pub settings: Settings,
+    pub callers: CallerState,
+    /// Where each request is reported.
+    pub sinks: audit::Sinks,
+}
+
+/// How the filter behaves, from the command line.
+pub struct Settings {
     pub timeouts: gate::Timeouts,
-    pub limits: Arc<limits::Limits>,
     pub upstream: UpstreamTimeouts,
-    pub tally: Arc<crate::tally::Tally>,
     /// The diverted endpoints, for the interface of link-local ones.
     pub endpoints: Vec<SocketAddr>,
     /// How long a connection from a pod not yet known waits for the pod watch (zero without
     /// one).
     pub unknown_pod_wait: Duration,
-    /// Idle upstream connections, per caller.
-    pub pool: Arc<pool::UpstreamPool>,
-    /// The cloud: its request rules apply before any policy, and where its metadata service
-    /// has session tokens, the token rules (per-policy requirements, binding).
-    pub provider: crate::provider::Provider,
     /// Whether deny responses carry the `imds-agent-explain` header.
     pub explain_denials: bool,
     /// Whether tokens are bound to the caller they were handed out to.
     pub token_binding: bool,
+}
+
+/// What the filter keeps per caller.
+pub struct CallerState {
+    pub limits: Arc<limits::Limits>,
+    /// Idle upstream connections.
+    pub pool: Arc<pool::UpstreamPool>,
+    /// Which session tokens were handed out to whom.
     pub tokens: Arc<tokens::TokenBindings>,
-    /// Who reads what (`imds-agent report`).
-    pub inventory: Arc<crate::inventory::Inventory>,
-    /// The node, as audit lines name it.
-    pub node: String,
-    /// Events on pods for their denials (on Kubernetes).
-    pub denial_events: Option<crate::kube::events::DenialEvents>,
 }

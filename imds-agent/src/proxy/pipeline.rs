@@ -38,6 +38,7 @@ pub async fn handle(
         tokenless: false,
     };
     let _permit = match filter
+        .callers
         .limits
         .admit(connection.identity.key(), exchange.started)
     {
@@ -67,7 +68,10 @@ pub async fn handle(
     let plan = policy.plan(&connection.admission, &connection.identity, asked);
     let decision = plan.decision;
     if decision.action == Action::Deny {
-        let explanation = filter.explain_denials.then(|| plan.explanation(asked));
+        let explanation = filter
+            .settings
+            .explain_denials
+            .then(|| plan.explanation(asked));
         return refuse(
             &exchange,
             &Refusal::Denied {
@@ -87,7 +91,10 @@ pub async fn handle(
             }
             requested_ttl = session.ttl(&valid.headers);
         }
-        let bindings = filter.token_binding.then_some(&*filter.tokens);
+        let bindings = filter
+            .settings
+            .token_binding
+            .then_some(&*filter.callers.tokens);
         let caller = connection.identity.key();
         if let Some((policy, rule)) =
             tokens::token_refusal(session, bindings, caller, &valid, &plan.tokens)
@@ -104,12 +111,18 @@ pub async fn handle(
     let mut response = forward::forward(filter, connection, &valid, headers).await;
     if let Some(session) = &session
         && token_request
-        && filter.token_binding
+        && filter.settings.token_binding
         && let Ok(upstream) = response
     {
         let caller = connection.identity.key();
-        response =
-            tokens::bind_token(&filter.tokens, session, caller, requested_ttl, upstream).await;
+        response = tokens::bind_token(
+            &filter.callers.tokens,
+            session,
+            caller,
+            requested_ttl,
+            upstream,
+        )
+        .await;
     }
     if let Ok(upstream) = &response
         && shape::is_listing(&valid, upstream)
