@@ -54,7 +54,7 @@ pub use load::{parse, parse_all};
 pub use pattern::{
     CanonicalPath, CompiledPatterns, NamePattern, PathError, PathPattern, PatternSet, Specificity,
 };
-pub use plan::{Admission, Asked, Plan};
+pub use plan::{Admission, Asked, Plan, Versioned};
 
 #[derive(
     Debug,

@@ -6,8 +6,8 @@
 //!   identity (`identity::attribution`), the policy's admission (`policy::Admission`) and
 //!   the kernel verdict it allows (`loader::verdicts`);
 //! - `gate` and `request`: per request, the raw head and then the parsed request validated;
-//! - `pipeline`: the order of the phases for one request, and the policy's plan for it
-//!   (`policy::Plan`, asked once);
+//! - `pipeline`: the order of the phases for one request;
+//! - `decide`: the policy's plan for the request (`policy::Plan`, asked once);
 //! - `tokens`: session-token requirements and binding;
 //! - `forward`: the request rebuilt from what was parsed, sent upstream over a connection that
 //!   only ever serves this caller (`pool`: idle ones are kept per caller);
@@ -18,6 +18,7 @@
 mod accept;
 mod admit;
 pub mod audit;
+mod decide;
 mod forward;
 pub mod gate;
 pub mod limits;

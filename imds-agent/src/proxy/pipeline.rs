@@ -1,5 +1,5 @@
-//! One request, phase after phase: limits, validation, the cloud's request rules, the policy's
-//! plan (asked once), session tokens, forward, shape, audit. Each phase either passes the
+//! One request, phase after phase: limits, validation, the cloud's request rules, decide (the
+//! policy's plan, asked once), session tokens, forward, shape, audit. Each phase either passes the
 //! request on or ends it with a typed refusal, which `refusal` turns into the answer.
 
 use std::time::Instant;
@@ -11,11 +11,10 @@ use super::{
     Body, Filter,
     admit::Connection,
     audit::{self, Exchange, Outcome},
-    forward,
+    decide, forward,
     refusal::Refusal,
     request, shape, tokens,
 };
-use crate::policy::{Action, Asked};
 
 pub async fn handle(
     filter: &Filter,
@@ -57,30 +56,12 @@ pub async fn handle(
     exchange.tokenless =
         session.is_some_and(|s| !token_request && !valid.headers.contains_key(s.token_header));
 
-    // The decide phase: the policy's one answer for this request.
     let policy = filter.policy.current();
-    let path = valid.canonical_path();
-    let asked = Asked {
-        method: valid.method.as_str(),
-        path: &path,
-        recursive: valid.is_recursive(),
+    let plan = match decide::decide(filter, &policy, connection, &valid) {
+        Ok(plan) => plan,
+        Err(refusal) => return refuse(&exchange, &refusal),
     };
-    let plan = policy.plan(&connection.admission, &connection.identity, asked);
     let decision = plan.decision;
-    if decision.action == Action::Deny {
-        let explanation = filter
-            .settings
-            .explain_denials
-            .then(|| plan.explanation(asked));
-        return refuse(
-            &exchange,
-            &Refusal::Denied {
-                policy: decision.policy,
-                rule: decision.rule,
-                explanation,
-            },
-        );
-    }
 
     let mut would_deny = decision.would_deny;
     let mut requested_ttl = None;
