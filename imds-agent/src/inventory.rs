@@ -85,6 +85,43 @@ impl Inventory {
         entry.last_seen = crate::calendar::iso8601(std::time::SystemTime::now());
     }
 
+    /// Adds a predecessor's inventory (an upgrade) to this one.
+    pub fn merge(&self, earlier: Vec<WorkloadUse>) {
+        let mut workloads = self.workloads.lock().expect("inventory lock");
+        for old in earlier {
+            if !workloads.contains_key(&old.workload) && workloads.len() >= MAX_WORKLOADS {
+                continue;
+            }
+            let entry = workloads
+                .entry(old.workload.clone())
+                .or_insert_with(|| WorkloadUse {
+                    workload: old.workload.clone(),
+                    namespace: old.namespace.clone(),
+                    ..WorkloadUse::default()
+                });
+            entry.requests += old.requests;
+            entry.denied += old.denied;
+            entry.imdsv1 += old.imdsv1;
+            for (group, count) in old.groups {
+                *entry.groups.entry(group).or_default() += count;
+            }
+            for exe in old.executables {
+                if entry.executables.len() < MAX_EXECUTABLES {
+                    entry.executables.insert(exe);
+                }
+            }
+            for path in old.paths {
+                if entry.paths.len() < MAX_PATHS {
+                    entry.paths.insert(path);
+                }
+            }
+            // ISO 8601 in UTC: the later one sorts last.
+            if old.last_seen > entry.last_seen {
+                entry.last_seen = old.last_seen;
+            }
+        }
+    }
+
     /// Every workload, busiest first.
     pub fn snapshot(&self) -> Vec<WorkloadUse> {
         let mut all: Vec<WorkloadUse> = self

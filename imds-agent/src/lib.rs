@@ -7,6 +7,7 @@ pub mod cli;
 pub mod detect;
 pub mod explain;
 pub mod fs;
+pub mod handover;
 pub mod identity;
 pub mod inventory;
 pub mod kube;

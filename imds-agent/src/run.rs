@@ -1,6 +1,7 @@
 //! `imds-agent run`: validate everything, bind, attach, serve, drain.
 
 use std::{
+    os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -145,8 +146,24 @@ fn settings(args: &RunArgs, endpoints: Vec<std::net::SocketAddr>) -> proxy::Sett
     }
 }
 
+/// A listening socket on `addr`: the predecessor's, if it handed one over, else a new one.
+async fn listen(
+    received: &mut Vec<std::net::TcpListener>,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<TcpListener> {
+    if let Some(i) = received
+        .iter()
+        .position(|l| l.local_addr().is_ok_and(|a| a == addr))
+    {
+        let listener = received.swap_remove(i);
+        listener.set_nonblocking(true)?;
+        return TcpListener::from_std(listener);
+    }
+    TcpListener::bind(addr).await
+}
+
 /// The per-caller state, empty, with the command line's limits.
-fn caller_state(args: &RunArgs) -> proxy::CallerState {
+fn caller_state(args: &RunArgs, tokens: Arc<proxy::tokens::TokenBindings>) -> proxy::CallerState {
     proxy::CallerState {
         limits: proxy::limits::Limits::new(proxy::limits::LimitsConfig {
             max_in_flight: args.max_in_flight_per_caller,
@@ -155,7 +172,47 @@ fn caller_state(args: &RunArgs) -> proxy::CallerState {
             max_connections: args.max_connections,
         }),
         pool: Arc::new(proxy::pool::UpstreamPool::default()),
-        tokens: Arc::new(proxy::tokens::TokenBindings::default()),
+        tokens,
+    }
+}
+
+/// Takes the predecessor's token bindings and inventory once it has drained; until then an
+/// unknown token waits for them (see `proxy::tokens`).
+async fn take_predecessor_state(
+    takeover: crate::handover::Takeover,
+    tokens: &proxy::tokens::TokenBindings,
+    inventory: &crate::inventory::Inventory,
+) {
+    match tokio::task::spawn_blocking(move || takeover.serving()).await {
+        Ok(Ok(state)) => {
+            let bindings = state.tokens.len();
+            tokens.import(
+                state
+                    .tokens
+                    .into_iter()
+                    .map(|(hash, cgroup_id, uid, gid, left)| {
+                        let owner = crate::identity::CallerKey {
+                            cgroup_id,
+                            uid,
+                            gid,
+                        };
+                        (hash, owner, Duration::from_millis(left))
+                    }),
+            );
+            inventory.merge(state.inventory);
+            tracing::info!(
+                token_bindings = bindings,
+                "took over from the previous agent"
+            );
+        }
+        Ok(Err(error)) => {
+            tokens.stop_awaiting();
+            tracing::warn!(%error, "the previous agent's state did not arrive; its tokens get 401 and are fetched anew");
+        }
+        Err(error) => {
+            tokens.stop_awaiting();
+            tracing::warn!(%error, "the handover thread failed");
+        }
     }
 }
 
@@ -229,8 +286,25 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     let resolver = Resolver::new(&mount, &cgroup, pods.clone())?;
 
+    // An agent already serving hands its listening sockets over (an upgrade; see `handover`).
+    let mut takeover = crate::handover::take_over(&args.state_dir).map_err(|e| {
+        RunError::Config(format!(
+            "taking over from the agent running at {}: {e}",
+            args.state_dir.display()
+        ))
+    })?;
+    let mut received = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.listeners))
+        .unwrap_or_default();
+    if takeover.is_some() {
+        tracing::info!(
+            sockets = received.len(),
+            "taking over from the running agent"
+        );
+    }
     // Listen before attaching: once the programs divert, the listener must be there.
-    let listener = TcpListener::bind(args.listen)
+    let listener = listen(&mut received, args.listen.into())
         .await
         .map_err(|source| RunError::Listen {
             addr: args.listen,
@@ -244,14 +318,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some(ip) = pod_address {
         let addr = std::net::SocketAddrV4::new(ip, args.listen.port());
         listeners.push(
-            TcpListener::bind(addr)
+            listen(&mut received, addr.into())
                 .await
                 .map_err(|source| RunError::Listen { addr, source })?,
         );
     }
     let metrics_listener = match args.metrics_listen {
         Some(addr) => Some(
-            metrics::bind(addr)
+            listen(&mut received, addr)
                 .await
                 .map_err(|e| RunError::Config(format!("--metrics-listen {addr}: {e}")))?,
         ),
@@ -281,6 +355,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "enforcing"
     );
 
+    // A predecessor's token bindings are hashed with its key: this agent takes the key over,
+    // and the bindings once the predecessor has drained.
+    let tokens = Arc::new(match &takeover {
+        Some(takeover) => {
+            let tokens = proxy::tokens::TokenBindings::with_key(takeover.token_key);
+            tokens.await_predecessor();
+            tokens
+        }
+        None => proxy::tokens::TokenBindings::default(),
+    });
     let kernel_log = enforcer.kernel_log.take();
     let enforcer = Arc::new(enforcer);
     let metrics = Arc::new(Metrics::default());
@@ -291,7 +375,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         policy: policy.clone(),
         provider,
         settings: settings(&args, endpoints),
-        callers: caller_state(&args),
+        callers: caller_state(&args, tokens.clone()),
         sinks: proxy::audit::Sinks {
             metrics: metrics.clone(),
             tally: tally.clone(),
@@ -341,6 +425,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     } else {
         Arc::new(|| true)
     };
+    let metrics_fd = metrics_listener.as_ref().map(AsRawFd::as_raw_fd);
     if let Some(listener) = metrics_listener {
         tasks.service(
             "metrics endpoint",
@@ -405,11 +490,40 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some(interval) = crate::notify::watchdog_interval() {
         tasks.service("systemd watchdog", crate::notify::watchdog(interval));
     }
+    // Upgrades: take over from the predecessor (if any), then offer this agent's sockets to
+    // the next one.
+    let (handed_over, mut successor) = tokio::sync::oneshot::channel();
+    let mut sockets: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    sockets.extend(metrics_fd);
+    let (state_dir, tokens, inventory) = (
+        args.state_dir.clone(),
+        filter.callers.tokens.clone(),
+        filter.sinks.inventory.clone(),
+    );
+    tasks.job("upgrade handover", async move {
+        if let Some(takeover) = takeover {
+            take_predecessor_state(takeover, &tokens, &inventory).await;
+        }
+        match crate::handover::Offer::open(&state_dir) {
+            Ok(offer) => {
+                let next = offer.hand_over(sockets, tokens.key()).await;
+                let _ = handed_over.send(next);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "no handover socket: an upgrade will refuse connects while no agent listens");
+            }
+        }
+    });
     let mut failure = None;
+    let mut next_agent = None;
     let shutdown = async {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM"),
             _ = sigint.recv() => tracing::info!("SIGINT"),
+            Ok(next) = &mut successor => {
+                tracing::info!("a successor serves; draining");
+                next_agent = Some(next);
+            }
             failed = tasks.failure() => {
                 tracing::error!(task = %failed, "a background task ended; stopping (the programs stay attached: callers are refused until the agent is back)");
                 failure = Some(failed);
@@ -424,6 +538,36 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     )
     .await;
     let _ = crate::notify::notify("STOPPING=1");
+    if let Some(next) = next_agent {
+        // Drained: what this agent learnt goes to its successor.
+        let state = crate::handover::State {
+            tokens: filter
+                .callers
+                .tokens
+                .export()
+                .into_iter()
+                .map(|(hash, owner, left)| {
+                    let left = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                    (hash, owner.cgroup_id, owner.uid, owner.gid, left)
+                })
+                .collect(),
+            inventory: filter.sinks.inventory.snapshot(),
+        };
+        match tokio::task::spawn_blocking(move || next.send_state(state)).await {
+            Ok(Ok(())) => tracing::info!("handed over"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the successor did not take this agent's state")
+            }
+            Err(error) => tracing::warn!(%error, "the handover thread failed"),
+        }
+        tasks.stop().await;
+        if args.kubernetes {
+            // The pod stays until the DaemonSet removes it: exiting now would have the kubelet
+            // restart the container, which would take the sockets back.
+            let _ = sigterm.recv().await;
+        }
+        return Ok(());
+    }
     tasks.stop().await;
     let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
     if let Ok(counters) = filter.enforcer.counters() {

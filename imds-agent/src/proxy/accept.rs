@@ -25,6 +25,13 @@ use super::{
 /// How long writing an answer to a connection hyper no longer serves may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// While draining, how long an idle keep-alive connection stays open for its client's next
+/// request (answered with `Connection: close`) before it is closed. Closing idle connections
+/// at once races with a client that is just sending on one (an SDK sends its next request
+/// milliseconds after the last: botocore's credential fetch is three requests); a client that
+/// pauses longer finds the connection closed before it reuses it, as after any idle timeout.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// Accepts connections on every listener (loopback, and the node address for pods) until
 /// `shutdown` resolves, then lets in-flight requests finish for at most `drain`.
 pub async fn serve(
@@ -124,7 +131,18 @@ async fn serve_connection(
             // Boxed: hyper hands the stream back (to answer a refused head) only to a
             // service whose future can move.
             Box::pin(async move {
-                Ok::<_, Infallible>(pipeline::handle(&filter, &connection, request).await)
+                let mut response = pipeline::handle(&filter, &connection, request).await;
+                if connection
+                    .draining
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    // hyper closes the connection after this response.
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
             }) as Answered
         })
     };
@@ -135,12 +153,19 @@ async fn serve_connection(
     let mut conn = http1::Builder::new()
         .half_close(true)
         .serve_connection(TokioIo::new(gated), service);
-    let mut drain_started = false;
+    let (mut drain_started, mut closing) = (false, false);
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
     let served = loop {
         tokio::select! {
             served = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break served,
             _ = draining.wait_for(|d| *d), if !drain_started => {
                 drain_started = true;
+                connection.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                grace.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
+            }
+            () = &mut grace, if drain_started && !closing => {
+                closing = true;
                 Pin::new(&mut conn).graceful_shutdown();
             }
         }

@@ -28,6 +28,8 @@ pub struct Connection {
     pub upstream: Mutex<Option<SendRequest<Empty<Bytes>>>>,
     pub pool: Arc<pool::UpstreamPool>,
     pub pool_key: pool::PoolKey,
+    /// The agent is draining: responses close the connection.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Connection {
@@ -75,6 +77,7 @@ pub async fn admit(filter: &Filter, stream: &TcpStream, peer: SocketAddr) -> Opt
             caller: caller.key(),
             upstream: original,
         },
+        draining: std::sync::atomic::AtomicBool::new(false),
     })
 }
 

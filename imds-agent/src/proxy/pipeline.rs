@@ -77,9 +77,15 @@ pub async fn handle(
             .token_binding
             .then_some(&*filter.callers.tokens);
         let caller = connection.identity.key();
-        if let Some((policy, rule)) =
-            tokens::token_refusal(session, bindings, caller, &valid, &plan.tokens)
+        let mut refused = tokens::token_refusal(session, bindings, caller, &valid, &plan.tokens);
+        if matches!(refused, Some((_, tokens::NOT_ISSUED)))
+            && filter.callers.tokens.awaiting()
+            && filter.callers.tokens.settled(tokens::HANDOVER_WAIT).await
         {
+            // An upgrade: the token may be the predecessor's, whose bindings just arrived.
+            refused = tokens::token_refusal(session, bindings, caller, &valid, &plan.tokens);
+        }
+        if let Some((policy, rule)) = refused {
             if !plan.dry_run {
                 return refuse(&exchange, &Refusal::Token { policy, rule });
             }

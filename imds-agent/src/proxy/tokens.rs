@@ -5,11 +5,11 @@
 //! started, or by a process it does not govern) are refused too; SDKs answer a 401 by fetching
 //! a new token, which is then bound.
 //!
-//! Only a keyed hash of each token is kept, never the token.
+//! Only a keyed hash of each token is kept, never the token (HMAC-SHA256 with a random key,
+//! which a successor takes over with the bindings; see `handover`).
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher as _, RandomState},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -32,17 +32,27 @@ const MAX_TOKEN_TTL: Duration = Duration::from_secs(21_600);
 /// a 401 and fetches another).
 const MAX_TOKENS: usize = 65_536;
 
+/// The rule name of a refusal of a token this agent did not hand out.
+pub const NOT_ISSUED: &str = "token-not-issued-to-caller";
+
+/// How long a request with a token this agent does not know waits for its predecessor's
+/// bindings during an upgrade, at most.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
 pub struct TokenBindings {
-    hasher: RandomState,
+    key: [u8; 32],
+    hmac: ring::hmac::Key,
     tokens: Mutex<HashMap<u64, (Owner, Instant)>>,
+    /// Set while a predecessor's bindings are still to come (an upgrade in progress).
+    awaiting: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for TokenBindings {
     fn default() -> Self {
-        Self {
-            hasher: RandomState::new(),
-            tokens: Mutex::new(HashMap::new()),
-        }
+        let mut key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .expect("the system's random source");
+        Self::with_key(key)
     }
 }
 
@@ -58,9 +68,76 @@ pub enum Holder {
 }
 
 impl TokenBindings {
+    /// Bindings hashed with `key` (a predecessor's, to take its bindings over).
+    pub fn with_key(key: [u8; 32]) -> Self {
+        Self {
+            key,
+            hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+            tokens: Mutex::new(HashMap::new()),
+            awaiting: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    fn hash(&self, token: &[u8]) -> u64 {
+        let tag = ring::hmac::sign(&self.hmac, token);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_ne_bytes(first)
+    }
+
+    /// Every live binding: (hash, owner, time left).
+    pub fn export(&self) -> Vec<(u64, Owner, Duration)> {
+        let now = Instant::now();
+        self.tokens
+            .lock()
+            .expect("token lock")
+            .iter()
+            .filter(|(_, (_, expires))| *expires > now)
+            .map(|(hash, (owner, expires))| (*hash, *owner, *expires - now))
+            .collect()
+    }
+
+    /// Takes over a predecessor's bindings (hashed with this key), and stops waiting for them.
+    pub fn import(&self, bindings: impl IntoIterator<Item = (u64, Owner, Duration)>) {
+        let now = Instant::now();
+        let mut tokens = self.tokens.lock().expect("token lock");
+        for (hash, owner, left) in bindings {
+            if tokens.len() < MAX_TOKENS {
+                tokens.entry(hash).or_insert((owner, now + left));
+            }
+        }
+        drop(tokens);
+        self.awaiting.send_replace(false);
+    }
+
+    /// From now until [`Self::import`] (or [`Self::stop_awaiting`]), an unknown token may be
+    /// a predecessor's.
+    pub fn await_predecessor(&self) {
+        self.awaiting.send_replace(true);
+    }
+
+    pub fn stop_awaiting(&self) {
+        self.awaiting.send_replace(false);
+    }
+
+    /// Waits, within `max`, until no predecessor's bindings are awaited; whether any are.
+    pub async fn settled(&self, max: Duration) -> bool {
+        let mut awaiting = self.awaiting.subscribe();
+        let _ = tokio::time::timeout(max, awaiting.wait_for(|a| !*a)).await;
+        !*self.awaiting.borrow()
+    }
+
+    pub fn awaiting(&self) -> bool {
+        *self.awaiting.borrow()
+    }
+
     /// Records a token handed out to `owner`, valid for `ttl`.
     pub fn bind(&self, token: &[u8], owner: Owner, ttl: Duration) {
-        let key = self.hasher.hash_one(token);
+        let key = self.hash(token);
         let now = Instant::now();
         let mut tokens = self.tokens.lock().expect("token lock");
         if tokens.len() >= MAX_TOKENS {
@@ -78,7 +155,7 @@ impl TokenBindings {
     }
 
     pub fn holder(&self, token: &[u8], caller: Owner) -> Holder {
-        let key = self.hasher.hash_one(token);
+        let key = self.hash(token);
         match self.tokens.lock().expect("token lock").get(&key) {
             Some((_, expires)) if *expires <= Instant::now() => Holder::Unknown,
             Some((owner, _)) if *owner == caller => Holder::Owner,
@@ -130,7 +207,7 @@ pub fn token_refusal<'a>(
     match bindings?.holder(token.as_bytes(), caller) {
         Holder::Owner => None,
         Holder::Other => Some((TOKEN_BINDING_POLICY, "token-of-another-caller")),
-        Holder::Unknown => Some((TOKEN_BINDING_POLICY, "token-not-issued-to-caller")),
+        Holder::Unknown => Some((TOKEN_BINDING_POLICY, NOT_ISSUED)),
     }
 }
 
@@ -187,5 +264,18 @@ mod tests {
         assert_eq!(bindings.holder(b"short", alice), Holder::Unknown);
         bindings.sweep();
         assert_eq!(bindings.len(), 1);
+
+        // A successor with the same key holds the same bindings.
+        let successor = TokenBindings::with_key(bindings.key());
+        successor.await_predecessor();
+        assert!(successor.awaiting());
+        successor.import(bindings.export());
+        assert!(!successor.awaiting());
+        assert_eq!(successor.holder(b"token-a", alice), Holder::Owner);
+        assert_eq!(successor.holder(b"token-a", bob), Holder::Other);
+        // Another key: another hash.
+        let stranger = TokenBindings::default();
+        stranger.import(bindings.export());
+        assert_eq!(stranger.holder(b"token-a", alice), Holder::Unknown);
     }
 }

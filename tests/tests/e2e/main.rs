@@ -16,4 +16,5 @@ mod pods;
 mod providers;
 mod support;
 mod tokens;
+mod upgrades;
 mod workloads;
