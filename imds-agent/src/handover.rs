@@ -27,7 +27,7 @@ use std::{
     io::{self, Read as _, Write as _},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-        unix::net::{UnixListener, UnixStream},
+        unix::net::UnixStream,
     },
     path::{Path, PathBuf},
     time::Duration,
@@ -137,7 +137,9 @@ impl Takeover {
 
 /// The predecessor's side: the socket successors connect to.
 pub struct Offer {
-    listener: UnixListener,
+    /// Accepted asynchronously: a thread blocked in accept() would keep the process from
+    /// exiting.
+    listener: tokio::net::UnixListener,
     path: PathBuf,
     /// The socket file's device and inode: a successor's socket at the same path is not ours
     /// to remove.
@@ -155,7 +157,7 @@ impl Offer {
         std::fs::create_dir_all(state_dir)?;
         let path = state_dir.join(SOCKET);
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
+        let listener = tokio::net::UnixListener::bind(&path)?;
         // Root only: the sockets handed over are the enforcement's.
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let file = identity_of(&path)?;
@@ -170,11 +172,25 @@ impl Offer {
     /// blocking thread. A successor that fails before `Serving` is logged and the next one
     /// awaited.
     pub async fn hand_over(self, listeners: Vec<RawFd>, token_key: [u8; 32]) -> Successor {
-        let offer = std::sync::Arc::new(self);
         loop {
-            let (offer, listeners) = (offer.clone(), listeners.clone());
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream.into_std().and_then(|stream| {
+                    stream.set_nonblocking(false)?;
+                    Ok(stream)
+                }),
+                Err(error) => Err(error),
+            };
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot accept a successor");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let listeners = listeners.clone();
             let attempt =
-                tokio::task::spawn_blocking(move || offer.one_successor(&listeners, token_key))
+                tokio::task::spawn_blocking(move || one_successor(stream, &listeners, token_key))
                     .await;
             match attempt {
                 Ok(Ok(successor)) => return successor,
@@ -188,28 +204,32 @@ impl Offer {
             }
         }
     }
+}
 
-    fn one_successor(&self, listeners: &[RawFd], token_key: [u8; 32]) -> io::Result<Successor> {
-        let (mut stream, _) = self.listener.accept()?;
-        stream.set_read_timeout(Some(STEP_TIMEOUT))?;
-        stream.set_write_timeout(Some(STEP_TIMEOUT))?;
-        let Message::Hello { version } = receive(&mut stream)?.0 else {
-            return Err(io::Error::other("a successor that did not say hello"));
-        };
-        tracing::info!(successor_version = %version, "a successor asks for the listening sockets");
-        send(
-            &mut stream,
-            &Message::Listeners {
-                count: listeners.len(),
-                token_key: hex(&token_key),
-            },
-            listeners,
-        )?;
-        // Attaching takes the successor a moment; give it the whole step.
-        match receive(&mut stream)?.0 {
-            Message::Serving => Ok(Successor { stream }),
-            _ => Err(io::Error::other("the successor did not start serving")),
-        }
+/// Steps 1 to 3 with one successor, on a blocking stream (every step bounded).
+fn one_successor(
+    mut stream: UnixStream,
+    listeners: &[RawFd],
+    token_key: [u8; 32],
+) -> io::Result<Successor> {
+    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+    stream.set_write_timeout(Some(STEP_TIMEOUT))?;
+    let Message::Hello { version } = receive(&mut stream)?.0 else {
+        return Err(io::Error::other("a successor that did not say hello"));
+    };
+    tracing::info!(successor_version = %version, "a successor asks for the listening sockets");
+    send(
+        &mut stream,
+        &Message::Listeners {
+            count: listeners.len(),
+            token_key: hex(&token_key),
+        },
+        listeners,
+    )?;
+    // Attaching takes the successor a moment; give it the whole step.
+    match receive(&mut stream)?.0 {
+        Message::Serving => Ok(Successor { stream }),
+        _ => Err(io::Error::other("the successor did not start serving")),
     }
 }
 
@@ -375,13 +395,14 @@ mod tests {
             take_over(&dir).unwrap().is_none(),
             "nobody to take over from"
         );
-        let offer = Offer::open(&dir).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let offer = runtime.block_on(async { Offer::open(&dir) }).unwrap();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
         let key = [7u8; 32];
         let fd = tcp.as_raw_fd();
         let predecessor = std::thread::spawn(move || {
-            let successor = offer.one_successor(&[fd], key).unwrap();
+            let successor = runtime.block_on(offer.hand_over(vec![fd], key));
             successor
                 .send_state(State {
                     tokens: vec![(1, 2, 3, 4, 5)],
