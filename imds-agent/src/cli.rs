@@ -46,6 +46,14 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach the programs and serve diverted metadata requests until SIGTERM or SIGINT.
@@ -73,6 +81,12 @@ pub enum Command {
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// Print the manual page (roff) or a shell's completions, as the package installs them.
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
     },
     /// Show whether enforcement is attached, the running agent's policy (version, files),
     /// counters by decision and the recent denials.
@@ -173,7 +187,7 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9754). An
     /// address in brackets may be of either family, so `[$(NODE_IP)]:9754` serves an IPv4 or
     /// an IPv6 node.
-    #[arg(long, value_parser = parse_listen_address)]
+    #[arg(long, value_parser = parse_listen_address, env = "IMDS_AGENT_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Run although a cgroup v1 net_cls or net_prio hierarchy is mounted (by default the agent
     /// refuses: their use disables the kernel's cgroup v2 socket matching).

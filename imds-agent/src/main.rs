@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use imds_agent::{
-    cli::{Cli, Command, LogFormat, PolicyCommand},
+    cli::{Cli, Command, Generated, LogFormat, PolicyCommand},
     loader,
     policy::{PolicySet, Unmatched},
     run::{self, format_policy_errors},
@@ -132,6 +132,29 @@ fn main() -> ExitCode {
                 print!("{}", imds_agent::inventory::render(&state.inventory));
             }
             ExitCode::SUCCESS
+        }
+        Command::Generate { what } => {
+            let mut command = <imds_agent::cli::Cli as clap::CommandFactory>::command();
+            let mut out = std::io::stdout();
+            let written = match what {
+                Generated::Man => clap_mangen::Man::new(command).render(&mut out),
+                shell => {
+                    let shell = match shell {
+                        Generated::Bash => clap_complete::Shell::Bash,
+                        Generated::Zsh => clap_complete::Shell::Zsh,
+                        _ => clap_complete::Shell::Fish,
+                    };
+                    clap_complete::generate(shell, &mut command, "imds-agent", &mut out);
+                    Ok(())
+                }
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("imds-agent: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Crds => {
             print!("{}", imds_agent::kube::crd::crds_yaml());

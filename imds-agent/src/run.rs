@@ -176,6 +176,50 @@ fn caller_state(args: &RunArgs, tokens: Arc<proxy::tokens::TokenBindings>) -> pr
     }
 }
 
+/// SIGUSR2: starts the program at this process's own path (after a package upgrade, the new
+/// version) with the same arguments and environment; it takes the listening sockets over
+/// (see `handover`) and this agent drains and exits. As nginx's binary upgrade, so that a
+/// package's upgrade keeps its service running: the successor tells systemd it is the main
+/// process now. Until it has taken over, this agent serves; if it exits first, nothing changed.
+async fn upgrade_in_place() {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.is_empty() {
+        tracing::warn!("SIGUSR2: this process's path is unknown; no upgrade");
+        return;
+    }
+    let program = args.remove(0);
+    let child = std::process::Command::new(&program)
+        .args(args)
+        // The watchdog is the successor's once it is the main process.
+        .env_remove("WATCHDOG_PID")
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => {
+            tracing::warn!(%error, program = %program.to_string_lossy(), "SIGUSR2: cannot start the successor");
+            return;
+        }
+    };
+    tracing::info!(pid = child.id(), program = %program.to_string_lossy(), "SIGUSR2: started the successor; it takes over");
+    // Polled, not waited for in a thread (which would keep this process from exiting): a
+    // successor that fails is reaped and reported; one that takes over outlives this agent.
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        poll.tick().await;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                tracing::warn!(%status, "SIGUSR2: the successor exited; still serving");
+                return;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "SIGUSR2: cannot watch the successor");
+                return;
+            }
+        }
+    }
+}
+
 /// Takes the predecessor's token bindings and inventory once it has drained; until then an
 /// unknown token waits for them (see `proxy::tokens`).
 async fn take_predecessor_state(
@@ -222,6 +266,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr2 = signal(SignalKind::user_defined2())?;
     // Everything that can be wrong with the configuration is found before anything is bound
     // or attached.
     let policy = Arc::new(
@@ -293,6 +338,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             args.state_dir.display()
         ))
     })?;
+    let took_over = takeover.is_some();
     let mut received = takeover
         .as_mut()
         .map(|t| std::mem::take(&mut t.listeners))
@@ -450,6 +496,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     tasks.service("kernel verdict reset", async move {
         verdicts.verdicts.follow(changes).await;
     });
+    tasks.service("upgrade on SIGUSR2", async move {
+        while sigusr2.recv().await.is_some() {
+            upgrade_in_place().await;
+        }
+    });
     let store = policy.clone();
     tasks.service("SIGHUP reload", async move {
         while sighup.recv().await.is_some() {
@@ -464,7 +515,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         cgroup.display(),
         filter.policy.current().policies().len()
     );
-    if let Err(error) = crate::notify::notify(&format!("READY=1\n{status}")) {
+    // A successor started by its predecessor (SIGUSR2) becomes the service's main process.
+    let main_pid = if took_over {
+        format!("MAINPID={}\n", std::process::id())
+    } else {
+        String::new()
+    };
+    if let Err(error) = crate::notify::notify(&format!("READY=1\n{main_pid}{status}")) {
         tracing::warn!(%error, "cannot notify systemd");
     }
     tasks.service(
@@ -537,7 +594,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Duration::from_secs(args.drain_seconds),
     )
     .await;
-    let _ = crate::notify::notify("STOPPING=1");
     if let Some(next) = next_agent {
         // Drained: what this agent learnt goes to its successor.
         let state = crate::handover::State {
@@ -568,6 +624,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
         return Ok(());
     }
+    // Not after a handover: the service goes on, served by the successor.
+    let _ = crate::notify::notify("STOPPING=1");
     tasks.stop().await;
     let _ = std::fs::remove_file(args.state_dir.join(crate::status::STATE_FILE));
     if let Ok(counters) = filter.enforcer.counters() {

@@ -323,6 +323,34 @@ fn bench(quick: bool) -> Result {
 }
 
 fn package() -> Result {
+    // The manual page and completions are generated from the CLI the package ships.
+    run(cargo().args(["build", "--release", "-p", "imds-agent"]))?;
+    let root = workspace_root();
+    let out = root.join("target/package");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let agent = root.join("target/release/imds-agent");
+    for (what, file) in [
+        ("man", "imds-agent.1"),
+        ("bash", "imds-agent.bash"),
+        ("zsh", "_imds-agent"),
+        ("fish", "imds-agent.fish"),
+    ] {
+        let output = Command::new(&agent)
+            .args(["generate", what])
+            .output()
+            .map_err(|e| format!("imds-agent generate {what}: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "imds-agent generate {what}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        std::fs::write(out.join(file), &output.stdout).map_err(|e| format!("{file}: {e}"))?;
+    }
+    // Debian installs manual pages compressed; -n: no name or time stamp, for reproducibility.
+    run(Command::new("gzip")
+        .args(["-9nf"])
+        .arg(out.join("imds-agent.1")))?;
     run(cargo().args(["deb", "-p", "imds-agent"]))
 }
 

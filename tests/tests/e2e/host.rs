@@ -89,6 +89,67 @@ fn host_agent(sandbox: &Sandbox) -> Agent {
 }
 
 #[test]
+fn sigusr2_starts_the_installed_binary_which_takes_over_as_the_main_process() {
+    let Some(sandbox) = Sandbox::new("usr2") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let socket_path = sandbox.work_dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut agent = sandbox.launch_agent_with_env(
+        "enforced",
+        "agent",
+        &[&default_policy()],
+        &["--provider", "aws"],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buffer = [0u8; 512];
+    let n = recv(&socket, &mut buffer).expect("READY");
+    let first = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    assert!(first.starts_with("READY=1\nSTATUS="), "{first}");
+    let first_pid = agent.process.child.id();
+
+    // What a package upgrade does (systemctl kill --kill-whom=main --signal=SIGUSR2).
+    agent.process.signal(libc::SIGUSR2);
+    let n = recv(&socket, &mut buffer).expect("the successor's READY");
+    let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    let successor_pid: u32 = ready
+        .lines()
+        .find_map(|line| line.strip_prefix("MAINPID="))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {ready:?}"));
+    assert_ne!(successor_pid, first_pid);
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    // The first agent drains and exits, without telling systemd the service stops.
+    assert_eq!(
+        agent.process.wait(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    while let Ok(n) = recv(&socket, &mut buffer) {
+        assert_ne!(&buffer[..n], b"STOPPING=1", "the service does not stop");
+    }
+    let log = agent.log();
+    assert!(log.contains("started the successor"), "{log}");
+    assert!(log.contains("took over from the previous agent"), "{log}");
+    // The successor serves.
+    let served = sandbox.curl(
+        "enforced/system.slice/some.service",
+        Some(1000),
+        &[&url("/latest/meta-data/instance-id")],
+    );
+    assert_eq!(served.body, INSTANCE_ID, "{served:?}");
+    assert!(std::path::Path::new(&format!("/proc/{successor_pid}")).exists());
+}
+
+#[test]
 fn the_packaged_default_policy_keeps_secrets_from_unprivileged_users() {
     let Some(sandbox) = Sandbox::new("host-default") else {
         return;
@@ -246,23 +307,12 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         return;
     };
     assert!(version.status.success());
-    let dir = std::env::temp_dir().join(format!("imds-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // The unit as shipped, pointing at the binary this build made (verify checks it exists).
-    let unit = std::fs::read_to_string(repo().join("packaging/imds-agent.service"))
-        .unwrap()
-        .replace(
-            "/usr/bin/imds-agent",
-            binary("imds-agent").to_str().unwrap(),
-        );
-    let path = dir.join("imds-agent.service");
-    std::fs::write(&path, unit).unwrap();
+    let (path, _dir) = unit_for_this_build();
     let output = std::process::Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&path)
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Only complaints about this unit count; the host's own units are not ours to judge.
     let ours: Vec<&str> = stderr
@@ -270,6 +320,147 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         .filter(|l| l.contains("imds-agent"))
         .collect();
     assert!(output.status.success() && ours.is_empty(), "{stderr}");
+}
+
+#[test]
+fn the_unit_is_hardened_to_an_exposure_of_at_most_4() {
+    let Ok(output) = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit_for_this_build().0)
+        .output()
+    else {
+        skip("systemd-analyze is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|score| score.split_whitespace().next())
+        .and_then(|score| score.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(exposure <= 4.0, "exposure {exposure}:\n{text}");
+}
+
+/// The unit as shipped, pointing at the binary this build made, in a directory of its own
+/// (removed by the returned guard).
+fn unit_for_this_build() -> (PathBuf, TempDir) {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "imds-unit-{}-{}",
+        std::process::id(),
+        std::thread::current().name().unwrap_or("t").replace("::", "-")
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let unit = std::fs::read_to_string(repo().join("packaging/imds-agent.service"))
+        .unwrap()
+        .replace(
+            "/usr/bin/imds-agent",
+            binary("imds-agent").to_str().unwrap(),
+        );
+    let path = dir.0.join("imds-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    (path, dir)
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The package's maintainer scripts, run as dpkg runs them, with a `systemctl` that records
+/// what it is asked, in a mount namespace of their own where /run/systemd/system exists.
+fn run_maintainer_script(script: &str, args: &[&str], active: bool) -> Vec<String> {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "imds-scripts-{}-{script}-{}",
+        std::process::id(),
+        args.join("-")
+    )));
+    let bin = dir.0.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.0.join("calls");
+    let fake = format!(
+        "#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$*\" in *is-active*) exit {};; esac\nexit 0\n",
+        if active { 0 } else { 3 },
+        calls = calls.display()
+    );
+    for tool in ["systemctl", "imds-agent"] {
+        let path = bin.join(tool);
+        std::fs::write(
+            &path,
+            fake.replace("echo \"$*\"", &format!("echo \"{tool} $*\"")),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let script_path = repo().join("packaging/debian").join(script);
+    let shell = format!(
+        "mount -t tmpfs none /run && mkdir -p /run/systemd/system && PATH={bin}:$PATH sh {script} {args}",
+        bin = bin.display(),
+        script = script_path.display(),
+        args = args.join(" ")
+    );
+    let status = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &shell])
+        .status()
+        .expect("unshare");
+    assert!(status.success(), "{script} {args:?} failed");
+    std::fs::read_to_string(&calls)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_package_starts_on_install_hands_over_on_upgrade_and_detaches_on_removal() {
+    let install = run_maintainer_script("postinst", &["configure"], false);
+    assert!(
+        install
+            .iter()
+            .any(|c| c == "systemctl enable imds-agent.service")
+            && install
+                .iter()
+                .any(|c| c == "systemctl start imds-agent.service"),
+        "{install:?}"
+    );
+    // An upgrade of a running service: the agent hands over to the new binary, no restart.
+    let upgrade = run_maintainer_script("postinst", &["configure", "0.0.9"], true);
+    assert!(
+        upgrade
+            .iter()
+            .any(|c| c == "systemctl kill --kill-whom=main --signal=SIGUSR2 imds-agent.service"),
+        "{upgrade:?}"
+    );
+    assert!(
+        !upgrade
+            .iter()
+            .any(|c| c.contains("restart") || c.contains("stop")),
+        "{upgrade:?}"
+    );
+    // An upgrade of a stopped service leaves it stopped.
+    let stopped = run_maintainer_script("postinst", &["configure", "0.0.9"], false);
+    assert!(
+        !stopped
+            .iter()
+            .any(|c| c.contains("start") || c.contains("kill")),
+        "{stopped:?}"
+    );
+    let removal = run_maintainer_script("prerm", &["remove"], true);
+    let stop = removal
+        .iter()
+        .position(|c| c == "systemctl stop imds-agent.service");
+    let detach = removal.iter().position(|c| c == "imds-agent detach");
+    assert!(
+        matches!((stop, detach), (Some(s), Some(d)) if s < d),
+        "stopped, then enforcement removed: {removal:?}"
+    );
+    // An upgrade's prerm leaves the service and its enforcement alone.
+    assert!(run_maintainer_script("prerm", &["upgrade", "0.2.0"], true).is_empty());
 }
 
 #[test]
@@ -293,6 +484,20 @@ fn the_debian_package_holds_the_binary_unit_and_default_policy() {
         ("-rwxr-xr-x", "./usr/bin/imds-agent"),
         ("-rw-r--r--", "./lib/systemd/system/imds-agent.service"),
         ("-rw-r--r--", "./etc/imds-agent/policies.d/00-default.yaml"),
+        ("-rw-r--r--", "./etc/default/imds-agent"),
+        ("-rw-r--r--", "./usr/share/man/man1/imds-agent.1.gz"),
+        (
+            "-rw-r--r--",
+            "./usr/share/bash-completion/completions/imds-agent",
+        ),
+        (
+            "-rw-r--r--",
+            "./usr/share/zsh/vendor-completions/_imds-agent",
+        ),
+        (
+            "-rw-r--r--",
+            "./usr/share/fish/vendor_completions.d/imds-agent.fish",
+        ),
     ] {
         assert!(
             listing
@@ -315,8 +520,18 @@ fn the_debian_package_holds_the_binary_unit_and_default_policy() {
         .unwrap();
     assert!(String::from_utf8_lossy(&info.stdout).contains("Package: imds-agent"));
     // The default policy is a conffile: an administrator's edits survive upgrades.
-    assert!(
-        String::from_utf8_lossy(&control.stdout)
-            .contains("/etc/imds-agent/policies.d/00-default.yaml")
-    );
+    let conffiles = String::from_utf8_lossy(&control.stdout);
+    assert!(conffiles.contains("/etc/imds-agent/policies.d/00-default.yaml"));
+    assert!(conffiles.contains("/etc/default/imds-agent"));
+    // The maintainer scripts shipped are the ones tested above.
+    for script in ["postinst", "prerm", "postrm"] {
+        let shipped = std::process::Command::new("dpkg-deb")
+            .args(["-I"])
+            .arg(&deb)
+            .arg(script)
+            .output()
+            .unwrap();
+        let ours = std::fs::read(repo().join("packaging/debian").join(script)).unwrap();
+        assert_eq!(shipped.stdout, ours, "{script}");
+    }
 }
