@@ -26,7 +26,7 @@
 use std::{
     io::{self, Read as _, Write as _},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
     path::{Path, PathBuf},
@@ -281,8 +281,9 @@ fn receive(stream: &mut UnixStream) -> io::Result<(Message, Vec<OwnedFd>)> {
     Ok((message, fds))
 }
 
-/// Sends `data` (a few bytes) with the file descriptors as SCM_RIGHTS.
-fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+/// Sends `data` (a few bytes) on a connected unix socket with the file descriptors as
+/// SCM_RIGHTS (also how systemd's file descriptor store is given them: see `notify`).
+pub fn send_with_fds(socket: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
@@ -307,7 +308,7 @@ fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<
         std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(header), fds_len);
     }
     // SAFETY: a valid socket and a message whose buffers are alive.
-    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
+    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -2,7 +2,14 @@
 //! `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace). Outside systemd the
 //! variable is unset and every call is a no-op.
 
-use std::{io, os::unix::net::UnixDatagram, time::Duration};
+use std::{
+    io,
+    os::{
+        fd::{OwnedFd, RawFd},
+        unix::net::UnixDatagram,
+    },
+    time::Duration,
+};
 
 fn socket_address() -> Option<String> {
     std::env::var("NOTIFY_SOCKET")
@@ -12,6 +19,12 @@ fn socket_address() -> Option<String> {
 
 /// Sends one notification (`READY=1`, `WATCHDOG=1`, `STATUS=...`, `STOPPING=1`).
 pub fn notify(state: &str) -> io::Result<()> {
+    notify_with_fds(state, &[])
+}
+
+/// A notification carrying file descriptors (`FDSTORE=1`: systemd keeps them for the next
+/// start of the service).
+pub fn notify_with_fds(state: &str, fds: &[RawFd]) -> io::Result<()> {
     let Some(address) = socket_address() else {
         return Ok(());
     };
@@ -19,11 +32,66 @@ pub fn notify(state: &str) -> io::Result<()> {
     if let Some(name) = address.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt as _;
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-        socket.send_to_addr(state.as_bytes(), &addr)?;
+        socket.connect_addr(&addr)?;
     } else {
-        socket.send_to(state.as_bytes(), &address)?;
+        socket.connect(&address)?;
     }
-    Ok(())
+    if fds.is_empty() {
+        socket.send(state.as_bytes())?;
+        Ok(())
+    } else {
+        crate::handover::send_with_fds(&socket, state.as_bytes(), fds)
+    }
+}
+
+fn is_listening(socket: &std::net::TcpListener) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut value: libc::c_int = 0;
+    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and an int-sized buffer for an int option.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut value).cast(),
+            &mut length,
+        )
+    };
+    rc == 0 && value == 1
+}
+
+/// Listening sockets systemd passed to this process (`LISTEN_FDS`, from the file descriptor
+/// store after a restart): descriptors 3 onwards. The variables are removed, so that no child
+/// takes them for its own.
+pub fn passed_listeners() -> Vec<std::net::TcpListener> {
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: at start-up, before the agent's tasks run; nothing else in the process reads
+    // or writes the environment meanwhile.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if !for_us {
+        return Vec::new();
+    }
+    (3..3 + count.clamp(0, 16))
+        .filter_map(|fd| {
+            // SAFETY: systemd passed descriptors 3..3+LISTEN_FDS to this process, ours to own.
+            let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let listener = std::net::TcpListener::from(owned);
+            // Only listening TCP sockets: anything else is closed.
+            is_listening(&listener).then_some(listener)
+        })
+        .collect()
 }
 
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`, for this pid), if any.

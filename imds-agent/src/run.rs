@@ -343,11 +343,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .as_mut()
         .map(|t| std::mem::take(&mut t.listeners))
         .unwrap_or_default();
+    let from_systemd = crate::notify::passed_listeners();
     if takeover.is_some() {
         tracing::info!(
             sockets = received.len(),
             "taking over from the running agent"
         );
+    } else if !from_systemd.is_empty() {
+        // A restart (after a crash): systemd kept the sockets, and connects made meanwhile
+        // waited in their accept queue instead of being refused.
+        tracing::info!(
+            sockets = from_systemd.len(),
+            "listening sockets kept by systemd"
+        );
+        received = from_systemd;
     }
     // Listen before attaching: once the programs divert, the listener must be there.
     let listener = listen(&mut received, args.listen.into())
@@ -377,6 +386,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ),
         None => None,
     };
+    // systemd keeps a copy (FileDescriptorStoreMax= in the unit): if this agent crashes, the
+    // sockets stay open and the restarted agent is given them, so connects queue rather than
+    // fail while no agent runs. Outside systemd this does nothing.
+    let mut kept: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    kept.extend(metrics_listener.as_ref().map(AsRawFd::as_raw_fd));
+    if let Err(error) = crate::notify::notify_with_fds("FDSTORE=1\nFDNAME=listeners", &kept) {
+        tracing::warn!(%error, "systemd does not keep the listening sockets");
+    }
     let mut enforcer = Enforcer::attach(&AttachConfig {
         cgroup: &cgroup,
         pin_dir: &args.pin_dir,

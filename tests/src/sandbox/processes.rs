@@ -109,6 +109,45 @@ impl Sandbox {
         self.launch(&agent, enforce, agent_cgroup, policies, extra, env)
     }
 
+    /// As systemd starts a service with stored file descriptors: `fds` become descriptors 3
+    /// onwards of the agent, with `LISTEN_FDS` and `LISTEN_PID` set.
+    pub fn launch_agent_passing(
+        &self,
+        fds: &[std::os::fd::RawFd],
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let agent = binary("imds-agent");
+        let script = format!(
+            "export LISTEN_PID=$$ LISTEN_FDS={}; exec \"$0\" \"$@\"",
+            fds.len()
+        );
+        let mut command = self.command("sh", agent_cgroup);
+        command.args(["-c", &script]).arg(&agent);
+        let fds = fds.to_vec();
+        // SAFETY: only dup2 between fork and exec. First out of the way (100 onwards), then
+        // into place, so that no descriptor is overwritten before it is copied.
+        unsafe {
+            command.pre_exec(move || {
+                for (i, fd) in fds.iter().enumerate() {
+                    if libc::dup2(*fd, 100 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for i in 0..fds.len() {
+                    if libc::dup2(100 + i as i32, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        self.start_logged(command, enforce, policies, extra, env)
+    }
+
     fn launch(
         &self,
         agent: &Path,
@@ -118,11 +157,24 @@ impl Sandbox {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        let command = self.command(agent, agent_cgroup);
+        self.start_logged(command, enforce, policies, extra, env)
+    }
+
+    /// Runs `command` (the agent, or a wrapper that executes it) with the sandbox's `run`
+    /// arguments and waits until it enforces or exits.
+    fn start_logged(
+        &self,
+        mut command: Command,
+        enforce: &str,
+        policies: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let log = self.work_dir.join(format!(
             "agent-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut command = self.command(agent, agent_cgroup);
         command
             .arg("--log-format=json")
             .arg("run")

@@ -36,6 +36,130 @@ fn recv(socket: &UnixDatagram, buffer: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
+/// The next notification that is not a file descriptor store (FDSTORE=1, with descriptors,
+/// which this closes).
+fn next_state(socket: &UnixDatagram, buffer: &mut [u8]) -> std::io::Result<String> {
+    loop {
+        let (n, _fds) = recv_with_fds(socket, buffer)?;
+        let state = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        if !state.starts_with("FDSTORE=1") {
+            return Ok(state);
+        }
+    }
+}
+
+/// A datagram and the descriptors that came with it, as systemd receives notifications.
+fn recv_with_fds(
+    socket: &UnixDatagram,
+    buffer: &mut [u8],
+) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buffer.as_mut_ptr().cast(),
+            iov_len: buffer.len(),
+        };
+        let mut control = [0u8; 256];
+        // SAFETY: a zeroed msghdr is valid; its buffers outlive the call.
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_iov = &mut iov;
+        message.msg_iovlen = 1;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = control.len();
+        // SAFETY: a valid socket and live buffers.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        let mut fds = Vec::new();
+        // SAFETY: walking the control messages the kernel wrote.
+        unsafe {
+            let mut header = libc::CMSG_FIRSTHDR(&message);
+            while !header.is_null() {
+                if (*header).cmsg_type == libc::SCM_RIGHTS {
+                    let count = ((*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                    let data = libc::CMSG_DATA(header).cast::<i32>();
+                    for i in 0..count {
+                        fds.push(std::os::fd::OwnedFd::from_raw_fd(
+                            data.add(i).read_unaligned(),
+                        ));
+                    }
+                }
+                header = libc::CMSG_NXTHDR(&message, header);
+            }
+        }
+        return Ok((n as usize, fds));
+    }
+}
+
+#[test]
+fn after_a_crash_connects_wait_for_the_restarted_agent_instead_of_failing() {
+    let Some(sandbox) = Sandbox::new("crash") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let socket_path = sandbox.work_dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let notify = [("NOTIFY_SOCKET", socket_path.to_str().unwrap())];
+    let flags = ["--provider", "aws"];
+    let mut agent =
+        sandbox.launch_agent_with_env("enforced", "agent", &[&default_policy()], &flags, &notify);
+    // What systemd does with FDSTORE=1: keeps the descriptors for the next start.
+    let mut buffer = [0u8; 512];
+    let (n, stored) = recv_with_fds(&socket, &mut buffer).expect("FDSTORE");
+    assert!(
+        String::from_utf8_lossy(&buffer[..n]).starts_with("FDSTORE=1\nFDNAME=listeners"),
+        "{}",
+        String::from_utf8_lossy(&buffer[..n])
+    );
+    assert_eq!(stored.len(), 1, "the loopback listener");
+
+    agent.process.signal(libc::SIGKILL);
+    let _ = agent.process.wait(Duration::from_secs(5));
+    assert!(!agent.is_running(), "the agent was killed");
+    // A request while no agent runs: it connects (the socket is systemd's) and waits.
+    let crashed = Instant::now();
+    let waiting = sandbox.spawn_get(
+        "enforced/system.slice/some.service",
+        &url("/latest/meta-data/instance-id"),
+    );
+    // systemd restarts the service (RestartSec=100ms) with the stored descriptors.
+    std::thread::sleep(Duration::from_millis(100));
+    let raw: Vec<i32> = stored.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    let restarted = sandbox.launch_agent_passing(
+        &raw,
+        "enforced",
+        "agent",
+        &[&default_policy()],
+        &flags,
+        &notify,
+    );
+    let output = waiting.wait_with_output().expect("the waiting request");
+    let waited = crashed.elapsed();
+    assert!(
+        output.status.success(),
+        "the request made during the crash failed (exit {:?}):\n{}",
+        output.status.code(),
+        restarted.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), INSTANCE_ID);
+    assert!(
+        restarted
+            .log()
+            .contains("listening sockets kept by systemd"),
+        "{}",
+        restarted.log()
+    );
+    eprintln!("a request made during the crash was answered after {waited:?}");
+}
+
 #[test]
 fn ready_is_sent_after_attach_and_the_watchdog_is_pinged() {
     let Some(sandbox) = Sandbox::new("notify") else {
@@ -58,8 +182,7 @@ fn ready_is_sent_after_attach_and_the_watchdog_is_pinged() {
         ],
     );
     let mut buffer = [0u8; 512];
-    let n = recv(&socket, &mut buffer).expect("READY within 10 s");
-    let first = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    let first = next_state(&socket, &mut buffer).expect("READY within 10 s");
     assert!(first.starts_with("READY=1\nSTATUS=enforcing "), "{first}");
     // READY means enforcing: the programs are attached by then.
     assert!(imds_agent::loader::is_attached(&sandbox.pin_dir));
@@ -107,15 +230,13 @@ fn sigusr2_starts_the_installed_binary_which_takes_over_as_the_main_process() {
         &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
     );
     let mut buffer = [0u8; 512];
-    let n = recv(&socket, &mut buffer).expect("READY");
-    let first = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    let first = next_state(&socket, &mut buffer).expect("READY");
     assert!(first.starts_with("READY=1\nSTATUS="), "{first}");
     let first_pid = agent.process.child.id();
 
     // What a package upgrade does (systemctl kill --kill-whom=main --signal=SIGUSR2).
     agent.process.signal(libc::SIGUSR2);
-    let n = recv(&socket, &mut buffer).expect("the successor's READY");
-    let ready = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    let ready = next_state(&socket, &mut buffer).expect("the successor's READY");
     let successor_pid: u32 = ready
         .lines()
         .find_map(|line| line.strip_prefix("MAINPID="))
