@@ -139,6 +139,56 @@ pub(crate) fn http(
     Ok(())
 }
 
+/// `sustained ADDR PATH SECONDS WORKERS`: keep-alive GETs for SECONDS from each worker, as an
+/// SDK's HTTP client makes them: a request on a reused connection that fails before any
+/// response (the server closed it) is sent again once on a new connection; anything else
+/// that is not a 200 counts as failed. Prints "requests failed p50_ns p99_ns max_ns".
+pub(crate) fn sustained(addr: SocketAddr, path: String, seconds: f64, workers: usize) -> Result {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let (mut samples, mut failed) = (Vec::new(), 0u64);
+                let mut stream: Option<TcpStream> = None;
+                while Instant::now() < until {
+                    let start = Instant::now();
+                    let reused = stream.is_some();
+                    let attempt = |stream: &mut Option<TcpStream>| {
+                        if stream.is_none() {
+                            *stream = Some(TcpStream::connect(addr)?);
+                        }
+                        get(stream.as_mut().expect("connected"), &path, false)
+                    };
+                    let mut status = attempt(&mut stream);
+                    if status.is_err() && reused {
+                        stream = None;
+                        status = attempt(&mut stream);
+                    }
+                    match status {
+                        Ok(200) => samples.push(start.elapsed().as_nanos() as u64),
+                        Ok(_) | Err(_) => {
+                            failed += 1;
+                            stream = None;
+                        }
+                    }
+                }
+                (samples, failed)
+            })
+        })
+        .collect();
+    let (mut all, mut failed) = (Vec::new(), 0);
+    for handle in handles {
+        let (samples, failures) = handle.join().map_err(|_| "worker panicked")?;
+        all.extend(samples);
+        failed += failures;
+    }
+    let requests = all.len() as u64 + failed;
+    let s = Stats::of(if all.is_empty() { vec![0] } else { all });
+    println!("{requests} {failed} {} {} {}", s.p50, s.p99, s.max);
+    Ok(())
+}
+
 /// `flip ADDR PATH STATUS`: requests PATH (new connection each) until the status is STATUS;
 /// prints the wall-clock time it was first seen, in nanoseconds since the epoch.
 pub(crate) fn flip(addr: SocketAddr, path: &str, want: u16) -> Result {

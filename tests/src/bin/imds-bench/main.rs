@@ -29,11 +29,13 @@ mod harness;
 mod profile;
 mod reactions;
 mod report;
+mod upgrades;
 
 use engine::*;
 use harness::*;
 use reactions::*;
 use report::*;
+use upgrades::*;
 
 #[derive(clap::Parser)]
 #[command(
@@ -72,6 +74,11 @@ enum Command {
         #[arg(default_value_t = 20)]
         rounds: usize,
     },
+    /// Upgrades and crashes under load, alone.
+    Upgrades {
+        #[arg(default_value_t = 3)]
+        rounds: usize,
+    },
     /// Two agent builds side by side on the same requests in one run: BASELINE (a previous
     /// build's binary) against this build's. Prints a Markdown table of ratios.
     Builds {
@@ -100,6 +107,15 @@ enum Command {
         concurrency: usize,
         #[arg(value_parser = ["keepalive", "close"])]
         mode: String,
+    },
+    /// Keep-alive GETs for SECONDS per worker, retrying once where a reused connection was
+    /// closed; prints "requests failed p50_ns p99_ns max_ns".
+    #[command(hide = true)]
+    Sustained {
+        addr: SocketAddr,
+        path: String,
+        seconds: f64,
+        workers: usize,
     },
     /// GETs PATH until the status is STATUS; prints when, in nanoseconds since the epoch.
     #[command(hide = true)]
@@ -134,6 +150,7 @@ fn main() -> ExitCode {
         }
         Command::Engine { rounds } => engine(rounds),
         Command::Reactions { rounds } => reactions_only(rounds),
+        Command::Upgrades { rounds } => upgrades_only(rounds),
         Command::Builds { baseline, rounds } => builds::compare(&baseline, rounds),
         Command::Connect { addr, n } => clients::connect(addr, n),
         Command::ConnectAb {
@@ -149,6 +166,12 @@ fn main() -> ExitCode {
             concurrency,
             mode,
         } => clients::http(addr, path, n, concurrency, mode == "close"),
+        Command::Sustained {
+            addr,
+            path,
+            seconds,
+            workers,
+        } => clients::sustained(addr, path, seconds, workers),
         Command::Flip { addr, path, status } => clients::flip(addr, &path, status),
         Command::Serve { addr } => clients::serve(addr),
         Command::Relay { listen, target } => clients::relay(listen, target),

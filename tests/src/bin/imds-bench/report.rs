@@ -367,6 +367,19 @@ pub(crate) fn run(quick: bool) -> Result {
         "| agent RSS after the request benchmarks | {} MiB | target <= 30 MiB idle |",
         rss_loaded / 1024
     );
+
+    eprintln!("bench: 7. upgrades and crashes");
+    // 7. In a sandbox of its own: its agents hand over to each other, not to the one above.
+    report.push('\n');
+    let upgrades_sandbox =
+        Sandbox::new("bench-upgrades").ok_or("cannot create the sandbox for upgrades")?;
+    let _upgrades_imds = upgrades_sandbox.start_fake_imds(false);
+    let upgrades_policy = policy_for_bench(&upgrades_sandbox.work_dir.join("policies"))?;
+    report.push_str(&upgrades(
+        &upgrades_sandbox,
+        &upgrades_policy,
+        rounds.min(3),
+    )?);
     let _ = writeln!(
         report,
         "\nReproduce with `cargo xtask bench{}` (the measurements took {:.1} minutes here, plus the\nrelease build; `--quick` for 3 rounds instead of 5).\n\n{HISTORY}",
