@@ -26,8 +26,13 @@ pub(crate) fn reactions(sandbox: &Sandbox, policy_dir: &Path, rounds: usize) -> 
         // READY is timed as it arrives, by a thread, not when the launcher gets to it.
         let ready = std::thread::spawn(move || {
             let mut buffer = [0u8; 256];
-            let n = socket.recv(&mut buffer).ok()?;
-            buffer[..n].starts_with(b"READY=1").then(Instant::now)
+            // The agent stores its listening sockets first (FDSTORE=1), then says READY.
+            loop {
+                let n = socket.recv(&mut buffer).ok()?;
+                if buffer[..n].starts_with(b"READY=1") {
+                    return Some(Instant::now());
+                }
+            }
         });
         let spawned = Instant::now();
         let agent = sandbox.launch_agent_with_env(
