@@ -540,3 +540,53 @@ fn the_start_up_taint_is_removed_once_enforcing() {
         "{requests:?}"
     );
 }
+
+#[test]
+fn a_handed_over_agent_stays_until_its_pod_is_deleted() {
+    let Some(mut env) = Env::start("k8s-handover", &[]) else {
+        return;
+    };
+    // The new pod's agent (a DaemonSet rollout with surge), on the node's state directory.
+    let kubeconfig = env.api.kubeconfig(&env.sandbox.work_dir);
+    let files = env.sandbox.write_policies(&[]);
+    let mut successor = env.sandbox.launch_agent_with_env(
+        "enforced",
+        "agent-next",
+        &[&files],
+        &[
+            "--kubernetes",
+            "--node-name",
+            NODE,
+            "--metrics-listen",
+            METRICS,
+            "--pod-address",
+            &env.pod_network.node_ip,
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
+    );
+    assert!(successor.is_running(), "{}", successor.log());
+    assert!(
+        wait_until(Duration::from_secs(15), || env
+            .agent
+            .log()
+            .contains("handed over")),
+        "the running agent did not hand over:\n{}",
+        env.agent.log()
+    );
+    // It does not exit on its own: kubelet would restart its container, which would take
+    // the sockets back.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(env.agent.is_running(), "{}", env.agent.log());
+    // The successor serves the readiness probe on the socket it took over.
+    let ready = env.get("outside", &format!("http://{METRICS}/readyz"));
+    assert_eq!(ready.status, 200, "{}", successor.log());
+    // The old pod deleted (SIGTERM): it exits cleanly.
+    env.agent.process.signal(libc::SIGTERM);
+    assert_eq!(
+        env.agent.process.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        env.agent.log()
+    );
+    assert!(successor.is_running(), "{}", successor.log());
+}
