@@ -53,8 +53,8 @@ enum Message {
     Listeners {
         /// How many sockets are attached, in the predecessor's order.
         count: usize,
-        /// The key token bindings are hashed with, hex.
-        token_key: String,
+        /// The key token bindings are hashed with.
+        token_key: [u8; 32],
     },
     Serving,
     State(Box<State>),
@@ -117,7 +117,7 @@ pub fn take_over(state_dir: &Path) -> io::Result<Option<Takeover>> {
     Ok(Some(Takeover {
         stream,
         listeners,
-        token_key: parse_key(&token_key)?,
+        token_key,
     }))
 }
 
@@ -222,7 +222,7 @@ fn one_successor(
         &mut stream,
         &Message::Listeners {
             count: listeners.len(),
-            token_key: hex(&token_key),
+            token_key,
         },
         listeners,
     )?;
@@ -292,12 +292,7 @@ pub fn send_with_fds(socket: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::R
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(u32::try_from(fds_len).map_err(io::Error::other)?) };
     let mut control = vec![0u8; space as usize];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the sendmsg call.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = control.len() as _;
+    let message = message_header(&mut iov, &mut control);
     // SAFETY: the control buffer has room for one header with `fds_len` bytes of data
     // (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null and CMSG_DATA has that room.
     unsafe {
@@ -318,6 +313,17 @@ pub fn send_with_fds(socket: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> io::R
     Ok(())
 }
 
+/// A message of one buffer and a control buffer; both must outlive its use.
+fn message_header(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is valid (no name, no flags).
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = control.len() as _;
+    message
+}
+
 /// Fills `data` (a few bytes), taking any file descriptors that come with it.
 fn receive_with_fds(stream: &UnixStream, data: &mut [u8]) -> io::Result<Vec<OwnedFd>> {
     let mut iov = libc::iovec {
@@ -327,12 +333,7 @@ fn receive_with_fds(stream: &UnixStream, data: &mut [u8]) -> io::Result<Vec<Owne
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((MAX_LISTENERS * size_of::<RawFd>()) as u32) };
     let mut control = vec![0u8; space as usize];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the recvmsg call.
-    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &mut iov;
-    message.msg_iovlen = 1;
-    message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = control.len() as _;
+    let mut message = message_header(&mut iov, &mut control);
     // SAFETY: a valid socket and buffers that are alive; CLOEXEC for the received fds.
     let received =
         unsafe { libc::recvmsg(stream.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
@@ -358,30 +359,15 @@ fn receive_with_fds(stream: &UnixStream, data: &mut [u8]) -> io::Result<Vec<Owne
     if message.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::other("more sockets handed over than expected"));
     }
+    if received == 0 {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+    }
     if (received as usize) < data.len() {
         // The rest of the length prefix, if the kernel split it.
         let mut stream = stream;
         stream.read_exact(&mut data[received as usize..])?;
     }
-    if received == 0 {
-        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-    }
     Ok(fds)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_key(text: &str) -> io::Result<[u8; 32]> {
-    let mut key = [0u8; 32];
-    if text.len() != 64 {
-        return Err(io::Error::other("a token key that is not 32 bytes"));
-    }
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(io::Error::other)?;
-    }
-    Ok(key)
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{Arc, atomic::Ordering},
 };
 
@@ -475,12 +474,6 @@ pub async fn serve(
                 .await;
         });
     }
-}
-
-/// Binds the metrics listener (before anything is attached, so a bad address is a config
-/// error).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

@@ -126,41 +126,31 @@ pub async fn handle(
         Some((policy, rule)) => ("would-deny", policy, rule),
         None => ("allow", decision.policy, decision.rule),
     };
-    match response {
+    let (response, upstream_status, detail) = match response {
         Ok(response) => {
             let status = response.status();
-            audit::record(
-                &exchange,
-                &Outcome {
-                    decision: verdict,
-                    policy: policy_name,
-                    rule: rule_name,
-                    status,
-                    upstream_status: Some(status),
-                    detail: "",
-                },
-            );
-            response
+            (response, Some(status), String::new())
         }
         Err(error) => {
             let refusal = Refusal::Upstream(error);
-            let detail = refusal.detail();
-            audit::record(
-                &exchange,
-                &Outcome {
-                    decision: verdict,
-                    policy: policy_name,
-                    rule: rule_name,
-                    status: refusal.status(),
-                    upstream_status: None,
-                    detail: &detail,
-                },
-            );
-            refusal
+            let answer = refusal
                 .answer(filter.provider, &exchange.request_id)
-                .into_response()
+                .into_response();
+            (answer, None, refusal.detail())
         }
-    }
+    };
+    audit::record(
+        &exchange,
+        &Outcome {
+            decision: verdict,
+            policy: policy_name,
+            rule: rule_name,
+            status: response.status(),
+            upstream_status,
+            detail: &detail,
+        },
+    );
+    response
 }
 
 /// Audits a refusal, then answers it.

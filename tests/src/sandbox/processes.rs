@@ -65,9 +65,8 @@ impl Sandbox {
         policies: &[&Path],
         extra: &[&str],
     ) -> Agent {
-        let mut agent = self.launch_agent(enforce, agent_cgroup, policies, extra);
-        assert!(agent.is_running(), "the agent exited:\n{}", agent.log());
-        agent
+        let agent = binary("imds-agent");
+        self.start_agent_binary(&agent, enforce, agent_cgroup, policies, extra)
     }
 
     /// As [`Self::start_agent`], with another build of the agent (`imds-bench builds`).

@@ -28,12 +28,16 @@ fn url(path: &str) -> String {
 /// A datagram, retried when interrupted: with a receive timeout set, the kernel answers an
 /// interruption with EINTR instead of restarting the call, and std does not retry.
 fn recv(socket: &UnixDatagram, buffer: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        match socket.recv(buffer) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
+    recv_with_fds(socket, buffer).map(|(n, _fds)| n)
+}
+
+/// systemd's side of the notify protocol, in the sandbox's scratch directory: the socket and
+/// its path (for `NOTIFY_SOCKET`), receiving with `timeout`.
+fn notify_socket(sandbox: &Sandbox, timeout: Duration) -> (UnixDatagram, PathBuf) {
+    let path = sandbox.work_dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    (socket, path)
 }
 
 /// The next notification that is not a file descriptor store (FDSTORE=1, with descriptors,
@@ -102,11 +106,7 @@ fn after_a_crash_connects_wait_for_the_restarted_agent_instead_of_failing() {
         return;
     };
     let _imds = sandbox.start_fake_imds(false);
-    let socket_path = sandbox.work_dir.join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (socket, socket_path) = notify_socket(&sandbox, Duration::from_secs(10));
     let notify = [("NOTIFY_SOCKET", socket_path.to_str().unwrap())];
     let flags = ["--provider", "aws"];
     let mut agent =
@@ -166,11 +166,7 @@ fn ready_is_sent_after_attach_and_the_watchdog_is_pinged() {
         return;
     };
     let _imds = sandbox.start_fake_imds(false);
-    let socket_path = sandbox.work_dir.join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (socket, socket_path) = notify_socket(&sandbox, Duration::from_secs(10));
     let mut agent = sandbox.launch_agent_with_env(
         "enforced",
         "agent",
@@ -217,11 +213,7 @@ fn sigusr2_starts_the_installed_binary_which_takes_over_as_the_main_process() {
         return;
     };
     let _imds = sandbox.start_fake_imds(false);
-    let socket_path = sandbox.work_dir.join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let (socket, socket_path) = notify_socket(&sandbox, Duration::from_secs(15));
     let mut agent = sandbox.launch_agent_with_env(
         "enforced",
         "agent",

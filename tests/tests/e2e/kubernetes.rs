@@ -86,6 +86,19 @@ fn baseline_spec() -> Value {
                       "groups": ["instance-info"]}]})
 }
 
+/// The agent's flags on this node: Kubernetes, its metrics, and the pods' address.
+fn agent_args(pod_network: &PodNetwork) -> Vec<&str> {
+    vec![
+        "--kubernetes",
+        "--node-name",
+        NODE,
+        "--metrics-listen",
+        METRICS,
+        "--pod-address",
+        &pod_network.node_ip,
+    ]
+}
+
 struct Env {
     agent: Agent,
     /// A pod network namespace on this node, as a CNI plugin would give each pod.
@@ -115,15 +128,7 @@ impl Env {
         let kubeconfig = api.kubeconfig(&sandbox.work_dir);
         let files = sandbox.write_policies(&[]);
         let pod_network = sandbox.add_pod_network();
-        let mut args = vec![
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--metrics-listen",
-            METRICS,
-            "--pod-address",
-            &pod_network.node_ip,
-        ];
+        let mut args = agent_args(&pod_network);
         args.extend_from_slice(extra);
         let agent = sandbox.launch_agent_with_env(
             "enforced",
@@ -553,15 +558,7 @@ fn a_handed_over_agent_stays_until_its_pod_is_deleted() {
         "enforced",
         "agent-next",
         &[&files],
-        &[
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--metrics-listen",
-            METRICS,
-            "--pod-address",
-            &env.pod_network.node_ip,
-        ],
+        &agent_args(&env.pod_network),
         &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
     );
     assert!(successor.is_running(), "{}", successor.log());
