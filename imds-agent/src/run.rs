@@ -492,7 +492,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Some(listener) = metrics_listener {
         tasks.service(
             "metrics endpoint",
-            metrics::serve(listener, metrics, policy.clone(), enforcer.clone(), ready),
+            metrics::serve(
+                listener,
+                metrics,
+                policy.clone(),
+                enforcer.clone(),
+                ready.clone(),
+            ),
         );
     }
     tasks.service("policy file watch", policy.clone().watch());
@@ -508,10 +514,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             tokens.sweep();
         }
     });
-    // Kernel verdicts were derived from the old policy: dropped on every change.
-    let (verdicts, changes) = (enforcer.clone(), policy.subscribe());
-    tasks.service("kernel verdict reset", async move {
-        verdicts.verdicts.follow(changes).await;
+    // Kernel verdicts (a predecessor's included) are asked again of each policy version once
+    // this agent knows what it enforces (on Kubernetes: the pods and policies listed); those
+    // a version no longer makes are removed.
+    let (verdicts, changes, known) = (filter.clone(), policy.subscribe(), ready.clone());
+    tasks.service("kernel verdict revalidation", async move {
+        while !known() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let still_made = |caller| {
+            let identity = verdicts.resolver.identify_key(caller)?;
+            let admission = verdicts.policy.current().admit(&identity);
+            admission.kernel_verdict.map(|(verdict, _)| verdict)
+        };
+        verdicts.enforcer.verdicts.follow(changes, still_made).await;
     });
     tasks.service("upgrade on SIGUSR2", async move {
         while sigusr2.recv().await.is_some() {

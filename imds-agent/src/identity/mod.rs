@@ -251,6 +251,27 @@ impl Resolver {
         }
     }
 
+    /// A caller known only by its key (no process: its executable and name are unknown), as
+    /// kernel verdicts name callers; `None` once the cgroup is gone or outside the tree.
+    pub fn identify_key(&self, key: CallerKey) -> Option<Identity> {
+        let cgroup = relative_to(&self.root, &self.cached_path(key.cgroup_id)?)?;
+        let workload = workload::parse(&cgroup);
+        let (pod, container) = pod_and_container(&workload, &self.pods);
+        Some(Identity {
+            cgroup_id: key.cgroup_id,
+            unit: unit_of(&cgroup),
+            cgroup: Some(cgroup),
+            workload,
+            pod,
+            container,
+            uid: key.uid,
+            gid: key.gid,
+            pid: 0,
+            comm: None,
+            exe: None,
+        })
+    }
+
     /// The caller's executable and name: read once per process image and then cached, when
     /// the kernel named the image; otherwise read for each connection, with the process's
     /// cgroup as the check that the pid was not reused.

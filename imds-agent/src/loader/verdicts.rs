@@ -1,8 +1,10 @@
 //! Kernel verdicts: for a caller whose outcome no request can change (the policy refuses
 //! everything it could ask, or `--unmatched bypass`), the kernel decides its next connects
 //! itself, without diverting them. The policy says when (`policy::Admission`); this module
-//! installs them and drops them all whenever the policy version changes (a reload, a policy
-//! resource, a pod change), so that none outlives the policy that made it.
+//! installs them and, whenever the policy version changes (a reload, a policy resource, a pod
+//! change), asks again for each one and removes those the new version does not make, so that
+//! none outlives the policy that made it and those that still hold stay (an upgrade or a
+//! restart keeps them: the map is pinned).
 
 use std::sync::{
     Mutex,
@@ -22,15 +24,13 @@ pub struct KernelVerdicts {
 }
 
 impl KernelVerdicts {
-    /// Verdicts in an adopted map were derived from the previous agent's policy, which may
-    /// not be this one's: it starts from none (every caller is diverted and re-decided).
+    /// Verdicts in an adopted map were derived from the previous agent's policy: they stand
+    /// until [`KernelVerdicts::follow`] first asks this agent's policy about each of them.
     pub(super) fn new(map: HashMap<MapData, CallerKey, u32>) -> Self {
-        let verdicts = Self {
+        Self {
             map: Mutex::new(map),
             version: AtomicU64::new(0),
-        };
-        verdicts.clear();
-        verdicts
+        }
     }
 
     /// Lets the kernel decide `caller`'s next connects, as the policy of `decided_with` said.
@@ -54,32 +54,56 @@ impl KernelVerdicts {
             tracing::warn!(%error, "cannot install a kernel verdict; the agent keeps deciding");
             return;
         }
-        // A change between deciding and installing would leave a stale verdict: start over.
+        // A change between deciding and installing: the revalidation may have run before the
+        // insert, so this verdict is taken back (the caller is decided afresh).
         let current = self.version.load(Ordering::SeqCst);
         if current != 0 && current != decided_with {
-            self.clear();
+            let _ = self.map.lock().expect("verdicts lock").remove(&caller);
         }
     }
 
-    /// Forgets every installed verdict: callers are diverted to the agent again, which
-    /// decides afresh and reinstalls what still holds.
-    pub fn clear(&self) {
+    /// Keeps each installed verdict that `still_made` makes again for its caller and removes
+    /// the others; returns how many were (kept, removed).
+    pub fn revalidate(
+        &self,
+        still_made: impl Fn(CallerKey) -> Option<KernelVerdict>,
+    ) -> (usize, usize) {
         let mut map = self.map.lock().expect("verdicts lock");
-        let keys: Vec<CallerKey> = map.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = map.remove(&key);
+        let installed: Vec<(CallerKey, u32)> = map.iter().filter_map(Result::ok).collect();
+        let (mut kept, mut removed) = (0, 0);
+        for (caller, value) in installed {
+            let again = still_made(caller).map(|verdict| match verdict {
+                KernelVerdict::Refuse => VERDICT_REFUSE,
+                KernelVerdict::Bypass => VERDICT_BYPASS,
+            });
+            if again == Some(value) {
+                kept += 1;
+            } else {
+                let _ = map.remove(&caller);
+                removed += 1;
+            }
         }
+        (kept, removed)
     }
 
-    /// Drops every verdict at each policy version change, until `changes` closes.
-    pub async fn follow(&self, mut changes: tokio::sync::watch::Receiver<u64>) {
-        self.version
-            .store(*changes.borrow_and_update(), Ordering::SeqCst);
-        while changes.changed().await.is_ok() {
-            // The version first: an install racing with this clear then clears again.
+    /// Revalidates every verdict now (the first time: those a predecessor installed), then at
+    /// each policy version change, until `changes` closes.
+    pub async fn follow(
+        &self,
+        mut changes: tokio::sync::watch::Receiver<u64>,
+        still_made: impl Fn(CallerKey) -> Option<KernelVerdict>,
+    ) {
+        loop {
+            // The version first: an install decided with an older one then takes itself back.
             self.version
                 .store(*changes.borrow_and_update(), Ordering::SeqCst);
-            self.clear();
+            let (kept, removed) = self.revalidate(&still_made);
+            if kept + removed > 0 {
+                tracing::debug!(kept, removed, "kernel verdicts revalidated");
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -105,7 +105,7 @@ impl PolicyStore {
     }
 
     /// A new version of the same policies, for a change of something else decisions depend on
-    /// (pod metadata): cached selections and kernel verdicts are dropped.
+    /// (pod metadata): cached selections are dropped, kernel verdicts asked again.
     pub fn bump(&self) -> u64 {
         let _change = self.change.lock().expect("change lock");
         let current = self.current.load_full();

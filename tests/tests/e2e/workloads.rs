@@ -721,6 +721,79 @@ fn a_restarted_agent_does_not_inherit_the_previous_policys_kernel_verdicts() {
     );
 }
 
+#[test]
+fn an_upgraded_agent_keeps_the_kernel_verdicts_its_policy_still_makes() {
+    let Some(mut env) = start(
+        "kept-verdicts",
+        &[("locked.yaml", LOCKED), ("web.yaml", OPEN)],
+    ) else {
+        return;
+    };
+    let sb = &env.sandbox;
+    sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    let refused = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        refused.exit, 7,
+        "the kernel verdict is in place: {refused:?}"
+    );
+
+    // A successor with the same policies takes over (an upgrade): the caller stays refused
+    // by the kernel, without ever reaching the new agent.
+    let pods = sb.work_dir.join("pods.yaml");
+    let successor = sb.start_agent(
+        "enforced",
+        "agent",
+        &[&env.policy_dir],
+        &[
+            "--pods",
+            pods.to_str().unwrap(),
+            "--metrics-listen",
+            METRICS,
+        ],
+    );
+    let exit = env.agent.process.wait(Duration::from_secs(20));
+    assert_eq!(exit, Some(0), "the predecessor hands over and exits");
+    let refused_before = kernel_counter(sb, "refused");
+    let still = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!((still.status, still.exit), (0, 7), "{still:?}");
+    assert_eq!(kernel_counter(sb, "refused"), refused_before + 1);
+    assert!(
+        successor.audit().iter().all(|l| l["cgroup"] != "/locked"),
+        "the successor decided a caller its policy leaves to the kernel"
+    );
+    assert_eq!(
+        sb.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)])
+            .status,
+        200
+    );
+
+    // A successor whose policy no longer refuses the caller removes the verdict.
+    std::fs::write(
+        env.policy_dir.join("locked.yaml"),
+        OPEN.replace("web", "locked"),
+    )
+    .unwrap();
+    let mut successor = successor;
+    let _third = sb.start_agent(
+        "enforced",
+        "agent",
+        &[&env.policy_dir],
+        &[
+            "--pods",
+            pods.to_str().unwrap(),
+            "--metrics-listen",
+            METRICS,
+        ],
+    );
+    assert_eq!(successor.process.wait(Duration::from_secs(20)), Some(0));
+    let served = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(
+        (served.status, served.body.as_str()),
+        (200, INSTANCE_ID),
+        "{served:?}"
+    );
+}
+
 /// A GET of the instance id over a plain socket, as a Python program run under another name;
 /// prints the status line.
 const PYTHON_GET: &str = "import socket; s = socket.create_connection(('169.254.169.254', 80)); \
