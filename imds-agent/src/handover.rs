@@ -174,7 +174,8 @@ impl Offer {
     pub async fn hand_over(self, listeners: Vec<RawFd>, token_key: [u8; 32]) -> Successor {
         loop {
             let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream.into_std().and_then(|stream| {
+                Ok((stream, _)) => same_user(&stream).and_then(|()| {
+                    let stream = stream.into_std()?;
                     stream.set_nonblocking(false)?;
                     Ok(stream)
                 }),
@@ -203,6 +204,25 @@ impl Offer {
                 }
             }
         }
+    }
+}
+
+/// Only an agent running as this one's user may take its sockets: the socket file is root's
+/// alone, and this holds also in the moment between its creation and its chmod.
+fn same_user(stream: &tokio::net::UnixStream) -> io::Result<()> {
+    let peer = stream.peer_cred()?;
+    // SAFETY: geteuid cannot fail.
+    let this = unsafe { libc::geteuid() };
+    if peer.uid() == this {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "a would-be successor runs as uid {}, not {this}",
+                peer.uid()
+            ),
+        ))
     }
 }
 

@@ -359,6 +359,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         received = from_systemd;
     }
     // Listen before attaching: once the programs divert, the listener must be there.
+    let offered = received.len();
     let listener = listen(&mut received, args.listen.into())
         .await
         .map_err(|source| RunError::Listen {
@@ -378,6 +379,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 .map_err(|source| RunError::Listen { addr, source })?,
         );
     }
+    // Every listener connects are diverted to was made by an earlier agent (a predecessor's,
+    // or kept by systemd); the metrics listener's connections need no attribution.
+    let listeners_adopted = offered - received.len() == listeners.len();
     let metrics_listener = match args.metrics_listen {
         Some(addr) => Some(
             listen(&mut received, addr)
@@ -401,6 +405,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pod_divert_to: pod_address,
         endpoints: &endpoints,
         refuse_raw_sockets: !args.allow_raw_sockets,
+        listeners_adopted,
     })?;
     // Connects are diverted from here on; connections made before are closed, so that an
     // open keep-alive connection cannot dodge the policy.

@@ -28,9 +28,10 @@ pub static IMDS_CALLERS: SkStorage<Caller> = SkStorage::new();
 
 /// Pods' network namespaces by pod address (IPv4, network byte order): the namespace's id
 /// (nsid) in the agent's namespace, which the agent resolves from the pod's link before it
-/// asks for the connection's peer. Not pinned: it belongs to the agent's getpeername program.
+/// asks for the connection's peer. Pinned: the getpeername program that reads it may be an
+/// earlier agent's (the one that made the listening sockets).
 #[map]
-pub static IMDS_POD_NETNS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_POD_NETNS, 0);
+pub static IMDS_POD_NETNS: LruHashMap<u32, u32> = LruHashMap::pinned(MAX_POD_NETNS, 0);
 
 #[map]
 pub static IMDS_EXEMPT: LruHashMap<u64, u8> = LruHashMap::pinned(MAX_EXEMPT, 0);

@@ -88,6 +88,8 @@ pub struct Node<'a> {
     pub ip: Ipv4Addr,
     /// hostPath volumes: the node's path, and where the test gives it.
     pub host_paths: BTreeMap<&'a str, PathBuf>,
+    /// kubelet's seccomp profile root (`localhostProfile` names a file in it).
+    pub seccomp_root: PathBuf,
     /// Where configMap and emptyDir volumes are written.
     pub volume_dir: PathBuf,
     /// The cgroup v2 path (from the cgroup root) under which pods' cgroups are made, as
@@ -155,6 +157,17 @@ pub fn podman_run(
             value.as_str(),
             "the nodeSelector {key}={value} does not select the node {}",
             node.name
+        );
+    }
+
+    // A surging rollout runs the new pod beside the old one on each node: a host port (on the
+    // host network, every declared port is one) would keep the scheduler from placing it.
+    let surge = &workload["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"];
+    if spec["hostNetwork"] == true && !matches!(surge, Value::Null) && *surge != 0 {
+        assert!(
+            container["ports"].is_null(),
+            "the DaemonSet surges (maxSurge {surge}) but its host-network pod declares ports: \
+             the scheduler would not place a new pod beside the old one"
         );
     }
 
@@ -230,6 +243,20 @@ pub fn podman_run(
         // The runtime's own default profile: podman's, as CRI-O's is.
         None | Some("RuntimeDefault") => {}
         Some("Unconfined") => args.extend(["--security-opt".into(), "seccomp=unconfined".into()]),
+        Some("Localhost") => {
+            let name = security["seccompProfile"]["localhostProfile"]
+                .as_str()
+                .expect("localhostProfile");
+            let file = node.seccomp_root.join(name);
+            assert!(
+                file.is_file(),
+                "the node has no seccomp profile {name} (kubelet would not start the container)"
+            );
+            args.extend([
+                "--security-opt".into(),
+                format!("seccomp={}", file.display()),
+            ]);
+        }
         Some(other) => panic!("seccompProfile {other}: not run by this test"),
     }
 
@@ -387,12 +414,18 @@ fn volume_source(rendered: &Rendered, volume: &Value, node: &Node<'_>) -> PathBu
             .host_paths
             .get(path)
             .unwrap_or_else(|| panic!("hostPath {path}: this test's node does not provide it"));
-        if host.get("type").and_then(Value::as_str) == Some("Directory") {
-            assert!(
+        match host.get("type").and_then(Value::as_str) {
+            Some("Directory") => assert!(
                 given.is_dir(),
                 "hostPath {path} ({}) is not a directory",
                 given.display()
-            );
+            ),
+            // As kubelet makes it: root's, 0755.
+            Some("DirectoryOrCreate") => {
+                std::fs::create_dir_all(given).expect("hostPath DirectoryOrCreate")
+            }
+            None => {}
+            Some(other) => panic!("hostPath {path}: type {other} is not provided by this test"),
         }
         return given.clone();
     }

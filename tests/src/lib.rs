@@ -5,3 +5,4 @@ pub mod fake_imds;
 pub mod fake_kube;
 pub mod kubelet;
 pub mod sandbox;
+pub mod seccomp;

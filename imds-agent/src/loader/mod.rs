@@ -60,8 +60,8 @@ pub mod verdicts;
 
 pub use pins::{Counters, detach, is_attached, pinned_counters};
 use pins::{
-    LINK_CONNECT4, LINK_CONNECT6, LINK_SENDMSG4, LINK_SENDMSG6, LINK_SOCK_CREATE, RETIRED_PINS,
-    prepare_pin_dir, read_counters, remove_pin, replace_pin,
+    LINK_CONNECT4, LINK_CONNECT6, LINK_GETPEERNAME4, LINK_SENDMSG4, LINK_SENDMSG6,
+    LINK_SOCK_CREATE, RETIRED_PINS, prepare_pin_dir, read_counters, remove_pin, replace_pin,
 };
 
 /// The object built by build.rs from `imds-ebpf`.
@@ -127,12 +127,13 @@ pub struct AttachConfig<'a> {
     pub pod_divert_to: Option<std::net::Ipv4Addr>,
     /// Whether enforced cgroups may not create raw IP sockets.
     pub refuse_raw_sockets: bool,
+    /// Every listening socket was made by an earlier agent and handed to this one.
+    pub listeners_adopted: bool,
 }
 
 /// The loaded, attached programs and the maps the agent uses at run time.
 pub struct Enforcer {
-    // Keeps the programs loaded (the links hold them too, through their pins) and holds the
-    // getpeername link on the agent's own cgroup, which goes with the agent.
+    // Keeps the programs loaded (the links hold them too, through their pins).
     _ebpf: Ebpf,
     callers: SkStorage<MapData, Caller>,
     /// Where pods are served (`pod_divert_to`).
@@ -238,15 +239,32 @@ impl Enforcer {
                 link
             }};
         }
-        // The agent's side first: it stays owned by the loaded object (dropped with the agent).
-        {
+        // The agent's side first. Its program runs for the cgroup of the accepted sockets,
+        // which they inherit from the listening sockets: the cgroup of the agent that made
+        // those, this one's unless it was handed them (an upgrade, or systemd keeping them
+        // across a restart). So the link is pinned, and kept by an agent handed the sockets:
+        // the cgroup it is on may be gone by then (a replaced pod's), and the kernel keeps
+        // running its programs for the sockets made there. An agent that makes its own
+        // listening sockets attaches to its own cgroup, replacing the link.
+        let getpeername_pinned = config.pin_dir.join(LINK_GETPEERNAME4).exists();
+        if config.listeners_adopted && getpeername_pinned {
+            tracing::debug!(
+                "attribution program kept on the cgroup the listening sockets were made in"
+            );
+        } else {
             let program: &mut CgroupSockAddr = program(&mut ebpf, PROG_GETPEERNAME4)?;
             program.load().map_err(program_error(PROG_GETPEERNAME4))?;
-            program
+            let id = program
                 .attach(&own_cgroup, CgroupAttachMode::Single)
                 .map_err(program_error(PROG_GETPEERNAME4))?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(program_error(PROG_GETPEERNAME4))?
+                .try_into()
+                .map_err(link_error(PROG_GETPEERNAME4))?;
+            replace_pin(config.pin_dir, LINK_GETPEERNAME4, link)?;
+            tracing::debug!(cgroup = %own_cgroup_path.display(), "attribution program attached to the agent's own cgroup");
         }
-        tracing::debug!(cgroup = %own_cgroup_path.display(), "attribution program attached to the agent's own cgroup");
         let links = [
             (LINK_CONNECT4, attach!(CgroupSockAddr, PROG_CONNECT4)),
             (LINK_CONNECT6, attach!(CgroupSockAddr, PROG_CONNECT6)),

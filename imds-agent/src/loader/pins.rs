@@ -17,13 +17,17 @@ pub(super) const LINK_CONNECT6: &str = "connect6";
 pub(super) const LINK_SENDMSG4: &str = "sendmsg4";
 pub(super) const LINK_SENDMSG6: &str = "sendmsg6";
 pub(super) const LINK_SOCK_CREATE: &str = "sock_create";
+/// The attribution program, on the cgroup the listening sockets were made in (see
+/// `Enforcer::attach`).
+pub(super) const LINK_GETPEERNAME4: &str = "getpeername4";
 /// Every link an installation pins.
-pub(super) const LINKS: [&str; 5] = [
+pub(super) const LINKS: [&str; 6] = [
     LINK_CONNECT4,
     LINK_CONNECT6,
     LINK_SENDMSG4,
     LINK_SENDMSG6,
     LINK_SOCK_CREATE,
+    LINK_GETPEERNAME4,
 ];
 /// Pinned by earlier versions, which an upgraded agent removes: a sock_ops program that
 /// recorded pods' connections (unpinning the link detaches it) and its maps, and the callers

@@ -17,7 +17,7 @@ use imds_tests::{
     sandbox::{Curl, ENFORCED_ATTACH_TYPES, Process, Sandbox, attach_types},
 };
 
-use crate::support::{repo, wait_until};
+use crate::support::{Overlay, repo, wait_until};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
@@ -60,6 +60,9 @@ struct Cluster {
     /// The agent's container, and how it is run.
     agent: String,
     agent_run: PodmanRun,
+    /// Agents' containers a rollout replaced, oldest first.
+    retired: Vec<String>,
+    node: Node<'static>,
     /// The node's cgroup root, as podman's --cgroup-parent takes it.
     cgroup_root: String,
     sandbox: Sandbox,
@@ -87,7 +90,10 @@ impl Cluster {
             &["--request-log", request_log.to_str().expect("UTF-8 path")],
             &[],
         );
-        let subnet = (std::process::id() % 200) as u8 + 20;
+        // Two clusters of one test run on two subnets.
+        static CLUSTERS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let subnet = (std::process::id() % 100) as u8 * 2 + 20 + n % 2;
         let network = podman.create_network(&format!("{}-pods", sandbox.name), [10, 214, subnet]);
 
         let api = FakeApiServer::start(sandbox.bind_tcp("127.0.0.1:0"));
@@ -100,6 +106,14 @@ impl Cluster {
         api.apply(Kind::ImdsPolicy, example);
 
         let cgroup_root = format!("/{}", sandbox.name);
+        // The agent's seccomp profile, installed on the node as the seccomp component asks.
+        let seccomp_root = sandbox.work_dir.join("node/seccomp");
+        std::fs::create_dir_all(&seccomp_root).expect("the node's seccomp directory");
+        std::fs::copy(
+            repo().join(imds_tests::seccomp::PROFILE),
+            seccomp_root.join("imds-agent.json"),
+        )
+        .expect("install the seccomp profile");
         let node = Node {
             name: NODE,
             labels: BTreeMap::from([
@@ -111,7 +125,12 @@ impl Cluster {
             host_paths: BTreeMap::from([
                 ("/sys/fs/bpf", node_bpffs),
                 ("/sys/fs/cgroup", sandbox.cgroup_root.clone()),
+                (
+                    "/run/imds-agent",
+                    sandbox.work_dir.join("node/run/imds-agent"),
+                ),
             ]),
+            seccomp_root: seccomp_root.clone(),
             volume_dir: sandbox.work_dir.join("volumes"),
             cgroup_root: cgroup_root.clone(),
             kubeconfig: api.kubeconfig(&sandbox.work_dir),
@@ -132,6 +151,8 @@ impl Cluster {
             network,
             agent: String::new(),
             agent_run,
+            retired: Vec::new(),
+            node,
             cgroup_root,
             sandbox,
         })
@@ -217,12 +238,85 @@ impl Cluster {
         container
     }
 
-    fn audit(&self) -> Vec<Value> {
+    /// A rollout of the DaemonSet `rendered` on this node, as the DaemonSet controller runs a
+    /// surging one: the new pod (`pod_uid`) started beside the old, the old one deleted
+    /// (SIGTERM, then its grace period) once the new one is ready.
+    fn rollout(&mut self, rendered: &Rendered, pod_uid: &str) {
+        let daemonset = rendered.get("DaemonSet", "imds-agent");
+        let rolling = &daemonset["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!(
+            (&rolling["maxSurge"], &rolling["maxUnavailable"]),
+            (&json!(1), &json!(0)),
+            "this test plays a surging rollout"
+        );
+        let name = format!("{}-agent-{}", self.sandbox.name, &pod_uid[..8]);
+        let run = podman_run(rendered, daemonset, &self.node, pod_uid, &name);
+        let new = self.podman.start(&run.args);
+        let old = std::mem::replace(&mut self.agent, new);
+        self.agent_run = run;
+        // Both answer the node's probe address until the old one has handed over.
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .podman
+                .logs(&old)
+                .contains("handed over")),
+            "the old agent did not hand over:\n{}\nthe new one:\n{}",
+            self.podman.logs(&old),
+            self.podman.logs(&self.agent)
+        );
+        self.wait_ready();
+        // The controller deletes the old pod once the new one is available.
+        let grace = daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(30);
+        let deleting = Instant::now();
         self.podman
-            .logs(&self.agent)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|v| v["target"] == "imds_agent::audit")
+            .run(&["stop", "--time", &grace.to_string(), &old]);
+        let stopped_in = deleting.elapsed();
+        let exit = self
+            .podman
+            .run(&["inspect", "--format", "{{.State.ExitCode}}", &old]);
+        assert_eq!(
+            exit,
+            "0",
+            "the old agent's exit:\n{}",
+            self.podman.logs(&old)
+        );
+        assert!(
+            stopped_in < Duration::from_secs(5),
+            "the old agent had drained before its pod was deleted, yet took {stopped_in:?}"
+        );
+        self.retired.push(old);
+    }
+
+    /// What every agent this node ran logged, but its audit lines, oldest first.
+    fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        for agent in self.retired.iter().chain([&self.agent]) {
+            out.push_str(&format!("--- {agent}\n"));
+            for line in self.podman.logs(agent).lines() {
+                if !line.contains("imds_agent::audit") {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Audit lines of every agent this node ran, oldest first.
+    fn audit(&self) -> Vec<Value> {
+        self.retired
+            .iter()
+            .chain([&self.agent])
+            .flat_map(|agent| {
+                self.podman
+                    .logs(agent)
+                    .lines()
+                    .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                    .filter(|v| v["target"] == "imds_agent::audit")
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -428,4 +522,192 @@ fn the_daemonset_image_enforces_pods_that_a_real_runtime_runs() {
     assert_eq!((again.status, again.body.as_str()), (200, INSTANCE_ID));
     let denied_again = podman.curl(&web_pod, &[CREDENTIALS_URL]);
     assert_eq!(denied_again.status, 403, "{denied_again:?}");
+}
+
+/// SDK-style clients running in pods while the agent is rolled: a keep-alive curl loop (one
+/// token for all its requests) and botocore's credential fetcher with its defaults.
+struct PodClients {
+    curl: String,
+    botocore: String,
+}
+
+impl PodClients {
+    fn start(podman: &Podman, curl: &str, botocore: &str) -> Self {
+        // Paced below the agent's default rate per caller (50/s, bursts of 100): a client
+        // that exceeds it gets 429, which is not what this test counts.
+        let env = [
+            "--env",
+            "PAUSE=1.5",
+            "--env",
+            "STOP=/tmp/stop",
+            "--env",
+            "OUT=/tmp/curl.out",
+            "--env",
+            "ERR=/tmp/curl.err",
+        ];
+        let run = |container: &str, script: String| {
+            let mut args = vec!["exec", "--detach"];
+            args.extend(env);
+            args.extend([container, "sh", "-c", &script]);
+            podman.run(&args);
+        };
+        run(
+            curl,
+            format!("{}\ntouch /tmp/done", crate::upgrades::CURL_LOOP),
+        );
+        let python = crate::upgrades::BOTOCORE_LOOP.replace('\'', "'\\''");
+        run(
+            botocore,
+            format!(
+                "PAUSE=0.2 python3 -c '{python}' > /tmp/boto.out 2> /tmp/boto.err; touch /tmp/done"
+            ),
+        );
+        Self {
+            curl: curl.to_owned(),
+            botocore: botocore.to_owned(),
+        }
+    }
+
+    fn file(podman: &Podman, container: &str, path: &str) -> String {
+        let output = podman.exec(container, &["cat", path]);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn curl_statuses(&self, podman: &Podman) -> Vec<String> {
+        Self::file(podman, &self.curl, "/tmp/curl.out")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Stops both loops and waits for them: (curl statuses, curl's complaints, botocore's
+    /// "ok failed" line, botocore's complaints).
+    fn stop(self, podman: &Podman) -> (Vec<String>, String, String, String) {
+        for container in [&self.curl, &self.botocore] {
+            podman.run(&["exec", container, "touch", "/tmp/stop"]);
+        }
+        for container in [&self.curl, &self.botocore] {
+            assert!(
+                wait_until(Duration::from_secs(30), || podman
+                    .exec(container, &["test", "-e", "/tmp/done"])
+                    .status
+                    .success()),
+                "the client loop in {container} did not end"
+            );
+        }
+        (
+            self.curl_statuses(podman),
+            Self::file(podman, &self.curl, "/tmp/curl.err"),
+            Self::file(podman, &self.botocore, "/tmp/boto.out"),
+            Self::file(podman, &self.botocore, "/tmp/boto.err"),
+        )
+    }
+}
+
+/// The agent's process in its container, as the node sees it: /proc/<pid>/status.
+fn agent_status(podman: &Podman, container: &str) -> String {
+    let pid = podman.run(&["inspect", "--format", "{{.State.Pid}}", container]);
+    std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status")
+}
+
+#[test]
+fn a_daemonset_rollout_hands_over_without_a_failed_request() {
+    let Some(mut cluster) = Cluster::start("rollout") else {
+        return;
+    };
+    let api_pod = cluster.add_pod("payments", "api-0", API_POD_UID, "api", "api");
+    let web_pod = cluster.add_pod("frontend", "web-0", WEB_POD_UID, "web", "default");
+    cluster.start_agent();
+    let clients = PodClients::start(&cluster.podman, &web_pod, &api_pod);
+    assert!(
+        wait_until(Duration::from_secs(30), || clients
+            .curl_statuses(&cluster.podman)
+            .len()
+            >= 100),
+        "the curl loop does not get going: {}",
+        PodClients::file(&cluster.podman, &web_pod, "/tmp/curl.err")
+    );
+
+    // Three rollouts: to the seccomp component's pod template (the agent's own system call
+    // allowlist, no CAP_SYS_ADMIN), back to the default, and to the component again.
+    let overlay = Overlay::with(&["seccomp"]);
+    let confined = Rendered::kustomize(&overlay.0);
+    let default = Rendered::kustomize(&repo().join("deploy"));
+    let revisions = [&confined, &default, &confined];
+    for (n, rendered) in revisions.iter().enumerate() {
+        let pod_uid = format!("{n}{}", &AGENT_POD_UID[1..]);
+        cluster.rollout(rendered, &pod_uid);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The last agent runs under the profile, without CAP_SYS_ADMIN (bit 21), and serves.
+    let status = agent_status(&cluster.podman, &cluster.agent);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("Seccomp:"), "2", "a seccomp filter:\n{status}");
+    let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
+    assert_eq!(effective & (1 << 21), 0, "CAP_SYS_ADMIN is effective");
+    let before = clients.curl_statuses(&cluster.podman).len();
+    assert!(
+        wait_until(Duration::from_secs(10), || clients
+            .curl_statuses(&cluster.podman)
+            .len()
+            > before + 50),
+        "the confined agent does not serve"
+    );
+
+    let (statuses, curl_errors, botocore, botocore_errors) = clients.stop(&cluster.podman);
+    let refusals: Vec<Value> = cluster
+        .audit()
+        .into_iter()
+        .filter(|l| l["status"] != 200)
+        .take(3)
+        .collect();
+    let failed: Vec<&String> = statuses.iter().filter(|s| *s != "200").collect();
+    assert!(
+        failed.is_empty() && curl_errors.is_empty(),
+        "{} of {} curl requests failed across {} rollouts: {:?}; {curl_errors}\n{refusals:#?}\n{}",
+        failed.len(),
+        statuses.len(),
+        revisions.len(),
+        &failed[..failed.len().min(10)],
+        cluster.agent_logs()
+    );
+    let (ok, failures) = botocore
+        .trim()
+        .split_once(' ')
+        .and_then(|(ok, failed)| Some((ok.parse::<u64>().ok()?, failed.parse::<u64>().ok()?)))
+        .unwrap_or((0, 1));
+    assert!(
+        ok > 5 && failures == 0,
+        "botocore: {ok} fetched, {failures} failed: {botocore_errors}"
+    );
+
+    // Every metadata read the service saw was decided by one of the agents, and no token
+    // was unknown to the agent that saw it.
+    let audit = cluster.audit();
+    let served = std::fs::read_to_string(&cluster.request_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("GET /latest/meta-data/"))
+        .count();
+    let forwarded = audit
+        .iter()
+        .filter(|l| l["method"] == "GET" && l["upstream_status"].as_u64().is_some_and(|s| s > 0))
+        .count();
+    assert_eq!(
+        served, forwarded,
+        "reads served without an agent's decision"
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|l| l["rule"] != "token-not-issued-to-caller"),
+        "a token bound by one agent was unknown to the next"
+    );
 }

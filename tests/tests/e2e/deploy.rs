@@ -11,7 +11,7 @@ use std::{
 use imds_agent::kube::crd::{ClusterImdsPolicy, ImdsPolicy};
 use imds_tests::kubelet::Rendered;
 
-use crate::support::{TaintOverlay, repo};
+use crate::support::{Overlay, repo};
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -366,19 +366,67 @@ fn every_deploy_file_parses_into_the_api_types_and_fits_together() {
             "the Service selects {key}={value}"
         );
     }
-    let named_ports: Vec<String> = container
-        .ports
+    // The metrics port is the one the agent listens on; the pod declares none (on the host
+    // network a declared port is a host port, which would stop the rollout's surge pod).
+    assert!(
+        container.ports.is_none(),
+        "the agent's container declares ports"
+    );
+    let rolling = daemon_set
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("a rolling update");
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(
+        (&rolling.max_surge, &rolling.max_unavailable),
+        (&Some(IntOrString::Int(1)), &Some(IntOrString::Int(0))),
+        "a rollout starts the new agent before the old one goes"
+    );
+    let metrics_port: i32 = container
+        .args
         .iter()
         .flatten()
-        .filter_map(|p| p.name.clone())
-        .collect();
+        .find_map(|a| a.strip_prefix("--metrics-listen="))
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .expect("--metrics-listen with a port");
     for port in service_spec.ports.iter().flatten() {
-        let target = match &port.target_port {
-            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) => name,
-            other => panic!("the Service targets the port by name, not {other:?}"),
-        };
-        assert!(named_ports.contains(target), "no container port {target}");
+        assert_eq!(
+            port.target_port,
+            Some(IntOrString::Int(metrics_port)),
+            "the Service targets the agent's metrics port"
+        );
     }
+    for probe in [&container.readiness_probe, &container.liveness_probe] {
+        let port = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| &h.port);
+        assert_eq!(
+            port,
+            Some(&IntOrString::Int(metrics_port)),
+            "a probe's port"
+        );
+    }
+    // The state directory is the node's: the old pod offers its sockets there to the new.
+    let state = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "state")
+        .and_then(|v| v.host_path.as_ref())
+        .expect("the state volume is a hostPath");
+    assert!(
+        container
+            .args
+            .iter()
+            .flatten()
+            .any(|a| *a == format!("--state-dir={}", state.path)),
+        "the agent's --state-dir is the node's {}",
+        state.path
+    );
     let security = container
         .security_context
         .as_ref()
@@ -504,21 +552,60 @@ fn parse_component(dir: &Path, objects: &mut Objects) -> Vec<String> {
         parse_resources(&dir.join(resource), objects);
     }
     let mut args = Vec::new();
+    // What a component may change of the agent's container besides adding arguments.
+    const REPLACEABLE: &[&str] = &[
+        "/spec/template/spec/containers/0/securityContext/seccompProfile",
+        "/spec/template/spec/containers/0/securityContext/capabilities/add",
+    ];
     for patch in &component.patches {
         assert_eq!(patch.target["kind"], "DaemonSet", "{}", file.display());
         let operations: Vec<Operation> = serde_saphyr::from_str(&patch.patch)
             .unwrap_or_else(|e| panic!("{}: patch: {e}", file.display()));
         for operation in operations {
-            assert_eq!(
-                (operation.op.as_str(), operation.path.as_str()),
-                ("add", "/spec/template/spec/containers/0/args/-"),
-                "{}",
-                file.display()
-            );
-            args.push(operation.value.as_str().expect("an argument").to_owned());
+            match (operation.op.as_str(), operation.path.as_str()) {
+                ("add", "/spec/template/spec/containers/0/args/-") => {
+                    args.push(operation.value.as_str().expect("an argument").to_owned())
+                }
+                ("replace", path) if REPLACEABLE.contains(&path) => {}
+                (op, path) => panic!("{}: {op} {path}: not expected", file.display()),
+            }
         }
     }
     args
+}
+
+/// The seccomp profile users install for the agent's pods is the host unit's allowlist, as
+/// systemd expands it: one list for both.
+#[test]
+fn the_seccomp_profile_is_the_units_system_call_allowlist() {
+    let unit = repo().join("packaging/imds-agent.service");
+    let Some(derived) = imds_tests::seccomp::profile_for_unit(&unit) else {
+        imds_tests::sandbox::skip("systemd-analyze is not installed");
+        return;
+    };
+    let file = repo().join(imds_tests::seccomp::PROFILE);
+    let committed = std::fs::read_to_string(&file).unwrap_or_default();
+    if committed != derived {
+        let fresh = repo().join("target/imds-agent.seccomp.json");
+        std::fs::write(&fresh, &derived).expect("write the derived profile");
+        panic!(
+            "{} is not the unit's SystemCallFilter= as this systemd expands it; the derived \
+             profile is at {} (copy it over if the unit's list is the one meant)",
+            file.display(),
+            fresh.display()
+        );
+    }
+    let profile: Value = serde_json::from_str(&committed).expect("JSON");
+    let allowed = profile["syscalls"][0]["names"].as_array().expect("names");
+    for needed in ["bpf", "open_by_handle_at", "accept4", "sendmsg", "recvmsg"] {
+        assert!(
+            allowed.iter().any(|n| n == needed),
+            "{needed} is not allowed"
+        );
+    }
+    for never in ["ptrace", "init_module", "kexec_load", "setrlimit"] {
+        assert!(!allowed.iter().any(|n| n == never), "{never} is allowed");
+    }
 }
 
 #[test]
@@ -550,7 +637,7 @@ fn an_unknown_field_is_caught() {
 /// ClusterImdsPolicy, which some GitOps tools reject).
 #[test]
 fn the_rendered_manifests_put_namespaces_only_on_namespaced_objects() {
-    let overlay = TaintOverlay::new();
+    let overlay = Overlay::with(&["startup-taint"]);
     let renderings = [
         ("deploy/", Rendered::kustomize(&repo().join("deploy"))),
         (
@@ -637,11 +724,11 @@ fn tool(program: &str, args: &[&std::ffi::OsStr]) -> Option<(bool, String)> {
 fn manifests_pass_kubernetes_validate_and_custom_resources_their_schema() {
     let dir = repo().join(format!("target/manifest-checks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("check directory");
-    let overlay = TaintOverlay::new();
+    let overlay = Overlay::with(&["startup-taint", "seccomp"]);
     let mut rendered = Vec::new();
     for (name, source) in [
         ("deploy.yaml", repo().join("deploy")),
-        ("taint.yaml", overlay.0.clone()),
+        ("components.yaml", overlay.0.clone()),
     ] {
         let output = std::process::Command::new("kubectl")
             .arg("kustomize")
@@ -859,13 +946,22 @@ fn the_helm_chart_renders_what_kustomize_builds() {
     };
     assert_same("default", &default, &kustomized);
 
-    let tainted: Vec<Value> = Rendered::kustomize(&TaintOverlay::new().0)
+    let tainted: Vec<Value> = Rendered::kustomize(&Overlay::with(&["startup-taint"]).0)
         .objects
         .into_iter()
         .filter(|o| o["kind"] != "Namespace")
         .collect();
     let helm_tainted = helm_template(&["startupTaint.enabled=true"]).expect("helm ran before");
     assert_same("startup taint", &helm_tainted, &tainted);
+
+    let confined: Vec<Value> = Rendered::kustomize(&Overlay::with(&["seccomp"]).0)
+        .objects
+        .into_iter()
+        .filter(|o| o["kind"] != "Namespace")
+        .collect();
+    let helm_confined =
+        helm_template(&["seccompLocalhostProfile=imds-agent.json"]).expect("helm ran before");
+    assert_same("seccomp profile", &helm_confined, &confined);
 
     // With the chart making its namespace, every object of the kustomize build, the
     // Namespace with its Pod Security label included.

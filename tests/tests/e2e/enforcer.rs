@@ -744,17 +744,27 @@ fn other_connections_run_no_program_at_their_tcp_events() {
         (audit[0]["cgroup"].as_str(), audit[0]["comm"].as_str()),
         (Some("/web"), Some("curl"))
     );
-    // The agent's program goes with the agent; enforcement stays.
+    // Enforcement stays without the agent, and so does its program on the cgroup its
+    // listening sockets were made in (a successor handed them, or systemd keeping them, needs
+    // it there); removing the installation takes both away.
     env.agent.process.signal(libc::SIGKILL);
     env.agent.process.wait(Duration::from_secs(5));
     assert_eq!(
         attach_types(&sb.cgroup("agent")).unwrap_or_default(),
-        Vec::<String>::new()
+        ["cgroup_inet4_getpeername"]
     );
     assert_eq!(
         attach_types(&sb.cgroup("enforced")).unwrap_or_default(),
         enforced
     );
+    assert!(imds_agent::loader::detach(&sb.pin_dir).expect("detach"));
+    for cgroup in ["agent", "enforced"] {
+        assert_eq!(
+            attach_types(&sb.cgroup(cgroup)).unwrap_or_default(),
+            Vec::<String>::new(),
+            "{cgroup} after detach"
+        );
+    }
 }
 
 /// Audit lines in a file of their own (`--audit-log`), apart from the operational log, under

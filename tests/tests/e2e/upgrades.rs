@@ -24,9 +24,10 @@ rules:
 "#;
 
 /// curl as a keep-alive client: one token fetched at the start and used for every request
-/// after (so every agent must know it), 50 requests per curl on one connection, until STOP
-/// exists; one status per request in OUT, curl's complaints in ERR.
-const CURL_LOOP: &str = r#"
+/// after (so every agent must know it), 50 requests per curl on one connection, PAUSE
+/// seconds (if set) between curls, until STOP exists; one status per request in OUT, curl's
+/// complaints in ERR.
+pub const CURL_LOOP: &str = r#"
 token=$(curl -sS --noproxy '*' -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' \
   http://169.254.169.254/latest/api/token) || exit 1
 urls=""
@@ -34,12 +35,13 @@ for i in $(seq 50); do urls="$urls -o /dev/null http://169.254.169.254/latest/me
 while [ ! -e "$STOP" ]; do
   curl -sS --noproxy '*' -m 5 -H "X-aws-ec2-metadata-token: $token" \
     -w '%{http_code}\n' $urls >> "$OUT" 2>> "$ERR"
+  sleep "${PAUSE:-0}"
 done
 "#;
 
 /// botocore's credential fetcher with its defaults (1 s timeout, one attempt), in a loop
-/// until STOP exists; prints "ok failed".
-const BOTOCORE_LOOP: &str = r#"
+/// (PAUSE seconds, if set, between fetches) until STOP exists; prints "ok failed".
+pub const BOTOCORE_LOOP: &str = r#"
 import logging, os, sys, time
 from botocore.utils import InstanceMetadataFetcher
 # botocore logs why a fetch failed at debug level: kept, and printed for a failure.
@@ -58,6 +60,7 @@ while not os.path.exists(os.environ["STOP"]):
     else:
         failed += 1
         print("botocore got no credentials:", *said, sep="\n  ", file=sys.stderr)
+    time.sleep(float(os.environ.get("PAUSE", "0")))
 print(ok, failed)
 "#;
 
