@@ -628,16 +628,19 @@ fn a_daemonset_rollout_hands_over_without_a_failed_request() {
         PodClients::file(&cluster.podman, &web_pod, "/tmp/curl.err")
     );
 
-    // Three rollouts: to the seccomp component's pod template (the agent's own system call
-    // allowlist, no CAP_SYS_ADMIN), back to the default, and to the component again.
+    // As many rollouts as the host's upgrade test makes, alternating between the seccomp
+    // component's pod template (the agent's own system call allowlist, no CAP_SYS_ADMIN) and
+    // the default one; the last is the component's.
     let overlay = Overlay::with(&["seccomp"]);
     let confined = Rendered::kustomize(&overlay.0);
     let default = Rendered::kustomize(&repo().join("deploy"));
-    let revisions = [&confined, &default, &confined];
+    let revisions: Vec<&Rendered> = (0..crate::upgrades::UPGRADES)
+        .map(|n| if n % 2 == 0 { &default } else { &confined })
+        .collect();
     for (n, rendered) in revisions.iter().enumerate() {
-        let pod_uid = format!("{n}{}", &AGENT_POD_UID[1..]);
+        let pod_uid = format!("{n:02x}{}", &AGENT_POD_UID[2..]);
         cluster.rollout(rendered, &pod_uid);
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(300));
     }
     // The last agent runs under the profile, without CAP_SYS_ADMIN (bit 21), and serves.
     let status = agent_status(&cluster.podman, &cluster.agent);

@@ -64,7 +64,7 @@ while not os.path.exists(os.environ["STOP"]):
 print(ok, failed)
 "#;
 
-const UPGRADES: usize = 20;
+pub const UPGRADES: usize = 20;
 
 #[test]
 fn twenty_upgrades_under_load_fail_no_request() {
