@@ -253,6 +253,17 @@ pub enum PolicyCommand {
     /// Print the decision for one request, the policy and rule that made it, and why each
     /// other policy did not apply.
     Explain(ExplainArgs),
+    /// Check tables of cases (caller, request, expected decision) against policies without
+    /// attaching anything; prints PASS or FAIL per case and exits 1 if one fails, 64 if a
+    /// file cannot be used. The case file's format is in the README.
+    Test {
+        /// Case files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Policy file or directory besides those the case files name; repeatable.
+        #[arg(long)]
+        policy: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]

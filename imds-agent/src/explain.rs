@@ -40,17 +40,16 @@ pub fn explain(args: &ExplainArgs) -> Result<String, String> {
     ))
 }
 
-/// The cgroup kubelet (systemd driver) gives a pod's container: NAMESPACE/NAME[/CONTAINER].
-fn pod_cgroup(pods: &PodDirectory, spec: &str) -> Result<String, String> {
+/// The cgroup kubelet (systemd driver) gives a pod's container: NAMESPACE/NAME[/CONTAINER],
+/// looked up in the pod metadata given.
+pub(crate) fn pod_cgroup(pods: &PodDirectory, spec: &str) -> Result<String, String> {
     let mut parts = spec.splitn(3, '/');
     let (Some(namespace), Some(name)) = (parts.next(), parts.next()) else {
-        return Err(format!(
-            "--pod {spec:?}: expected NAMESPACE/NAME[/CONTAINER]"
-        ));
+        return Err(format!("pod {spec:?}: expected NAMESPACE/NAME[/CONTAINER]"));
     };
     let pod = pods
         .find(namespace, name)
-        .ok_or_else(|| format!("--pod {spec:?}: no such pod in --pods"))?;
+        .ok_or_else(|| format!("pod {spec:?}: not in the pod metadata given"))?;
     let mut cgroup = format!(
         "/kubepods.slice/kubepods-pod{}.slice",
         pod.uid.replace('-', "_")
@@ -60,7 +59,7 @@ fn pod_cgroup(pods: &PodDirectory, spec: &str) -> Result<String, String> {
             .containers
             .iter()
             .find(|c| c.name == container)
-            .ok_or_else(|| format!("--pod {spec:?}: the pod has no container {container:?}"))?;
+            .ok_or_else(|| format!("pod {spec:?}: the pod has no container {container:?}"))?;
         let id = info.id.rsplit("://").next().unwrap_or(&info.id);
         cgroup.push_str(&format!("/cri-containerd-{id}.scope"));
     }

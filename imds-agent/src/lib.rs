@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod calendar;
+pub mod cases;
 pub mod cli;
 pub mod detect;
 pub mod explain;

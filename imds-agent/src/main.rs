@@ -103,6 +103,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Policy(PolicyCommand::Test { files, policy }) => {
+            match imds_agent::cases::run(&files, &policy) {
+                Ok(outcome) => {
+                    print!("{}", outcome.report);
+                    if outcome.failed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_RUNTIME)
+                    }
+                }
+                Err(errors) => {
+                    eprintln!("{}", format_policy_errors(&errors));
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Policy(PolicyCommand::Explain(args)) => {
             match imds_agent::explain::explain(&args) {
                 Ok(text) => {

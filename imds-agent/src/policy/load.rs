@@ -190,7 +190,7 @@ fn parse_document(file: &Path, doc: &PolicyDocument) -> Result<Policy, Vec<Polic
     compile(at, name.value.clone(), doc, None)
 }
 
-fn yaml_error(file: &Path, text: &str, error: &serde_saphyr::Error) -> PolicyError {
+pub(crate) fn yaml_error(file: &Path, text: &str, error: &serde_saphyr::Error) -> PolicyError {
     let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
     // serde-saphyr's Display is "error: line L column C: message", sometimes followed by a
     // source snippet; keep the message only, the location is printed in front of it.

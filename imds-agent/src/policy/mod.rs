@@ -50,11 +50,13 @@ use serde::Deserialize;
 pub use compile::{Policy, PolicyError, compile_resource};
 pub use decide::{Decision, Selection, TokenRules};
 pub use document::{PolicyDocument, RuleDocument, SelectorDocument, TokensDocument};
+pub(crate) use load::yaml_error;
 pub use load::{parse, parse_all};
 pub use pattern::{
     CanonicalPath, CompiledPatterns, NamePattern, PathError, PathPattern, PatternSet, Specificity,
 };
 pub use plan::{Admission, Asked, Plan, Versioned};
+pub(crate) use suggest::did_you_mean;
 
 #[derive(
     Debug,

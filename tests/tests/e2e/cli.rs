@@ -141,3 +141,127 @@ fn text_logs_have_no_colours_when_not_on_a_terminal() {
         "ANSI escape in logs: {stderr:?}"
     );
 }
+
+#[test]
+fn policy_test_passes_the_example_cases() {
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/tests/cases.yaml");
+    let (code, stdout, stderr) = agent(&["policy", "test", cases.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.ends_with("7 passed, 0 failed\n"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("PASS ")
+            && l.ends_with(
+                "cases.yaml:28:11: the payments app container gets credentials: GET \
+                 /latest/meta-data/iam/security-credentials/node-role -> allow (policy \
+                 'payments-api' rule 'app-reads-credentials')"
+            )),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn policy_test_says_which_case_failed_and_why_and_exits_1() {
+    let dir = std::env::temp_dir().join(format!("imds-cases-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let cases = dir.join("cases.yaml");
+    std::fs::write(
+        &cases,
+        "cases:\n\
+         \x20 - name: web gets credentials\n\
+         \x20   caller: {cgroup: /web/app.service, uid: 33}\n\
+         \x20   request: GET /latest/meta-data/iam/security-credentials/role\n\
+         \x20   expect: allow\n\
+         \x20 - name: web reads its instance id\n\
+         \x20   caller: {cgroup: /web/app.service, uid: 33}\n\
+         \x20   request: get /latest/meta-data/instance-id\n\
+         \x20   expect: 200\n\
+         \x20   rule: imdsv2-token\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = agent(&[
+        "policy",
+        "test",
+        "--policy",
+        policies.to_str().unwrap(),
+        cases.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("FAIL ")
+            && lines[0].ends_with(
+                "cases.yaml:2:11: web gets credentials: GET \
+                 /latest/meta-data/iam/security-credentials/role -> deny (policy 'web' rule \
+                 'default'); expected allow"
+            ),
+        "{stdout}"
+    );
+    // Why, as `policy explain` says it.
+    assert!(
+        lines[1].trim_start() == "decision: deny by policy 'web' rule 'default'",
+        "{stdout}"
+    );
+    // The method is taken in any case; the decision is right but not its rule.
+    assert!(
+        stdout.contains(
+            "web reads its instance id: GET /latest/meta-data/instance-id -> allow (policy 'web' \
+             rule 'instance-info'); expected rule 'imdsv2-token'"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with("0 passed, 2 failed\n"), "{stdout}");
+
+    // A case file that cannot be used: every problem with where it is, no case run.
+    std::fs::write(dir.join("pods.yaml"), "pods: []\n").unwrap();
+    std::fs::write(
+        &cases,
+        "pods: pods.yaml\ncases:\n\
+         \x20 - name: a\n\
+         \x20   caller: {pod: payments/api-9}\n\
+         \x20   request: GET /latest/meta-data/\n\
+         \x20   expect: allow\n\
+         \x20 - name: b\n\
+         \x20   caller: {cgroup: /web, uid: 1}\n\
+         \x20   request: /latest/meta-data/\n\
+         \x20   expect: allow\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = agent(&[
+        "policy",
+        "test",
+        "--policy",
+        policies.to_str().unwrap(),
+        cases.to_str().unwrap(),
+    ]);
+    assert_eq!((code, stdout.as_str()), (64, ""), "{stderr}");
+    assert!(
+        stderr.contains(
+            "cases.yaml:4:13: caller: pod \"payments/api-9\": not in the pod metadata given"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cases.yaml:9:14: request: \"/latest/meta-data/\": expected METHOD PATH"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &cases,
+        "cases:\n  - name: a\n    caller: {cgroup: /web}\n    request: GET /\n    expct: allow\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = agent(&[
+        "policy",
+        "test",
+        "--policy",
+        policies.to_str().unwrap(),
+        cases.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("cases.yaml:5:5: expct: unknown field `expct`")
+            && stderr.contains("did you mean \"expect\"?"),
+        "{stderr}"
+    );
+}
