@@ -72,8 +72,22 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "suggest_policy")]
         json: bool,
+        /// Print least-privilege policies written from what each workload did (run the
+        /// agent with --mode audit to collect it): policy files as YAML documents, one per
+        /// workload, allowing the path groups and paths it was allowed, with the methods it
+        /// used, and tokens.required where it used session tokens only.
+        #[arg(long)]
+        suggest_policy: bool,
+        /// With --suggest-policy: ImdsPolicy objects for the pods instead (other workloads
+        /// are left out: node policies are files).
+        #[arg(long, requires = "suggest_policy")]
+        kubernetes: bool,
+        /// With --suggest-policy: only requests made since then, a duration back from now
+        /// (30m, 24h, 7d) or a UTC time (2026-12-01T00:00:00Z).
+        #[arg(long, requires = "suggest_policy", value_parser = parse_since)]
+        since: Option<String>,
     },
     /// Print the ImdsPolicy and ClusterImdsPolicy CustomResourceDefinitions (YAML).
     Crds,
@@ -337,6 +351,41 @@ impl RunArgs {
         }
         all
     }
+}
+
+/// `--since`: a duration back from now (`30m`, `24h`, `7d`, `90s`) or a UTC time as the
+/// inventory writes them (`2026-12-01T00:00:00Z`), as that UTC time.
+pub fn parse_since(s: &str) -> Result<String, String> {
+    let looks_like_time = s.len() == 20
+        && s.ends_with('Z')
+        && s.as_bytes().get(10) == Some(&b'T')
+        && s.bytes().filter(u8::is_ascii_digit).count() == 14;
+    if looks_like_time {
+        return Ok(s.to_owned());
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => 0,
+    };
+    let Some(back) = number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| seconds > 0)
+        .and_then(|n| n.checked_mul(seconds))
+    else {
+        return Err(format!(
+            "{s:?}: expected a duration (30m, 24h, 7d) or a UTC time (2026-12-01T00:00:00Z)"
+        ));
+    };
+    let then = std::time::SystemTime::now()
+        .checked_sub(std::time::Duration::from_secs(back))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    Ok(crate::calendar::iso8601(then))
 }
 
 /// `ADDRESS:PORT`, `[IPV6]:PORT`, or `[IPV4]:PORT`: brackets are accepted around either

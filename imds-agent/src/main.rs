@@ -131,7 +131,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Report { state_dir, json } => {
+        Command::Report {
+            state_dir,
+            json,
+            suggest_policy,
+            kubernetes,
+            since,
+        } => {
             let Some(state) = imds_agent::status::read_state(&state_dir) else {
                 eprintln!(
                     "imds-agent: no running agent (no state in {})",
@@ -139,7 +145,33 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_RUNTIME);
             };
-            if json {
+            if suggest_policy {
+                use imds_agent::inventory::suggest;
+                let suggestions = suggest::suggest(&state.inventory, since.as_deref());
+                if suggestions.is_empty() {
+                    eprintln!("imds-agent: no allowed requests seen: nothing to suggest");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+                for suggestion in &suggestions {
+                    let left_out = kubernetes && !suggestion.is_pod();
+                    eprintln!(
+                        "{} {}: {} requests of {}",
+                        if left_out {
+                            "left out (not a pod)"
+                        } else {
+                            "suggested"
+                        },
+                        suggestion.name,
+                        suggestion.requests,
+                        suggestion.workloads.join(", ")
+                    );
+                }
+                if kubernetes {
+                    print!("{}", suggest::render_kubernetes(suggestions));
+                } else {
+                    print!("{}", suggest::render_files(&suggestions));
+                }
+            } else if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&state.inventory).unwrap_or_default()

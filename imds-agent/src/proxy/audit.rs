@@ -104,6 +104,7 @@ pub fn record(exchange: &Exchange<'_>, outcome: &Outcome<'_>) {
     filter.sinks.inventory.record(
         id,
         &crate::inventory::Use {
+            method,
             path: target,
             group,
             denied,

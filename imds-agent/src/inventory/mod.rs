@@ -4,7 +4,9 @@
 //! requiring IMDSv2, with the attribution that packet tracers cannot give.
 //!
 //! The running agent keeps it in memory, bounded, and writes it with its state;
-//! `imds-agent report` prints it.
+//! `imds-agent report` prints it, and writes least-privilege policies from it (`suggest`).
+
+pub mod suggest;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -17,9 +19,21 @@ use crate::identity::Identity;
 
 /// Workloads kept; beyond it new ones are counted under [`OVERFLOW`].
 const MAX_WORKLOADS: usize = 4096;
-/// Executables and paths kept per workload.
+/// Executables, paths, requests and uids kept per workload.
 const MAX_EXECUTABLES: usize = 16;
 const MAX_PATHS: usize = 64;
+const MAX_USES: usize = 128;
+const MAX_UIDS: usize = 16;
+/// Pod labels that name one revision or one pod of a controller, not the workload.
+const REVISION_LABELS: [&str; 7] = [
+    "pod-template-hash",
+    "controller-revision-hash",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "controller-uid",
+    "batch.kubernetes.io/job-completion-index",
+];
 const OVERFLOW: &str = "(more workloads than the inventory keeps)";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +52,42 @@ pub struct WorkloadUse {
     /// Requests without a session token, on AWS (the token request itself excluded).
     pub imdsv1: u64,
     pub last_seen: String,
+    /// What a policy can select the workload by (absent in an earlier agent's inventory).
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// Requests by `METHOD PATH` (the first [`MAX_USES`]).
+    #[serde(default)]
+    pub uses: BTreeMap<String, Seen>,
+    /// The uids that asked (the first [`MAX_UIDS`]).
+    #[serde(default)]
+    pub uids: BTreeSet<u32>,
+}
+
+/// A workload as policies select it: a pod's container by its namespace, stable labels,
+/// service account and container name; a systemd unit by name; any other cgroup by path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WorkloadSelector {
+    Pod {
+        namespace: String,
+        labels: BTreeMap<String, String>,
+        service_account: String,
+        container: Option<String>,
+    },
+    Unit(String),
+    Cgroup(String),
+}
+
+/// One kind of request of a workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub group: String,
+    pub allowed: u64,
+    pub denied: u64,
+    /// Without a session token (AWS), the token request excluded.
+    pub tokenless: u64,
+    /// When last asked (ISO 8601, UTC).
+    pub last: String,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +97,7 @@ pub struct Inventory {
 
 /// One request, as the inventory counts it.
 pub struct Use<'a> {
+    pub method: &'a str,
     pub path: &'a str,
     pub group: &'static str,
     pub denied: bool,
@@ -68,21 +119,41 @@ impl Inventory {
                     .pod
                     .as_ref()
                     .map_or_else(String::new, |p| p.namespace.clone()),
+                selector: selector_of(identity),
                 ..WorkloadUse::default()
             });
+        let now = crate::calendar::iso8601(std::time::SystemTime::now());
         entry.requests += 1;
         entry.denied += u64::from(request.denied);
         entry.imdsv1 += u64::from(request.tokenless);
         *entry.groups.entry(request.group.to_owned()).or_default() += 1;
-        if entry.paths.len() < MAX_PATHS && !request.path.is_empty() {
-            entry.paths.insert(request.path.to_owned());
+        let path = request.path.split('?').next().unwrap_or_default();
+        if entry.paths.len() < MAX_PATHS && !path.is_empty() {
+            entry.paths.insert(path.to_owned());
+        }
+        let key = format!("{} {path}", request.method);
+        if entry.uses.len() < MAX_USES || entry.uses.contains_key(&key) {
+            let seen = entry.uses.entry(key).or_insert_with(|| Seen {
+                group: request.group.to_owned(),
+                ..Seen::default()
+            });
+            if request.denied {
+                seen.denied += 1;
+            } else {
+                seen.allowed += 1;
+            }
+            seen.tokenless += u64::from(request.tokenless);
+            seen.last.clone_from(&now);
+        }
+        if entry.uids.len() < MAX_UIDS {
+            entry.uids.insert(identity.uid);
         }
         if let Some(exe) = &identity.exe
             && entry.executables.len() < MAX_EXECUTABLES
         {
             entry.executables.insert(exe.path.clone());
         }
-        entry.last_seen = crate::calendar::iso8601(std::time::SystemTime::now());
+        entry.last_seen = now;
     }
 
     /// Adds a predecessor's inventory (an upgrade) to this one.
@@ -97,6 +168,7 @@ impl Inventory {
                 .or_insert_with(|| WorkloadUse {
                     workload: old.workload.clone(),
                     namespace: old.namespace.clone(),
+                    selector: old.selector.clone(),
                     ..WorkloadUse::default()
                 });
             entry.requests += old.requests;
@@ -113,6 +185,26 @@ impl Inventory {
             for path in old.paths {
                 if entry.paths.len() < MAX_PATHS {
                     entry.paths.insert(path);
+                }
+            }
+            for (key, seen) in old.uses {
+                if entry.uses.len() >= MAX_USES && !entry.uses.contains_key(&key) {
+                    continue;
+                }
+                let mine = entry.uses.entry(key).or_insert_with(|| Seen {
+                    group: seen.group.clone(),
+                    ..Seen::default()
+                });
+                mine.allowed += seen.allowed;
+                mine.denied += seen.denied;
+                mine.tokenless += seen.tokenless;
+                if seen.last > mine.last {
+                    mine.last = seen.last;
+                }
+            }
+            for uid in old.uids {
+                if entry.uids.len() < MAX_UIDS {
+                    entry.uids.insert(uid);
                 }
             }
             // ISO 8601 in UTC: the later one sorts last.
@@ -137,6 +229,27 @@ impl Inventory {
                 .then_with(|| a.workload.cmp(&b.workload))
         });
         all
+    }
+}
+
+fn selector_of(identity: &Identity) -> Option<WorkloadSelector> {
+    if let Some(pod) = &identity.pod {
+        return Some(WorkloadSelector::Pod {
+            namespace: pod.namespace.clone(),
+            labels: pod
+                .labels
+                .iter()
+                .filter(|(key, _)| !REVISION_LABELS.contains(&key.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            service_account: pod.service_account.clone(),
+            container: identity.container.clone(),
+        });
+    }
+    match (&identity.unit, &identity.cgroup) {
+        (Some(unit), _) => Some(WorkloadSelector::Unit(unit.clone())),
+        (None, Some(cgroup)) => Some(WorkloadSelector::Cgroup(cgroup.clone())),
+        (None, None) => None,
     }
 }
 
@@ -219,6 +332,7 @@ mod tests {
         ));
         let batch = Identity::for_cgroup("/batch", 1000, 1000, &PodDirectory::default());
         let read = |path, group, denied, tokenless| Use {
+            method: "GET",
             path,
             group,
             denied,
