@@ -106,6 +106,70 @@ impl Provider {
     }
 }
 
+impl Provider {
+    /// The query parameters the provider's metadata service documents (reference: A1, A2.4,
+    /// A2.5, A3, A4), names as the services read them (exactly). Any other is refused with
+    /// 400 rather than passed to a service that may give it a meaning the policy never saw.
+    /// The services without parameters take none.
+    pub fn query_parameters(self) -> &'static [&'static str] {
+        match self {
+            // As GKE's metadata concealment proxy keeps them.
+            Self::Gcp => &[
+                "recursive",
+                "alt",
+                "wait_for_change",
+                "timeout_sec",
+                "last_etag",
+                "service_account",
+                "scope",
+                "scopes",
+                "audience",
+                "licenses",
+                "format",
+            ],
+            // Instance, attested, load balancer and scheduled events documents, and managed
+            // identity tokens (the user-assigned identity by client, object or resource id;
+            // mi_res_id is the newer spelling of msi_res_id).
+            Self::Azure => &[
+                "api-version",
+                "format",
+                "extended",
+                "nonce",
+                "resource",
+                "client_id",
+                "object_id",
+                "msi_res_id",
+                "mi_res_id",
+                "bypass_cache",
+            ],
+            Self::Aws
+            | Self::Oci
+            | Self::Openstack
+            | Self::Digitalocean
+            | Self::Alibaba
+            | Self::Hetzner => &[],
+        }
+    }
+}
+
+impl Provider {
+    /// Refuses a query parameter the service does not document ([`Self::query_parameters`]).
+    pub fn check_query(self, params: &[(String, String)]) -> Result<(), ProtocolRefusal> {
+        let known = self.query_parameters();
+        if params
+            .iter()
+            .all(|(name, _)| known.contains(&name.as_str()))
+        {
+            Ok(())
+        } else {
+            Err(ProtocolRefusal {
+                status: 400,
+                reason: "a query parameter this metadata service does not document",
+            })
+        }
+    }
+}
+
 /// A request the provider's metadata service would refuse, or one the agent refuses because
 /// it skips the service's own protection: the status to answer and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -136,4 +136,22 @@ proptest! {
             prop_assert!(reference_matches(&pattern, &segments));
         }
     }
+
+    /// The query forwarded says what the filter read: parsed again (as the service parses
+    /// it), it gives the same parameters, whatever the client's spelling.
+    #[test]
+    fn the_forwarded_query_reads_as_the_received_one(
+        query in "[a-zA-Z0-9%+&=._~:/?!$'()*,;@-]{0,40}",
+    ) {
+        let Ok(http_request) = Request::get(format!("/m?{query}")).header("host", "x").body(()) else {
+            return Ok(());
+        };
+        let Ok(valid) = request::validate(&http_request) else {
+            return Ok(());
+        };
+        let again = Request::get(valid.target()).header("host", "x").body(()).unwrap();
+        let reread = request::validate(&again).expect("a rebuilt query is valid");
+        prop_assert_eq!(&reread.params, &valid.params);
+        prop_assert_eq!(&reread.query, &valid.query);
+    }
 }

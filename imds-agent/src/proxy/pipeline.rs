@@ -48,7 +48,11 @@ pub async fn handle(
         Ok(valid) => valid,
         Err(rejection) => return refuse(&exchange, &Refusal::Invalid(rejection)),
     };
-    if let Err(refusal) = filter.provider.check_request(&valid.path, &valid.headers) {
+    if let Err(refusal) = filter
+        .provider
+        .check_request(&valid.path, &valid.headers)
+        .and_then(|()| filter.provider.check_query(&valid.params))
+    {
         return refuse(&exchange, &Refusal::Protocol(refusal));
     }
     let session = filter.provider.session_tokens();

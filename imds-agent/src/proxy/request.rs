@@ -33,6 +33,10 @@ impl Rejection {
 pub struct ValidRequest {
     pub method: Method,
     pub path: String,
+    /// The query's parameters, decoded, names as written (see [`query_params`]).
+    pub params: Vec<(String, String)>,
+    /// The query forwarded: rebuilt from `params`, never the client's bytes (`None` without
+    /// parameters).
     pub query: Option<String>,
     /// End-to-end headers to forward (no Host, no hop-by-hop headers).
     pub headers: HeaderMap,
@@ -47,16 +51,9 @@ impl ValidRequest {
     /// `false` is taken as true, the safe side). Names are read as the service reads them,
     /// percent-decoded: `%72ecursive=true` is recursive too.
     pub fn is_recursive(&self) -> bool {
-        let Some(query) = &self.query else {
-            return false;
-        };
-        match query_params(query) {
-            Ok(params) => params
-                .iter()
-                .any(|(name, value)| name == "recursive" && !value.eq_ignore_ascii_case("false")),
-            // Not a query validation lets through; the safe side regardless.
-            Err(_) => true,
-        }
+        self.params.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case("recursive") && !value.eq_ignore_ascii_case("false")
+        })
     }
 
     pub fn target(&self) -> String {
@@ -107,21 +104,25 @@ pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
             ..Rejection::bad("invalid request path")
         });
     }
-    let query = uri.query().map(str::to_owned);
-    if let Some(query) = &query {
+    let mut params = Vec::new();
+    if let Some(query) = uri.query() {
         if !query.bytes().all(is_query_byte) {
             return Err(Rejection::bad("invalid query string"));
         }
-        let params = query_params(query)
+        params = query_params(query)
             .map_err(|()| Rejection::bad("invalid percent-encoding in the query string"))?;
         // Azure's service refuses a name given twice; anywhere, the filter and the service
-        // could each read a different one of them.
-        let mut names: Vec<&str> = params.iter().map(|(name, _)| name.as_str()).collect();
+        // could each read a different one of them. Two spellings of one name count as one.
+        let mut names: Vec<String> = params
+            .iter()
+            .map(|(name, _)| name.to_ascii_lowercase())
+            .collect();
         names.sort_unstable();
         if names.windows(2).any(|pair| pair[0] == pair[1]) {
             return Err(Rejection::bad("duplicate query parameter"));
         }
     }
+    let query = (!params.is_empty()).then(|| rebuild_query(&params));
 
     let headers = request.headers();
     if FORWARDING_HEADERS.iter().any(|h| headers.contains_key(*h)) {
@@ -167,6 +168,7 @@ pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
     Ok(ValidRequest {
         method: request.method().clone(),
         path: path.to_owned(),
+        params,
         query,
         headers: forwarded,
     })
@@ -179,21 +181,42 @@ fn is_query_byte(b: u8) -> bool {
 }
 
 /// A query's parameters as the services' parsers read them (Go's `url.ParseQuery` on GCP):
-/// names and values percent-decoded, `+` as a space; names also lower-cased, so that two
-/// spellings of one name count as one. Empty pairs (`a=1&&b=2`) are skipped. An invalid
-/// escape is an error.
+/// names and values percent-decoded, `+` as a space. Empty pairs (`a=1&&b=2`) are skipped.
+/// An invalid escape is an error.
 fn query_params(query: &str) -> Result<Vec<(String, String)>, ()> {
     query
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            Ok((
-                percent_decode(name)?.to_ascii_lowercase(),
-                percent_decode(value)?,
-            ))
+            Ok((percent_decode(name)?, percent_decode(value)?))
         })
         .collect()
+}
+
+/// The query forwarded for `params`: `name=value` pairs joined by `&`, every byte but the
+/// unreserved ones (RFC 3986) percent-encoded, so that the service decodes exactly the
+/// values the filter read, whatever the client's spelling.
+fn rebuild_query(params: &[(String, String)]) -> String {
+    let encode = |text: &str, out: &mut String| {
+        for &b in text.as_bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    };
+    let mut query = String::new();
+    for (i, (name, value)) in params.iter().enumerate() {
+        if i > 0 {
+            query.push('&');
+        }
+        encode(name, &mut query);
+        query.push('=');
+        encode(value, &mut query);
+    }
+    query
 }
 
 fn percent_decode(text: &str) -> Result<String, ()> {
@@ -368,11 +391,13 @@ mod tests {
 
     #[test]
     fn recursive_means_anything_but_false() {
-        let with = |query: &str| ValidRequest {
-            method: Method::GET,
-            path: "/computeMetadata/v1/instance/".into(),
-            query: Some(query.into()),
-            headers: HeaderMap::new(),
+        let with = |query: &str| {
+            validate(&req(
+                "GET",
+                &format!("/computeMetadata/v1/instance/?{query}"),
+                &[HOST],
+            ))
+            .expect("a valid query")
         };
         for (query, recursive) in [
             ("recursive=true", true),
@@ -389,5 +414,26 @@ mod tests {
         ] {
             assert_eq!(with(query).is_recursive(), recursive, "{query}");
         }
+    }
+
+    #[test]
+    fn the_forwarded_query_is_rebuilt_from_what_was_read() {
+        for (received, forwarded) in [
+            ("alt=json&recursive=true", "alt=json&recursive=true"),
+            // One spelling of each value, whatever the client's.
+            (
+                "resource=https://management.azure.com/&api-version=2018-02-01",
+                "resource=https%3A%2F%2Fmanagement.azure.com%2F&api-version=2018-02-01",
+            ),
+            ("%72ecursive=tru%65", "recursive=true"),
+            ("a=b+c&&d", "a=b%20c&d="),
+            ("x=%2526", "x=%2526"),
+        ] {
+            let valid = validate(&req("GET", &format!("/m?{received}"), &[HOST])).unwrap();
+            assert_eq!(valid.query.as_deref(), Some(forwarded), "{received}");
+            assert_eq!(valid.target(), format!("/m?{forwarded}"));
+        }
+        let bare = validate(&req("GET", "/m?", &[HOST])).unwrap();
+        assert_eq!((bare.target(), bare.query), ("/m".to_owned(), None));
     }
 }

@@ -13,7 +13,7 @@
 //! token*`; whether it echoes the TTL is not documented, so it does not) and RAM credentials;
 //! OpenStack's EC2-compatible tree without tokens, beside its own `/openstack` tree.
 //!
-//! Test hook, not IMDS behaviour: a `fake_delay_ms=N` query parameter delays the answer by N
+//! Test hook, not IMDS behaviour: an `X-Fake-Delay-Ms: N` header delays the answer by N
 //! milliseconds (at most 10 s), so tests can hold a request in flight.
 
 use std::{
@@ -142,11 +142,17 @@ fn log_request<B>(log: &std::path::Path, request: &Request<B>) {
     }
 }
 
+/// A test asks the fake to answer late with this header (an end-to-end header, which the
+/// agent forwards; a query parameter of its own would be refused as undocumented).
+pub const DELAY_HEADER: &str = "x-fake-delay-ms";
+
 fn requested_delay<B>(request: &Request<B>) -> Option<Duration> {
-    let query = request.uri().query()?;
-    let ms: u64 = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("fake_delay_ms="))?
+    let ms: u64 = request
+        .headers()
+        .get(DELAY_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
         .parse()
         .ok()?;
     Some(Duration::from_millis(ms.min(10_000)))

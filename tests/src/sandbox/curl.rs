@@ -3,11 +3,13 @@
 use super::*;
 
 impl Sandbox {
-    /// Starts a GET of `url` from `cgroup` in the background, for a request held in flight
-    /// (with the fake IMDS's `fake_delay_ms`); its stdout is the body.
-    pub fn spawn_get(&self, cgroup: &str, url: &str) -> Child {
+    /// Starts a GET of `url` from `cgroup` in the background with extra curl `args`, for a
+    /// request held in flight (with the fake IMDS's `X-Fake-Delay-Ms`); its stdout is the body.
+    pub fn spawn_get(&self, cgroup: &str, url: &str, args: &[&str]) -> Child {
         self.command_as("curl", cgroup, None)
-            .args(["-sS", "-m", "10", url])
+            .args(["-sS", "-m", "10"])
+            .args(args)
+            .arg(url)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn curl")

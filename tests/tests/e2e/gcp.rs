@@ -42,10 +42,16 @@ struct Env {
 }
 
 fn start(label: &str) -> Option<Env> {
+    start_with(label, &[])
+}
+
+fn start_with(label: &str, extra: &[&str]) -> Option<Env> {
     let sandbox = Sandbox::new(label)?;
     let imds = sandbox.start_fake_cloud("gcp", &[]);
     let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
-    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--provider", "gcp"]);
+    let mut args = vec!["--provider", "gcp"];
+    args.extend_from_slice(extra);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &args);
     Some(Env {
         agent,
         _imds: imds,
@@ -55,16 +61,64 @@ fn start(label: &str) -> Option<Env> {
 
 impl Env {
     fn get(&self, cgroup: &str, path: &str) -> Curl {
-        self.sandbox.curl(
-            cgroup,
-            None,
-            &[
-                "-H",
-                "Metadata-Flavor: Google",
-                &format!("http://169.254.169.254{path}"),
-            ],
-        )
+        self.get_with(cgroup, path, &[])
     }
+
+    fn get_with(&self, cgroup: &str, path: &str, args: &[&str]) -> Curl {
+        let url = format!("http://169.254.169.254{path}");
+        let mut all = vec!["-H", "Metadata-Flavor: Google"];
+        all.extend_from_slice(args);
+        all.push(&url);
+        self.sandbox.curl(cgroup, None, &all)
+    }
+}
+
+#[test]
+fn only_documented_queries_pass_and_hanging_gets_outlast_the_upstream_bound() {
+    let Some(env) = start_with(
+        "gcp-queries",
+        &["--upstream-timeout-ms", "400", "--explain-denials"],
+    ) else {
+        return;
+    };
+    const ID: &str = "/computeMetadata/v1/instance/id";
+    let delayed = ["-H", "X-Fake-Delay-Ms: 1500"];
+    // An ordinary read of a service that hangs is cut at the bound.
+    let hung = env.get_with("enforced/app", ID, &delayed);
+    assert_eq!(hung.status, 504, "{hung:?}");
+    // A hanging GET with its own timeout_sec is not.
+    let path = format!("{ID}?wait_for_change=true&timeout_sec=3");
+    let long_poll = env.get_with("enforced/app", &path, &delayed);
+    assert_eq!(long_poll.status, 200, "{long_poll:?}");
+    // A parameter GCP's server does not document, or a documented one spelt otherwise, is
+    // refused before the service sees it.
+    for query in ["foo=1", "alt=json&Recursive=true"] {
+        let refused = env.get("enforced/app", &format!("{ID}?{query}"));
+        assert_eq!(
+            (refused.status, refused.body.as_str()),
+            (
+                400,
+                "imds-agent: a query parameter this metadata service does not document\n"
+            ),
+            "{query}"
+        );
+    }
+    // A recursive read denied for part of its subtree says so first.
+    let denied = env.get_with(
+        "enforced/app",
+        "/computeMetadata/v1/instance/attributes/?recursive=true",
+        &["-D", "-"],
+    );
+    assert_eq!(denied.status, 403, "{denied:?}");
+    let explained = denied
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("imds-agent-explain: "))
+        .unwrap_or_default();
+    assert!(
+        explained.starts_with("recursive read: deny by policy 'app'"),
+        "{denied:?}"
+    );
 }
 
 #[test]
@@ -118,11 +172,13 @@ fn gke_kube_env_stays_out_of_reach_of_listings_and_recursive_reads() {
     );
     assert_eq!(recursive.status, 403, "{recursive:?}");
     assert!(!recursive.body.contains("KUBELET"));
-    // However the name is spelt: the server decodes `%72ecursive` as `recursive`.
-    for spelling in ["%72ecursive=true", "RECURSIVE=true"] {
+    // However the name is spelt: the server decodes `%72ecursive` as `recursive`; a spelling
+    // it does not document is refused (400) before anything is decided.
+    for (spelling, status) in [("%72ecursive=true", 403), ("RECURSIVE=true", 400)] {
         let path = format!("/computeMetadata/v1/instance/attributes/?{spelling}");
         let encoded = env.get("enforced/app", &path);
-        assert_eq!(encoded.status, 403, "{encoded:?}");
+        assert_eq!(encoded.status, status, "{encoded:?}");
+        assert!(!encoded.body.contains("KUBELET"));
         let direct = env.get("outside", &path);
         assert!(direct.body.contains("KUBELET"), "{direct:?}");
     }

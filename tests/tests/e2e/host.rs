@@ -129,6 +129,7 @@ fn after_a_crash_connects_wait_for_the_restarted_agent_instead_of_failing() {
     let waiting = sandbox.spawn_get(
         "enforced/system.slice/some.service",
         &url("/latest/meta-data/instance-id"),
+        &[],
     );
     // systemd restarts the service (RestartSec=100ms) with the stored descriptors.
     std::thread::sleep(Duration::from_millis(100));

@@ -447,7 +447,7 @@ fn a_connection_from_a_pod_not_yet_reported_waits_for_it() {
     };
     let cgroup = API_0.cgroup();
     // The container runs (and connects) before the watch has reported its pod.
-    let mut early = env.sandbox.spawn_get(&cgroup, CREDENTIALS_URL);
+    let mut early = env.sandbox.spawn_get(&cgroup, CREDENTIALS_URL, &[]);
     std::thread::sleep(Duration::from_millis(300));
     env.add_pod(&API_0, NODE);
     let output = early.wait().expect("curl");

@@ -309,7 +309,9 @@ fn a_live_policy_change_flips_a_decision_without_restart_or_dropping_in_flight_r
             "10",
             "-w",
             "\n%{http_code}",
-            &url(&format!("{INSTANCE_ID_PATH}?fake_delay_ms=1500")),
+            "-H",
+            "X-Fake-Delay-Ms: 1500",
+            &url(INSTANCE_ID_PATH),
         ])
         .stdout(Stdio::piped())
         .spawn()
