@@ -20,17 +20,23 @@
 //!   Hetzner's `/hetzner/v1/metadata` (vendor data).
 //! - User-supplied key/value metadata is user-data (GCP attributes, OCI `metadata/`), and so
 //!   are SSH public keys supplied with it.
+//! - Instance tags are values users choose (owners, cost centres, and sometimes what should
+//!   have been a secret): a group of their own, `tags`, in no other (EC2's
+//!   `meta-data/tags/instance`, opt-in on the instance; Azure's `compute/tags` and
+//!   `tagsList`; DigitalOcean's `tags/`). GCP's `instance/tags` are network tags (firewall
+//!   targets), instance information.
 
 use std::sync::{Arc, LazyLock};
 
 use super::{CompiledPatterns, PathPattern};
 
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 7] = [
     "credentials",
     "user-data",
     "identity-document",
     "instance-info",
     "network",
+    "tags",
     "token",
 ];
 
@@ -123,7 +129,6 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/latest/meta-data/services/**",
             "/latest/meta-data/spot/**",
             "/latest/meta-data/system",
-            "/latest/meta-data/tags/**",
             "/computeMetadata/v1/instance/cpu-platform",
             "/computeMetadata/v1/instance/description",
             "/computeMetadata/v1/instance/hostname",
@@ -140,7 +145,6 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/metadata/instance/compute/name",
             "/metadata/instance/compute/resourceGroupName",
             "/metadata/instance/compute/subscriptionId",
-            "/metadata/instance/compute/tags",
             "/metadata/instance/compute/vmId",
             "/metadata/instance/compute/vmSize",
             "/metadata/instance/compute/zone",
@@ -170,7 +174,6 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/metadata/v1/hostname",
             "/metadata/v1/id",
             "/metadata/v1/region",
-            "/metadata/v1/tags/**",
             "/latest/meta-data/image-id",
             "/latest/meta-data/instance/**",
             "/latest/meta-data/region-id",
@@ -202,6 +205,12 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/latest/meta-data/vswitch-id",
             "/hetzner/v1/metadata/private-networks",
             "/hetzner/v1/metadata/public-ipv4",
+        ],
+        "tags" => &[
+            "/latest/meta-data/tags/**",
+            "/metadata/instance/compute/tags",
+            "/metadata/instance/compute/tagsList",
+            "/metadata/v1/tags/**",
         ],
         // Session tokens (PUT; AWS IMDSv2 and Alibaba's hardened mode); useless without
         // read rights elsewhere.
@@ -237,7 +246,7 @@ mod tests {
     fn groups_that_policies_allow_are_literal() {
         // Literal patterns (and literal/**) are hash lookups; a wildcard would be tried on
         // every decision of every policy that allows the group.
-        for name in ["instance-info", "network", "token"] {
+        for name in ["instance-info", "network", "tags", "token"] {
             for pattern in patterns(name).unwrap() {
                 let stem = pattern.strip_suffix("/**").unwrap_or(pattern);
                 assert!(!stem.contains(['*', '{']), "{name}: {pattern}");
@@ -318,6 +327,20 @@ mod tests {
                 true,
             ),
             ("token", "/latest/api/token", true),
+            // User-chosen tag values: their own group, no longer instance information.
+            ("tags", "/latest/meta-data/tags/instance/Owner", true),
+            ("tags", "/latest/meta-data/tags/instance", true),
+            ("tags", "/metadata/instance/compute/tags", true),
+            ("tags", "/metadata/instance/compute/tagsList", true),
+            ("tags", "/metadata/v1/tags/env", true),
+            (
+                "instance-info",
+                "/latest/meta-data/tags/instance/Owner",
+                false,
+            ),
+            ("instance-info", "/metadata/instance/compute/tags", false),
+            ("instance-info", "/metadata/v1/tags/env", false),
+            ("tags", "/computeMetadata/v1/instance/tags", false),
             // OCI
             ("credentials", "/opc/v2/identity/key.pem", true),
             ("user-data", "/opc/v2/instance/metadata/user_data", true),
