@@ -162,6 +162,45 @@ async fn listen(
     TcpListener::bind(addr).await
 }
 
+/// Says what other programs at connect() mean for enforcement (see `loader::neighbours`):
+/// one that runs first may take metadata connects before the agent sees them.
+fn warn_of_neighbours(enforcer: &Enforcer, mount: &std::path::Path, cgroup: &std::path::Path) {
+    let neighbours = match enforcer.neighbours(mount, cgroup) {
+        Ok(neighbours) => neighbours,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the other programs at connect()");
+            return;
+        }
+    };
+    for other in neighbours {
+        let name = other.name.as_deref().unwrap_or("?");
+        if other.runs_first {
+            tracing::error!(
+                hook = other.hook,
+                program_id = other.id,
+                program = name,
+                attached_at = %other.cgroup,
+                "another program runs at connect() before the agent's on the enforced cgroups: \
+                 if it redirects metadata connects (Azure's guest proxy agent does, from the \
+                 cgroup root), they never reach the agent and its policies do not apply. \
+                 Enforce a subtree below it (--cgroup: a cgroup's own programs run before its \
+                 parents'), or remove it; attaching it after the agent holds only until the \
+                 agent's next upgrade or restart"
+            );
+        } else {
+            tracing::info!(
+                hook = other.hook,
+                program_id = other.id,
+                program = name,
+                attached_at = %other.cgroup,
+                "another program runs at connect() after the agent's: diverted connects reach \
+                 it with the agent's address, and the agent's own requests to the metadata \
+                 service pass through it (Azure's guest proxy agent serves root by default)"
+            );
+        }
+    }
+}
+
 /// The per-caller state, empty, with the command line's limits.
 fn caller_state(args: &RunArgs, tokens: Arc<proxy::tokens::TokenBindings>) -> proxy::CallerState {
     proxy::CallerState {
@@ -410,6 +449,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Connects are diverted from here on; connections made before are closed, so that an
     // open keep-alive connection cannot dodge the policy.
     close_preexisting(&resolver, &endpoints);
+    warn_of_neighbours(&enforcer, &mount, &cgroup);
     tracing::info!(
         cgroup = %cgroup.display(),
         pin_dir = %args.pin_dir.display(),

@@ -52,6 +52,7 @@ use crate::fs;
 
 pub mod btf;
 pub mod kernel_log;
+pub mod neighbours;
 mod netlink;
 mod pins;
 pub mod podns;
@@ -144,6 +145,8 @@ pub struct Enforcer {
     /// The programs' diagnostics, until the agent starts reading them.
     pub kernel_log: Option<kernel_log::KernelLog>,
     counters: PerCpuArray<MapData, u64>,
+    /// The agent's connect4 and connect6 programs' ids.
+    connect_ids: Vec<(&'static str, u32)>,
 }
 
 impl Enforcer {
@@ -278,6 +281,13 @@ impl Enforcer {
         for name in RETIRED_PINS {
             remove_pin(config.pin_dir, name)?;
         }
+        // The kernel's ids of the programs just attached at connect(), to tell them from
+        // other programs at the same hooks (`neighbours`).
+        let mut connect_ids = Vec::new();
+        for (hook, name) in [("connect4", PROG_CONNECT4), ("connect6", PROG_CONNECT6)] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            connect_ids.push((hook, program.info().map_err(program_error(name))?.id()));
+        }
 
         let pods = match config.pod_divert_to {
             Some(listener) => Some(podns::PodNamespaces::new(
@@ -293,8 +303,19 @@ impl Enforcer {
             verdicts: verdicts::KernelVerdicts::new(take_map(&mut ebpf, MAP_VERDICTS)?),
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
             kernel_log,
+            connect_ids,
             _ebpf: ebpf,
         })
+    }
+
+    /// Other programs that run at connect() for the enforced cgroup `enforced` (on the
+    /// cgroup2 mount `mount`), and whether they run before the agent's (see `neighbours`).
+    pub fn neighbours(
+        &self,
+        mount: &Path,
+        enforced: &Path,
+    ) -> std::io::Result<Vec<neighbours::Neighbour>> {
+        neighbours::find(mount, enforced, &self.connect_ids)
     }
 
     /// The kernel's record of a diverted connection the agent accepted from `peer`, which

@@ -264,9 +264,12 @@ impl Drop for Sandbox {
         while Instant::now() < deadline && has_processes(&self.cgroup_root) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        // 2. Enforcement: unpinning the links detaches the programs.
-        if let Err(error) = imds_agent::loader::detach(&self.pin_dir) {
-            eprintln!("sandbox {}: detach: {error}", self.name);
+        // 2. Enforcement: unpinning the links detaches the programs (a second installation's
+        // too, see `start_second_agent`).
+        for pin_dir in [self.pin_dir.clone(), self.second_pin_dir()] {
+            if let Err(error) = imds_agent::loader::detach(&pin_dir) {
+                eprintln!("sandbox {}: detach: {error}", self.name);
+            }
         }
         // 3. Cgroups, deepest first (a cgroup's links go with it).
         remove_cgroups(&self.cgroup_root);

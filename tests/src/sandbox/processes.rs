@@ -147,6 +147,42 @@ impl Sandbox {
         self.start_logged(command, enforce, policies, extra, env)
     }
 
+    /// The pin directory of a second, separate installation in this sandbox.
+    pub fn second_pin_dir(&self) -> PathBuf {
+        let mut dir = self.pin_dir.clone().into_os_string();
+        dir.push("-second");
+        PathBuf::from(dir)
+    }
+
+    /// A second, separate installation of the agent (its own pin and state directories), as
+    /// another program at the same hooks is to the first: `extra` must give it another
+    /// `--listen` address.
+    pub fn start_second_agent(
+        &self,
+        enforce: &str,
+        agent_cgroup: &str,
+        policies: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let command = self.command(binary("imds-agent"), agent_cgroup);
+        let pin_dir = self.second_pin_dir();
+        let state_dir = self.work_dir.join("state-second");
+        let mut agent = self.start_installed(
+            command,
+            enforce,
+            policies,
+            extra,
+            &[],
+            (&pin_dir, &state_dir),
+        );
+        assert!(
+            agent.is_running(),
+            "the second agent exited:\n{}",
+            agent.log()
+        );
+        agent
+    }
+
     fn launch(
         &self,
         agent: &Path,
@@ -164,11 +200,32 @@ impl Sandbox {
     /// arguments and waits until it enforces or exits.
     fn start_logged(
         &self,
+        command: Command,
+        enforce: &str,
+        policies: &[&Path],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let state_dir = self.work_dir.join("state");
+        self.start_installed(
+            command,
+            enforce,
+            policies,
+            extra,
+            env,
+            (&self.pin_dir, &state_dir),
+        )
+    }
+
+    /// As [`Self::start_logged`], with the installation's (pin, state) directories.
+    fn start_installed(
+        &self,
         mut command: Command,
         enforce: &str,
         policies: &[&Path],
         extra: &[&str],
         env: &[(&str, &str)],
+        (pin_dir, state_dir): (&Path, &Path),
     ) -> Agent {
         let log = self.work_dir.join(format!(
             "agent-{}.log",
@@ -180,9 +237,9 @@ impl Sandbox {
             .arg("--cgroup")
             .arg(self.cgroup(enforce))
             .arg("--pin-dir")
-            .arg(&self.pin_dir)
+            .arg(pin_dir)
             .arg("--state-dir")
-            .arg(self.work_dir.join("state"))
+            .arg(state_dir)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("agent log"));

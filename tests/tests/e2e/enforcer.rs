@@ -827,3 +827,79 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(after[0]["imds_agent.decision"], "deny");
 }
+
+/// The kernel runs a cgroup's own connect programs before its parents', and programs of one
+/// cgroup in the order they were attached; each sees the address the ones before it left.
+/// Another installation of the agent plays the other program (as Azure's guest proxy agent
+/// is one at the cgroup root): whichever runs first diverts, and the agent says which runs
+/// first at start-up.
+#[test]
+fn another_program_at_connect_diverts_in_the_kernels_order_and_is_named() {
+    let Some(sandbox) = Sandbox::new("neighbours") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let policies = sandbox.write_policies(&[("open.yaml", "name: open\ndefault: allow\n")]);
+    let first = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    let enforced = format!("/{}/enforced", sandbox.name);
+    let said = |agent: &Agent, level: &str| -> Vec<serde_json::Value> {
+        agent
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| {
+                l["level"] == level
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("another program runs at connect()"))
+            })
+            .collect()
+    };
+    assert!(said(&first, "ERROR").is_empty() && said(&first, "INFO").is_empty());
+
+    // On the same cgroup, attached after the first: the first's program runs first and
+    // diverts; the second never sees the connect, and says so at start-up.
+    let mut second = sandbox.start_second_agent(
+        "enforced",
+        "agent2",
+        &[&policies],
+        &["--listen", "127.0.0.1:955"],
+    );
+    let warned = said(&second, "ERROR");
+    assert_eq!(warned.len(), 2, "connect4 and connect6: {}", second.log());
+    assert_eq!(
+        (&warned[0]["program"], &warned[0]["attached_at"]),
+        (
+            &serde_json::json!("imds_connect4"),
+            &serde_json::json!(enforced)
+        ),
+        "{:?}",
+        warned[0]
+    );
+    let served = sandbox.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(served.status, 200, "{served:?}");
+    assert_eq!((first.audit().len(), second.audit().len()), (1, 0));
+
+    // On a subtree below the first: the second's program runs first there and diverts; the
+    // first's then sees the second's address and leaves it.
+    second.process.signal(libc::SIGKILL);
+    second.process.wait(Duration::from_secs(5));
+    imds_agent::loader::detach(&sandbox.second_pin_dir()).expect("detach the second");
+    let below = sandbox.start_second_agent(
+        "enforced/web",
+        "agent2",
+        &[&policies],
+        &["--listen", "127.0.0.1:955"],
+    );
+    assert!(said(&below, "ERROR").is_empty(), "{}", below.log());
+    let noted = said(&below, "INFO");
+    assert_eq!(noted.len(), 2, "{}", below.log());
+    assert_eq!(noted[0]["attached_at"], serde_json::json!(enforced));
+    let served = sandbox.curl("enforced/web", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(served.status, 200, "{served:?}");
+    assert_eq!((first.audit().len(), below.audit().len()), (1, 1));
+    // Elsewhere in the tree, the first's program alone.
+    let batch = sandbox.curl("enforced/batch", None, &[&url(INSTANCE_ID_PATH)]);
+    assert_eq!(batch.status, 200, "{batch:?}");
+    assert_eq!((first.audit().len(), below.audit().len()), (2, 1));
+}
