@@ -447,8 +447,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         listeners_adopted,
     })?;
     // Connects are diverted from here on; connections made before are closed, so that an
-    // open keep-alive connection cannot dodge the policy.
-    close_preexisting(&resolver, &endpoints);
+    // open keep-alive connection cannot dodge the policy. Not when taking over: enforcement
+    // never lapsed, and the connections to the metadata service in the enforced tree are then
+    // the predecessor's own upstream ones (a pod's agent is in the tree it enforces), with
+    // requests in flight that it is still serving.
+    if !took_over {
+        close_preexisting(&resolver, &endpoints);
+    }
     warn_of_neighbours(&enforcer, &mount, &cgroup);
     tracing::info!(
         cgroup = %cgroup.display(),

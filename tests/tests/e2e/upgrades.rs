@@ -229,3 +229,32 @@ fn wait_for_lines(file: &Path, lines: usize) {
     }
     panic!("the clients did not get going: {}", file.display());
 }
+
+/// An agent inside the tree it enforces (as a pod's agent is): its successor must not take
+/// the predecessor's upstream connections for ones that predate enforcement, and close them
+/// under a request it is still serving.
+#[test]
+fn a_request_in_flight_upstream_survives_the_handover() {
+    let Some(sandbox) = Sandbox::new("upgrade-in-flight") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let policy_dir = sandbox.write_policies(&[("clients.yaml", POLICY)]);
+    let args = ["--provider", "aws", "--drain-seconds", "5"];
+    let mut first = sandbox.start_agent("enforced", "enforced/agent", &[&policy_dir], &args);
+    let slow = sandbox.spawn_get(
+        "enforced/clients",
+        "http://169.254.169.254/latest/meta-data/instance-id",
+        &["-w", "\n%{http_code}", "-H", "X-Fake-Delay-Ms: 1500"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let _second = sandbox.start_agent("enforced", "enforced/agent", &[&policy_dir], &args);
+    let output = slow.wait_with_output().expect("the slow request ends");
+    let body = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        body.ends_with("\n200"),
+        "the request in flight during the handover: {body:?}\n{}",
+        first.log()
+    );
+    assert_eq!(first.process.wait(Duration::from_secs(20)), Some(0));
+}
