@@ -175,9 +175,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     pub pod_address: crate::node::PodAddress,
     /// The cloud the agent runs on (auto, aws, gcp, azure, oci, openstack, digitalocean,
-    /// alibaba, hetzner); picks the metadata endpoints diverted by default and the request
-    /// rules: aws 169.254.169.254:80 and [fd00:ec2::254]:80; openstack 169.254.169.254:80 and
-    /// [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; the others 169.254.169.254:80.
+    /// alibaba, hetzner, volcengine); picks the metadata endpoints diverted by default and the
+    /// request rules: aws 169.254.169.254:80 and [fd00:ec2::254]:80; openstack
+    /// 169.254.169.254:80 and [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; volcengine
+    /// 100.96.0.96:80; the others 169.254.169.254:80.
     /// `auto`: probe each provider's metadata service at start-up (at most 0.5 s); if none
     /// answers, guard aws's addresses.
     #[arg(long, default_value = "auto", env = "IMDS_AGENT_PROVIDER")]

@@ -43,7 +43,7 @@ impl Answer {
 const EC2: [u8; 4] = [169, 254, 169, 254];
 
 /// In the order they decide.
-const PROBES: [Probe; 8] = [
+const PROBES: [Probe; 9] = [
     Probe {
         provider: Provider::Gcp,
         address: EC2,
@@ -94,6 +94,13 @@ const PROBES: [Probe; 8] = [
         address: [100, 100, 100, 200],
         request: "PUT /latest/api/token HTTP/1.1\r\nHost: 100.100.100.200\r\nX-aliyun-ecs-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         matches: |a| a.status == 200,
+    },
+    // Volcengine's own address: any answer from its instance tree there is its service.
+    Probe {
+        provider: Provider::Volcengine,
+        address: [100, 96, 0, 96],
+        request: "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 100.96.0.96\r\nConnection: close\r\n\r\n",
+        matches: |a| a.status == 200 || a.status == 401,
     },
 ];
 

@@ -25,6 +25,10 @@ pub enum Provider {
     Digitalocean,
     Alibaba,
     Hetzner,
+    /// Volcengine (BytePlus abroad): its own address, an EC2-style tree with session tokens
+    /// of its own header names, and role credentials under `volcstack/`.
+    #[value(alias = "byteplus")]
+    Volcengine,
 }
 
 impl std::fmt::Display for Provider {
@@ -49,6 +53,7 @@ impl Provider {
                 SocketAddr::from((Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa9fe, 0xa9fe), 80)),
             ],
             Self::Alibaba => vec![SocketAddr::from(([100, 100, 100, 200], 80))],
+            Self::Volcengine => vec![SocketAddr::from(([100, 96, 0, 96], 80))],
             Self::Gcp | Self::Azure | Self::Oci | Self::Digitalocean | Self::Hetzner => {
                 vec![ec2_v4]
             }
@@ -78,6 +83,15 @@ const ALIBABA_TOKENS: SessionTokens = SessionTokens {
     token_header: "x-aliyun-ecs-metadata-token",
 };
 
+/// Volcengine's copy, with its own header names. Not in the reference: these are the names
+/// its users' clients send. The safe side either way: requests with these headers get the
+/// token rules and binding, and a request without a token is what a policy allows or not.
+const VOLCENGINE_TOKENS: SessionTokens = SessionTokens {
+    path: "/latest/api/token",
+    ttl_header: "x-volc-ecs-metadata-token-ttl-seconds",
+    token_header: "x-volc-ecs-metadata-token",
+};
+
 impl SessionTokens {
     /// Whether the request asks for a token.
     pub fn is_token_request(&self, method: &http::Method, path: &str) -> bool {
@@ -101,6 +115,7 @@ impl Provider {
         match self {
             Self::Aws => Some(AWS_TOKENS),
             Self::Alibaba => Some(ALIBABA_TOKENS),
+            Self::Volcengine => Some(VOLCENGINE_TOKENS),
             _ => None,
         }
     }
@@ -147,7 +162,8 @@ impl Provider {
             | Self::Openstack
             | Self::Digitalocean
             | Self::Alibaba
-            | Self::Hetzner => &[],
+            | Self::Hetzner
+            | Self::Volcengine => &[],
         }
     }
 }

@@ -20,6 +20,8 @@
 //!   Hetzner's `/hetzner/v1/metadata` (vendor data).
 //! - User-supplied key/value metadata is user-data (GCP attributes, OCI `metadata/`), and so
 //!   are SSH public keys supplied with it.
+//! - Volcengine's `volcstack/` tree is in no group but its role credentials: it is not
+//!   documented in the reference, so nothing there is allowed by a group.
 //! - Instance tags are values users choose (owners, cost centres, and sometimes what should
 //!   have been a secret): a group of their own, `tags`, in no other (EC2's
 //!   `meta-data/tags/instance`, opt-in on the instance; Azure's `compute/tags` and
@@ -85,6 +87,9 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/openstack/*/vendor_data2.json",
             // Alibaba RAM role credentials
             "/latest/meta-data/ram/**",
+            // Volcengine role credentials, under both trees its clients use
+            "/volcstack/latest/iam/**",
+            "/latest/iam/**",
         ],
         "user-data" => &[
             "/latest/user-data",
@@ -341,6 +346,14 @@ mod tests {
             ("instance-info", "/metadata/instance/compute/tags", false),
             ("instance-info", "/metadata/v1/tags/env", false),
             ("tags", "/computeMetadata/v1/instance/tags", false),
+            // Volcengine
+            (
+                "credentials",
+                "/volcstack/latest/iam/security_credentials/role",
+                true,
+            ),
+            ("credentials", "/latest/iam/security_credentials/role", true),
+            ("instance-info", "/volcstack/latest/site_name", false),
             // OCI
             ("credentials", "/opc/v2/identity/key.pem", true),
             ("user-data", "/opc/v2/instance/metadata/user_data", true),

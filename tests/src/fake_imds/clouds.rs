@@ -241,6 +241,42 @@ pub fn alibaba(role: &str, key: &str) -> Option<String> {
     })
 }
 
+pub const VOLCENGINE_INSTANCE_ID: &str = "i-ye7fakeinstance0001";
+pub const VOLCENGINE_ACCESS_KEY_PREFIX: &str = "AKTPFAKE";
+
+/// Volcengine's service (100.96.0.96): an EC2-style tree with its own token headers, role
+/// credentials under `volcstack/latest/iam/security_credentials/` (and the same under
+/// `latest/iam/`, as some of its clients ask), and other `volcstack/` entries.
+pub fn volcengine(role: &str, key: &str) -> Option<String> {
+    let credentials = || {
+        serde_json::json!({
+            "AccessKeyId": format!("{VOLCENGINE_ACCESS_KEY_PREFIX}{}", random_hex(8).to_uppercase()),
+            "SecretAccessKey": random_hex(20),
+            "SessionToken": random_hex(40),
+            "ExpiredTime": "2099-01-01T00:00:00+08:00",
+            "CurrentTime": "2026-01-01T00:00:00+08:00",
+        })
+        .to_string()
+    };
+    let roles = [
+        "/volcstack/latest/iam/security_credentials",
+        "/latest/iam/security_credentials",
+    ];
+    Some(match key {
+        "" => "latest\nvolcstack".into(),
+        "/latest" => listing(&["meta-data/", "user-data"]),
+        "/latest/meta-data" => listing(&["instance-id", "region-id", "zone-id"]),
+        "/latest/meta-data/instance-id" => VOLCENGINE_INSTANCE_ID.into(),
+        "/latest/meta-data/region-id" => "cn-beijing".into(),
+        "/latest/meta-data/zone-id" => "cn-beijing-a".into(),
+        "/latest/user-data" => USER_DATA.into(),
+        "/volcstack/latest/site_name" => "Volcengine".into(),
+        k if roles.contains(&k) => role.into(),
+        k if roles.iter().any(|r| k == format!("{r}/{role}")) => credentials(),
+        _ => return None,
+    })
+}
+
 /// GCP's fake service account and its access token prefix.
 pub const GCP_SERVICE_ACCOUNT: &str = "node@demo-project.iam.gserviceaccount.com";
 pub const GCP_TOKEN_PREFIX: &str = "ya29.FAKE";

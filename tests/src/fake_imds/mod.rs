@@ -38,6 +38,8 @@ pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const ALIBABA_TOKEN_HEADER: &str = "x-aliyun-ecs-metadata-token";
 pub const ALIBABA_TTL_HEADER: &str = "x-aliyun-ecs-metadata-token-ttl-seconds";
+pub const VOLCENGINE_TOKEN_HEADER: &str = "x-volc-ecs-metadata-token";
+pub const VOLCENGINE_TTL_HEADER: &str = "x-volc-ecs-metadata-token-ttl-seconds";
 pub const INSTANCE_ID: &str = "i-0fa4e1d2c3b4a5968";
 pub const USER_DATA: &str = "#!/bin/bash\nexport DB_PASSWORD=hunter2\n";
 /// Prefix of every access key id the fake issues, so tests can recognise real answers.
@@ -72,6 +74,7 @@ fn session_headers(provider: Provider) -> Option<(&'static str, &'static str, bo
     match provider {
         Provider::Aws => Some((TOKEN_HEADER, TTL_HEADER, true)),
         Provider::Alibaba => Some((ALIBABA_TOKEN_HEADER, ALIBABA_TTL_HEADER, false)),
+        Provider::Volcengine => Some((VOLCENGINE_TOKEN_HEADER, VOLCENGINE_TTL_HEADER, false)),
         _ => None,
     }
 }
@@ -170,7 +173,7 @@ fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
         Provider::Openstack if path == "/openstack" || path.starts_with("/openstack/") => {
             return clouds::openstack(request);
         }
-        Provider::Aws | Provider::Openstack | Provider::Alibaba => {}
+        Provider::Aws | Provider::Openstack | Provider::Alibaba | Provider::Volcengine => {}
     }
     let method = request.method();
     let headers = request.headers();
@@ -204,6 +207,7 @@ fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
     let key = path.trim_end_matches('/');
     let body = match provider {
         Provider::Alibaba => clouds::alibaba(&state.config.role, key),
+        Provider::Volcengine => clouds::volcengine(&state.config.role, key),
         // Nova's EC2-compatible tree has no IAM.
         Provider::Openstack if key.starts_with("/latest/meta-data/iam") => None,
         _ => content(&state.config, key),

@@ -7,11 +7,11 @@
 use imds_tests::{
     fake_imds::{
         ACCESS_KEY_PREFIX, ALIBABA_TOKEN_HEADER, ALIBABA_TTL_HEADER, INSTANCE_ID, TOKEN_HEADER,
-        TTL_HEADER,
+        TTL_HEADER, VOLCENGINE_TOKEN_HEADER, VOLCENGINE_TTL_HEADER,
         clouds::{
             ALIBABA_ACCESS_KEY_PREFIX, AZURE_TOKEN_PREFIX, DIGITALOCEAN_DROPLET_ID,
             GCP_TOKEN_PREFIX, HETZNER_INSTANCE_ID, OCI_PRIVATE_KEY, OPENSTACK_SECRET,
-            USER_DATA_B64,
+            USER_DATA_B64, VOLCENGINE_ACCESS_KEY_PREFIX,
         },
     },
     sandbox::{Curl, Sandbox},
@@ -356,5 +356,30 @@ fn alibaba() {
         listing: Some(("/latest/meta-data/", "region-id", "ram/")),
         more: &[],
         tokens: Some((ALIBABA_TOKEN_HEADER, ALIBABA_TTL_HEADER)),
+    });
+}
+
+#[test]
+fn volcengine() {
+    run(&Cloud {
+        name: "volcengine",
+        address: "100.96.0.96",
+        headers: &[],
+        facts: ("/latest/meta-data/region-id", "cn-beijing"),
+        credentials: Some((
+            "/volcstack/latest/iam/security_credentials/demo-node-role",
+            VOLCENGINE_ACCESS_KEY_PREFIX,
+        )),
+        user_data: ("/latest/user-data", "hunter2"),
+        headerless: None,
+        legacy: &[],
+        listing: None,
+        // The other spelling of the credentials' tree is credentials too; the rest of
+        // volcstack/ is in no group.
+        more: &[
+            ("/latest/iam/security_credentials/demo-node-role", 403),
+            ("/volcstack/latest/site_name", 403),
+        ],
+        tokens: Some((VOLCENGINE_TOKEN_HEADER, VOLCENGINE_TTL_HEADER)),
     });
 }
