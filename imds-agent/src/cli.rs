@@ -178,7 +178,8 @@ pub struct RunArgs {
     /// alibaba, hetzner, volcengine); picks the metadata endpoints diverted by default and the
     /// request rules: aws 169.254.169.254:80 and [fd00:ec2::254]:80; openstack
     /// 169.254.169.254:80 and [fe80::a9fe:a9fe]:80; alibaba 100.100.100.200:80; volcengine
-    /// 100.96.0.96:80; the others 169.254.169.254:80.
+    /// 100.96.0.96:80; azure 169.254.169.254:80, 168.63.129.16:80 and :32526 (its WireServer
+    /// and HostGAPlugin); the others 169.254.169.254:80.
     /// `auto`: probe each provider's metadata service at start-up (at most 0.5 s); if none
     /// answers, guard aws's addresses.
     #[arg(long, default_value = "auto", env = "IMDS_AGENT_PROVIDER")]

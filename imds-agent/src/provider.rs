@@ -5,7 +5,7 @@
 //! (GCP's resolver lives on 169.254.169.254:53), and other link-local services (Amazon DNS
 //! 169.254.169.253, Time Sync 169.254.169.123) are other addresses, so they are untouched.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use clap::ValueEnum;
 
@@ -54,12 +54,20 @@ impl Provider {
             ],
             Self::Alibaba => vec![SocketAddr::from(([100, 100, 100, 200], 80))],
             Self::Volcengine => vec![SocketAddr::from(([100, 96, 0, 96], 80))],
-            Self::Gcp | Self::Azure | Self::Oci | Self::Digitalocean | Self::Hetzner => {
-                vec![ec2_v4]
-            }
+            // IMDS, and the WireServer and its HostGAPlugin (VM certificates, extension
+            // settings), which Azure's own guest proxy agent guards as well.
+            Self::Azure => vec![ec2_v4, WIRESERVER, HOST_GA_PLUGIN],
+            Self::Gcp | Self::Oci | Self::Digitalocean | Self::Hetzner => vec![ec2_v4],
         }
     }
 }
+
+/// Azure's WireServer: the goal state, the VM's certificates, extension settings (WALinuxAgent's
+/// protocol: `/?comp=versions`, `/machine/?comp=goalstate`, `/machine/...?comp=...`).
+pub const WIRESERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)), 80);
+/// The HostGAPlugin beside it (`/vmSettings`, `/extensionArtifact`, `/status`, ...).
+pub const HOST_GA_PLUGIN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)), 32526);
 
 /// A metadata service's session tokens (AWS IMDSv2, and Alibaba's hardened mode, its copy with
 /// its own header names; reference A1, A4): a PUT to `path` asking for a lifetime in
@@ -122,12 +130,14 @@ impl Provider {
 }
 
 impl Provider {
-    /// The query parameters the provider's metadata service documents (reference: A1, A2.4,
-    /// A2.5, A3, A4), names as the services read them (exactly). Any other is refused with
-    /// 400 rather than passed to a service that may give it a meaning the policy never saw.
-    /// The services without parameters take none.
-    pub fn query_parameters(self) -> &'static [&'static str] {
+    /// The query parameters the service at `destination` documents (reference: A1, A2.4,
+    /// A2.5, A3, A4; Azure's WireServer as WALinuxAgent asks it), names as the services read
+    /// them (exactly). Any other is refused with 400 rather than passed to a service that may
+    /// give it a meaning the policy never saw. The services without parameters take none.
+    pub fn query_parameters(self, destination: SocketAddr) -> &'static [&'static str] {
         match self {
+            Self::Azure if destination == WIRESERVER => &["comp", "type", "incarnation"],
+            Self::Azure if destination == HOST_GA_PLUGIN => &[],
             // As GKE's metadata concealment proxy keeps them.
             Self::Gcp => &[
                 "recursive",
@@ -169,9 +179,14 @@ impl Provider {
 }
 
 impl Provider {
-    /// Refuses a query parameter the service does not document ([`Self::query_parameters`]).
-    pub fn check_query(self, params: &[(String, String)]) -> Result<(), ProtocolRefusal> {
-        let known = self.query_parameters();
+    /// Refuses a query parameter the service at `destination` does not document
+    /// ([`Self::query_parameters`]).
+    pub fn check_query(
+        self,
+        destination: SocketAddr,
+        params: &[(String, String)],
+    ) -> Result<(), ProtocolRefusal> {
+        let known = self.query_parameters(destination);
         if params
             .iter()
             .all(|(name, _)| known.contains(&name.as_str()))

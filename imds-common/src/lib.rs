@@ -80,8 +80,10 @@ pub const AF_INET6: u16 = 10;
 pub struct Endpoint {
     /// The metadata service's TCP port, host byte order.
     pub port: u16,
-    /// Reserved, zero.
-    pub _pad: u16,
+    /// Another service's port on the same address (Azure's HostGAPlugin beside its
+    /// WireServer), or 0. Was reserved and zero: a pinned map of an earlier agent reads the
+    /// same.
+    pub other_port: u16,
     /// Reserved, zero (room for per-endpoint flags without changing the layout).
     pub flags: u32,
 }

@@ -205,7 +205,9 @@ fn decide(ctx: &SockAddrContext, protocol: u32, endpoint: Endpoint, original: So
         );
         return Connect::Refuse;
     }
-    if original.port != endpoint.port {
+    if original.port != endpoint.port
+        && (endpoint.other_port == 0 || original.port != endpoint.other_port)
+    {
         if original.port == DNS_PORT {
             return Connect::Allow;
         }

@@ -74,6 +74,8 @@ pub enum LoaderError {
     Bpffs { source: io::Error },
     #[error("pin directory {0} is not on a bpf file system (bpffs)")]
     PinDirNotBpffs(PathBuf),
+    #[error("more than two metadata endpoint ports on one address (--endpoint)")]
+    TooManyPorts,
     #[error("cannot create pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
     #[error("cannot open cgroup {path}: {source}")]
@@ -199,29 +201,14 @@ impl Enforcer {
         // Endpoints first: once the links are in place, the programs consult these maps.
         let mut v4: HashMap<_, u32, Endpoint> = take_map(&mut ebpf, MAP_ENDPOINTS4)?;
         let mut v6: HashMap<_, [u32; 4], Endpoint> = take_map(&mut ebpf, MAP_ENDPOINTS6)?;
-        let endpoint = |port| Endpoint {
-            port,
-            _pad: 0,
-            flags: 0,
-        };
-        let v4_wanted: Vec<(u32, Endpoint)> = config
-            .endpoints
-            .iter()
-            .filter_map(|e| match e {
-                SocketAddr::V4(e) => {
-                    Some((u32::from_ne_bytes(e.ip().octets()), endpoint(e.port())))
-                }
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
-        let v6_wanted: Vec<([u32; 4], Endpoint)> = config
-            .endpoints
-            .iter()
-            .filter_map(|e| match e {
-                SocketAddr::V6(e) => Some((ipv6_words(e.ip()), endpoint(e.port()))),
-                SocketAddr::V4(_) => None,
-            })
-            .collect();
+        let v4_wanted = by_address(config.endpoints.iter().filter_map(|e| match e {
+            SocketAddr::V4(e) => Some((u32::from_ne_bytes(e.ip().octets()), e.port())),
+            SocketAddr::V6(_) => None,
+        }))?;
+        let v6_wanted = by_address(config.endpoints.iter().filter_map(|e| match e {
+            SocketAddr::V6(e) => Some((ipv6_words(e.ip()), e.port())),
+            SocketAddr::V4(_) => None,
+        }))?;
         sync_endpoints(&mut v4, &v4_wanted, MAP_ENDPOINTS4)?;
         sync_endpoints(&mut v6, &v6_wanted, MAP_ENDPOINTS6)?;
 
@@ -498,6 +485,29 @@ pub fn ipv6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
 
 /// Makes an endpoint map hold exactly `wanted` (an adopted map may list endpoints that a
 /// previous configuration had and this one drops).
+/// One map entry per address, with at most two service ports on it (the programs' layout).
+fn by_address<K: PartialEq + Copy>(
+    endpoints: impl Iterator<Item = (K, u16)>,
+) -> Result<Vec<(K, Endpoint)>, LoaderError> {
+    let mut entries: Vec<(K, Endpoint)> = Vec::new();
+    for (address, port) in endpoints {
+        match entries.iter_mut().find(|(a, _)| *a == address) {
+            None => entries.push((
+                address,
+                Endpoint {
+                    port,
+                    other_port: 0,
+                    flags: 0,
+                },
+            )),
+            Some((_, entry)) if entry.port == port || entry.other_port == port => {}
+            Some((_, entry)) if entry.other_port == 0 => entry.other_port = port,
+            Some(_) => return Err(LoaderError::TooManyPorts),
+        }
+    }
+    Ok(entries)
+}
+
 fn sync_endpoints<K>(
     map: &mut HashMap<MapData, K, Endpoint>,
     wanted: &[(K, Endpoint)],
@@ -559,6 +569,24 @@ mod tests {
     use aya::maps::MapError;
 
     use super::*;
+
+    #[test]
+    fn an_address_holds_at_most_two_service_ports() {
+        let wireserver = [(1u32, 80), (1, 32526), (2, 80), (1, 80)];
+        let entries = by_address(wireserver.into_iter()).unwrap();
+        assert_eq!(
+            entries
+                .iter()
+                .map(|(a, e)| (*a, e.port, e.other_port))
+                .collect::<Vec<_>>(),
+            [(1, 80, 32526), (2, 80, 0)]
+        );
+        let three = [(1u32, 80), (1, 81), (1, 82)];
+        assert!(matches!(
+            by_address(three.into_iter()),
+            Err(LoaderError::TooManyPorts)
+        ));
+    }
 
     fn map_refused(errno: i32) -> LoaderError {
         LoaderError::Load(EbpfError::MapError(MapError::CreateError {

@@ -32,7 +32,7 @@ use std::sync::{Arc, LazyLock};
 
 use super::{CompiledPatterns, PathPattern};
 
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 9] = [
     "credentials",
     "user-data",
     "identity-document",
@@ -40,6 +40,8 @@ pub const NAMES: [&str; 7] = [
     "network",
     "tags",
     "token",
+    "wireserver",
+    "host-ga-plugin",
 ];
 
 /// Every group's patterns, in [`NAMES`] order, parsed and compiled once per process and
@@ -217,6 +219,19 @@ pub fn patterns(name: &str) -> Option<&'static [&'static str]> {
             "/metadata/instance/compute/tagsList",
             "/metadata/v1/tags/**",
         ],
+        // Azure's WireServer (168.63.129.16:80): the goal state with the VM's certificates
+        // and private keys, extension settings (protected settings among them), health
+        // reports. Azure's guest proxy agent keeps it for root; AKS blocks it for pods.
+        // (Its version query, `/?comp=versions`, is the root of every service: in no group.)
+        "wireserver" => &["/machine", "/machine/**"],
+        // Its HostGAPlugin (168.63.129.16:32526): extension settings and artifacts.
+        "host-ga-plugin" => &[
+            "/vmSettings",
+            "/extensionArtifact",
+            "/status",
+            "/health",
+            "/vmAgentLog",
+        ],
         // Session tokens (PUT; AWS IMDSv2 and Alibaba's hardened mode); useless without
         // read rights elsewhere.
         "token" => &["/latest/api/token"],
@@ -354,6 +369,12 @@ mod tests {
             ),
             ("credentials", "/latest/iam/security_credentials/role", true),
             ("instance-info", "/volcstack/latest/site_name", false),
+            // Azure's WireServer and HostGAPlugin
+            ("wireserver", "/machine/", true),
+            ("wireserver", "/machine/abc/def", true),
+            ("wireserver", "/", false),
+            ("host-ga-plugin", "/vmSettings", true),
+            ("instance-info", "/machine", false),
             // OCI
             ("credentials", "/opc/v2/identity/key.pem", true),
             ("user-data", "/opc/v2/instance/metadata/user_data", true),

@@ -51,7 +51,11 @@ pub async fn handle(
     if let Err(refusal) = filter
         .provider
         .check_request(&valid.path, &valid.headers)
-        .and_then(|()| filter.provider.check_query(&valid.params))
+        .and_then(|()| {
+            filter
+                .provider
+                .check_query(connection.original, &valid.params)
+        })
     {
         return refuse(&exchange, &Refusal::Protocol(refusal));
     }

@@ -277,6 +277,35 @@ pub fn volcengine(role: &str, key: &str) -> Option<String> {
     })
 }
 
+/// A marker of the VM's certificates in the WireServer's answer.
+pub const WIRESERVER_CERTIFICATES: &str = "FAKE-PKCS7-CERTIFICATES";
+/// A marker of the extension settings in the HostGAPlugin's answer.
+pub const HOST_GA_PLUGIN_SETTINGS: &str = "FAKE-PROTECTED-SETTINGS";
+
+/// Azure's WireServer and HostGAPlugin (168.63.129.16, ports 80 and 32526), as WALinuxAgent
+/// asks them: the versions, the goal state, the certificates it names; the VM settings.
+/// Their paths are no IMDS path, so one fake serves all three on every address.
+fn wireserver(path: &str, query: &str) -> Option<Response<Full<Bytes>>> {
+    let xml = |body: &str| reply(StatusCode::OK, body);
+    Some(match (path, query) {
+        ("/", "comp=versions") => {
+            xml("<Versions><Preferred><Version>2012-11-30</Version></Preferred></Versions>")
+        }
+        ("/machine/" | "/machine", "comp=goalstate") => xml(
+            "<GoalState><Incarnation>1</Incarnation><Container><RoleInstanceList><RoleInstance>\
+             <Configuration><Certificates>http://168.63.129.16:80/machine/c/r?comp=certificates&amp;incarnation=1</Certificates>\
+             </Configuration></RoleInstance></RoleInstanceList></Container></GoalState>",
+        ),
+        ("/machine/c/r", "comp=certificates&incarnation=1") => xml(&format!(
+            "<CertificateFile><Data>{WIRESERVER_CERTIFICATES}</Data></CertificateFile>"
+        )),
+        ("/vmSettings", "") => json(&serde_json::json!({
+            "extensionGoalStates": [{"name": "CustomScript", "settings": [{"protectedSettings": HOST_GA_PLUGIN_SETTINGS}]}]
+        })),
+        _ => return None,
+    })
+}
+
 /// GCP's fake service account and its access token prefix.
 pub const GCP_SERVICE_ACCOUNT: &str = "node@demo-project.iam.gserviceaccount.com";
 pub const GCP_TOKEN_PREFIX: &str = "ya29.FAKE";
@@ -380,6 +409,9 @@ pub const AZURE_TOKEN_PREFIX: &str = "eyFAKE";
 pub fn azure<B>(request: &Request<B>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let query = request.uri().query().unwrap_or("");
+    if let Some(answer) = wireserver(path, query) {
+        return answer;
+    }
     if request
         .headers()
         .get("metadata")

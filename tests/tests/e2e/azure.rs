@@ -3,7 +3,7 @@
 //! curl and by Azure's own client library (azure-identity's ManagedIdentityCredential).
 
 use imds_tests::{
-    fake_imds::clouds::AZURE_TOKEN_PREFIX,
+    fake_imds::clouds::{AZURE_TOKEN_PREFIX, HOST_GA_PLUGIN_SETTINGS, WIRESERVER_CERTIFICATES},
     sandbox::{Curl, Sandbox},
 };
 
@@ -123,4 +123,48 @@ fn azure_identity_gets_a_managed_identity_token_only_where_policy_allows() {
             .is_some_and(|m| m.contains("denied by policy 'app'")),
         "{denied}"
     );
+}
+
+/// Azure's WireServer and HostGAPlugin (168.63.129.16, ports 80 and 32526) hold the VM's
+/// certificates and extension settings: with `--provider azure` they are diverted too, and
+/// the packaged default policy keeps them for root, as Azure's own guest proxy agent does.
+#[test]
+fn the_wireserver_and_host_ga_plugin_are_for_root_under_the_default_policy() {
+    let Some(sandbox) = Sandbox::new("wireserver") else {
+        return;
+    };
+    sandbox.ip(&["addr", "add", "168.63.129.16/32", "dev", "lo"]);
+    let _imds = sandbox.start_fake_cloud("azure", &["168.63.129.16:80", "168.63.129.16:32526"]);
+    let default_policy =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/default-policy.yaml");
+    let _agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&default_policy],
+        &["--provider", "azure"],
+    );
+    let get = |uid: Option<u32>, url: &str| sandbox.curl("enforced/app", uid, &[url]);
+    let goal_state = "http://168.63.129.16/machine/?comp=goalstate";
+    let certificates = "http://168.63.129.16/machine/c/r?comp=certificates&incarnation=1";
+    let vm_settings = "http://168.63.129.16:32526/vmSettings";
+
+    assert_eq!(get(None, goal_state).status, 200);
+    let root = get(None, certificates);
+    assert!(root.body.contains(WIRESERVER_CERTIFICATES), "{root:?}");
+    let root = get(None, vm_settings);
+    assert!(root.body.contains(HOST_GA_PLUGIN_SETTINGS), "{root:?}");
+    for url in [goal_state, certificates, vm_settings] {
+        let user = get(Some(1000), url);
+        assert_eq!(user.status, 403, "{url}: {user:?}");
+        assert!(
+            !user.body.contains(WIRESERVER_CERTIFICATES)
+                && !user.body.contains(HOST_GA_PLUGIN_SETTINGS),
+            "{user:?}"
+        );
+    }
+    // The WireServer's own query parameters, and no others (not even IMDS's).
+    for query in ["comp=goalstate&x=1", "api-version=2021-02-01"] {
+        let refused = get(None, &format!("http://168.63.129.16/machine/?{query}"));
+        assert_eq!(refused.status, 400, "{query}: {refused:?}");
+    }
 }

@@ -309,7 +309,7 @@ rules:
             "name: g\ndefault: deny\nrules:\n  - name: r\n    action: allow\n    methods: [GET]\n    groups: [secrets]\n"
         ),
         [
-            "p.yaml:7:14: rules[0].groups[0]: unknown group \"secrets\" (expected one of credentials, user-data, identity-document, instance-info, network, tags, token)"
+            "p.yaml:7:14: rules[0].groups[0]: unknown group \"secrets\" (expected one of credentials, user-data, identity-document, instance-info, network, tags, token, wireserver, host-ga-plugin)"
         ]
     );
     assert!(
