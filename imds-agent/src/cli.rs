@@ -256,6 +256,12 @@ pub struct RunArgs {
     /// Upper bound on finishing in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,
+    /// With --provider gcp: where the node's credentials for the metadata server's mutual TLS
+    /// are (root.crt, client.key, as GCP's guest agent writes them). Where they exist, the
+    /// agent's requests to the metadata server use https://metadata.google.internal with
+    /// them; workloads keep speaking plain HTTP to the agent (GCE_METADATA_MTLS_MODE=none).
+    #[arg(long, default_value = crate::proxy::mds_tls::DEFAULT_DIR, env = "IMDS_AGENT_GCP_MTLS_DIR")]
+    pub gcp_mtls_dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -125,7 +125,11 @@ fn close_preexisting(resolver: &Resolver, endpoints: &[std::net::SocketAddr]) {
 }
 
 /// How the filter behaves, from the command line.
-fn settings(args: &RunArgs, endpoints: Vec<std::net::SocketAddr>) -> proxy::Settings {
+fn settings(
+    args: &RunArgs,
+    provider: Provider,
+    endpoints: Vec<std::net::SocketAddr>,
+) -> proxy::Settings {
     proxy::Settings {
         timeouts: proxy::gate::Timeouts {
             head: Duration::from_millis(args.head_timeout_ms),
@@ -143,6 +147,8 @@ fn settings(args: &RunArgs, endpoints: Vec<std::net::SocketAddr>) -> proxy::Sett
         },
         explain_denials: args.explain_denials,
         token_binding: !args.no_token_binding,
+        mds_tls: (provider == Provider::Gcp)
+            .then(|| proxy::mds_tls::MdsTls::new(args.gcp_mtls_dir.clone())),
     }
 }
 
@@ -487,7 +493,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         resolver,
         policy: policy.clone(),
         provider,
-        settings: settings(&args, endpoints),
+        settings: settings(&args, provider, endpoints),
         callers: caller_state(&args, tokens.clone()),
         sinks: proxy::audit::Sinks {
             metrics: metrics.clone(),

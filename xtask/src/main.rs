@@ -33,7 +33,8 @@ commands:
 /// for the sandbox and its workloads; for the image and the container test: buildah, podman
 /// with runc and netavark (crun refuses hybrid cgroup layouts; netavark sets up its bridges
 /// with iptables), skopeo, mmdebstrap (the
-/// workload image), the arm64 cross compiler and libc, and qemu-user to start the arm64 build.
+/// workload image), the arm64 cross compiler and libc, and qemu-user to start the arm64 build;
+/// openssl for the certificates of the GCP mutual-TLS test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -54,6 +55,7 @@ const APT_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "qemu-user-static",
+    "openssl",
 ];
 
 type Result<T = ()> = std::result::Result<T, String>;

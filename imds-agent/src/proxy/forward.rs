@@ -14,7 +14,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
 
-use super::{Body, Filter, admit::Connection, request};
+use std::sync::Arc;
+
+use super::{Body, Filter, admit::Connection, mds_tls, request};
 
 /// How long connecting to the metadata service may take.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -32,6 +34,10 @@ pub enum UpstreamError {
     Connect,
     #[error("handshake failed")]
     Handshake,
+    #[error("the node's credentials for the metadata server's mutual TLS cannot be used")]
+    Credentials,
+    #[error("mutual TLS with the metadata server failed")]
+    Tls,
     #[error("no answer in time")]
     TimedOut,
     #[error("upstream request failed")]
@@ -93,7 +99,9 @@ pub async fn forward(
     *upstream_request.method_mut() = valid.method.clone();
     *upstream_request.uri_mut() = uri;
     *upstream_request.headers_mut() = headers;
+    let tls = mutual_tls(filter, connection.original)?;
     let host = match (connection.original, connection.original.port()) {
+        _ if tls.is_some() => mds_tls::SERVER_NAME.to_owned(),
         (SocketAddr::V4(addr), 80) => addr.ip().to_string(),
         (SocketAddr::V6(addr), 80) => format!("[{}]", addr.ip()),
         (addr, _) => addr.to_string(),
@@ -115,7 +123,7 @@ pub async fn forward(
                 pooled = true;
                 Some(sender)
             }
-            None => Some(connect_upstream(filter, connection.original).await?),
+            None => Some(connect_upstream(filter, connection.original, tls.clone()).await?),
         };
     }
     // A connection that sat idle in the pool may have been closed by the server meanwhile:
@@ -133,7 +141,7 @@ pub async fn forward(
         (Ok(response), _) => response,
         (Err(error), Some(request)) if is_stale_connection(error.error()) => {
             tracing::debug!(error = %error.error(), "reused upstream connection was closed; retrying on a new one");
-            let sender = upstream.insert(connect_upstream(filter, connection.original).await?);
+            let sender = upstream.insert(connect_upstream(filter, connection.original, tls).await?);
             tokio::time::timeout(bound, sender.send_request(request))
                 .await
                 .map_err(|_| UpstreamError::TimedOut)?
@@ -162,10 +170,34 @@ fn is_stale_connection(error: &hyper::Error) -> bool {
     error.is_canceled() || error.is_closed() || error.is_incomplete_message()
 }
 
+/// The TLS client configuration for `original` where its requests go over mutual TLS (GCP's
+/// metadata server, on a node with the credentials).
+fn mutual_tls(
+    filter: &Filter,
+    original: SocketAddr,
+) -> Result<Option<Arc<rustls::ClientConfig>>, UpstreamError> {
+    let Some(mds) = &filter.settings.mds_tls else {
+        return Ok(None);
+    };
+    if original != SocketAddr::from(([169, 254, 169, 254], 80)) {
+        return Ok(None);
+    }
+    mds.config().map_err(|error| {
+        tracing::error!(%error, "the metadata server's mutual TLS credentials cannot be used; requests fail rather than go in the clear");
+        UpstreamError::Credentials
+    })
+}
+
 async fn connect_upstream(
     filter: &Filter,
     addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<SendRequest<Empty<Bytes>>, UpstreamError> {
+    // Over mutual TLS: the server's TLS port on the same address.
+    let addr = match tls {
+        Some(_) => SocketAddr::new(addr.ip(), mds_tls::PORT),
+        None => addr,
+    };
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -186,7 +218,27 @@ async fn connect_upstream(
         UpstreamError::Connect
     })?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    match tls {
+        Some(config) => {
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(mds_tls::MdsTls::server_name(), stream)
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "mutual TLS with the metadata server failed");
+                    UpstreamError::Tls
+                })?;
+            http1(stream).await
+        }
+        None => http1(stream).await,
+    }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own.
+async fn http1<IO>(io: IO) -> Result<SendRequest<Empty<Bytes>>, UpstreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|_| UpstreamError::Handshake)?;
     tokio::spawn(async move {

@@ -22,6 +22,7 @@ mod decide;
 mod forward;
 pub mod gate;
 pub mod limits;
+pub mod mds_tls;
 mod pipeline;
 pub mod pool;
 mod refusal;
@@ -68,6 +69,8 @@ pub struct Settings {
     pub explain_denials: bool,
     /// Whether tokens are bound to the caller they were handed out to.
     pub token_binding: bool,
+    /// GCP's metadata server over mutual TLS, where the node has the credentials (on GCP).
+    pub mds_tls: Option<mds_tls::MdsTls>,
 }
 
 /// What the filter keeps per caller.

@@ -25,9 +25,16 @@ struct Args {
     /// Whose metadata service to serve.
     #[arg(long, value_enum, default_value_t = Provider::Aws)]
     provider: Provider,
-    /// Append each request to this file as `METHOD PATH`.
+    /// Append each request to this file as `METHOD PATH` (and ` mtls` over mutual TLS).
     #[arg(long)]
     request_log: Option<std::path::PathBuf>,
+    /// Also serve over mutual TLS on this address (GCP's metadata server on port 443), with
+    /// the certificates in --tls-dir; repeatable.
+    #[arg(long, requires = "tls_dir")]
+    tls_listen: Vec<SocketAddr>,
+    /// server.crt and server.key (the server's), and client-ca.crt (whose clients it accepts).
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -40,7 +47,21 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    println!("listening on {:?}", args.listen);
+    let mut listeners: Vec<_> = listeners.into_iter().map(|l| (l, None)).collect();
+    if let Some(dir) = &args.tls_dir {
+        let acceptor = fake_imds::tls_acceptor(dir).unwrap_or_else(|error| {
+            eprintln!("fake-imds: TLS: {error}");
+            std::process::exit(1);
+        });
+        let tls = fake_imds::bind(&args.tls_listen)
+            .await
+            .unwrap_or_else(|error| {
+                eprintln!("fake-imds: cannot listen: {error}");
+                std::process::exit(1);
+            });
+        listeners.extend(tls.into_iter().map(|l| (l, Some(acceptor.clone()))));
+    }
+    println!("listening on {:?} {:?}", args.listen, args.tls_listen);
     let _ = std::io::stdout().flush();
     fake_imds::serve(
         listeners,

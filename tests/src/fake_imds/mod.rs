@@ -87,14 +87,18 @@ struct State {
 /// A path the fake answers with the client address of the connection that carried the request.
 pub const CONNECTION_PATH: &str = "/fake/connection";
 
-/// Serves on every listener until the process ends.
-pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
+/// Serves on every listener until the process ends; those with a TLS acceptor over TLS (the
+/// client's certificate required where the acceptor asks for one).
+pub async fn serve(
+    listeners: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    config: Config,
+) {
     let state = Arc::new(State {
         config,
         tokens: Mutex::new(HashMap::new()),
     });
     let mut tasks = Vec::new();
-    for listener in listeners {
+    for (listener, tls) in listeners {
         let state = state.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -102,27 +106,16 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
                     continue;
                 };
                 let state = state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let state = state.clone();
-                        async move {
-                            if let Some(log) = &state.config.request_log {
-                                log_request(log, &request);
+                    match tls {
+                        None => serve_connection(stream, peer, state, false).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve_connection(stream, peer, state, true).await;
                             }
-                            if let Some(delay) = requested_delay(&request) {
-                                tokio::time::sleep(delay).await;
-                            }
-                            // Not a metadata path: tests ask which connection carried a
-                            // request (the agent's upstream connection reuse).
-                            if request.uri().path() == CONNECTION_PATH {
-                                return Ok(reply(StatusCode::OK, &peer.to_string()));
-                            }
-                            Ok::<_, Infallible>(respond(&state, &request))
                         }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    }
                 });
             }
         }));
@@ -132,9 +125,37 @@ pub async fn serve(listeners: Vec<TcpListener>, config: Config) {
     }
 }
 
-fn log_request<B>(log: &std::path::Path, request: &Request<B>) {
+async fn serve_connection<IO>(io: IO, peer: SocketAddr, state: Arc<State>, tls: bool)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move {
+            if let Some(log) = &state.config.request_log {
+                log_request(log, &request, tls);
+            }
+            if let Some(delay) = requested_delay(&request) {
+                tokio::time::sleep(delay).await;
+            }
+            // Not a metadata path: tests ask which connection carried a request (the agent's
+            // upstream connection reuse).
+            if request.uri().path() == CONNECTION_PATH {
+                return Ok(reply(StatusCode::OK, &peer.to_string()));
+            }
+            Ok::<_, Infallible>(respond(&state, &request))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+/// `METHOD PATH`, and ` mtls` for a request that came over mutual TLS.
+fn log_request<B>(log: &std::path::Path, request: &Request<B>, tls: bool) {
     use std::io::Write as _;
-    let line = format!("{} {}\n", request.method(), request.uri().path());
+    let over = if tls { " mtls" } else { "" };
+    let line = format!("{} {}{over}\n", request.method(), request.uri().path());
     let appended = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -328,6 +349,36 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 }
 
 /// Binds every address (the caller runs in the right network namespace).
+/// A TLS acceptor with `dir`'s server.crt and server.key that requires a client certificate
+/// issued by client-ca.crt, as GCP's metadata server does on port 443.
+pub fn tls_acceptor(dir: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs = |file: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+        CertificateDer::pem_file_iter(dir.join(file))
+            .and_then(Iterator::collect)
+            .map_err(|e| format!("{file}: {e}"))
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs("client-ca.crt")? {
+        roots.add(ca).map_err(|e| e.to_string())?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).map_err(|e| e.to_string())?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs("server.crt")?, key)
+        .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     let mut listeners = Vec::new();
     for addr in addrs {

@@ -226,3 +226,158 @@ fn the_provider_is_detected_also_past_a_previous_agents_programs() {
     let second = sandbox.start_agent("enforced", "enforced/agent", &[&policies], &[]);
     assert!(detected(&second), "{}", second.log());
 }
+
+/// Certificates as GCP's guest agent and metadata server hold them, made with openssl in
+/// `dir`: the server's (metadata.google.internal) and the client's, both from one root.
+/// Returns (the fake server's TLS directory, the node's credentials directory).
+fn mtls_certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut root = vec!["req", "-x509", "-days", "2", "-subj", "/CN=fake-mds-root"];
+    root.extend(ec);
+    root.extend(["-keyout", "root.key", "-out", "root.crt"]);
+    run(&root);
+    for (name, extension) in [
+        (
+            "server",
+            "subjectAltName=DNS:metadata.google.internal\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let mut request = vec!["req", "-subj", "/CN=fake"];
+        request.extend(ec);
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        request.extend(["-keyout", &key, "-out", &csr]);
+        run(&request);
+        std::fs::write(dir.join(&ext), extension).unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "root.crt",
+            "-CAkey",
+            "root.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ]);
+    }
+    let server = dir.join("fake-server");
+    std::fs::create_dir_all(&server).unwrap();
+    std::fs::copy(dir.join("server.crt"), server.join("server.crt")).unwrap();
+    std::fs::copy(dir.join("server.key"), server.join("server.key")).unwrap();
+    std::fs::copy(dir.join("root.crt"), server.join("client-ca.crt")).unwrap();
+    // As the guest agent writes them: the root, and the client's certificate and key in one.
+    let node = dir.join("google-mds-mtls");
+    std::fs::create_dir_all(&node).unwrap();
+    std::fs::copy(dir.join("root.crt"), node.join("root.crt")).unwrap();
+    let client = [
+        std::fs::read_to_string(dir.join("client.crt")).unwrap(),
+        std::fs::read_to_string(dir.join("client.key")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(node.join("client.key"), client).unwrap();
+    (server, node)
+}
+
+/// Where the node has GCP's metadata server credentials, the agent's requests go over mutual
+/// TLS to port 443; workloads speak plain HTTP to the agent, and their own connects to port 443
+/// stay refused. Credentials that cannot be used fail the request, never a plain one.
+#[test]
+fn upstream_requests_use_the_metadata_servers_mutual_tls_where_the_node_has_it() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        imds_tests::sandbox::skip("openssl is not installed (cargo xtask setup installs it)");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new("gcp-mtls") else {
+        return;
+    };
+    let (server, node) = mtls_certificates(&sandbox.work_dir);
+    let log = sandbox.work_dir.join("requests.log");
+    let _imds = sandbox.spawn_fake_imds(
+        &[
+            "--provider",
+            "gcp",
+            "--tls-listen",
+            "169.254.169.254:443",
+            "--tls-dir",
+            server.to_str().unwrap(),
+            "--request-log",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let policies = sandbox.write_policies(&[("app.yaml", POLICY)]);
+    let _agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&policies],
+        &[
+            "--provider",
+            "gcp",
+            "--gcp-mtls-dir",
+            node.to_str().unwrap(),
+        ],
+    );
+    let get = |args: &[&str]| {
+        let mut all = vec!["-H", "Metadata-Flavor: Google"];
+        all.extend_from_slice(args);
+        sandbox.curl("enforced/app", None, &all)
+    };
+    let id = get(&["http://169.254.169.254/computeMetadata/v1/instance/id"]);
+    assert_eq!(id.status, 200, "{id:?}");
+    let requests = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        requests.lines().collect::<Vec<_>>(),
+        ["GET /computeMetadata/v1/instance/id mtls"],
+        "the agent's request went over mutual TLS"
+    );
+    // A workload's own TLS connect to the server stays refused (fail closed).
+    let direct = get(&[
+        "--cacert",
+        node.join("root.crt").to_str().unwrap(),
+        "--resolve",
+        "metadata.google.internal:443:169.254.169.254",
+        "https://metadata.google.internal/computeMetadata/v1/instance/id",
+    ]);
+    assert_eq!((direct.status, direct.exit), (0, 7), "{direct:?}");
+
+    // Credentials that cannot be used: the request fails, nothing goes out in the clear.
+    std::fs::write(node.join("client.key"), "not a key\n").unwrap();
+    let failed = get(&["http://169.254.169.254/computeMetadata/v1/instance/id"]);
+    assert_eq!(failed.status, 502, "{failed:?}");
+    let requests = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(requests.lines().count(), 1, "{requests}");
+}
