@@ -165,6 +165,16 @@ fn policy_test_says_which_case_failed_and_why_and_exits_1() {
     std::fs::create_dir_all(&dir).unwrap();
     let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let cases = dir.join("cases.yaml");
+    // The example policies against whatever the case file holds at the time.
+    let test_cases = || {
+        agent(&[
+            "policy",
+            "test",
+            "--policy",
+            policies.to_str().unwrap(),
+            cases.to_str().unwrap(),
+        ])
+    };
     std::fs::write(
         &cases,
         "cases:\n\
@@ -179,13 +189,7 @@ fn policy_test_says_which_case_failed_and_why_and_exits_1() {
          \x20   rule: imdsv2-token\n",
     )
     .unwrap();
-    let (code, stdout, stderr) = agent(&[
-        "policy",
-        "test",
-        "--policy",
-        policies.to_str().unwrap(),
-        cases.to_str().unwrap(),
-    ]);
+    let (code, stdout, stderr) = test_cases();
     assert_eq!(code, 1, "{stdout}{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
@@ -227,13 +231,7 @@ fn policy_test_says_which_case_failed_and_why_and_exits_1() {
          \x20   expect: allow\n",
     )
     .unwrap();
-    let (code, stdout, stderr) = agent(&[
-        "policy",
-        "test",
-        "--policy",
-        policies.to_str().unwrap(),
-        cases.to_str().unwrap(),
-    ]);
+    let (code, stdout, stderr) = test_cases();
     assert_eq!((code, stdout.as_str()), (64, ""), "{stderr}");
     assert!(
         stderr.contains(
@@ -250,13 +248,7 @@ fn policy_test_says_which_case_failed_and_why_and_exits_1() {
         "cases:\n  - name: a\n    caller: {cgroup: /web}\n    request: GET /\n    expct: allow\n",
     )
     .unwrap();
-    let (code, _, stderr) = agent(&[
-        "policy",
-        "test",
-        "--policy",
-        policies.to_str().unwrap(),
-        cases.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = test_cases();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(code, 64);
     assert!(
