@@ -168,6 +168,11 @@ async fn listen(
     TcpListener::bind(addr).await
 }
 
+/// How long a starting agent on Kubernetes waits for its first listing before it serves.
+const READY_WAIT: Duration = Duration::from_secs(10);
+/// When the other programs at connect() are looked at.
+const NEIGHBOUR_CHECK_DELAY: Duration = Duration::from_secs(1);
+
 /// Says what other programs at connect() mean for enforcement (see `loader::neighbours`):
 /// one that runs first may take metadata connects before the agent sees them.
 fn warn_of_neighbours(enforcer: &Enforcer, mount: &std::path::Path, cgroup: &std::path::Path) {
@@ -460,7 +465,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if !took_over {
         close_preexisting(&resolver, &endpoints);
     }
-    warn_of_neighbours(&enforcer, &mount, &cgroup);
     tracing::info!(
         cgroup = %cgroup.display(),
         pin_dir = %args.pin_dir.display(),
@@ -515,6 +519,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Healthy from here on: attached, policy loaded. Ready once the watches have listed.
     let synced = Arc::new(crate::kube::watch::Synced::default());
     let mut tasks = Tasks::default();
+    // A moment after start: on an upgrade the predecessor's links, replaced by this agent's,
+    // may still be attached for a little while.
+    let (neighbours_of, mount_dir, enforced_dir) =
+        (enforcer.clone(), mount.clone(), cgroup.clone());
+    tasks.job("other programs at connect()", async move {
+        tokio::time::sleep(NEIGHBOUR_CHECK_DELAY).await;
+        warn_of_neighbours(&neighbours_of, &mount_dir, &enforced_dir);
+    });
     if let (Some(client), Some(key)) = (&kube_client, &args.remove_node_taint) {
         let synced = synced.clone();
         tasks.job(
@@ -574,6 +586,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // this agent knows what it enforces (on Kubernetes: the pods and policies listed); those
     // a version no longer makes are removed.
     let (verdicts, changes, known) = (filter.clone(), policy.subscribe(), ready.clone());
+    let serving_ready = ready.clone();
     tasks.service("kernel verdict revalidation", async move {
         while !known() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -635,6 +648,22 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     );
     if let Some(interval) = crate::notify::watchdog_interval() {
         tasks.service("systemd watchdog", crate::notify::watchdog(interval));
+    }
+    // On Kubernetes the pods and policies are listed before this agent serves: a request
+    // decided before then would meet the node policy alone (pods would be denied what their
+    // policies allow). Meanwhile connects wait in the accept queue, or the predecessor serves
+    // them; a cluster that has not answered within READY_WAIT gets what is known.
+    if args.kubernetes {
+        let waited = std::time::Instant::now();
+        while !serving_ready() && waited.elapsed() < READY_WAIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !serving_ready() {
+            tracing::warn!(
+                waited_ms = READY_WAIT.as_millis() as u64,
+                "pods and policies not listed yet: serving with what is known"
+            );
+        }
     }
     // Upgrades: take over from the predecessor (if any), then offer this agent's sockets to
     // the next one.
