@@ -79,6 +79,8 @@ struct State {
     requests: Vec<String>,
     /// Events created (events.k8s.io/v1), as posted.
     events: Vec<Value>,
+    /// How long a list of each kind takes (a slow API server).
+    list_delays: Vec<(Kind, std::time::Duration)>,
 }
 
 struct Watcher {
@@ -205,6 +207,13 @@ impl FakeApiServer {
         self.state.lock().expect("state").requests.clone()
     }
 
+    /// Lists of `kind` are answered `delay` late from now on, as a loaded API server answers.
+    pub fn delay_lists(&self, kind: Kind, delay: std::time::Duration) {
+        let mut state = self.state.lock().expect("state");
+        state.list_delays.retain(|(k, _)| *k != kind);
+        state.list_delays.push((kind, delay));
+    }
+
     /// The API server goes away: the listener and every open connection close.
     pub fn stop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
@@ -288,6 +297,16 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Bo
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             return watch(state, kind, node, since);
+        }
+        let delay = state
+            .lock()
+            .expect("state")
+            .list_delays
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, d)| *d);
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
         }
         return list(state, kind, node.as_deref());
     }

@@ -546,6 +546,57 @@ fn the_start_up_taint_is_removed_once_enforcing() {
     );
 }
 
+/// A successor that took the sockets before it had listed the cluster's policies would
+/// decide pods' requests by the node policy alone: it serves only once it has listed them,
+/// and until then its predecessor does.
+#[test]
+fn a_successor_serves_only_once_it_has_listed_pods_and_policies() {
+    let Some(mut env) = Env::start("k8s-listed-first", &[]) else {
+        return;
+    };
+    env.add_pod(&WEB_0, NODE);
+    let read = || env.get(&WEB_0.cgroup(), INSTANCE_ID_URL).status;
+    assert!(
+        wait_until(Duration::from_secs(5), || read() == 200),
+        "{}",
+        env.agent.log()
+    );
+    // The cluster default (which lets the pod read its instance id) is listed 2 s late.
+    env.api
+        .delay_lists(Kind::ClusterImdsPolicy, Duration::from_secs(2));
+    let kubeconfig = env.api.kubeconfig(&env.sandbox.work_dir);
+    let files = env.sandbox.write_policies(&[]);
+    let successor = env.sandbox.launch_agent_with_env(
+        "enforced",
+        "agent-next",
+        &[&files],
+        &agent_args(&env.pod_network),
+        &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
+    );
+    let started = std::time::Instant::now();
+    let mut statuses = Vec::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        statuses.push(read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{statuses:?}\n{}",
+        successor.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || env
+            .agent
+            .log()
+            .contains("handed over")),
+        "{}",
+        env.agent.log()
+    );
+    assert_eq!(read(), 200, "{}", successor.log());
+    env.agent.process.signal(libc::SIGTERM);
+    assert_eq!(env.agent.process.wait(Duration::from_secs(10)), Some(0));
+}
+
 #[test]
 fn a_handed_over_agent_stays_until_its_pod_is_deleted() {
     let Some(mut env) = Env::start("k8s-handover", &[]) else {
