@@ -483,8 +483,6 @@ pub fn ipv6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
     })
 }
 
-/// Makes an endpoint map hold exactly `wanted` (an adopted map may list endpoints that a
-/// previous configuration had and this one drops).
 /// One map entry per address, with at most two service ports on it (the programs' layout).
 fn by_address<K: PartialEq + Copy>(
     endpoints: impl Iterator<Item = (K, u16)>,
@@ -508,6 +506,8 @@ fn by_address<K: PartialEq + Copy>(
     Ok(entries)
 }
 
+/// Makes an endpoint map hold exactly `wanted` (an adopted map may list endpoints that a
+/// previous configuration had and this one drops).
 fn sync_endpoints<K>(
     map: &mut HashMap<MapData, K, Endpoint>,
     wanted: &[(K, Endpoint)],

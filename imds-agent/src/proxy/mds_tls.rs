@@ -13,7 +13,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use rustls::{
@@ -38,13 +38,24 @@ pub struct CredentialsError {
 }
 
 /// The node's credentials for the metadata server, loaded when first needed and again when
-/// either file changes.
+/// either file changes. Asked on every request to the metadata server, so the files are looked
+/// at (two stat calls) at most once per [`RECHECK`]; rotation is seen within it.
 pub struct MdsTls {
     dir: PathBuf,
-    loaded: Mutex<Option<(Stamp, Arc<ClientConfig>)>>,
+    loaded: Mutex<Option<Loaded>>,
 }
 
-/// The files' modification times: what says they were rotated.
+/// How often the files are looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+struct Loaded {
+    checked: Instant,
+    /// The files' modification times: what says they were rotated.
+    stamp: Stamp,
+    /// `None`: the node has no credentials.
+    config: Option<Arc<ClientConfig>>,
+}
+
 type Stamp = (Option<SystemTime>, Option<SystemTime>);
 
 impl MdsTls {
@@ -58,22 +69,35 @@ impl MdsTls {
     /// The TLS client configuration for the credentials as they are now; `None` where the
     /// node has none (neither file), and the metadata server is spoken to over plain HTTP.
     pub fn config(&self) -> Result<Option<Arc<ClientConfig>>, CredentialsError> {
+        let mut loaded = self.loaded.lock().expect("mTLS lock");
+        if let Some(known) = loaded.as_ref()
+            && known.checked.elapsed() < RECHECK
+        {
+            return Ok(known.config.clone());
+        }
         let (root, client) = (self.dir.join(ROOT_CA), self.dir.join(CLIENT));
         let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let stamp = (modified(&root), modified(&client));
-        if stamp == (None, None) {
-            return Ok(None);
-        }
-        let mut loaded = self.loaded.lock().expect("mTLS lock");
-        if let Some((at, config)) = loaded.as_ref()
-            && *at == stamp
+        if let Some(known) = loaded.as_mut()
+            && known.stamp == stamp
         {
-            return Ok(Some(config.clone()));
+            known.checked = Instant::now();
+            return Ok(known.config.clone());
         }
-        let config = Arc::new(load(&root, &client)?);
-        tracing::info!(dir = %self.dir.display(), "metadata server credentials loaded: upstream requests use mutual TLS");
-        *loaded = Some((stamp, config.clone()));
-        Ok(Some(config))
+        let config = if stamp == (None, None) {
+            None
+        } else {
+            // Unusable credentials are not remembered: the next request looks again.
+            let config = Arc::new(load(&root, &client)?);
+            tracing::info!(dir = %self.dir.display(), "metadata server credentials loaded: upstream requests use mutual TLS");
+            Some(config)
+        };
+        *loaded = Some(Loaded {
+            checked: Instant::now(),
+            stamp,
+            config: config.clone(),
+        });
+        Ok(config)
     }
 
     pub fn server_name() -> ServerName<'static> {

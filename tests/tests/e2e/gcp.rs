@@ -376,6 +376,8 @@ fn upstream_requests_use_the_metadata_servers_mutual_tls_where_the_node_has_it()
 
     // Credentials that cannot be used: the request fails, nothing goes out in the clear.
     std::fs::write(node.join("client.key"), "not a key\n").unwrap();
+    // The agent looks at the files at most once a second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let failed = get(&["http://169.254.169.254/computeMetadata/v1/instance/id"]);
     assert_eq!(failed.status, 502, "{failed:?}");
     let requests = std::fs::read_to_string(&log).unwrap_or_default();
