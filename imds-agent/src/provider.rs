@@ -176,9 +176,7 @@ impl Provider {
             | Self::Volcengine => &[],
         }
     }
-}
 
-impl Provider {
     /// Refuses a query parameter the service at `destination` does not document
     /// ([`Self::query_parameters`]).
     pub fn check_query(

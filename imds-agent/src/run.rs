@@ -173,6 +173,18 @@ const READY_WAIT: Duration = Duration::from_secs(10);
 /// When the other programs at connect() are looked at.
 const NEIGHBOUR_CHECK_DELAY: Duration = Duration::from_secs(1);
 
+/// Waits until `ready` holds, at most `limit`; whether it does.
+async fn until_ready(ready: &metrics::Readiness, limit: Option<Duration>) -> bool {
+    let started = std::time::Instant::now();
+    while !ready() {
+        if limit.is_some_and(|limit| started.elapsed() >= limit) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 /// Says what other programs at connect() mean for enforcement (see `loader::neighbours`):
 /// one that runs first may take metadata connects before the agent sees them.
 fn warn_of_neighbours(enforcer: &Enforcer, mount: &std::path::Path, cgroup: &std::path::Path) {
@@ -588,9 +600,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let (verdicts, changes, known) = (filter.clone(), policy.subscribe(), ready.clone());
     let serving_ready = ready.clone();
     tasks.service("kernel verdict revalidation", async move {
-        while !known() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ready(&known, None).await;
         let still_made = |caller| {
             let identity = verdicts.resolver.identify_key(caller)?;
             let admission = verdicts.policy.current().admit(&identity);
@@ -653,17 +663,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // decided before then would meet the node policy alone (pods would be denied what their
     // policies allow). Meanwhile connects wait in the accept queue, or the predecessor serves
     // them; a cluster that has not answered within READY_WAIT gets what is known.
-    if args.kubernetes {
-        let waited = std::time::Instant::now();
-        while !serving_ready() && waited.elapsed() < READY_WAIT {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if !serving_ready() {
-            tracing::warn!(
-                waited_ms = READY_WAIT.as_millis() as u64,
-                "pods and policies not listed yet: serving with what is known"
-            );
-        }
+    if args.kubernetes && !until_ready(&serving_ready, Some(READY_WAIT)).await {
+        tracing::warn!(
+            waited_ms = READY_WAIT.as_millis() as u64,
+            "pods and policies not listed yet: serving with what is known"
+        );
     }
     // Upgrades: take over from the predecessor (if any), then offer this agent's sockets to
     // the next one.
