@@ -74,12 +74,10 @@ struct CallerDocument {
     executable: Option<String>,
 }
 
-/// A decision, or the status the agent answers with for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expected {
-    Allow,
-    Deny,
-}
+/// The decision expected, written as one (`allow`, `deny`) or as the status the agent answers
+/// with for it (200, 403).
+#[derive(Debug, Clone, Copy)]
+struct Expected(Action);
 
 impl<'de> Deserialize<'de> for Expected {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -90,10 +88,10 @@ impl<'de> Deserialize<'de> for Expected {
             Word(String),
         }
         match Written::deserialize(deserializer)? {
-            Written::Status(200) => Ok(Self::Allow),
-            Written::Status(403) => Ok(Self::Deny),
-            Written::Word(word) if word == "allow" => Ok(Self::Allow),
-            Written::Word(word) if word == "deny" => Ok(Self::Deny),
+            Written::Status(200) => Ok(Self(Action::Allow)),
+            Written::Status(403) => Ok(Self(Action::Deny)),
+            Written::Word(word) if word == "allow" => Ok(Self(Action::Allow)),
+            Written::Word(word) if word == "deny" => Ok(Self(Action::Deny)),
             Written::Status(other) => Err(serde::de::Error::custom(format!(
                 "status {other}: a policy decides 200 (allow) or 403 (deny)"
             ))),
@@ -101,15 +99,6 @@ impl<'de> Deserialize<'de> for Expected {
                 "{other:?}: expected allow, deny, 200 or 403{}",
                 crate::policy::did_you_mean(&other, &["allow", "deny"])
             ))),
-        }
-    }
-}
-
-impl Expected {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Deny => "deny",
         }
     }
 }
@@ -244,14 +233,10 @@ fn check_file(
             }
         };
         let decision = set.decide(&set.select(&identity), &identity, &method, &path);
-        let got = match decision.action {
-            Action::Allow => Expected::Allow,
-            Action::Deny => Expected::Deny,
-        };
-        let expected = case.expect.value;
+        let Expected(expected) = case.expect.value;
         let mut mismatches = Vec::new();
-        if got != expected {
-            mismatches.push(format!("expected {}", expected.as_str()));
+        if decision.action != expected {
+            mismatches.push(format!("expected {expected}"));
         }
         if let Some(policy) = case.policy.as_deref().filter(|p| *p != decision.policy) {
             mismatches.push(format!("expected policy '{policy}'"));
@@ -270,7 +255,7 @@ fn check_file(
             file.display(),
             case.name.value,
             raw_path,
-            got.as_str(),
+            decision.action,
             decision.policy,
             decision.rule,
         );
