@@ -19,11 +19,10 @@ use crate::identity::Identity;
 
 /// Workloads kept; beyond it new ones are counted under [`OVERFLOW`].
 const MAX_WORKLOADS: usize = 4096;
-/// Executables, paths, requests and uids kept per workload.
+/// Executables, paths and requests kept per workload.
 const MAX_EXECUTABLES: usize = 16;
 const MAX_PATHS: usize = 64;
 const MAX_USES: usize = 128;
-const MAX_UIDS: usize = 16;
 /// Pod labels that name one revision or one pod of a controller, not the workload.
 const REVISION_LABELS: [&str; 7] = [
     "pod-template-hash",
@@ -58,9 +57,6 @@ pub struct WorkloadUse {
     /// Requests by `METHOD PATH` (the first [`MAX_USES`]).
     #[serde(default)]
     pub uses: BTreeMap<String, Seen>,
-    /// The uids that asked (the first [`MAX_UIDS`]).
-    #[serde(default)]
-    pub uids: BTreeSet<u32>,
 }
 
 /// A workload as policies select it: a pod's container by its namespace, stable labels,
@@ -145,9 +141,6 @@ impl Inventory {
             seen.tokenless += u64::from(request.tokenless);
             seen.last.clone_from(&now);
         }
-        if entry.uids.len() < MAX_UIDS {
-            entry.uids.insert(identity.uid);
-        }
         if let Some(exe) = &identity.exe
             && entry.executables.len() < MAX_EXECUTABLES
         {
@@ -200,11 +193,6 @@ impl Inventory {
                 mine.tokenless += seen.tokenless;
                 if seen.last > mine.last {
                     mine.last = seen.last;
-                }
-            }
-            for uid in old.uids {
-                if entry.uids.len() < MAX_UIDS {
-                    entry.uids.insert(uid);
                 }
             }
             // ISO 8601 in UTC: the later one sorts last.
