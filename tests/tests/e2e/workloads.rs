@@ -139,6 +139,15 @@ fn start(label: &str, policies: &[(&str, &str)]) -> Option<Env> {
     })
 }
 
+/// Rewrites the `locked` policy to let its callers read what `web`'s may.
+fn unlock(policy_dir: &std::path::Path) {
+    std::fs::write(
+        policy_dir.join("locked.yaml"),
+        OPEN.replace("web", "locked"),
+    )
+    .unwrap();
+}
+
 /// Waits until the agent's log contains `needle` `count` times (reloads are polled).
 fn wait_for_log(agent: &Agent, needle: &str, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -533,11 +542,7 @@ fn callers_that_may_read_nothing_are_refused_in_the_kernel_until_the_policy_chan
     );
 
     // The verdict goes with the policy that made it.
-    std::fs::write(
-        env.policy_dir.join("locked.yaml"),
-        OPEN.replace("web", "locked"),
-    )
-    .unwrap();
+    unlock(&env.policy_dir);
     wait_for_log(&env.agent, "policy reloaded", 1);
     let after = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
     assert_eq!(
@@ -709,11 +714,7 @@ fn a_restarted_agent_does_not_inherit_the_previous_policys_kernel_verdicts() {
     // The agent dies; the policy changes while it is down; a new agent starts on the pins.
     env.agent.process.signal(libc::SIGKILL);
     env.agent.process.wait(Duration::from_secs(5));
-    std::fs::write(
-        env.policy_dir.join("locked.yaml"),
-        OPEN.replace("web", "locked"),
-    )
-    .unwrap();
+    unlock(&env.policy_dir);
     let _agent = sb.start_agent("enforced", "agent", &[&env.policy_dir], &[]);
     let served = sb.curl("enforced/locked", None, &[&url(INSTANCE_ID_PATH)]);
     assert_eq!(
@@ -770,11 +771,7 @@ fn an_upgraded_agent_keeps_the_kernel_verdicts_its_policy_still_makes() {
     );
 
     // A successor whose policy no longer refuses the caller removes the verdict.
-    std::fs::write(
-        env.policy_dir.join("locked.yaml"),
-        OPEN.replace("web", "locked"),
-    )
-    .unwrap();
+    unlock(&env.policy_dir);
     let mut successor = successor;
     let _third = sb.start_agent(
         "enforced",
