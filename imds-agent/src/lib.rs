@@ -19,6 +19,7 @@ pub mod notify;
 pub mod policy;
 pub mod provider;
 pub mod proxy;
+pub mod reduce;
 pub mod run;
 pub mod status;
 pub mod supervisor;

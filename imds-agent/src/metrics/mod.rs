@@ -240,8 +240,8 @@ pub fn group_of(path: &str) -> &'static str {
     };
     groups::all_compiled()
         .iter()
-        .find(|(_, patterns)| patterns.best_match(&path).is_some())
-        .map_or("other", |(name, _)| name)
+        .find(|group| group.paths.best_match(&path).is_some())
+        .map_or("other", |group| group.name)
 }
 
 impl Metrics {

@@ -15,8 +15,9 @@ use super::{
     document::{PolicyDocument, RuleDocument, SelectorDocument, TokensDocument},
     exe_pattern::ExePattern,
     groups,
-    pattern::{CompiledPatterns, NamePattern, PathPattern},
+    pattern::{CanonicalPath, CompiledPatterns, NamePattern, PathPattern},
     suggest::did_you_mean,
+    view::{DocumentViews, View, compile_view},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -99,6 +100,11 @@ pub struct Rule {
     pub(super) methods: Methods,
     pub(super) paths: Arc<CompiledPatterns>,
     pub(super) callers: Selector,
+    /// What of the answers it allows its callers get (the rule's `view`).
+    pub(super) view: Option<Arc<View>>,
+    /// Documents the rule's groups grant through a view (the rule's own view added), where
+    /// nothing else in the rule grants them whole.
+    pub(super) documents: Arc<DocumentViews>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,17 +225,28 @@ pub(super) fn compile(
             }
             // In document order, so errors are too.
             let methods = compile_methods(&mut at, &field, &rule.methods);
-            let paths = compile_paths(&mut at, &field, rule);
+            let (paths, documents) = compile_paths(&mut at, &field, rule);
+            let callers =
+                compile_selector(&mut at, &format!("{field}.callers"), rule.callers.as_ref());
+            let view = compile_view(&mut at, &field, rule.action, &rule.name, rule.view.as_ref());
+            let documents = match &view {
+                Some(view) if !documents.0.is_empty() => Arc::new(DocumentViews(
+                    documents
+                        .0
+                        .iter()
+                        .map(|(path, document)| (path.clone(), Arc::new(document.and(view))))
+                        .collect(),
+                )),
+                _ => documents,
+            };
             Rule {
                 name: rule.name.value.clone(),
                 action: rule.action,
                 methods,
                 paths,
-                callers: compile_selector(
-                    &mut at,
-                    &format!("{field}.callers"),
-                    rule.callers.as_ref(),
-                ),
+                callers,
+                view,
+                documents,
             }
         })
         .collect();
@@ -297,7 +314,14 @@ fn compile_methods(
     Methods::Only(methods.value.iter().map(|m| m.value.clone()).collect())
 }
 
-fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Arc<CompiledPatterns> {
+/// The rule's patterns, and the documents its groups grant through a view. A document some
+/// other pattern of the rule grants (a path, or a group granting it whole) is granted whole:
+/// within one rule, what its groups grant adds up.
+fn compile_paths(
+    at: &mut Located<'_>,
+    field: &str,
+    rule: &RuleDocument,
+) -> (Arc<CompiledPatterns>, Arc<DocumentViews>) {
     if rule.paths.is_empty() && rule.groups.is_empty() {
         at.error(
             &rule.name,
@@ -309,7 +333,7 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Arc<
     if let ([], [group]) = (rule.paths.as_slice(), rule.groups.as_slice())
         && let Some(shared) = groups::compiled(&group.value)
     {
-        return Arc::clone(shared);
+        return (Arc::clone(&shared.paths), Arc::clone(&shared.documents));
     }
     let mut patterns = Vec::new();
     for (i, path) in rule.paths.iter().enumerate() {
@@ -322,9 +346,20 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Arc<
             ),
         }
     }
+    let mut documents = Vec::new();
     for (i, group) in rule.groups.iter().enumerate() {
         match groups::compiled(&group.value) {
-            Some(group) => patterns.extend_from_slice(group.patterns()),
+            Some(group) => {
+                let granted_whole = group.paths.patterns().iter().filter(|p| {
+                    !group
+                        .documents
+                        .0
+                        .iter()
+                        .any(|(document, _)| p.as_str() == document)
+                });
+                patterns.extend(granted_whole.cloned());
+                documents.extend(group.documents.0.iter().cloned());
+            }
             None => at.error(
                 group,
                 format!("{field}.groups[{i}]"),
@@ -337,7 +372,17 @@ fn compile_paths(at: &mut Located<'_>, field: &str, rule: &RuleDocument) -> Arc<
             ),
         }
     }
-    Arc::new(CompiledPatterns::new(patterns))
+    let whole = CompiledPatterns::new(patterns.clone());
+    documents.retain(|(document, _)| {
+        CanonicalPath::parse(document).is_ok_and(|path| whole.best_match(&path).is_none())
+    });
+    patterns.extend(documents.iter().map(|(document, _)| {
+        PathPattern::parse(document).expect("built-in documents parse (unit-tested)")
+    }));
+    (
+        Arc::new(CompiledPatterns::new(patterns)),
+        Arc::new(DocumentViews(documents)),
+    )
 }
 
 fn compile_selector(at: &mut Located<'_>, field: &str, doc: Option<&SelectorDocument>) -> Selector {

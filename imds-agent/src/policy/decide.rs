@@ -5,6 +5,7 @@ use super::{
     Action, DEFAULT_RULE, KernelVerdict, Mode, PolicySet, UNMATCHED_POLICY, Unmatched,
     compile::{Methods, Policy, Rule, Selector},
     pattern::{CanonicalPath, Specificity},
+    view::View,
 };
 use crate::identity::{Identity, executable::ExeOrigin};
 
@@ -111,6 +112,14 @@ impl Rule {
         }
         self.paths.best_match(path)
     }
+
+    /// The view through which the rule grants `path`: a document's, else the rule's own.
+    pub(super) fn view_for(&self, path: &CanonicalPath<'_>) -> Option<&View> {
+        if self.documents.0.is_empty() {
+            return self.view.as_deref();
+        }
+        self.documents.get(path).or(self.view.as_deref())
+    }
 }
 
 impl Policy {
@@ -130,6 +139,7 @@ impl Policy {
                         policy: self,
                         rule: Some(rule),
                         specificity: Some(specificity),
+                        view: rule.view_for(path),
                     })
             })
             .unwrap_or(Verdict {
@@ -137,6 +147,7 @@ impl Policy {
                 policy: self,
                 rule: None,
                 specificity: None,
+                view: None,
             })
     }
 }
@@ -148,6 +159,8 @@ pub(super) struct Verdict<'a> {
     pub(super) rule: Option<&'a Rule>,
     /// `None` for a default.
     pub(super) specificity: Option<Specificity>,
+    /// What of the answer an allow grants.
+    pub(super) view: Option<&'a View>,
 }
 
 impl<'a> Verdict<'a> {
@@ -156,12 +169,14 @@ impl<'a> Verdict<'a> {
     }
 
     /// Precedence: a rule beats a default, a more specific rule beats a less specific one,
-    /// and deny beats allow when they are otherwise equal.
-    fn rank(&self) -> (bool, Option<Specificity>, bool) {
+    /// and deny beats allow when they are otherwise equal; between allows otherwise equal,
+    /// one through a view (it grants less) beats one without.
+    fn rank(&self) -> (bool, Option<Specificity>, bool, bool) {
         (
             self.specificity.is_some(),
             self.specificity,
             self.action == Action::Deny,
+            self.view.is_some(),
         )
     }
 }
@@ -184,6 +199,8 @@ pub struct Decision<'a> {
     /// Set when an audit-mode policy would have denied this allowed request:
     /// (policy, rule) of that would-be denial.
     pub would_deny: Option<(&'a str, &'a str)>,
+    /// An allow: what of the answer the caller gets. A deny: the view that removes the path.
+    pub view: Option<&'a View>,
 }
 
 /// Token requirements for one caller (see [`PolicySet::token_rules`]), with the policies that
@@ -309,6 +326,10 @@ impl PolicySet {
     ) -> Decision<'a> {
         let decision = self.decide_enforcing(selection, identity, method, path);
         let subtree = match (decision.action, selection, ResolvedCaller::new(identity)) {
+            // A view cuts answers by their paths; a subtree's answer cannot be cut the same.
+            (Action::Allow, _, _) if decision.view.is_some() => {
+                Some((decision.policy, decision.rule))
+            }
             (Action::Allow, Selection::Policies(indexes), Some(caller)) if !indexes.is_empty() => {
                 self.subtree_denial(indexes, &caller, method, path)
             }
@@ -319,6 +340,7 @@ impl PolicySet {
             policy,
             rule,
             would_deny: None,
+            view: None,
         });
         self.apply_mode(decision)
     }
@@ -350,6 +372,24 @@ impl PolicySet {
                     .iter()
                     .any(|p| p.matches(path) || p.matches_below(path))
                 {
+                    return Some((&policy.name, &rule.name));
+                }
+            }
+        }
+        // What a view cuts below the path would be whole in the subtree's answer.
+        for policy in enforcing() {
+            for rule in policy
+                .rules
+                .iter()
+                .filter(|r| r.action == Action::Allow && applies(r))
+            {
+                let viewed_below = rule.view.is_some()
+                    && rule
+                        .paths
+                        .patterns()
+                        .iter()
+                        .any(|p| p.matches(path) || p.matches_below(path));
+                if viewed_below || rule.documents.any_at_or_below(path) {
                     return Some((&policy.name, &rule.name));
                 }
             }
@@ -395,6 +435,7 @@ impl PolicySet {
                     policy: UNMATCHED_POLICY,
                     rule: "unresolved-cgroup",
                     would_deny: None,
+                    view: None,
                 };
             }
         };
@@ -415,11 +456,20 @@ impl PolicySet {
             _ => None,
         };
         match (enforced, all) {
+            // An allow through a view that removes the path: denied, as the field is.
+            (Some(v), _) if v.view.is_some_and(|view| view.removes(path).is_some()) => Decision {
+                action: Action::Deny,
+                policy: &v.policy.name,
+                rule: v.rule_name(),
+                would_deny: None,
+                view: v.view,
+            },
             (Some(v), _) => Decision {
                 action: v.action,
                 policy: &v.policy.name,
                 rule: v.rule_name(),
                 would_deny: would_deny(v.action),
+                view: v.view.filter(|_| v.action == Action::Allow),
             },
             // Only audit policies select the caller: allowed, and reported.
             (None, Some(v)) => Decision {
@@ -427,12 +477,14 @@ impl PolicySet {
                 policy: &v.policy.name,
                 rule: v.rule_name(),
                 would_deny: would_deny(Action::Allow),
+                view: None,
             },
             (None, None) => Decision {
                 action: self.unmatched.action(),
                 policy: UNMATCHED_POLICY,
                 rule: "unmatched",
                 would_deny: None,
+                view: None,
             },
         }
     }
@@ -498,6 +550,7 @@ impl PolicySet {
             .filter(|r| {
                 r.action == Action::Allow && r.methods.contains("GET") && r.callers.matches(&caller)
             })
+            .filter(|r| r.view.as_ref().is_none_or(|v| v.removes(&path).is_none()))
             .any(|r| r.paths.patterns().iter().any(|p| p.matches_below(&path)))
     }
 }

@@ -74,6 +74,29 @@ pub struct RuleDocument {
     /// Narrows the rule to some of the policy's callers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callers: Option<SelectorDocument>,
+    /// What of an allowed answer the callers get (allow rules only): some keys of user data,
+    /// or a document without some of its fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<ViewDocument>,
+}
+
+/// A view of the answers a rule allows. `keys` keeps only these keys; `without` removes these
+/// fields, and denies reading them (or anything below them) by their own paths.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ViewDocument {
+    /// Keys of user data: names of `KEY=VALUE` lines, top-level keys of a JSON object, or
+    /// dotted paths below them (`database.host`). User data in any other format (cloud-init
+    /// MIME multipart, scripts, binary) is not served through a view.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub keys: Vec<Spanned<String>>,
+    /// Fields of a JSON (or Hetzner's YAML) document, each named by its metadata path: for
+    /// Azure's instance document, `/metadata/instance/compute/osProfile`; for a document
+    /// served as a file, the file's path then the field's (`/metadata/v1.json/user_data`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub without: Vec<Spanned<String>>,
 }
 
 /// Which callers: every field given must match (AND); any of a field's values may (OR).

@@ -72,6 +72,24 @@ impl PolicySet {
         if let Some((policy, rule)) = decision.would_deny {
             let _ = writeln!(out, "audit: policy '{policy}' rule '{rule}' would deny");
         }
+        match (decision.action, decision.view) {
+            (Action::Allow, Some(view)) if view.cuts(path) => {
+                let _ = writeln!(out, "view: {view}");
+                if !view.keys().is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "the caller gets these keys of the answer, where present: {}",
+                        view.keys().join(", ")
+                    );
+                }
+            }
+            (Action::Deny, Some(view)) => {
+                if let Some(field) = view.removes(path) {
+                    let _ = writeln!(out, "the rule's view removes {field}");
+                }
+            }
+            _ => {}
+        }
         let Some(caller) = ResolvedCaller::new(identity) else {
             out.push_str("the caller's cgroup could not be resolved\n");
             return out;

@@ -14,10 +14,11 @@
 //!   credentials); so are OCI's instance-principal certificate and key (`/opc/v2/identity/`)
 //!   and OpenStack's `password` and dynamic `vendor_data2.json` (vendordata services hand
 //!   out enrolment secrets there).
-//! - A document that holds everything is in no group but user-data where it carries user
-//!   data: Azure's `/metadata/instance` (the compute section), OCI's `/opc/v2/instance/`,
+//! - A document that holds everything is whole in no group but user-data where it carries
+//!   user data: Azure's `/metadata/instance` (the compute section), OCI's `/opc/v2/instance/`,
 //!   DigitalOcean's `/metadata/v1.json`, OpenStack's `meta_data.json` (user `meta` and keys),
-//!   Hetzner's `/hetzner/v1/metadata` (vendor data).
+//!   Hetzner's `/hetzner/v1/metadata` (vendor data). `instance-info` grants each of them
+//!   through a view without those fields ([`documents`]).
 //! - User-supplied key/value metadata is user-data (GCP attributes, OCI `metadata/`), and so
 //!   are SSH public keys supplied with it.
 //! - Volcengine's `volcstack/` tree is in no group but its role credentials: it is not
@@ -30,7 +31,10 @@
 
 use std::sync::{Arc, LazyLock};
 
-use super::{CompiledPatterns, PathPattern};
+use super::{
+    CompiledPatterns, PathPattern,
+    view::{DocumentViews, View},
+};
 
 pub const NAMES: [&str; 9] = [
     "credentials",
@@ -44,31 +48,116 @@ pub const NAMES: [&str; 9] = [
     "host-ga-plugin",
 ];
 
-/// Every group's patterns, in [`NAMES`] order, parsed and compiled once per process and
-/// shared by every rule and metric that uses the group.
-pub fn all_compiled() -> &'static [(&'static str, Arc<CompiledPatterns>)] {
-    static COMPILED: LazyLock<Vec<(&'static str, Arc<CompiledPatterns>)>> = LazyLock::new(|| {
+/// A group compiled: its patterns (the documents it grants through a view among them), and
+/// those documents' views.
+pub struct Group {
+    pub name: &'static str,
+    pub paths: Arc<CompiledPatterns>,
+    pub documents: Arc<DocumentViews>,
+}
+
+/// Every group, in [`NAMES`] order, parsed and compiled once per process and shared by every
+/// rule and metric that uses the group.
+pub fn all_compiled() -> &'static [Group] {
+    static COMPILED: LazyLock<Vec<Group>> = LazyLock::new(|| {
         NAMES
             .iter()
             .map(|name| {
+                let documents = documents(name);
                 let patterns = patterns(name)
                     .unwrap_or_default()
                     .iter()
+                    .chain(documents.iter().map(|(document, _)| document))
                     .map(|p| PathPattern::parse(p).expect("built-in groups parse (unit-tested)"))
                     .collect();
-                (*name, Arc::new(CompiledPatterns::new(patterns)))
+                let views = documents
+                    .iter()
+                    .map(|(document, without)| {
+                        ((*document).to_owned(), Arc::new(View::without(without)))
+                    })
+                    .collect();
+                Group {
+                    name,
+                    paths: Arc::new(CompiledPatterns::new(patterns)),
+                    documents: Arc::new(DocumentViews(views)),
+                }
             })
             .collect()
     });
     &COMPILED
 }
 
-/// One group's compiled patterns (see [`all_compiled`]), or `None` for an unknown name.
-pub fn compiled(name: &str) -> Option<&'static Arc<CompiledPatterns>> {
-    all_compiled()
-        .iter()
-        .find(|(group, _)| *group == name)
-        .map(|(_, compiled)| compiled)
+/// One group compiled (see [`all_compiled`]), or `None` for an unknown name.
+pub fn compiled(name: &str) -> Option<&'static Group> {
+    all_compiled().iter().find(|group| group.name == name)
+}
+
+/// Azure's instance document without what `instance-info` does not grant: user data, custom
+/// data, the OS profile (admin user name), SSH public keys, tags (their own group), and the
+/// network section (the `network` group).
+const AZURE_INSTANCE_CUT: &[&str] = &[
+    "/metadata/instance/compute/userData",
+    "/metadata/instance/compute/customData",
+    "/metadata/instance/compute/osProfile",
+    "/metadata/instance/compute/publicKeys",
+    "/metadata/instance/compute/tags",
+    "/metadata/instance/compute/tagsList",
+    "/metadata/instance/network",
+];
+
+/// The documents a group grants through a view: (the document's path, the fields removed,
+/// each by its metadata path). A document served as a file names its fields below the file's
+/// path. Each one here is a document that otherwise holds everything (see the module's
+/// notes), so that a workload needing the region need not be given the user data.
+pub fn documents(name: &str) -> &'static [(&'static str, &'static [&'static str])] {
+    match name {
+        "instance-info" => &[
+            ("/metadata/instance", AZURE_INSTANCE_CUT),
+            ("/metadata/instance/compute", AZURE_INSTANCE_CUT),
+            (
+                "/opc/v2/instance",
+                &[
+                    "/opc/v2/instance/metadata",
+                    "/opc/v2/instance/extendedMetadata",
+                    "/opc/v2/instance/definedTags",
+                    "/opc/v2/instance/freeformTags",
+                ],
+            ),
+            (
+                "/metadata/v1.json",
+                &[
+                    "/metadata/v1.json/user_data",
+                    "/metadata/v1.json/vendor_data",
+                    "/metadata/v1.json/public_keys",
+                    "/metadata/v1.json/tags",
+                    "/metadata/v1.json/interfaces",
+                    "/metadata/v1.json/floating_ip",
+                    "/metadata/v1.json/reserved_ip",
+                    "/metadata/v1.json/dns",
+                ],
+            ),
+            (
+                "/openstack/latest/meta_data.json",
+                &[
+                    "/openstack/latest/meta_data.json/meta",
+                    "/openstack/latest/meta_data.json/public_keys",
+                    "/openstack/latest/meta_data.json/keys",
+                    "/openstack/latest/meta_data.json/admin_pass",
+                    "/openstack/latest/meta_data.json/random_seed",
+                ],
+            ),
+            (
+                "/hetzner/v1/metadata",
+                &[
+                    "/hetzner/v1/metadata/public-keys",
+                    "/hetzner/v1/metadata/vendor_data",
+                    "/hetzner/v1/metadata/private-networks",
+                    "/hetzner/v1/metadata/public-ipv4",
+                ],
+            ),
+        ],
+        _ => &[],
+    }
 }
 
 /// The path patterns of a group, or `None` for an unknown name.
@@ -260,6 +349,28 @@ mod tests {
             }
         }
         assert!(patterns("secrets").is_none());
+    }
+
+    #[test]
+    fn documents_are_granted_only_through_their_views() {
+        for group in all_compiled() {
+            for (document, without) in documents(group.name) {
+                let path = CanonicalPath::parse(document).unwrap();
+                assert!(group.paths.best_match(&path).is_some(), "{document}");
+                // Never whole by another of the group's patterns.
+                assert!(
+                    !in_group(group.name, document),
+                    "{}: {document}",
+                    group.name
+                );
+                let view = group.documents.get(&path).expect("a view");
+                assert!(view.cuts(&path));
+                for field in *without {
+                    let field = CanonicalPath::parse(field).unwrap();
+                    assert!(view.removes(&field).is_some());
+                }
+            }
+        }
     }
 
     #[test]

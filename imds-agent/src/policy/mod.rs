@@ -42,6 +42,7 @@ pub mod pattern;
 mod plan;
 pub mod store;
 mod suggest;
+mod view;
 
 use std::fmt;
 
@@ -49,7 +50,7 @@ use serde::Deserialize;
 
 pub use compile::{Policy, PolicyError, compile_resource};
 pub use decide::{Decision, Selection, TokenRules};
-pub use document::{PolicyDocument, RuleDocument, SelectorDocument, TokensDocument};
+pub use document::{PolicyDocument, RuleDocument, SelectorDocument, TokensDocument, ViewDocument};
 pub(crate) use load::yaml_error;
 pub use load::{parse, parse_all};
 pub use pattern::{
@@ -57,6 +58,7 @@ pub use pattern::{
 };
 pub use plan::{Admission, Asked, Plan, Versioned};
 pub(crate) use suggest::did_you_mean;
+pub use view::View;
 
 #[derive(
     Debug,

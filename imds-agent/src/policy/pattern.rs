@@ -113,6 +113,11 @@ impl<'a> CanonicalPath<'a> {
         Ok(Self { segments, text })
     }
 
+    /// The path without its trailing `/` (`""` for the root).
+    pub fn as_str(&self) -> &'a str {
+        self.text
+    }
+
     /// `/a/b` for the path `/a/b/c` and `n` = 2; `""` for 0.
     fn prefix(&self, n: usize) -> &'a str {
         match n.checked_sub(1).map(|i| self.segments[i]) {

@@ -76,3 +76,4 @@ rules:
 
 mod decide;
 mod documents;
+mod views;
