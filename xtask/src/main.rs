@@ -356,7 +356,7 @@ fn package() -> Result {
     run(cargo().args(["deb", "-p", "imds-agent"]))
 }
 
-const FUZZ_TARGETS: [&str; 3] = ["request_head", "request_path", "policy"];
+const FUZZ_TARGETS: [&str; 4] = ["request_head", "request_path", "policy", "views"];
 
 fn fuzz(seconds: u64) -> Result {
     if !succeeds("cargo", &["fuzz", "--version"]) {

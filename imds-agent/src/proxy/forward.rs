@@ -47,6 +47,8 @@ pub enum UpstreamError {
     ListingNotUtf8,
     #[error("token response unreadable")]
     TokenResponse,
+    #[error("answer to be cut to a view too large or truncated")]
+    ViewedTooLarge,
 }
 
 impl UpstreamError {

@@ -12,6 +12,8 @@
 //! - `forward`: the request rebuilt from what was parsed, sent upstream over a connection that
 //!   only ever serves this caller (`pool`: idle ones are kept per caller);
 //! - `shape`: listings filtered to what the caller may read;
+//! - `view`: other answers cut to the caller's view (keys of user data, documents without
+//!   removed fields);
 //! - `refusal`: every answer the agent gives itself, in one place;
 //! - `audit`: the audit line, metrics, events and inventory of every request.
 
@@ -29,6 +31,7 @@ mod refusal;
 pub mod request;
 mod shape;
 pub mod tokens;
+mod view;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -1,5 +1,5 @@
 //! One request, phase after phase: limits, validation, the cloud's request rules, decide (the
-//! policy's plan, asked once), session tokens, forward, shape, audit. Each phase either passes the
+//! policy's plan, asked once), session tokens, forward, shape or view, audit. Each phase either passes the
 //! request on or ends it with a typed refusal, which `refusal` turns into the answer.
 
 use std::time::Instant;
@@ -14,6 +14,7 @@ use super::{
     decide, forward,
     refusal::Refusal,
     request, shape, tokens,
+    view::{self, ViewFailure},
 };
 
 pub async fn handle(
@@ -119,6 +120,7 @@ pub async fn handle(
         )
         .await;
     }
+    let mut view_summary = String::new();
     if let Ok(upstream) = &response
         && shape::is_listing(&valid, upstream)
     {
@@ -127,6 +129,27 @@ pub async fn handle(
             plan.listing_entry_visible(&valid.path, entry)
         })
         .await;
+    } else if let Some(cut) = decision.view.filter(|_| !plan.dry_run)
+        && let Ok(upstream) = response
+    {
+        // A dry run changes no answer: views apply only when enforcing.
+        let path = valid.canonical_path();
+        response = match view::apply(cut, &valid.method, &path, upstream).await {
+            Ok((viewed, summary)) => {
+                view_summary = summary;
+                Ok(viewed)
+            }
+            Err(ViewFailure::Upstream(error)) => Err(error),
+            Err(ViewFailure::Unservable(reason)) => {
+                let refusal = Refusal::Unviewable {
+                    policy: decision.policy,
+                    rule: decision.rule,
+                    reason,
+                    explain: filter.settings.explain_denials,
+                };
+                return refuse(&exchange, &refusal);
+            }
+        };
     }
 
     // An audit-mode policy that would have denied is named in the audit line.
@@ -137,7 +160,7 @@ pub async fn handle(
     let (response, upstream_status, detail) = match response {
         Ok(response) => {
             let status = response.status();
-            (response, Some(status), String::new())
+            (response, Some(status), view_summary)
         }
         Err(error) => {
             let refusal = Refusal::Upstream(error);

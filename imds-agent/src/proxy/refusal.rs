@@ -6,7 +6,10 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 
 use super::{Body, forward::UpstreamError, gate::Violation, limits, request::Rejection};
-use crate::provider::{ProtocolRefusal, Provider};
+use crate::{
+    provider::{ProtocolRefusal, Provider},
+    reduce::Unservable,
+};
 
 /// Why the agent answers a request itself instead of the metadata service.
 #[derive(Debug)]
@@ -31,6 +34,15 @@ pub enum Refusal<'a> {
     Token { policy: &'a str, rule: &'a str },
     /// The metadata service did not answer usably.
     Upstream(UpstreamError),
+    /// The policy allows the answer only through a view, and the answer cannot be cut to it
+    /// (user data in a format no view takes apart, none of the granted keys in it).
+    Unviewable {
+        policy: &'a str,
+        rule: &'a str,
+        reason: Unservable,
+        /// Whether the answer says why (`--explain-denials`).
+        explain: bool,
+    },
 }
 
 /// `--explain-denials`: why a request was denied, every policy's part in one line.
@@ -47,7 +59,7 @@ impl Refusal<'_> {
             Self::Protocol(refusal) => {
                 StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN)
             }
-            Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Denied { .. } | Self::Unviewable { .. } => StatusCode::FORBIDDEN,
             Self::Token { .. } => StatusCode::UNAUTHORIZED,
             Self::Upstream(error) => error.status(),
         }
@@ -58,7 +70,7 @@ impl Refusal<'_> {
         match self {
             Self::Limit(_) => "limit",
             Self::Malformed(_) | Self::Invalid(_) | Self::Protocol(_) => "reject",
-            Self::Denied { .. } | Self::Token { .. } => "deny",
+            Self::Denied { .. } | Self::Token { .. } | Self::Unviewable { .. } => "deny",
             // The policy allowed; the audit names its decision (see `pipeline`).
             Self::Upstream(_) => "allow",
         }
@@ -67,7 +79,9 @@ impl Refusal<'_> {
     /// The policy and rule that refused, for those a policy made.
     pub fn policy_and_rule(&self) -> (&str, &str) {
         match self {
-            Self::Denied { policy, rule, .. } | Self::Token { policy, rule } => (policy, rule),
+            Self::Denied { policy, rule, .. }
+            | Self::Token { policy, rule }
+            | Self::Unviewable { policy, rule, .. } => (policy, rule),
             _ => ("", ""),
         }
     }
@@ -84,6 +98,7 @@ impl Refusal<'_> {
             Self::Protocol(refusal) => refusal.reason.to_owned(),
             Self::Denied { .. } | Self::Token { .. } => String::new(),
             Self::Upstream(error) => error.to_string(),
+            Self::Unviewable { reason, .. } => reason.to_string(),
         }
     }
 
@@ -100,6 +115,10 @@ impl Refusal<'_> {
                 format!("imds-agent: session token refused by policy '{policy}' rule '{rule}'\n")
             }
             Self::Upstream(error) => format!("imds-agent: metadata service unavailable: {error}\n"),
+            Self::Unviewable { policy, rule, .. } => format!(
+                "imds-agent: denied by policy '{policy}' rule '{rule}': the answer cannot be cut \
+                 to this caller's view\n"
+            ),
         }
     }
 
@@ -126,6 +145,15 @@ impl Refusal<'_> {
                 ..
             } => {
                 if let Some(value) = explain_header(explanation) {
+                    answer.headers.insert(EXPLAIN_HEADER, value);
+                }
+            }
+            Self::Unviewable {
+                reason,
+                explain: true,
+                ..
+            } => {
+                if let Some(value) = explain_header(&reason.to_string()) {
                     answer.headers.insert(EXPLAIN_HEADER, value);
                 }
             }

@@ -35,6 +35,9 @@ struct Args {
     /// server.crt and server.key (the server's), and client-ca.crt (whose clients it accepts).
     #[arg(long)]
     tls_dir: Option<std::path::PathBuf>,
+    /// Serve this file's content as the instance's user data (EC2 and Azure).
+    #[arg(long)]
+    user_data: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -70,6 +73,13 @@ async fn main() {
             role: args.role,
             provider: args.provider,
             request_log: args.request_log,
+            user_data: match &args.user_data {
+                Some(file) => std::fs::read_to_string(file).unwrap_or_else(|error| {
+                    eprintln!("fake-imds: {}: {error}", file.display());
+                    std::process::exit(1);
+                }),
+                None => fake_imds::USER_DATA.into(),
+            },
         },
     )
     .await;

@@ -312,6 +312,9 @@ pub const GCP_TOKEN_PREFIX: &str = "ya29.FAKE";
 /// A GKE node's bootstrap secrets (kubelet credentials), in the instance attributes.
 pub const GCP_KUBE_ENV: &str = "KUBELET_CERT: fake-cert\nKUBELET_KEY: fake-key\n";
 
+/// A custom instance attribute an application reads.
+pub const GCP_APP_CONFIG: &str = "PORT=8080\n";
+
 /// GCP's metadata server, as documented (reference A2): `Metadata-Flavor: Google` required on
 /// /computeMetadata/v1 (403 without) and present on every response; `recursive=true` answers
 /// a directory as JSON; the legacy v1beta1 tree answers without the header, as it did.
@@ -354,10 +357,11 @@ pub fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         "/instance/zone" => "projects/1234/zones/us-central1-a".to_owned(),
         "/project/project-id" => "demo-project".to_owned(),
         "/instance/attributes/kube-env" => GCP_KUBE_ENV.to_owned(),
+        "/instance/attributes/app-config" => GCP_APP_CONFIG.to_owned(),
         "/instance/attributes" if recursive => {
-            serde_json::json!({"kube-env": GCP_KUBE_ENV}).to_string()
+            serde_json::json!({"app-config": GCP_APP_CONFIG, "kube-env": GCP_KUBE_ENV}).to_string()
         }
-        "/instance/attributes" => "kube-env\n".to_owned(),
+        "/instance/attributes" => "app-config\nkube-env\n".to_owned(),
         "/instance/service-accounts" => format!("default/\n{GCP_SERVICE_ACCOUNT}/\n"),
         k if k == account && recursive => serde_json::json!({
             "aliases": ["default"],
@@ -403,10 +407,49 @@ fn unescape(text: &str) -> Option<String> {
 /// Azure's managed identity's access token prefix.
 pub const AZURE_TOKEN_PREFIX: &str = "eyFAKE";
 
+/// Azure's instance document, with what a view must remove: user data (base64), the OS
+/// profile, SSH public keys, tags, and the network section.
+pub fn azure_instance(user_data: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    serde_json::json!({
+        "compute": {
+            "azEnvironment": "AzurePublicCloud",
+            "customData": "",
+            "location": "westeurope",
+            "name": "vm-1",
+            "osProfile": {
+                "adminUsername": "azureuser",
+                "computerName": "vm-1",
+                "disablePasswordAuthentication": "true"
+            },
+            "osType": "Linux",
+            "publicKeys": [{
+                "keyData": "ssh-ed25519 AAAAFAKEAZUREKEY",
+                "path": "/home/azureuser/.ssh/authorized_keys"
+            }],
+            "resourceGroupName": "rg-fake",
+            "subscriptionId": "00000000-0000-0000-0000-000000000000",
+            "tags": "owner:team-a",
+            "tagsList": [{"name": "owner", "value": "team-a"}],
+            "userData": base64::engine::general_purpose::STANDARD.encode(user_data),
+            "vmId": "02aab8a4-74ef-476e-8182-f6d2ba4166a6",
+            "vmSize": "Standard_D2s_v5",
+            "zone": "1"
+        },
+        "network": {
+            "interface": [{
+                "ipv4": {"ipAddress": [{"privateIpAddress": "10.0.0.4", "publicIpAddress": ""}]},
+                "macAddress": "000D3A000001"
+            }]
+        }
+    })
+}
+
 /// Azure's instance metadata service, as documented (reference A3): `Metadata: true` required
-/// (400 without), `api-version` required (400 without), JSON answers, the managed identity's
+/// (400 without), `api-version` required (400 without), JSON answers below
+/// `/metadata/instance` (a leaf only with `format=text`, 400 without), the managed identity's
 /// token endpoint.
-pub fn azure<B>(request: &Request<B>) -> Response<Full<Bytes>> {
+pub fn azure<B>(request: &Request<B>, user_data: &str) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let query = request.uri().query().unwrap_or("");
     if let Some(answer) = wireserver(path, query) {
@@ -432,10 +475,28 @@ pub fn azure<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         );
     }
     match path.trim_end_matches('/') {
-        "/metadata/instance" => json(&serde_json::json!({
-            "compute": {"vmId": "02aab8a4-74ef-476e-8182-f6d2ba4166a6", "location": "westeurope"}
-        })),
-        "/metadata/instance/compute/userData" => reply(StatusCode::OK, USER_DATA_B64),
+        instance
+            if instance == "/metadata/instance" || instance.starts_with("/metadata/instance/") =>
+        {
+            let document = azure_instance(user_data);
+            let found = instance
+                .split('/')
+                .skip(3)
+                .try_fold(&document, |node, key| match node {
+                    serde_json::Value::Array(items) => items.get(key.parse::<usize>().ok()?),
+                    _ => node.get(key),
+                });
+            let text = query.split('&').any(|p| p == "format=text");
+            match found {
+                None => reply(StatusCode::NOT_FOUND, ""),
+                Some(serde_json::Value::String(leaf)) if text => reply(StatusCode::OK, leaf),
+                Some(serde_json::Value::String(_)) => reply(
+                    StatusCode::BAD_REQUEST,
+                    "{\"error\":\"Bad request. Leaf nodes require format=text\"}",
+                ),
+                Some(node) => json(node),
+            }
+        }
         "/metadata/identity/oauth2/token" => json(&serde_json::json!({
             "access_token": format!("{AZURE_TOKEN_PREFIX}{}", random_hex(16)),
             "expires_in": "3599",

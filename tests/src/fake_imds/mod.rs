@@ -55,6 +55,8 @@ pub struct Config {
     /// A file to which each request is appended as `METHOD PATH` when it arrives, for tests
     /// of what reached the service.
     pub request_log: Option<std::path::PathBuf>,
+    /// The instance's user data (EC2's and Azure's; the others serve [`USER_DATA`]).
+    pub user_data: String,
 }
 
 impl Default for Config {
@@ -64,6 +66,7 @@ impl Default for Config {
             role: "demo-node-role".into(),
             provider: Provider::Aws,
             request_log: None,
+            user_data: USER_DATA.into(),
         }
     }
 }
@@ -187,7 +190,7 @@ fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
     let provider = state.config.provider;
     match provider {
         Provider::Gcp => return clouds::gcp(request),
-        Provider::Azure => return clouds::azure(request),
+        Provider::Azure => return clouds::azure(request, &state.config.user_data),
         Provider::Oci => return clouds::oci(request),
         Provider::Digitalocean => return clouds::digitalocean(request),
         Provider::Hetzner => return clouds::hetzner(request),
@@ -308,7 +311,7 @@ fn content(config: &Config, key: &str) -> Option<String> {
         ),
         "/latest/meta-data/iam/security-credentials" => role.clone(),
         k if k == format!("/latest/meta-data/iam/security-credentials/{role}") => credentials(),
-        "/latest/user-data" => USER_DATA.into(),
+        "/latest/user-data" => config.user_data.clone(),
         "/latest/dynamic" => listing(&["instance-identity/"]),
         "/latest/dynamic/instance-identity" => listing(&["document", "pkcs7", "signature"]),
         "/latest/dynamic/instance-identity/document" => format!(

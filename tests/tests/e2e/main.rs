@@ -18,4 +18,5 @@ mod suggest;
 mod support;
 mod tokens;
 mod upgrades;
+mod views;
 mod workloads;

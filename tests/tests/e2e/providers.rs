@@ -1,8 +1,9 @@
 //! The same policy, and the same scenarios, against every cloud's metadata service: the agent
 //! detects the provider, applies the provider's request rules, and the policy's path groups
 //! mean the same thing on each (instance facts and network readable, credentials only for
-//! the workload granted them, user data for none), including listings and, where the service
-//! has them, session tokens bound to the workload that fetched them.
+//! the workload granted them, user data for none, whole-instance documents without their
+//! secrets), including listings and, where the service has them, session tokens bound to the
+//! workload that fetched them.
 
 use imds_tests::{
     fake_imds::{
@@ -62,6 +63,9 @@ struct Cloud {
     listing: Option<(&'static str, &'static str, &'static str)>,
     /// More reads by the reader and the status it gets.
     more: &'static [(&'static str, u16)],
+    /// The whole-instance document, which instance-info grants through a view: (path, a
+    /// marker of what it keeps, markers of what it removes).
+    document: Option<(&'static str, &'static str, &'static [&'static str])>,
     /// Session tokens: (token header, TTL header).
     tokens: Option<(&'static str, &'static str)>,
 }
@@ -169,6 +173,20 @@ fn run(cloud: &Cloud) {
         let more = get("reader", path);
         assert_eq!(more.status, *status, "{}", context(path, &more));
     }
+    if let Some((path, kept, removed)) = cloud.document {
+        for cgroup in ["reader", "holder"] {
+            let document = get(cgroup, path);
+            assert_eq!(document.status, 200, "{}", context(path, &document));
+            assert!(document.body.contains(kept), "{}", context(path, &document));
+            for marker in removed {
+                assert!(
+                    !document.body.contains(marker),
+                    "{marker}: {}",
+                    context(path, &document)
+                );
+            }
+        }
+    }
     // Forwarding headers: refused before the service sees them.
     let mut forwarded = cloud.headers.to_vec();
     forwarded.push("X-Forwarded-For: 203.0.113.9");
@@ -209,6 +227,7 @@ fn aws() {
         legacy: &[],
         listing: Some(("/latest/meta-data/", "instance-id", "iam/")),
         more: &[("/latest/dynamic/instance-identity/document", 403)],
+        document: None,
         tokens: Some((TOKEN_HEADER, TTL_HEADER)),
     });
 }
@@ -235,6 +254,7 @@ fn gcp() {
         ],
         listing: None,
         more: &[("/computeMetadata/v1/project/project-id", 200)],
+        document: None,
         tokens: None,
     });
 }
@@ -258,7 +278,12 @@ fn azure() {
         legacy: &[],
         listing: None,
         // The whole document carries user data: in no group the policy allows.
-        more: &[("/metadata/instance?api-version=2021-02-01", 403)],
+        more: &[],
+        document: Some((
+            "/metadata/instance?api-version=2021-02-01",
+            "westeurope",
+            &["userData", "osProfile", "publicKeys", "AAAAFAKE"],
+        )),
         tokens: None,
     });
 }
@@ -276,7 +301,12 @@ fn oci() {
         // The fake still serves v1 without the header; the agent closes it.
         legacy: &["/opc/v1/identity/key.pem", "/opc/v1/instance/region"],
         listing: None,
-        more: &[("/opc/v2/instance/", 403), ("/opc/v2/vnics/", 200)],
+        more: &[("/opc/v2/vnics/", 200)],
+        document: Some((
+            "/opc/v2/instance/",
+            "eu-frankfurt-1",
+            &["user_data", "ssh_authorized_keys", "AAAAFAKE"],
+        )),
         tokens: None,
     });
 }
@@ -294,7 +324,12 @@ fn digitalocean() {
         legacy: &[],
         listing: Some(("/metadata/v1/", "hostname", "user-data")),
         // The index's redirect passes through; the whole document carries user data.
-        more: &[("/metadata/v1", 301), ("/metadata/v1.json", 403)],
+        more: &[("/metadata/v1", 301)],
+        document: Some((
+            "/metadata/v1.json",
+            "nyc3",
+            &["user_data", "public_keys", "hunter2", "AAAAFAKE"],
+        )),
         tokens: None,
     });
 }
@@ -311,10 +346,12 @@ fn hetzner() {
         headerless: None,
         legacy: &[],
         listing: None,
-        more: &[
-            ("/hetzner/v1/metadata", 403),
-            ("/hetzner/v1/metadata/private-networks", 200),
-        ],
+        more: &[("/hetzner/v1/metadata/private-networks", 200)],
+        document: Some((
+            "/hetzner/v1/metadata",
+            "eu-central",
+            &["public-keys", "vendor_data", "AAAAFAKE", "203.0.113.30"],
+        )),
         tokens: None,
     });
 }
@@ -331,10 +368,12 @@ fn openstack() {
         headerless: None,
         legacy: &[],
         listing: Some(("/openstack/latest/", "network_data.json", "password")),
-        more: &[
-            ("/openstack/latest/meta_data.json", 403),
-            ("/openstack/latest/vendor_data2.json", 403),
-        ],
+        more: &[("/openstack/latest/vendor_data2.json", 403)],
+        document: Some((
+            "/openstack/latest/meta_data.json",
+            "nova",
+            &["public_keys", "\"meta\"", "AAAAFAKE"],
+        )),
         tokens: None,
     });
 }
@@ -355,6 +394,7 @@ fn alibaba() {
         legacy: &[],
         listing: Some(("/latest/meta-data/", "region-id", "ram/")),
         more: &[],
+        document: None,
         tokens: Some((ALIBABA_TOKEN_HEADER, ALIBABA_TTL_HEADER)),
     });
 }
@@ -380,6 +420,7 @@ fn volcengine() {
             ("/latest/iam/security_credentials/demo-node-role", 403),
             ("/volcstack/latest/site_name", 403),
         ],
+        document: None,
         tokens: Some((VOLCENGINE_TOKEN_HEADER, VOLCENGINE_TTL_HEADER)),
     });
 }
