@@ -47,13 +47,19 @@ impl ValidRequest {
         CanonicalPath::parse(&self.path).expect("validated at construction")
     }
 
-    /// Whether the answer holds a whole subtree (GCP's `recursive=true`; any value but
+    /// Whether the answer may hold a whole subtree (GCP's `recursive=true`; any value but
     /// `false` is taken as true, the safe side). Names are read as the service reads them,
-    /// percent-decoded: `%72ecursive=true` is recursive too.
+    /// percent-decoded: `%72ecursive=true` is recursive too. A directory asked for as JSON
+    /// (`alt=json`) counts too: its answer is not the text listing that the shape phase
+    /// filters, so it is decided as the subtree it may name.
     pub fn is_recursive(&self) -> bool {
-        self.params.iter().any(|(name, value)| {
-            name.eq_ignore_ascii_case("recursive") && !value.eq_ignore_ascii_case("false")
-        })
+        let param = |wanted: &str, holds: &dyn Fn(&str) -> bool| {
+            self.params
+                .iter()
+                .any(|(name, value)| name.eq_ignore_ascii_case(wanted) && holds(value))
+        };
+        param("recursive", &|v| !v.eq_ignore_ascii_case("false"))
+            || (self.path.ends_with('/') && param("alt", &|v| !v.eq_ignore_ascii_case("text")))
     }
 
     pub fn target(&self) -> String {
@@ -406,14 +412,23 @@ mod tests {
             ("recursive=1", true),
             ("recursive=false", false),
             ("nonrecursive=true", false),
-            ("alt=json", false),
             // As GCP's server decodes it.
             ("%72ecursive=true", true),
             ("RECURSIVE=true", true),
             ("recursive=fals%65", false),
+            // A directory as JSON may name what its text listing would have hidden.
+            ("alt=json", true),
+            ("alt=text", false),
         ] {
             assert_eq!(with(query).is_recursive(), recursive, "{query}");
         }
+        let leaf = validate(&req(
+            "GET",
+            "/computeMetadata/v1/instance/id?alt=json",
+            &[HOST],
+        ))
+        .expect("a valid query");
+        assert!(!leaf.is_recursive());
     }
 
     #[test]

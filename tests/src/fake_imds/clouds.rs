@@ -325,6 +325,10 @@ pub fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         q.split('&')
             .any(|p| unescape(p).is_some_and(|p| p.eq_ignore_ascii_case("recursive=true")))
     });
+    let alt_json = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "alt=json"));
     let flavored = request
         .headers()
         .get("metadata-flavor")
@@ -361,6 +365,9 @@ pub fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         "/instance/attributes" if recursive => {
             serde_json::json!({"app-config": GCP_APP_CONFIG, "kube-env": GCP_KUBE_ENV}).to_string()
         }
+        // A directory as JSON: its entries in an array (the agent must assume the names
+        // a text listing would show are there).
+        "/instance/attributes" if alt_json => r#"["app-config","kube-env"]"#.to_owned(),
         "/instance/attributes" => "app-config\nkube-env\n".to_owned(),
         "/instance/service-accounts" => format!("default/\n{GCP_SERVICE_ACCOUNT}/\n"),
         k if k == account && recursive => serde_json::json!({
@@ -380,7 +387,7 @@ pub fn gcp<B>(request: &Request<B>) -> Response<Full<Bytes>> {
         _ => return with_flavor(reply(StatusCode::NOT_FOUND, "")),
     };
     let mut response = with_flavor(reply(StatusCode::OK, &body));
-    if body.starts_with('{') {
+    if body.starts_with(['{', '[']) {
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

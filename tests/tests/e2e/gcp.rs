@@ -172,6 +172,21 @@ fn gke_kube_env_stays_out_of_reach_of_listings_and_recursive_reads() {
     );
     assert_eq!(recursive.status, 403, "{recursive:?}");
     assert!(!recursive.body.contains("KUBELET"));
+    // Nor named in a listing asked for as JSON, which the text-listing filter cannot read.
+    let as_json = env.get(
+        "enforced/app",
+        "/computeMetadata/v1/instance/attributes/?alt=json",
+    );
+    assert_eq!(as_json.status, 403, "{as_json:?}");
+    assert!(!as_json.body.contains("kube-env"), "{as_json:?}");
+    assert!(
+        env.get(
+            "outside",
+            "/computeMetadata/v1/instance/attributes/?alt=json"
+        )
+        .body
+        .contains("kube-env")
+    );
     // However the name is spelt: the server decodes `%72ecursive` as `recursive`; a spelling
     // it does not document is refused (400) before anything is decided.
     for (spelling, status) in [("%72ecursive=true", 403), ("RECURSIVE=true", 400)] {

@@ -305,7 +305,12 @@ rules:
     assert_eq!((listing.status, listing.body.as_str()), (200, "app-config"));
     let config = get("enforced/app", "app-config");
     assert_eq!((config.status, config.body.as_str()), (200, "PORT=8080\n"));
-    for path in ["kube-env", "?recursive=true", "kube-env?alt=json"] {
+    for path in [
+        "kube-env",
+        "?recursive=true",
+        "?alt=json",
+        "kube-env?alt=json",
+    ] {
         let denied = get("enforced/app", path);
         assert_eq!(denied.status, 403, "{path}: {denied:?}");
         assert!(!denied.body.contains("KUBELET"), "{path}: {denied:?}");
@@ -313,4 +318,5 @@ rules:
     // The control: the fake's listing and recursive read do hold it.
     assert!(get("outside", "").body.contains("kube-env"));
     assert!(get("outside", "?recursive=true").body.contains("KUBELET"));
+    assert!(get("outside", "?alt=json").body.contains("kube-env"));
 }
