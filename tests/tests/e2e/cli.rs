@@ -257,3 +257,46 @@ fn policy_test_says_which_case_failed_and_why_and_exits_1() {
         "{stderr}"
     );
 }
+
+#[test]
+fn policy_explain_shows_the_view_and_the_keys_a_caller_gets() {
+    let dir = std::env::temp_dir().join(format!("imds-cli-view-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("app.yaml");
+    std::fs::write(
+        &policy,
+        "name: app\ndefault: deny\nrules:\n  - name: config\n    action: allow\n    methods: [GET]\n    \
+         groups: [user-data]\n    view: {keys: [PORT, DB_HOST]}\n  - name: instance\n    \
+         action: allow\n    methods: [GET]\n    groups: [instance-info]\n",
+    )
+    .unwrap();
+    let explain = |path: &str| {
+        let (code, stdout, stderr) = agent(&[
+            "policy",
+            "explain",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--cgroup",
+            "/app",
+            "GET",
+            path,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        stdout
+    };
+    let user_data = explain("/latest/user-data");
+    let instance = explain("/metadata/instance");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        user_data.contains("decision: allow by policy 'app' rule 'config'")
+            && user_data.contains("view: keys PORT, DB_HOST")
+            && user_data
+                .contains("the caller gets these keys of the answer, where present: PORT, DB_HOST"),
+        "{user_data}"
+    );
+    assert!(
+        instance.contains("rule 'instance'")
+            && instance.contains("view: without /metadata/instance/compute/userData"),
+        "{instance}"
+    );
+}
