@@ -48,6 +48,48 @@ fn iso8601_seconds(time: SystemTime) -> String {
     )
 }
 
+/// The time a `YYYY-MM-DDTHH:MM:SSZ` timestamp names (fractions of a second ignored), as AWS
+/// and Alibaba write a credential's `Expiration`; `None` for anything else.
+pub fn parse_iso8601(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || !text.ends_with('Z') {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = text.get(range)?;
+        digits
+            .bytes()
+            .all(|d| d.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    let fraction = &text[19..text.len() - 1];
+    let fraction_ok = fraction.is_empty()
+        || (fraction.len() > 1
+            && fraction.starts_with('.')
+            && fraction[1..].bytes().all(|d| d.is_ascii_digit()));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !fraction_ok {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -67,5 +109,35 @@ mod tests {
         assert_eq!(at(1_795_478_400_999_999), "2026-11-24T00:00:00.999999Z");
         assert_eq!(at(1_795_478_401_000_000), "2026-11-24T00:00:01.000000Z");
         assert_eq!(at(1_795_478_400_000_001), "2026-11-24T00:00:00.000001Z");
+    }
+
+    #[test]
+    fn credential_expirations_parse_back() {
+        for secs in [
+            0,
+            951_782_400,
+            1_795_478_400,
+            1_795_478_400 + 86_399,
+            4_102_444_800,
+        ] {
+            let time = UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(parse_iso8601(&iso8601(time)), Some(time), "{secs}");
+        }
+        assert_eq!(
+            parse_iso8601("2026-11-24T00:00:00.123Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_795_478_400))
+        );
+        for bad in [
+            "",
+            "2026-11-24",
+            "2026-11-24T00:00:00",
+            "2026-13-24T00:00:00Z",
+            "2026-11-24T24:00:00Z",
+            "2026-11-24T00:00:00+01:00",
+            "20x6-11-24T00:00:00Z",
+            "2026-11-24T00:00:00.Z",
+        ] {
+            assert_eq!(parse_iso8601(bad), None, "{bad}");
+        }
     }
 }

@@ -61,7 +61,7 @@ pub enum Command {
     /// The programs stay attached (pinned) when the agent exits, on purpose: enforced
     /// cgroups then cannot reach the metadata service at all until an agent serves again.
     /// Use `imds-agent detach` to remove enforcement.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -238,6 +238,24 @@ pub struct RunArgs {
     /// in seconds.
     #[arg(long, default_value_t = 3600)]
     pub long_poll_max_seconds: u64,
+    /// Serve no answer from memory: by default answers fixed for the instance's life
+    /// (identifiers, type, placement, account, zone) and role credentials (until 20 minutes
+    /// before they expire) are read from the metadata service once.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// At most this many requests per second to the metadata service (0: no bound). Default:
+    /// the service's documented limit (Azure: 5, and 20 for managed identities); none for the
+    /// others.
+    #[arg(long)]
+    pub upstream_rate: Option<u32>,
+    /// At most this many requests in flight to the metadata service (0: no bound). Default:
+    /// the service's documented limit (Azure's managed identities: 5); none otherwise.
+    #[arg(long)]
+    pub upstream_in_flight: Option<u32>,
+    /// How long a request may wait for its turn under those limits, in milliseconds; then
+    /// the agent answers 429 itself, as the service would have.
+    #[arg(long, default_value_t = 5_000)]
+    pub upstream_wait_ms: u64,
     /// Requests one caller (cgroup and uid) may have in flight at once; more get 429.
     #[arg(long, default_value_t = 16)]
     pub max_in_flight_per_caller: u32,

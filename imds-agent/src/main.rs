@@ -62,7 +62,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            match runtime.block_on(run::run(args)) {
+            match runtime.block_on(run::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("imds-agent: {}", chain(&error));

@@ -152,6 +152,34 @@ fn settings(
     }
 }
 
+/// The shield's cache and the metadata service's request limits: the provider's documented
+/// ones, or `--upstream-rate` and `--upstream-in-flight` for every diverted endpoint (a
+/// managed-identity limit stays).
+fn shield_settings(
+    args: &RunArgs,
+    provider: Provider,
+    endpoints: &[std::net::SocketAddr],
+) -> proxy::shield::Settings {
+    use proxy::shield::paths::{Limit, documented_limits};
+    let mut limits = documented_limits(provider);
+    if args.upstream_rate.is_some() || args.upstream_in_flight.is_some() {
+        limits.retain(|limit| limit.prefix != "/");
+        for endpoint in endpoints {
+            limits.push(Limit {
+                address: endpoint.ip(),
+                prefix: "/",
+                rate: args.upstream_rate.unwrap_or(0),
+                in_flight: args.upstream_in_flight.unwrap_or(0),
+            });
+        }
+    }
+    proxy::shield::Settings {
+        cache: !args.no_cache,
+        limits,
+        wait: Duration::from_millis(args.upstream_wait_ms),
+    }
+}
+
 /// A listening socket on `addr`: the predecessor's, if it handed one over, else a new one.
 async fn listen(
     received: &mut Vec<std::net::TcpListener>,
@@ -509,8 +537,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         resolver,
         policy: policy.clone(),
         provider,
-        settings: settings(&args, provider, endpoints),
+        settings: settings(&args, provider, endpoints.clone()),
         callers: caller_state(&args, tokens.clone()),
+        shield: proxy::shield::Shield::new(shield_settings(&args, provider, &endpoints)),
         sinks: proxy::audit::Sinks {
             metrics: metrics.clone(),
             tally: tally.clone(),

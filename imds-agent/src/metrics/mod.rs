@@ -105,6 +105,13 @@ pub struct Metrics {
     pods_known: Gauge,
     policy_resources: Family<StateLabels, Gauge>,
     imdsv1: Family<NamespaceLabels, Counter>,
+    shield: Family<ShieldLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShieldLabels {
+    /// cache, coalesced, over-budget, upstream-429
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -198,8 +205,17 @@ impl Default for Metrics {
             "Requests without a session token (AWS IMDSv1, Alibaba token-less), by pod namespace; imds-agent report names the workloads",
             imdsv1.clone(),
         );
+        let shield = Family::<ShieldLabels, Counter>::default();
+        registry.register(
+            "shield",
+            "Requests the metadata service did not see (answered from the cache, or coalesced with an identical one in flight), requests over its limits the agent answered 429 (over-budget), and its own 429s (upstream-429)",
+            shield.clone(),
+        );
         // Series that exist from the start, so that rates and alerts see them before the first
-        // event: every kernel result and reload result, at 0.
+        // event: every kernel result, reload result and shield outcome, at 0.
+        for outcome in ["cache", "coalesced", "over-budget", "upstream-429"] {
+            shield.get_or_create(&ShieldLabels { outcome }).inc_by(0);
+        }
         for result in ["diverted", "passed", "refused", "bypassed"] {
             kernel
                 .get_or_create(&ResultLabels {
@@ -216,6 +232,7 @@ impl Default for Metrics {
         }
         Self {
             imdsv1,
+            shield,
             registry: root,
             requests,
             denials,
@@ -280,6 +297,11 @@ impl Metrics {
                 namespace: namespace.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts a shield outcome (see `proxy::shield`).
+    pub fn shield(&self, outcome: &'static str) {
+        self.shield.get_or_create(&ShieldLabels { outcome }).inc();
     }
 
     pub fn upstream_latency(&self, seconds: f64) {

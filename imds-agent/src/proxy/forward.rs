@@ -49,12 +49,16 @@ pub enum UpstreamError {
     TokenResponse,
     #[error("answer to be cut to a view too large or truncated")]
     ViewedTooLarge,
+    #[error("the metadata service's request limit: no turn within --upstream-wait-ms")]
+    OverBudget,
 }
 
 impl UpstreamError {
     pub fn status(self) -> StatusCode {
         match self {
             Self::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            // As the service itself would answer beyond its limit, without asking it.
+            Self::OverBudget => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_GATEWAY,
         }
     }

@@ -9,6 +9,8 @@
 //! - `pipeline`: the order of the phases for one request;
 //! - `decide`: the policy's plan for the request (`policy::Plan`, asked once);
 //! - `tokens`: session-token requirements and binding;
+//! - `shield`: answers from memory or shared with an identical request in flight, and the
+//!   service's request limits kept;
 //! - `forward`: the request rebuilt from what was parsed, sent upstream over a connection that
 //!   only ever serves this caller (`pool`: idle ones are kept per caller);
 //! - `shape`: listings filtered to what the caller may read;
@@ -30,6 +32,7 @@ pub mod pool;
 mod refusal;
 pub mod request;
 mod shape;
+pub mod shield;
 pub mod tokens;
 mod view;
 
@@ -55,6 +58,8 @@ pub struct Filter {
     pub provider: crate::provider::Provider,
     pub settings: Settings,
     pub callers: CallerState,
+    /// The metadata service's shield: cache, coalescing, request limits.
+    pub shield: shield::Shield,
     /// Where each request is reported.
     pub sinks: audit::Sinks,
 }

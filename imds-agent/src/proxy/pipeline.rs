@@ -1,5 +1,5 @@
 //! One request, phase after phase: limits, validation, the cloud's request rules, decide (the
-//! policy's plan, asked once), session tokens, forward, shape or view, audit. Each phase either passes the
+//! policy's plan, asked once), session tokens, shield and forward, shape or view, audit. Each phase either passes the
 //! request on or ends it with a typed refusal, which `refusal` turns into the answer.
 
 use std::time::Instant;
@@ -11,9 +11,9 @@ use super::{
     Body, Filter,
     admit::Connection,
     audit::{self, Exchange, Outcome},
-    decide, forward,
+    decide,
     refusal::Refusal,
-    request, shape, tokens,
+    request, shape, shield, tokens,
     view::{self, ViewFailure},
 };
 
@@ -74,6 +74,8 @@ pub async fn handle(
 
     let mut would_deny = decision.would_deny;
     let mut requested_ttl = None;
+    // Whether the answer may be one shared with other callers (see `shield`).
+    let mut shareable = true;
     if let Some(session) = &session {
         if token_request {
             if let Some((max, _)) = plan.tokens.max_ttl {
@@ -100,11 +102,18 @@ pub async fn handle(
             }
             would_deny = would_deny.or(Some((policy, rule)));
         }
+        // Only a token handed out to this caller and still valid vouches for a shared answer.
+        shareable = bindings.is_some()
+            && refused.is_none()
+            && valid.headers.contains_key(session.token_header);
     }
 
     // The headers move into the upstream request; nothing reads them after this.
     let headers = std::mem::take(&mut valid.headers);
-    let mut response = forward::forward(filter, connection, &valid, headers).await;
+    let (mut response, served) = filter
+        .shield
+        .fetch(filter, connection, &valid, headers, shareable)
+        .await;
     if let Some(session) = &session
         && token_request
         && filter.settings.token_binding
@@ -159,8 +168,14 @@ pub async fn handle(
     };
     let (response, upstream_status, detail) = match response {
         Ok(response) => {
-            let status = response.status();
-            (response, Some(status), view_summary)
+            // An answer from memory had no upstream status of its own.
+            let status = (served != shield::Served::Cache).then_some(response.status());
+            let detail = [served.note(), view_summary]
+                .into_iter()
+                .filter(|note| !note.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            (response, status, detail)
         }
         Err(error) => {
             let refusal = Refusal::Upstream(error);

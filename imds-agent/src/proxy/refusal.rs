@@ -129,7 +129,7 @@ impl Refusal<'_> {
             answer.headers.insert(REQUEST_ID_HEADER, id);
         }
         match self {
-            Self::Limit(_) => {
+            Self::Limit(_) | Self::Upstream(UpstreamError::OverBudget) => {
                 answer
                     .headers
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -38,6 +38,13 @@ struct Args {
     /// Serve this file's content as the instance's user data (EC2 and Azure).
     #[arg(long)]
     user_data: Option<std::path::PathBuf>,
+    /// EC2's role credentials expire this long after they are served.
+    #[arg(long, default_value_t = 6 * 3600)]
+    credential_lifetime_seconds: u64,
+    /// Throttle as Azure IMDS does: at most N requests in any second (managed identities
+    /// 4N), beyond it 429.
+    #[arg(long)]
+    rate_limit: Option<usize>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -80,6 +87,8 @@ async fn main() {
                 }),
                 None => fake_imds::USER_DATA.into(),
             },
+            credential_lifetime: std::time::Duration::from_secs(args.credential_lifetime_seconds),
+            rate_limit: args.rate_limit,
         },
     )
     .await;

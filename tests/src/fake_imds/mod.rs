@@ -57,6 +57,11 @@ pub struct Config {
     pub request_log: Option<std::path::PathBuf>,
     /// The instance's user data (EC2's and Azure's; the others serve [`USER_DATA`]).
     pub user_data: String,
+    /// How long EC2's role credentials are valid from the moment they are served.
+    pub credential_lifetime: Duration,
+    /// Azure's throttling: at most this many requests in any second (managed identities:
+    /// four times as many, counted apart), beyond it 429, as IMDS answers; `None`: none.
+    pub rate_limit: Option<usize>,
 }
 
 impl Default for Config {
@@ -67,6 +72,8 @@ impl Default for Config {
             provider: Provider::Aws,
             request_log: None,
             user_data: USER_DATA.into(),
+            credential_lifetime: Duration::from_secs(6 * 3600),
+            rate_limit: None,
         }
     }
 }
@@ -85,6 +92,30 @@ fn session_headers(provider: Provider) -> Option<(&'static str, &'static str, bo
 struct State {
     config: Config,
     tokens: Mutex<HashMap<String, Instant>>,
+    /// Arrivals in the last second, per throttled class (see [`Config::rate_limit`]).
+    arrivals: Mutex<HashMap<bool, std::collections::VecDeque<Instant>>>,
+}
+
+impl State {
+    /// Whether a request for `path` arriving now is over the rate limit.
+    fn throttled(&self, path: &str) -> bool {
+        let Some(limit) = self.config.rate_limit else {
+            return false;
+        };
+        let identity = path.starts_with("/metadata/identity/");
+        let limit = if identity { limit * 4 } else { limit };
+        let now = Instant::now();
+        let mut arrivals = self.arrivals.lock().unwrap();
+        let window = arrivals.entry(identity).or_default();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            window.pop_front();
+        }
+        window.push_back(now);
+        window.len() > limit
+    }
 }
 
 /// A path the fake answers with the client address of the connection that carried the request.
@@ -99,6 +130,7 @@ pub async fn serve(
     let state = Arc::new(State {
         config,
         tokens: Mutex::new(HashMap::new()),
+        arrivals: Mutex::new(HashMap::new()),
     });
     let mut tasks = Vec::new();
     for (listener, tls) in listeners {
@@ -137,6 +169,12 @@ where
         async move {
             if let Some(log) = &state.config.request_log {
                 log_request(log, &request, tls);
+            }
+            if state.throttled(request.uri().path()) {
+                return Ok(reply(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "{\"error\":\"Too many requests\"}",
+                ));
             }
             if let Some(delay) = requested_delay(&request) {
                 tokio::time::sleep(delay).await;
@@ -310,7 +348,9 @@ fn content(config: &Config, key: &str) -> Option<String> {
             iso8601(SystemTime::now())
         ),
         "/latest/meta-data/iam/security-credentials" => role.clone(),
-        k if k == format!("/latest/meta-data/iam/security-credentials/{role}") => credentials(),
+        k if k == format!("/latest/meta-data/iam/security-credentials/{role}") => {
+            credentials(config.credential_lifetime)
+        }
         "/latest/user-data" => config.user_data.clone(),
         "/latest/dynamic" => listing(&["instance-identity/"]),
         "/latest/dynamic/instance-identity" => listing(&["document", "pkcs7", "signature"]),
@@ -321,7 +361,7 @@ fn content(config: &Config, key: &str) -> Option<String> {
     })
 }
 
-fn credentials() -> String {
+fn credentials(lifetime: Duration) -> String {
     let now = SystemTime::now();
     format!(
         "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"{ACCESS_KEY_PREFIX}{}\",\n  \"SecretAccessKey\" : \"{}\",\n  \"Token\" : \"{}\",\n  \"Expiration\" : \"{}\"\n}}",
@@ -329,7 +369,7 @@ fn credentials() -> String {
         random_hex(6).to_uppercase(),
         random_hex(20),
         random_hex(40),
-        iso8601(now + Duration::from_secs(6 * 3600)),
+        iso8601(now + lifetime),
     )
 }
 
@@ -401,6 +441,7 @@ mod tests {
                 ..Config::default()
             },
             tokens: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(HashMap::new()),
         }
     }
 

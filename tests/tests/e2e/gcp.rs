@@ -393,8 +393,12 @@ fn upstream_requests_use_the_metadata_servers_mutual_tls_where_the_node_has_it()
     std::fs::write(node.join("client.key"), "not a key\n").unwrap();
     // The agent looks at the files at most once a second.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let failed = get(&["http://169.254.169.254/computeMetadata/v1/instance/id"]);
+    let failed = get(&["http://169.254.169.254/computeMetadata/v1/instance/zone"]);
     assert_eq!(failed.status, 502, "{failed:?}");
+    // The instance id, fixed for the instance's life, is served from memory: the server is
+    // not asked again.
+    let again = get(&["http://169.254.169.254/computeMetadata/v1/instance/id"]);
+    assert_eq!((again.status, again.body.as_str()), (200, id.body.as_str()));
     let requests = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(requests.lines().count(), 1, "{requests}");
 }

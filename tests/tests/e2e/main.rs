@@ -14,6 +14,7 @@ mod identity;
 mod kubernetes;
 mod pods;
 mod providers;
+mod shield;
 mod suggest;
 mod support;
 mod tokens;
