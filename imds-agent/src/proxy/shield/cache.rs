@@ -90,6 +90,7 @@ mod tests {
         Key {
             address: "169.254.169.254:80".parse().unwrap(),
             target: path.into(),
+            variant: String::new(),
         }
     }
 

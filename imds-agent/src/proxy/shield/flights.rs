@@ -100,6 +100,7 @@ mod tests {
         Key {
             address: "169.254.169.254:80".parse().unwrap(),
             target: "/metadata/instance?api-version=2021-02-01".into(),
+            variant: String::new(),
         }
     }
 

@@ -29,12 +29,35 @@ use super::{
 use flights::Seat;
 use paths::{Lifetime, Limit};
 
-/// What identifies one read for sharing: the service it goes to and the request target as
-/// forwarded (the path and the rebuilt query).
+/// What identifies one read for sharing: the service it goes to, the request target as
+/// forwarded (the path and the rebuilt query), and the representation asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub address: SocketAddr,
     pub target: String,
+    /// The `Accept` and `Accept-Encoding` headers, which may select another answer.
+    pub variant: String,
+}
+
+/// Headers that ask for part of an answer, or for one only under a condition: a request
+/// carrying one is never shared.
+const PARTIAL: [http::HeaderName; 6] = [
+    http::header::RANGE,
+    http::header::IF_RANGE,
+    http::header::IF_MATCH,
+    http::header::IF_NONE_MATCH,
+    http::header::IF_MODIFIED_SINCE,
+    http::header::IF_UNMODIFIED_SINCE,
+];
+
+/// The representation `headers` ask for (see [`Key::variant`]).
+fn variant(headers: &HeaderMap) -> String {
+    [http::header::ACCEPT, http::header::ACCEPT_ENCODING]
+        .iter()
+        .flat_map(|name| headers.get_all(name))
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// An answer held in memory, to share or keep.
@@ -135,13 +158,15 @@ impl Shield {
                 },
             );
         }
-        if !shareable || valid.method != http::Method::GET {
+        let partial = PARTIAL.iter().any(|name| headers.contains_key(name));
+        if !shareable || partial || valid.method != http::Method::GET {
             let (response, waited) = self.upstream(filter, connection, valid, headers).await;
             return (response, Served::Upstream { waited });
         }
         let key = Key {
             address: connection.original,
             target: valid.target(),
+            variant: variant(&headers),
         };
         let lifetime = paths::lifetime(&valid.path);
         if lifetime != Lifetime::Never
@@ -214,4 +239,26 @@ async fn collect(response: Response<Body>) -> Result<Shared, UpstreamError> {
         headers: parts.headers,
         body,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_representation_is_another_read() {
+        let mut gzip = HeaderMap::new();
+        gzip.insert(http::header::ACCEPT_ENCODING, "gzip".parse().unwrap());
+        let mut json = HeaderMap::new();
+        json.insert(http::header::ACCEPT, "application/json".parse().unwrap());
+        let plain = HeaderMap::new();
+        let variants = [variant(&gzip), variant(&json), variant(&plain)];
+        assert_ne!(variants[0], variants[1]);
+        assert_ne!(variants[0], variants[2]);
+        assert_ne!(variants[1], variants[2]);
+        // Other headers (the SDK's user agent, the required flavour) do not matter.
+        let mut agent = HeaderMap::new();
+        agent.insert(http::header::USER_AGENT, "botocore".parse().unwrap());
+        assert_eq!(variant(&agent), variant(&plain));
+    }
 }
