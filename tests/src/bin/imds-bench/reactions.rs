@@ -78,10 +78,10 @@ pub(crate) fn reactions(sandbox: &Sandbox, policy_dir: &Path, rounds: usize) -> 
         std::io::BufRead::read_line(&mut out, &mut line).map_err(|e| e.to_string())?;
         let file = policy_dir.join("bench.yaml");
         let original = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
-        // The agent polls its policy files every POLL_INTERVAL from its start, and every round
-        // gets here about as long after the start: the write would land at the same point of
-        // the poll cycle each time, and the figure would measure that point, not the reload.
-        // Spread the writes evenly over one interval instead.
+        // The agent acts on a file notification; where it has to poll instead (every
+        // POLL_INTERVAL from its start), every round would get here about as long after the
+        // start and the write land at the same point of the poll cycle each time. Spread the
+        // writes evenly over one interval, so that either way the figure is the reload's.
         std::thread::sleep(POLL_INTERVAL * round as u32 / rounds as u32);
         let written = SystemTime::now()
             .duration_since(UNIX_EPOCH)
