@@ -68,8 +68,15 @@ pub(crate) fn get(stream: &mut TcpStream, path: &str, close: bool) -> std::io::R
     let connection = if close { "close" } else { "keep-alive" };
     // One write, no Nagle: a request split over small writes waits for a delayed ACK (40 ms).
     stream.set_nodelay(true)?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: {connection}\r\n\r\n");
+    // GCP's server requires its flavour header.
+    let flavour = if path.starts_with("/computeMetadata/") {
+        "Metadata-Flavor: Google\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{flavour}Connection: {connection}\r\n\r\n"
+    );
     stream.write_all(request.as_bytes())?;
     // Read the head, then Content-Length bytes.
     let mut head = Vec::with_capacity(512);

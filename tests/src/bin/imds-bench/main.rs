@@ -29,6 +29,7 @@ mod harness;
 mod profile;
 mod reactions;
 mod report;
+mod shield;
 mod upgrades;
 
 use engine::*;
@@ -72,6 +73,11 @@ enum Command {
     /// How fast changes take effect, alone; each round on stderr.
     Reactions {
         #[arg(default_value_t = 20)]
+        rounds: usize,
+    },
+    /// The shield (section 8) alone.
+    Shield {
+        #[arg(default_value_t = 3)]
         rounds: usize,
     },
     /// Upgrades and crashes under load, alone.
@@ -151,6 +157,7 @@ fn main() -> ExitCode {
         Command::Engine { rounds } => engine(rounds),
         Command::Reactions { rounds } => reactions_only(rounds),
         Command::Upgrades { rounds } => upgrades_only(rounds),
+        Command::Shield { rounds } => shield::shield_only(rounds),
         Command::Builds { baseline, rounds } => builds::compare(&baseline, rounds),
         Command::Connect { addr, n } => clients::connect(addr, n),
         Command::ConnectAb {

@@ -368,6 +368,9 @@ pub(crate) fn run(quick: bool) -> Result {
         rss_loaded / 1024
     );
 
+    eprintln!("bench: 8. shield");
+    let shield_section = shield::shield(rounds, per_worker)?;
+
     eprintln!("bench: 7. upgrades and crashes");
     // 7. In a sandbox of its own: its agents hand over to each other, not to the one above.
     report.push('\n');
@@ -380,6 +383,8 @@ pub(crate) fn run(quick: bool) -> Result {
         &upgrades_policy,
         rounds.min(3),
     )?);
+    report.push('\n');
+    report.push_str(&shield_section);
     let _ = writeln!(
         report,
         "\nReproduce with `cargo xtask bench{}` (the measurements took {:.1} minutes here, plus the\nrelease build; `--quick` for 3 rounds instead of 5).\n\n{HISTORY}",
