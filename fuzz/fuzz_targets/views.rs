@@ -25,6 +25,10 @@ fuzz_target!(|input: (Vec<String>, bool, &[u8])| {
         (view, "/latest/user-data", false)
     };
     let path = CanonicalPath::parse(path).expect("a valid path");
+    // An answer a view does not cut is passed on whole (the proxy's view phase).
+    if !view.cuts(&path) {
+        return;
+    }
     let Ok(reduced) = reduce(&view, &path, answer) else { return };
     let before = keys_of(answer, yaml).expect("a reduced answer had keys");
     let after = keys_of(&reduced.body, yaml).expect("a reduced answer has keys");

@@ -75,6 +75,11 @@ enum Command {
         #[arg(default_value_t = 20)]
         rounds: usize,
     },
+    /// Section 4 (the agent against direct, a bare relay and iptables + nginx) alone.
+    Alternatives {
+        #[arg(default_value_t = 3)]
+        rounds: usize,
+    },
     /// The shield (section 8) alone.
     Shield {
         #[arg(default_value_t = 3)]
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
         Command::Reactions { rounds } => reactions_only(rounds),
         Command::Upgrades { rounds } => upgrades_only(rounds),
         Command::Shield { rounds } => shield::shield_only(rounds),
+        Command::Alternatives { rounds } => report::alternatives_only(rounds),
         Command::Builds { baseline, rounds } => builds::compare(&baseline, rounds),
         Command::Connect { addr, n } => clients::connect(addr, n),
         Command::ConnectAb {

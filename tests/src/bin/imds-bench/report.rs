@@ -401,6 +401,22 @@ pub(crate) const NGINX_LISTEN: &str = "127.0.0.1:8954";
 /// Where the bare relay listens in the main sandbox.
 pub(crate) const RELAY_LISTEN: &str = "127.0.0.1:9100";
 
+/// Section 4 alone, with its own sandboxes (`imds-bench alternatives`).
+pub(crate) fn alternatives_only(rounds: usize) -> Result {
+    let sandbox = Sandbox::new("bench").ok_or("cannot create the sandbox")?;
+    let _imds = sandbox.start_fake_imds(false);
+    let nat = Sandbox::new("bench-nat").ok_or("cannot create the second sandbox")?;
+    let _nat_imds = nat.start_fake_imds(false);
+    let iptables = add_dnat(&nat, NGINX_LISTEN);
+    let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
+    let _agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], &UNLIMITED);
+    print!(
+        "{}",
+        alternatives(&sandbox, &nat, iptables.is_ok(), rounds, "3000")?
+    );
+    Ok(())
+}
+
 /// Section 4: the same allowed GETs four ways, side by side: straight to the metadata service, through
 /// a bare TCP relay (the floor for any proxy), through the agent, and through iptables DNAT to
 /// nginx with location rules (in the second sandbox, where the DNAT rule lives).
