@@ -45,6 +45,9 @@ struct Args {
     /// 4N), beyond it 429.
     #[arg(long)]
     rate_limit: Option<usize>,
+    /// Take this long over every answer, as a real service does (the fake's own is microseconds).
+    #[arg(long, default_value_t = 0)]
+    answer_delay_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -89,6 +92,7 @@ async fn main() {
             },
             credential_lifetime: std::time::Duration::from_secs(args.credential_lifetime_seconds),
             rate_limit: args.rate_limit,
+            answer_delay: std::time::Duration::from_millis(args.answer_delay_ms),
         },
     )
     .await;

@@ -62,6 +62,8 @@ pub struct Config {
     /// Azure's throttling: at most this many requests in any second (managed identities:
     /// four times as many, counted apart), beyond it 429, as IMDS answers; `None`: none.
     pub rate_limit: Option<usize>,
+    /// How long every answer takes (a real service's time, for the shield's benchmark).
+    pub answer_delay: Duration,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             user_data: USER_DATA.into(),
             credential_lifetime: Duration::from_secs(6 * 3600),
             rate_limit: None,
+            answer_delay: Duration::ZERO,
         }
     }
 }
@@ -178,6 +181,9 @@ where
             }
             if let Some(delay) = requested_delay(&request) {
                 tokio::time::sleep(delay).await;
+            }
+            if !state.config.answer_delay.is_zero() {
+                tokio::time::sleep(state.config.answer_delay).await;
             }
             // Not a metadata path: tests ask which connection carried a request (the agent's
             // upstream connection reuse).

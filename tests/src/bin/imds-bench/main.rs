@@ -26,6 +26,7 @@ mod builds;
 mod clients;
 mod engine;
 mod harness;
+mod hyper_relay;
 mod profile;
 mod reactions;
 mod report;
@@ -144,6 +145,12 @@ enum Command {
         listen: SocketAddr,
         target: SocketAddr,
     },
+    /// An HTTP relay on hyper's server and client, nothing else.
+    #[command(hide = true)]
+    HyperRelay {
+        listen: SocketAddr,
+        target: SocketAddr,
+    },
     /// Sends MIB mebibytes on one connection; prints MiB/s.
     #[command(hide = true)]
     Bulk { addr: SocketAddr, mib: usize },
@@ -188,6 +195,7 @@ fn main() -> ExitCode {
         Command::Flip { addr, path, status } => clients::flip(addr, &path, status),
         Command::Serve { addr } => clients::serve(addr),
         Command::Relay { listen, target } => clients::relay(listen, target),
+        Command::HyperRelay { listen, target } => hyper_relay::hyper_relay(listen, target),
         Command::Bulk { addr, mib } => clients::bulk(addr, mib),
         Command::Rr { addr, n } => clients::rr(addr, n),
     };

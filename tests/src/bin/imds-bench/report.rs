@@ -50,6 +50,32 @@ Open findings, by section:\n\n\
   connection. Moving the accept loop from the main thread onto a runtime worker (one thread\n\
   switch fewer per connection in theory) measured the same in alternating runs (75-86\n\
   against 77-87 us of CPU per request), so it was left as it is.\n\
+- 4 (agent CPU per request <= nginx's and req/s >= nginx's on every row; with keep-alive,\n\
+  CPU <= 1.5x the bare relay's). Not met. `imds-bench alternatives 3`: the agent's CPU per\n\
+  request against nginx's 1.62 (keep-alive, 1 client), 1.88 (keep-alive, 16) and 2.13 (new\n\
+  connection, 16); req/s 1.00, 0.87 and 0.66; CPU against the relay's 2.9 and 1.84 with\n\
+  keep-alive. The agent already makes nginx's system calls (one client, per request: two\n\
+  epoll_wait, two recvfrom, one sendto, one writev, the audit line's write, no futex).\n\
+  Under load 57% of its CPU is the kernel's (loopback TCP sends 31%, two thirds of that\n\
+  the receiver's side run in the sender's context; scheduling 9%; the audit write 6%);\n\
+  the rest is spread thinly, no function above 3%. Tried side by side (`imds-bench builds`, 4 rounds) and not kept: one\n\
+  tokio worker (CPU -13% with 16 clients, +13% with one); mimalloc (0.99 and 0.94, no\n\
+  change); thread-per-core shards, each a current-thread runtime with its own idle\n\
+  upstream connections, fed by one listener (keep-alive, 16: 0.98; new connections: 1.25,\n\
+  the hand-off costs a wake-up per connection); the upstream connection's I/O driven by the\n\
+  client connection's task instead of a task of its own (CPU 1.50 with one client: tokio\n\
+  reschedules a task that wakes itself as a yield, which wakes the other worker, 2.5 futex\n\
+  calls and 3 eventfd writes per request where there were none); the inventory's record\n\
+  without an allocation for what a workload asked before (CPU 0.92, 1.67 and 1.08 with one\n\
+  client in three runs, 0.92-1.03 with 16: nothing this VM can measure). The hyper relay\n\
+  column (added for this) puts the rest in its place: in one run, the agent's HTTP\n\
+  machinery alone cost 26.2 us of CPU per request with 16 keep-alive clients, against the\n\
+  bare relay's 24.1 and the agent's 44.6, and 79 against 119 with one client. hyper and\n\
+  tokio are not what separates the agent from nginx: its own work per request is (the\n\
+  audit line, 14% of its CPU under perf with its write, metrics, inventory and tally; the\n\
+  gate's scan of the head; validation; the policy; the shield's lookups; timers). Next:\n\
+  that work measured phase by phase against the hyper relay, and cut where it is more than\n\
+  its share.\n\
 - 6 (policy change -> enforced, target 200 ms). The median stays at 46-68 ms, but one round\n\
   of five in the last full run took 377 ms (earlier runs' slowest: 81-93 ms). Run alone\n\
   (`imds-bench reactions 20`, twice), all 40 rounds took 3-98 ms, within one poll interval\n\
@@ -400,6 +426,8 @@ pub(crate) fn run(quick: bool) -> Result {
 pub(crate) const NGINX_LISTEN: &str = "127.0.0.1:8954";
 /// Where the bare relay listens in the main sandbox.
 pub(crate) const RELAY_LISTEN: &str = "127.0.0.1:9100";
+/// Where the hyper relay listens in the main sandbox.
+pub(crate) const HYPER_RELAY_LISTEN: &str = "127.0.0.1:9101";
 
 /// Section 4 alone, with its own sandboxes (`imds-bench alternatives`).
 pub(crate) fn alternatives_only(rounds: usize) -> Result {
@@ -430,7 +458,9 @@ pub(crate) fn alternatives(
     let mut report = String::from(
         "## 4. The same requests through the alternatives\n\n\
          Allowed GETs of the instance id: direct; through a bare TCP relay (no parsing, policy\n\
-         or log: what one more loopback hop costs any proxy); through the agent; through an\n\
+         or log: what one more loopback hop costs any proxy); through a hyper relay (the\n\
+         agent's HTTP machinery alone: tokio's runtime, hyper's server and client, nothing\n\
+         else); through the agent; through an\n\
          iptables DNAT rule to nginx with location rules (the classic set-up; its access log on,\n\
          as the agent writes an audit line per request). p50 / p99, requests/s, and the CPU time\n\
          per request (user and system, from the cgroup's cpu.stat) of the process that answers\n\
@@ -448,14 +478,20 @@ pub(crate) fn alternatives(
         &["relay", RELAY_LISTEN, "169.254.169.254:80"],
         false,
     )?;
+    let _hyper_relay = background(
+        sandbox,
+        "hyper-relay",
+        &["hyper-relay", HYPER_RELAY_LISTEN, "169.254.169.254:80"],
+        false,
+    )?;
     let imds = "169.254.169.254:80";
     let _ = writeln!(
         report,
-        "| mode | clients | direct | bare relay | imds-agent | iptables + nginx |\n|---|---|---|---|---|---|"
+        "| mode | clients | direct | bare relay | hyper relay | imds-agent | iptables + nginx |\n|---|---|---|---|---|---|---|"
     );
     for (mode, clients) in [("keepalive", "1"), ("keepalive", "16"), ("close", "16")] {
-        let (mut direct, mut relay, mut agent, mut proxy) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut direct, mut relay, mut hyper_relay, mut agent, mut proxy) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let requests = per_worker.parse::<f64>().map_err(|e| e.to_string())?
             * clients.parse::<f64>().map_err(|e| e.to_string())?;
         // Each run's figures, followed by the CPU time per request of the process that
@@ -474,6 +510,12 @@ pub(crate) fn alternatives(
         for _ in 0..rounds {
             direct.push(measured(sandbox, "outside", "imds", imds)?);
             relay.push(measured(sandbox, "outside", "relay", RELAY_LISTEN)?);
+            hyper_relay.push(measured(
+                sandbox,
+                "outside",
+                "hyper-relay",
+                HYPER_RELAY_LISTEN,
+            )?);
             agent.push(measured(sandbox, "enforced/client", "agent", imds)?);
             if nginx.is_some() {
                 proxy.push(measured(nat, "outside", "nginx", imds)?);
@@ -504,9 +546,10 @@ pub(crate) fn alternatives(
         };
         let _ = writeln!(
             report,
-            "| {label} | {clients} | {} | {} | {:.0} / {:.0} us, {:.0} req/s, {:.1} us CPU | {} |",
+            "| {label} | {clients} | {} | {} | {} | {:.0} / {:.0} us, {:.0} req/s, {:.1} us CPU | {} |",
             cell(&direct),
             cell(&relay),
+            cell(&hyper_relay),
             ours[0],
             ours[1],
             ours[2],
