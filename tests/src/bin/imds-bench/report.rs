@@ -19,7 +19,9 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | callers in the agent's network namespace recorded on their own socket (socket storage), which a getpeername program on the agent's cgroup finds from the accepted connection; the sock_ops program attached only when pods are served (`--pod-address`) | programs' run time per connect()+close() to another server (BPF stats); connect p50 ratio | 822 ns (sock_ops 5 x 132 ns); 1.019-1.046 | 182 and 185 ns (connect4 119-128, sock_create 64-76; a quick and a full run), 713 ns with pods served; 0.960 and 1.012, with pods served 0.999 and 1.021 |\n\
 | pods' connections attributed in the pod's own namespace: the agent resolves its id from the route to the pod's address (the pod's veth, or its bridge port), and the getpeername program looks the client's socket up there; the sock_ops program removed | with pods served: programs' run time per connect()+close() (BPF stats); connect p50 ratio (min-max) | 713 ns (sock_ops 5 x 139 ns); 1.021 (1.017-1.074) | 184 ns (connect4 118, sock_create 66); 1.012 (0.985-1.073) |\n\
 | the connect programs record the process's start time and exec count; the agent reads a process's executable and name from /proc once per program image (checked against that start time) instead of reading its cgroup, executable and name for every connection | new connection per request, 16 clients: agent CPU per request; agent req/s (`imds-bench profile close none`, 3 runs each; then the full run, section 4) | 95.7 us; 7.6k req/s (full run: 106.6 us, 6787 req/s) | 71-72 us; 8.4-8.6k req/s (two full runs: 76.6 and 81.2 us, 8078 and 7755 req/s) |\n\
-| the request path split by phase: the policy asked once per connection (admission) and once per request (plan); typed refusals and gate violations (a refused head answered after hyper hands the stream back, with each request's future boxed for that); kernel verdicts, attribution and the supervised task set in their own modules (`imds-bench builds`, the commit before against this one, alternating in one run; two runs of 5 and 7 rounds) | this build / the one before: p50, p99, req/s, agent CPU per request, for keep-alive 1 and 16 clients and a new connection per request with 16 | 1.00 | 0.97-1.02, 1.00-1.09, 0.95-1.01, 0.94-1.10; most figures moved opposite ways in the two runs, the consistent ones by at most 4% (p99 with 16 keep-alive clients 1.02 and 1.04; CPU per new connection 1.03 and 1.01): no change this VM can measure |\n\n\
+| the request path split by phase: the policy asked once per connection (admission) and once per request (plan); typed refusals and gate violations (a refused head answered after hyper hands the stream back, with each request's future boxed for that); kernel verdicts, attribution and the supervised task set in their own modules (`imds-bench builds`, the commit before against this one, alternating in one run; two runs of 5 and 7 rounds) | this build / the one before: p50, p99, req/s, agent CPU per request, for keep-alive 1 and 16 clients and a new connection per request with 16 | 1.00 | 0.97-1.02, 1.00-1.09, 0.95-1.01, 0.94-1.10; most figures moved opposite ways in the two runs, the consistent ones by at most 4% (p99 with 16 keep-alive clients 1.02 and 1.04; CPU per new connection 1.03 and 1.01): no change this VM can measure |\n\
+| policy files reloaded on file notifications (inotify on the sources' directories and the directories their links lead to), the poll kept as a 1 s fallback | policy change -> enforced, median (min-max) | 74.9 (26.2-93.3) ms (100 ms poll, the full run before) | 8.3 (7.8-10.8) ms |\n\
+| the shield: answers fixed for the instance's life kept in memory, identical reads in flight sharing one upstream request | upstream requests per 1,000 client reads, 16 keep-alive clients: GCP's instance id; an instance attribute (never kept) | 1,000; 1,000 | 0; 111 (62 with the service taking 1-2 ms per answer) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -54,7 +56,8 @@ Open findings, by section:\n\n\
   CPU <= 1.5x the bare relay's). Not met. `imds-bench alternatives 3`: the agent's CPU per\n\
   request against nginx's 1.62 (keep-alive, 1 client), 1.88 (keep-alive, 16) and 2.13 (new\n\
   connection, 16); req/s 1.00, 0.87 and 0.66; CPU against the relay's 2.9 and 1.84 with\n\
-  keep-alive. The agent already makes nginx's system calls (one client, per request: two\n\
+  keep-alive; in the full run above, CPU 1.56, 1.49 and 2.06, req/s 0.80, 0.98 and 0.73.\n\
+  The agent already makes nginx's system calls (one client, per request: two\n\
   epoll_wait, two recvfrom, one sendto, one writev, the audit line's write, no futex).\n\
   Under load 57% of its CPU is the kernel's (loopback TCP sends 31%, two thirds of that\n\
   the receiver's side run in the sender's context; scheduling 9%; the audit write 6%);\n\
@@ -76,16 +79,15 @@ Open findings, by section:\n\n\
   gate's scan of the head; validation; the policy; the shield's lookups; timers). Next:\n\
   that work measured phase by phase against the hyper relay, and cut where it is more than\n\
   its share.\n\
-- 6 (policy change -> enforced, target 200 ms). The median stays at 46-68 ms, but one round\n\
-  of five in the last full run took 377 ms (earlier runs' slowest: 81-93 ms). Run alone\n\
-  (`imds-bench reactions 20`, twice), all 40 rounds took 3-98 ms, within one poll interval\n\
-  (100 ms) of the write, so the slow round most likely came from the full run's conditions\n\
-  (it follows the load sections) rather than the reload path; not proven. Each round's\n\
-  figure is now printed as it runs.\n\
+- 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
+  ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
+  notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
+  systems without them).\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
 client) runs section 3's load against the agent and prints its CPU per request;\n\
-`imds-bench engine` runs section 5 alone, `imds-bench reactions [ROUNDS]` section 6;\n\
+`imds-bench engine` runs section 5 alone, `imds-bench alternatives [ROUNDS]` section 4,\n\
+`imds-bench reactions [ROUNDS]` section 6, `imds-bench shield [ROUNDS]` section 8;\n\
 `imds-bench builds BASELINE` runs section 4's agent load against another build's binary.";
 
 /// Per-caller limits raised: the benchmarks measure the filter, not the throttle.
