@@ -61,8 +61,8 @@ Open findings, by section:\n\n\
   epoll_wait, two recvfrom, one sendto, one writev, the audit line's write, no futex).\n\
   Under load 57% of its CPU is the kernel's (loopback TCP sends 31%, two thirds of that\n\
   the receiver's side run in the sender's context; scheduling 9%; the audit write 6%);\n\
-  the rest is spread thinly, no function above 3%. Tried side by side (`imds-bench builds`, 4 rounds) and not kept: one\n\
-  tokio worker (CPU -13% with 16 clients, +13% with one); mimalloc (0.99 and 0.94, no\n\
+  the rest is spread thinly, no function above 3%. Tried side by side (`imds-bench\n\
+  builds`, 4 rounds) and not kept: one tokio worker (CPU -13% with 16 clients, +13% with one); mimalloc (0.99 and 0.94, no\n\
   change); thread-per-core shards, each a current-thread runtime with its own idle\n\
   upstream connections, fed by one listener (keep-alive, 16: 0.98; new connections: 1.25,\n\
   the hand-off costs a wake-up per connection); the upstream connection's I/O driven by the\n\
@@ -74,11 +74,19 @@ Open findings, by section:\n\n\
   column (added for this) puts the rest in its place: in one run, the agent's HTTP\n\
   machinery alone cost 26.2 us of CPU per request with 16 keep-alive clients, against the\n\
   bare relay's 24.1 and the agent's 44.6, and 79 against 119 with one client. hyper and\n\
-  tokio are not what separates the agent from nginx: its own work per request is (the\n\
-  audit line, 14% of its CPU under perf with its write, metrics, inventory and tally; the\n\
-  gate's scan of the head; validation; the policy; the shield's lookups; timers). Next:\n\
-  that work measured phase by phase against the hyper relay, and cut where it is more than\n\
-  its share.\n\
+  tokio are not what separates the agent from nginx: its own work per request is. Measured\n\
+  phase by phase (a build that skips one phase against the same build whole, `imds-bench\n\
+  builds`, 4-8 rounds, CPU per request with 16 keep-alive clients): the audit line (its\n\
+  JSON and its write) 0.80 and 0.88 in two runs, so 12-20% of the agent's CPU; the rest of\n\
+  the audit (metrics, inventory, tally) no further change; the per-caller limits 1.00; the\n\
+  shield's checks 0.93 (within noise); the gate's scan of the head 0.91 and 1.00. What\n\
+  remains of the gap to the hyper relay (about half) is not located yet: validation, the\n\
+  policy, the request rebuilt for upstream, the per-request timers, none measured alone\n\
+  so far. The audit line is the one large item; nginx writes its access line\n\
+  per request as well. Batching lines (one write per burst, flushed when a worker goes\n\
+  idle) would cut most of the write, but the line would then reach the log after the\n\
+  answer leaves (today it is written first, which the tests rely on), so it needs its own\n\
+  decision.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
