@@ -6,7 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use imds_tests::{
-    fake_imds::{ACCESS_KEY_PREFIX, TTL_HEADER},
+    fake_imds::{ACCESS_KEY_PREFIX, TTL_HEADER, clouds::GCP_TOKEN_PREFIX},
     sandbox::{Curl, Sandbox, curl_result},
 };
 
@@ -40,6 +40,66 @@ rules:
 "#;
 
 const ROLE: &str = "/latest/meta-data/iam/security-credentials/demo-node-role";
+
+const GCP_TOKEN: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+
+/// GCP's access tokens carry a relative `expires_in`: one kept in memory is served with it
+/// counting down (no caller may believe a token lives longer than it does), only to callers
+/// the policy allows it to.
+#[test]
+fn access_tokens_come_from_memory_counting_down() {
+    let Some(sandbox) = Sandbox::new("shield-gcp") else {
+        return;
+    };
+    let log = sandbox.work_dir.join("requests.log");
+    let _imds = sandbox.spawn_fake_imds(
+        &["--provider", "gcp", "--request-log", log.to_str().unwrap()],
+        &[],
+    );
+    let policies = sandbox.write_policies(&[(
+        "app.yaml",
+        "name: app\ncallers: {cgroups: [\"/app\", \"/web\"]}\ndefault: deny\nrules:\n  \
+         - name: tokens\n    action: allow\n    methods: [GET]\n    groups: [credentials]\n    \
+         callers: {cgroups: [\"/app\"]}\n",
+    )]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--provider", "gcp"]);
+    let url = format!("http://169.254.169.254{GCP_TOKEN}");
+    let read = |cgroup: &str| -> Curl {
+        sandbox.curl(cgroup, None, &["-H", "Metadata-Flavor: Google", &url])
+    };
+    let token = |answer: &Curl| -> (String, u64) {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let document: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+        (
+            document["access_token"]
+                .as_str()
+                .expect("a token")
+                .to_owned(),
+            document["expires_in"]
+                .as_u64()
+                .expect("a number, as GCP gives it"),
+        )
+    };
+    let (first, first_expires_in) = token(&read("enforced/app"));
+    assert!(first.starts_with(GCP_TOKEN_PREFIX), "{first}");
+    std::thread::sleep(Duration::from_millis(2100));
+    let (again, expires_in) = token(&read("enforced/app"));
+    assert_eq!(again, first, "the same token, from memory");
+    assert!(
+        expires_in + 2 <= first_expires_in && expires_in + 4 >= first_expires_in,
+        "expires_in counts down with the time it was kept: {first_expires_in} then {expires_in}"
+    );
+    // A caller the policy denies the token gets 403, from memory or not.
+    assert_eq!(read("enforced/web").status, 403);
+    assert_eq!(received(&log, GCP_TOKEN), 1, "the service was asked once");
+    let notes: Vec<String> = agent
+        .audit()
+        .iter()
+        .filter(|line| line["path"] == GCP_TOKEN && line["status"] == 200)
+        .map(|line| line["detail"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(notes, ["", "cache: hit"]);
+}
 
 #[test]
 fn fixed_answers_and_credentials_come_from_memory_and_dynamic_ones_never() {

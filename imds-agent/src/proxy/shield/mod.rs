@@ -182,13 +182,14 @@ impl Shield {
                 (outcome.map(|shared| shared.response()), Served::Coalesced)
             }
             Seat::Leader(lead) => {
+                let asked = std::time::Instant::now();
                 let (response, waited) = self.upstream(filter, connection, valid, headers).await;
                 let outcome = match response {
                     Ok(response) => collect(response).await,
                     Err(error) => Err(error),
                 };
                 if let (Ok(shared), Some(cache)) = (&outcome, &self.cache) {
-                    cache.offer(&key, lifetime, shared);
+                    cache.offer(&key, lifetime, shared, asked);
                 }
                 lead.land(&outcome);
                 (

@@ -1,6 +1,7 @@
 //! What the shield knows of each metadata service: which answers are fixed for the instance's
 //! life (shared/reference/imds-protocols.md: identifiers, type, image, placement, account or
-//! project, zone), which are credentials with an absolute expiration, and each service's
+//! project, zone), which are credentials (with an absolute expiration, or access tokens
+//! with a relative one), and each service's
 //! documented request limits. Everything else, dynamic trees above all (spot and scheduled
 //! events, maintenance, network after hot-plug, tags, GCP's `wait_for_change`), is never
 //! cached.
@@ -16,6 +17,10 @@ pub enum Lifetime {
     Fixed,
     /// A credential document with an absolute `Expiration` (AWS, Alibaba).
     UntilExpiration,
+    /// An OAuth access token whose `expires_in` counts from the answer (GCP's service
+    /// account tokens, Azure's managed identity tokens): kept until well before then, and
+    /// served with `expires_in` counting down from the moment it was asked for.
+    UntilExpiresIn,
     /// Asked of the service every time (shared only with identical requests in flight).
     Never,
 }
@@ -77,11 +82,24 @@ const CREDENTIAL_DIRECTORIES: &[&str] = &[
     "/latest/meta-data/ram/security-credentials/",
 ];
 
+/// Azure's managed identity tokens (reference A3); the query, part of the cache's key, names
+/// the resource and the identity.
+const AZURE_TOKEN: &str = "/metadata/identity/oauth2/token";
+/// GCP's service accounts, whose `<account>/token` is an access token (reference A2.5).
+const GCP_SERVICE_ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
+
 /// How long the answer to a GET of `path` (canonical, without a trailing `/` unless it is a
 /// directory) may be kept.
 pub fn lifetime(path: &str) -> Lifetime {
     if FIXED.contains(&path) {
         return Lifetime::Fixed;
+    }
+    let gcp_token = path
+        .strip_prefix(GCP_SERVICE_ACCOUNTS)
+        .and_then(|rest| rest.strip_suffix("/token"))
+        .is_some_and(|account| !account.is_empty() && !account.contains('/'));
+    if gcp_token || path == AZURE_TOKEN {
+        return Lifetime::UntilExpiresIn;
     }
     let role = CREDENTIAL_DIRECTORIES
         .iter()
@@ -134,7 +152,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_fixed_answers_and_role_credentials_are_kept() {
+    fn only_fixed_answers_and_credentials_are_kept() {
         for (path, lifetime_expected) in [
             ("/latest/meta-data/instance-id", Lifetime::Fixed),
             ("/metadata/instance/compute/location", Lifetime::Fixed),
@@ -164,11 +182,29 @@ mod tests {
                 "/computeMetadata/v1/instance/maintenance-event",
                 Lifetime::Never,
             ),
+            // Access tokens, counting down; not an account's other entries, nor deeper paths.
             (
                 "/computeMetadata/v1/instance/service-accounts/default/token",
+                Lifetime::UntilExpiresIn,
+            ),
+            (
+                "/computeMetadata/v1/instance/service-accounts/sa@p.iam.gserviceaccount.com/token",
+                Lifetime::UntilExpiresIn,
+            ),
+            (
+                "/computeMetadata/v1/instance/service-accounts/default/identity",
                 Lifetime::Never,
             ),
-            ("/metadata/identity/oauth2/token", Lifetime::Never),
+            (
+                "/computeMetadata/v1/instance/service-accounts//token",
+                Lifetime::Never,
+            ),
+            (
+                "/computeMetadata/v1/instance/service-accounts/a/b/token",
+                Lifetime::Never,
+            ),
+            ("/metadata/identity/oauth2/token", Lifetime::UntilExpiresIn),
+            ("/metadata/identity/oauth2/token/x", Lifetime::Never),
         ] {
             assert_eq!(lifetime(path), lifetime_expected, "{path}");
         }
