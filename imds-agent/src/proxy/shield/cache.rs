@@ -81,9 +81,12 @@ impl Cache {
     }
 }
 
-/// The fields of an OAuth token answer that count seconds from the answer (Azure adds
-/// `ext_expires_in`; GCP has `expires_in` alone). Numbers on GCP, strings on Azure.
-const RELATIVE_FIELDS: [&str; 2] = ["expires_in", "ext_expires_in"];
+/// The fields of an OAuth token answer that count seconds from the answer: GCP's answer has
+/// `expires_in` alone; Azure's has `ext_expires_in` beside it, and answers of Microsoft's
+/// identity platform may carry `refresh_in` (counted down too where present: a relative
+/// field left as it was would be wrong by the time it was kept). Numbers on GCP, strings on
+/// Azure.
+const RELATIVE_FIELDS: [&str; 3] = ["expires_in", "ext_expires_in", "refresh_in"];
 
 /// A token answer's `expires_in` in seconds.
 fn expires_in(document: &serde_json::Value) -> Option<u64> {
@@ -239,7 +242,7 @@ mod tests {
             &azure,
             Lifetime::UntilExpiresIn,
             &token(
-                r#"{"access_token":"ey.x","expires_in":"3599","ext_expires_in":"3599","expires_on":"1900000000","token_type":"Bearer"}"#,
+                r#"{"access_token":"ey.x","expires_in":"3599","ext_expires_in":"3599","refresh_in":1799,"expires_on":"1900000000","token_type":"Bearer"}"#,
             ),
             asked,
         );
@@ -253,7 +256,7 @@ mod tests {
         assert!(!served.headers.contains_key(http::header::CONTENT_LENGTH));
         assert_eq!(
             cache.get(&azure).expect("kept").body,
-            r#"{"access_token":"ey.x","expires_in":"3537","ext_expires_in":"3537","expires_on":"1900000000","token_type":"Bearer"}"#
+            r#"{"access_token":"ey.x","expires_in":"3537","ext_expires_in":"3537","refresh_in":1737,"expires_on":"1900000000","token_type":"Bearer"}"#
         );
         // Kept until the margin before its end, counted from when it was asked for.
         let until = cache.entries.lock().unwrap()[&gcp].until.unwrap();
