@@ -48,6 +48,15 @@ use crate::{identity::Resolver, loader::Enforcer, policy::store::PolicyStore};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// An answer's body held whole in memory (the agent's own answers, and answers it cut,
+/// filtered or keeps).
+pub fn full_body(bytes: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt as _;
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 /// Everything the filter needs, shared by all connections.
 pub struct Filter {
     pub enforcer: Arc<Enforcer>,

@@ -1,9 +1,9 @@
 //! Every answer the agent gives itself, rendered in one place: a typed refusal carries its own
 //! status and body, fixed text or names from policy files, never request bytes.
 
+use super::full_body;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full};
 
 use super::{Body, forward::UpstreamError, gate::Violation, limits, request::Rejection};
 use crate::{
@@ -204,8 +204,7 @@ impl Answer {
 
     /// As hyper sends it.
     pub fn into_response(self) -> Response<Body> {
-        let mut response =
-            Response::new(Full::new(self.body).map_err(|never| match never {}).boxed());
+        let mut response = Response::new(full_body(self.body));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
         response

@@ -1,9 +1,9 @@
 //! The shape phase: a listing the caller may read is filtered to the entries it may read, so
 //! that no listing discloses a name (a role, a service account) the policy hides.
 
-use bytes::Bytes;
+use super::full_body;
 use http::{Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 
 use super::{Body, forward::UpstreamError, request::ValidRequest};
 
@@ -42,10 +42,5 @@ pub async fn filter_listing(
         .collect();
     let filtered = kept.join("\n");
     parts.headers.remove(header::CONTENT_LENGTH);
-    Ok(Response::from_parts(
-        parts,
-        Full::new(Bytes::from(filtered))
-            .map_err(|never| match never {})
-            .boxed(),
-    ))
+    Ok(Response::from_parts(parts, full_body(filtered)))
 }

@@ -8,6 +8,7 @@
 //! Only a keyed hash of each token is kept, never the token (HMAC-SHA256 with a random key,
 //! which a successor takes over with the bindings; see `handover`).
 
+use super::full_body;
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -16,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 
 use super::{Body, forward::UpstreamError, request::ValidRequest};
 use crate::{identity::CallerKey as Owner, policy::TokenRules, provider::SessionTokens};
@@ -237,10 +238,7 @@ pub async fn bind_token(
         .map_err(|_| UpstreamError::TokenResponse)?
         .to_bytes();
     bindings.bind(bytes.trim_ascii(), caller, ttl);
-    Ok(Response::from_parts(
-        parts,
-        Full::new(bytes).map_err(|never| match never {}).boxed(),
-    ))
+    Ok(Response::from_parts(parts, full_body(bytes)))
 }
 
 #[cfg(test)]

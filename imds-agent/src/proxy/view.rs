@@ -2,9 +2,9 @@
 //! `reduce`): only the keys of user data the caller may read, a document without the fields
 //! the view removes. An answer that cannot be cut is refused whole.
 
-use bytes::Bytes;
+use super::full_body;
 use http::{Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 
 use super::{Body, forward::UpstreamError};
 use crate::{
@@ -50,12 +50,7 @@ pub async fn apply(
         .to_bytes();
     let reduced = reduce::reduce(view, path, &bytes).map_err(ViewFailure::Unservable)?;
     Ok((
-        Response::from_parts(
-            parts,
-            Full::new(Bytes::from(reduced.body))
-                .map_err(|never| match never {})
-                .boxed(),
-        ),
+        Response::from_parts(parts, full_body(reduced.body)),
         format!("view: {}", reduced.summary),
     ))
 }

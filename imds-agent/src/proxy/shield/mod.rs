@@ -17,11 +17,12 @@ mod cache;
 mod flights;
 pub mod paths;
 
+use super::full_body;
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 
 use super::{
     Body, Filter, admit::Connection, forward, forward::UpstreamError, request::ValidRequest,
@@ -70,11 +71,7 @@ pub struct Shared {
 
 impl Shared {
     fn response(&self) -> Response<Body> {
-        let mut response = Response::new(
-            Full::new(self.body.clone())
-                .map_err(|never| match never {})
-                .boxed(),
-        );
+        let mut response = Response::new(full_body(self.body.clone()));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers.clone();
         response
