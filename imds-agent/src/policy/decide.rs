@@ -115,9 +115,6 @@ impl Rule {
 
     /// The view through which the rule grants `path`: a document's, else the rule's own.
     pub(super) fn view_for(&self, path: &CanonicalPath<'_>) -> Option<&View> {
-        if self.documents.0.is_empty() {
-            return self.view.as_deref();
-        }
         self.documents.get(path).or(self.view.as_deref())
     }
 }

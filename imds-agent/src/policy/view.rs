@@ -26,16 +26,7 @@ pub struct View {
 impl View {
     /// A view that removes `fields` (metadata paths; the built-in groups' documents).
     pub(super) fn without(fields: &[&str]) -> Self {
-        Self {
-            keys: Vec::new(),
-            without: fields
-                .iter()
-                .map(|field| {
-                    let path = CanonicalPath::parse(field).expect("built-in fields parse");
-                    (path.as_str().to_owned(), owned(&path.segments))
-                })
-                .collect(),
-        }
+        Self::new(&[], fields).expect("built-in fields parse (unit-tested)")
     }
 
     /// A view of these keys and without these fields, as a rule's `view` says them (for
