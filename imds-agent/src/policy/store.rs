@@ -182,12 +182,7 @@ impl PolicyStore {
                 }
             };
             tokio::select! {
-                _ = interval.tick() => {
-                    // A directory replaced whole took its watch with it.
-                    if let Some(n) = &notifications {
-                        n.arm(&self.sources);
-                    }
-                }
+                _ = interval.tick() => {}
                 event = notified => {
                     if event.is_none() {
                         tracing::warn!("file notifications ended; polling the policy files instead");
@@ -196,19 +191,25 @@ impl PolicyStore {
                         continue;
                     }
                     tokio::time::sleep(SETTLE).await;
-                    // What else arrived in the burst is covered by this one check; links
-                    // may now lead to other directories.
+                    // What else arrived in the burst is covered by this one check.
                     if let Some(n) = &mut notifications {
                         while n.events.next().now_or_never().flatten().is_some() {}
-                        n.arm(&self.sources);
                     }
                 }
             }
             let store = self.clone();
+            // Watches are armed again first: links may now lead to other directories, and a
+            // directory replaced whole took its watch with it.
+            let watches = notifications.as_ref().map(|n| n.watches.clone());
             // stat calls are blocking; keep them off the async workers.
-            let changed = tokio::task::spawn_blocking(move || store.changed())
-                .await
-                .unwrap_or(false);
+            let changed = tokio::task::spawn_blocking(move || {
+                if let Some(watches) = watches {
+                    arm(&watches, &store.sources);
+                }
+                store.changed()
+            })
+            .await
+            .unwrap_or(false);
             if changed {
                 let store = self.clone();
                 let _ =
@@ -221,7 +222,7 @@ impl PolicyStore {
 /// inotify watches on the directories that hold the sources.
 struct Notifications {
     events: inotify::EventStream<[u8; 4096]>,
-    watches: std::sync::Mutex<inotify::Watches>,
+    watches: Arc<std::sync::Mutex<inotify::Watches>>,
 }
 
 impl Notifications {
@@ -232,53 +233,50 @@ impl Notifications {
             .ok()?;
         let watches = inotify.watches();
         let events = inotify.into_event_stream([0u8; 4096]).ok()?;
-        let notifications = Self {
-            events,
-            watches: std::sync::Mutex::new(watches),
-        };
-        notifications.arm(sources);
-        Some(notifications)
+        let watches = Arc::new(std::sync::Mutex::new(watches));
+        arm(&watches, sources);
+        Some(Self { events, watches })
     }
+}
 
-    /// Watches each source directory, each file source's directory, and the directory that
-    /// each policy file's link leads to (adding a watch that exists is a no-op; a directory
-    /// that was replaced gets a new one).
-    fn arm(&self, sources: &[PathBuf]) {
-        use inotify::WatchMask as M;
-        let mask = M::CREATE
-            | M::DELETE
-            | M::MODIFY
-            | M::CLOSE_WRITE
-            | M::MOVED_FROM
-            | M::MOVED_TO
-            | M::ATTRIB
-            | M::DELETE_SELF
-            | M::MOVE_SELF;
-        let mut watches = self.watches.lock().expect("watches lock");
-        for source in sources {
-            let dir = if source.is_dir() {
-                source.as_path()
-            } else {
-                match source.parent() {
-                    Some(parent) if !parent.as_os_str().is_empty() => parent,
-                    _ => std::path::Path::new("."),
-                }
-            };
-            let mut dirs = vec![dir.to_path_buf()];
-            let files = match std::fs::read_dir(source) {
-                Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-                Err(_) => vec![source.clone()],
-            };
-            dirs.extend(files.iter().filter_map(|file| {
-                let target = std::fs::canonicalize(file).ok()?;
-                target.parent().map(std::path::Path::to_path_buf)
-            }));
-            dirs.sort();
-            dirs.dedup();
-            for dir in dirs {
-                if let Err(error) = watches.add(&dir, mask) {
-                    tracing::debug!(%error, dir = %dir.display(), "cannot watch a policy directory; the poll covers it");
-                }
+/// Watches each source directory, each file source's directory, and the directory that each
+/// policy file's link leads to (adding a watch that exists is a no-op; a directory that was
+/// replaced gets a new one).
+fn arm(watches: &std::sync::Mutex<inotify::Watches>, sources: &[PathBuf]) {
+    use inotify::WatchMask as M;
+    let mask = M::CREATE
+        | M::DELETE
+        | M::MODIFY
+        | M::CLOSE_WRITE
+        | M::MOVED_FROM
+        | M::MOVED_TO
+        | M::ATTRIB
+        | M::DELETE_SELF
+        | M::MOVE_SELF;
+    let mut watches = watches.lock().expect("watches lock");
+    for source in sources {
+        let dir = if source.is_dir() {
+            source.as_path()
+        } else {
+            match source.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => std::path::Path::new("."),
+            }
+        };
+        let mut dirs = vec![dir.to_path_buf()];
+        let files = match std::fs::read_dir(source) {
+            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => vec![source.clone()],
+        };
+        dirs.extend(files.iter().filter_map(|file| {
+            let target = std::fs::canonicalize(file).ok()?;
+            target.parent().map(std::path::Path::to_path_buf)
+        }));
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            if let Err(error) = watches.add(&dir, mask) {
+                tracing::debug!(%error, dir = %dir.display(), "cannot watch a policy directory; the poll covers it");
             }
         }
     }
