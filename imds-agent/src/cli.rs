@@ -239,8 +239,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 3600)]
     pub long_poll_max_seconds: u64,
     /// Serve no answer from memory: by default answers fixed for the instance's life
-    /// (identifiers, type, placement, account, zone) and role credentials (until 20 minutes
-    /// before they expire) are read from the metadata service once.
+    /// (identifiers, type, placement, account, zone), role credentials and access tokens
+    /// (until 20 minutes before they expire) are read from the metadata service once.
     #[arg(long)]
     pub no_cache: bool,
     /// At most this many requests per second to the metadata service (0: no bound). Default:

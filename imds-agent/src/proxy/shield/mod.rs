@@ -1,7 +1,8 @@
 //! The shield phase, between the decision and the metadata service: the agent sees every
 //! request of the node, so it keeps the node within the service's limits.
-//! - `cache`: answers fixed for the instance's life, and role credentials until well before
-//!   they expire, are served from memory after the first read (`--no-cache` turns it off);
+//! - `cache`: answers fixed for the instance's life, and credentials (role credentials,
+//!   access tokens) until well before they expire, are served from memory after the first
+//!   read (`--no-cache` turns it off);
 //! - `flights`: identical reads in flight at the same moment share one upstream request;
 //! - `budget`: requests beyond the service's documented limits (`paths`) wait their turn, a
 //!   bounded time, rather than draw its 429s.
