@@ -1,11 +1,10 @@
 //! Every answer the agent gives itself, rendered in one place: a typed refusal carries its own
 //! status and body, fixed text or names from policy files, never request bytes.
 
-use super::full_body;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
-use super::{Body, forward::UpstreamError, gate::Violation, limits, request::Rejection};
+use super::{Body, forward::UpstreamError, full_body, gate::Violation, limits, request::Rejection};
 use crate::{
     provider::{ProtocolRefusal, Provider},
     reduce::Unservable,

@@ -1,11 +1,10 @@
 //! The shape phase: a listing the caller may read is filtered to the entries it may read, so
 //! that no listing discloses a name (a role, a service account) the policy hides.
 
-use super::full_body;
 use http::{Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 
-use super::{Body, forward::UpstreamError, request::ValidRequest};
+use super::{Body, forward::UpstreamError, full_body, request::ValidRequest};
 
 /// A listing larger than this is refused (502) rather than passed unfiltered, so that no
 /// listing can carry a name the caller may not see.

@@ -8,7 +8,6 @@
 //! Only a keyed hash of each token is kept, never the token (HMAC-SHA256 with a random key,
 //! which a successor takes over with the bindings; see `handover`).
 
-use super::full_body;
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -19,7 +18,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt as _;
 
-use super::{Body, forward::UpstreamError, request::ValidRequest};
+use super::{Body, forward::UpstreamError, full_body, request::ValidRequest};
 use crate::{identity::CallerKey as Owner, policy::TokenRules, provider::SessionTokens};
 
 /// The policy name in denials by token binding (not a policy file's decision).

@@ -2,11 +2,10 @@
 //! `reduce`): only the keys of user data the caller may read, a document without the fields
 //! the view removes. An answer that cannot be cut is refused whole.
 
-use super::full_body;
 use http::{Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 
-use super::{Body, forward::UpstreamError};
+use super::{Body, forward::UpstreamError, full_body};
 use crate::{
     policy::{CanonicalPath, View},
     reduce::{self, Unservable},

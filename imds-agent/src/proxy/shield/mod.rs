@@ -18,7 +18,6 @@ mod cache;
 mod flights;
 pub mod paths;
 
-use super::full_body;
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
@@ -26,7 +25,8 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt as _;
 
 use super::{
-    Body, Filter, admit::Connection, forward, forward::UpstreamError, request::ValidRequest,
+    Body, Filter, admit::Connection, forward, forward::UpstreamError, full_body,
+    request::ValidRequest,
 };
 use flights::Seat;
 use paths::{Lifetime, Limit};
