@@ -12,17 +12,26 @@ pub fn iso8601(time: SystemTime) -> String {
 /// writes timestamps.
 pub fn iso8601_micros(time: SystemTime) -> String {
     let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    // One audit line per request: the date part is formatted once per second and thread.
+    with_iso8601(time, |text| {
+        let seconds = text.strip_suffix('Z').unwrap_or(text);
+        format!("{seconds}.{:06}Z", since_epoch.subsec_micros())
+    })
+}
+
+/// `f` given `time` as [`iso8601`] writes it, formatted once per second and thread: audit
+/// lines and the inventory stamp every request with it.
+pub fn with_iso8601<R>(time: SystemTime, f: impl FnOnce(&str) -> R) -> R {
+    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     thread_local! {
         static SECOND: std::cell::RefCell<(u64, String)> =
             const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
-    SECOND.with_borrow_mut(|(secs, text)| {
-        if *secs != since_epoch.as_secs() {
-            *secs = since_epoch.as_secs();
-            *text = iso8601_seconds(time);
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            *cached = secs;
+            *text = iso8601(time);
         }
-        format!("{text}.{:06}Z", since_epoch.subsec_micros())
+        f(text)
     })
 }
 
@@ -109,6 +118,9 @@ mod tests {
         assert_eq!(at(1_795_478_400_999_999), "2026-11-24T00:00:00.999999Z");
         assert_eq!(at(1_795_478_401_000_000), "2026-11-24T00:00:01.000000Z");
         assert_eq!(at(1_795_478_400_000_001), "2026-11-24T00:00:00.000001Z");
+        let whole = |secs: u64| with_iso8601(UNIX_EPOCH + Duration::from_secs(secs), str::to_owned);
+        assert_eq!(whole(1_795_478_400), "2026-11-24T00:00:00Z");
+        assert_eq!(whole(1_795_478_401), "2026-11-24T00:00:01Z");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 pub mod suggest;
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write as _,
     sync::Mutex,
 };
 
@@ -101,52 +103,47 @@ pub struct Use<'a> {
 }
 
 impl Inventory {
+    /// Counts one request. Called for every request under one lock: what is already known
+    /// (the workload, its path, its group, its executable) is looked up by reference, and
+    /// strings are allocated only for what is new.
     pub fn record(&self, identity: &Identity, request: &Use<'_>) {
-        let mut workloads = self.workloads.lock().expect("inventory lock");
-        let mut name = workload_name(identity);
-        if !workloads.contains_key(&name) && workloads.len() >= MAX_WORKLOADS {
-            name = OVERFLOW.to_owned();
+        thread_local! {
+            // The workload's name and the `METHOD PATH` key, rebuilt in place per request.
+            static KEYS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
         }
-        let entry = workloads
-            .entry(name.clone())
-            .or_insert_with(|| WorkloadUse {
-                workload: name,
-                namespace: identity
-                    .pod
-                    .as_ref()
-                    .map_or_else(String::new, |p| p.namespace.clone()),
-                selector: selector_of(identity),
-                ..WorkloadUse::default()
-            });
-        let now = crate::calendar::iso8601(std::time::SystemTime::now());
-        entry.requests += 1;
-        entry.denied += u64::from(request.denied);
-        entry.imdsv1 += u64::from(request.tokenless);
-        *entry.groups.entry(request.group.to_owned()).or_default() += 1;
         let path = request.path.split('?').next().unwrap_or_default();
-        if entry.paths.len() < MAX_PATHS && !path.is_empty() {
-            entry.paths.insert(path.to_owned());
-        }
-        let key = format!("{} {path}", request.method);
-        if entry.uses.len() < MAX_USES || entry.uses.contains_key(&key) {
-            let seen = entry.uses.entry(key).or_insert_with(|| Seen {
-                group: request.group.to_owned(),
-                ..Seen::default()
+        KEYS.with_borrow_mut(|(name, key)| {
+            name.clear();
+            write_workload_name(name, identity);
+            key.clear();
+            let _ = write!(key, "{} {path}", request.method);
+            crate::calendar::with_iso8601(std::time::SystemTime::now(), |now| {
+                let mut workloads = self.workloads.lock().expect("inventory lock");
+                if !workloads.contains_key(name.as_str()) {
+                    let name = if workloads.len() >= MAX_WORKLOADS {
+                        OVERFLOW.to_owned()
+                    } else {
+                        name.clone()
+                    };
+                    workloads
+                        .entry(name.clone())
+                        .or_insert_with(|| WorkloadUse {
+                            workload: name,
+                            namespace: identity
+                                .pod
+                                .as_ref()
+                                .map_or_else(String::new, |p| p.namespace.clone()),
+                            selector: selector_of(identity),
+                            ..WorkloadUse::default()
+                        });
+                }
+                let entry = match workloads.get_mut(name.as_str()) {
+                    Some(entry) => entry,
+                    None => workloads.get_mut(OVERFLOW).expect("inserted above"),
+                };
+                entry.count(identity, request, path, key, now);
             });
-            if request.denied {
-                seen.denied += 1;
-            } else {
-                seen.allowed += 1;
-            }
-            seen.tokenless += u64::from(request.tokenless);
-            seen.last.clone_from(&now);
-        }
-        if let Some(exe) = &identity.exe
-            && entry.executables.len() < MAX_EXECUTABLES
-        {
-            entry.executables.insert(exe.path.clone());
-        }
-        entry.last_seen = now;
+        });
     }
 
     /// Adds a predecessor's inventory (an upgrade) to this one.
@@ -241,17 +238,65 @@ fn selector_of(identity: &Identity) -> Option<WorkloadSelector> {
     }
 }
 
-fn workload_name(identity: &Identity) -> String {
-    match (&identity.pod, &identity.container) {
-        (Some(pod), Some(container)) => {
-            format!("pod {}/{} container {container}", pod.namespace, pod.name)
-        }
-        (Some(pod), None) => format!("pod {}/{}", pod.namespace, pod.name),
+fn write_workload_name(out: &mut String, identity: &Identity) {
+    let _ = match (&identity.pod, &identity.container) {
+        (Some(pod), Some(container)) => write!(
+            out,
+            "pod {}/{} container {container}",
+            pod.namespace, pod.name
+        ),
+        (Some(pod), None) => write!(out, "pod {}/{}", pod.namespace, pod.name),
         _ => match (&identity.unit, &identity.cgroup) {
-            (Some(unit), _) => format!("unit {unit}"),
-            (None, Some(cgroup)) => format!("cgroup {cgroup}"),
-            (None, None) => "(unresolved cgroup)".to_owned(),
+            (Some(unit), _) => write!(out, "unit {unit}"),
+            (None, Some(cgroup)) => write!(out, "cgroup {cgroup}"),
+            (None, None) => write!(out, "(unresolved cgroup)"),
         },
+    };
+}
+
+impl WorkloadUse {
+    /// One request of this workload, `key` its `METHOD PATH` and `now` the time as the
+    /// inventory writes it.
+    fn count(&mut self, identity: &Identity, request: &Use<'_>, path: &str, key: &str, now: &str) {
+        self.requests += 1;
+        self.denied += u64::from(request.denied);
+        self.imdsv1 += u64::from(request.tokenless);
+        match self.groups.get_mut(request.group) {
+            Some(count) => *count += 1,
+            None => {
+                self.groups.insert(request.group.to_owned(), 1);
+            }
+        }
+        if self.paths.len() < MAX_PATHS && !path.is_empty() && !self.paths.contains(path) {
+            self.paths.insert(path.to_owned());
+        }
+        if !self.uses.contains_key(key) && self.uses.len() < MAX_USES {
+            self.uses.insert(
+                key.to_owned(),
+                Seen {
+                    group: request.group.to_owned(),
+                    ..Seen::default()
+                },
+            );
+        }
+        if let Some(seen) = self.uses.get_mut(key) {
+            if request.denied {
+                seen.denied += 1;
+            } else {
+                seen.allowed += 1;
+            }
+            seen.tokenless += u64::from(request.tokenless);
+            seen.last.clear();
+            seen.last.push_str(now);
+        }
+        if let Some(exe) = &identity.exe
+            && self.executables.len() < MAX_EXECUTABLES
+            && !self.executables.contains(&exe.path)
+        {
+            self.executables.insert(exe.path.clone());
+        }
+        self.last_seen.clear();
+        self.last_seen.push_str(now);
     }
 }
 
@@ -336,13 +381,37 @@ mod tests {
             ),
         );
         inventory.record(&web, &read("/latest/api/token", "token", false, false));
+        inventory.record(
+            &web,
+            &read(
+                "/latest/meta-data/instance-id?x=1",
+                "instance-info",
+                false,
+                false,
+            ),
+        );
         inventory.record(&batch, &read("/latest/user-data", "user-data", true, false));
         let report = inventory.snapshot();
         assert_eq!(report[0].workload, "unit web.service");
         assert_eq!(
             (report[0].requests, report[0].imdsv1, report[0].denied),
-            (2, 1, 0)
+            (3, 1, 0)
         );
+        // The same path asked twice (its query apart) is one use, counted twice.
+        let id = &report[0].uses["GET /latest/meta-data/instance-id"];
+        assert_eq!(
+            (id.allowed, id.tokenless, id.group.as_str()),
+            (2, 1, "instance-info")
+        );
+        assert_eq!(report[0].uses.len(), 2);
+        assert_eq!(report[0].paths.len(), 2);
+        assert_eq!(report[0].groups["instance-info"], 2);
+        assert!(
+            crate::calendar::parse_iso8601(&id.last).is_some(),
+            "{}",
+            id.last
+        );
+        assert_eq!(report[0].last_seen.len(), "2026-11-24T00:00:00Z".len());
         assert!(report[0].executables.contains("/usr/bin/python3"));
         assert_eq!(report[1].workload, "cgroup /batch");
         assert_eq!(report[1].groups["user-data"], 1);

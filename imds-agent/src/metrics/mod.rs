@@ -252,13 +252,34 @@ impl Default for Metrics {
 
 /// The first group whose patterns match `path`, for the `group` label.
 pub fn group_of(path: &str) -> &'static str {
-    let Ok(path) = CanonicalPath::parse(path) else {
-        return "other";
-    };
-    groups::all_compiled()
-        .iter()
-        .find(|group| group.paths.best_match(&path).is_some())
-        .map_or("other", |group| group.name)
+    // Asked for every request, and callers ask a few paths over and over: the groups' patterns
+    // are matched once per path and thread (the groups are built in, they never change).
+    const KEPT: usize = 256;
+    const LONGEST: usize = 256;
+    thread_local! {
+        static KNOWN: std::cell::RefCell<std::collections::HashMap<String, &'static str>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    KNOWN.with_borrow_mut(|known| {
+        if let Some(group) = known.get(path) {
+            return *group;
+        }
+        let group = match CanonicalPath::parse(path) {
+            Ok(parsed) => groups::all_compiled()
+                .iter()
+                .find(|group| group.paths.best_match(&parsed).is_some())
+                .map_or("other", |group| group.name),
+            Err(_) => "other",
+        };
+        // Bounded: at most KEPT paths of at most LONGEST bytes per thread, whatever callers send.
+        if path.len() <= LONGEST {
+            if known.len() >= KEPT {
+                known.clear();
+            }
+            known.insert(path.to_owned(), group);
+        }
+        group
+    })
 }
 
 impl Metrics {

@@ -105,16 +105,11 @@ pub async fn forward(
     *upstream_request.uri_mut() = uri;
     *upstream_request.headers_mut() = headers;
     let tls = mutual_tls(filter, connection.original)?;
-    let host = match (connection.original, connection.original.port()) {
-        _ if tls.is_some() => mds_tls::SERVER_NAME.to_owned(),
-        (SocketAddr::V4(addr), 80) => addr.ip().to_string(),
-        (SocketAddr::V6(addr), 80) => format!("[{}]", addr.ip()),
-        (addr, _) => addr.to_string(),
+    let host = match tls {
+        Some(_) => HeaderValue::from_static(mds_tls::SERVER_NAME),
+        None => host_header(connection.original)?,
     };
-    upstream_request.headers_mut().insert(
-        header::HOST,
-        HeaderValue::from_str(&host).map_err(|_| UpstreamError::InvalidTarget)?,
-    );
+    upstream_request.headers_mut().insert(header::HOST, host);
 
     let mut upstream = connection.upstream.lock().await;
     let ours = match upstream.as_mut() {
@@ -160,6 +155,30 @@ pub async fn forward(
         .upstream_latency(sent.elapsed().as_secs_f64());
     request::strip_hop_by_hop(response.headers_mut());
     Ok(response.map(BodyExt::boxed))
+}
+
+/// The Host header for requests to `original`, formatted once per thread for the address
+/// its last request went to (a node's callers all ask the same one or two addresses).
+fn host_header(original: SocketAddr) -> Result<HeaderValue, UpstreamError> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(SocketAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((addr, value)) = last.as_ref()
+            && *addr == original
+        {
+            return Ok(value.clone());
+        }
+        let host = match (original, original.port()) {
+            (SocketAddr::V4(addr), 80) => addr.ip().to_string(),
+            (SocketAddr::V6(addr), 80) => format!("[{}]", addr.ip()),
+            (addr, _) => addr.to_string(),
+        };
+        let value = HeaderValue::from_str(&host).map_err(|_| UpstreamError::InvalidTarget)?;
+        *last = Some((original, value.clone()));
+        Ok(value)
+    })
 }
 
 fn clone_request(request: &Request<Empty<Bytes>>) -> Request<Empty<Bytes>> {

@@ -41,6 +41,10 @@ const SECURITY_HEADERS: [&str; 9] = [
     "x-forwarded-for",
 ];
 
+/// The longest header name the gate looks for (in [`SECURITY_HEADERS`] and the framing and
+/// upgrade headers).
+const MAX_KNOWN_NAME: usize = 40;
+
 /// Why a request head is refused. The text is fixed (never request bytes): it is the reason
 /// the client reads and the audit line names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -161,9 +165,19 @@ pub fn check_head(head: &[u8]) -> Result<(), Violation> {
         if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
             return Err(Violation::ControlCharacter);
         }
-        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+        // Header names are ASCII tokens (checked above): lower-cased on the stack.
+        let mut lower = [0u8; MAX_KNOWN_NAME];
+        let name = match lower.get_mut(..name.len()) {
+            Some(lower) => {
+                lower.copy_from_slice(name);
+                lower.make_ascii_lowercase();
+                std::str::from_utf8(lower).unwrap_or_default()
+            }
+            // Longer than any name checked here.
+            None => "",
+        };
         let value = trim_ows(value);
-        match name.as_str() {
+        match name {
             "transfer-encoding" => return Err(Violation::Body),
             "content-length" => {
                 lengths += 1;
@@ -262,6 +276,9 @@ pub struct Gate<S> {
     /// the requests before it.
     violation: Option<Violation>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `deadline` is set for the head in progress or the wait for the next one (else
+    /// it is reset before it is polled again).
+    armed: bool,
     /// Whether the deadline is the head timeout (a head is in progress) or the idle one.
     in_head: bool,
 }
@@ -277,6 +294,7 @@ impl<S> Gate<S> {
             closed: false,
             violation: None,
             deadline: None,
+            armed: false,
             in_head: false,
         }
     }
@@ -297,6 +315,7 @@ impl<S> Gate<S> {
         self.pending.clear();
         self.closed = true;
         self.deadline = None;
+        self.armed = false;
     }
 
     /// Moves complete, checked heads from `pending` to `ready`. A bare CR or LF rejects at
@@ -306,12 +325,17 @@ impl<S> Gate<S> {
             let bare = first_bare_line_break(&self.pending);
             match head_end(&self.pending) {
                 Some(end) if bare.is_none_or(|b| b >= end) => {
-                    let head: Vec<u8> = self.pending.drain(..end).collect();
-                    if let Err(violation) = check_head(&head) {
+                    if let Err(violation) = check_head(&self.pending[..end]) {
                         self.reject(violation);
                         return;
                     }
-                    self.ready.extend_from_slice(&head);
+                    if self.ready.is_empty() && end == self.pending.len() {
+                        // The usual case, one whole head read: handed over without a copy.
+                        std::mem::swap(&mut self.ready, &mut self.pending);
+                    } else {
+                        self.ready.extend_from_slice(&self.pending[..end]);
+                        self.pending.drain(..end);
+                    }
                 }
                 _ if bare.is_some() => {
                     self.reject(Violation::BareLineBreak);
@@ -352,13 +376,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
             }
             // Arm the right timer: the head timeout while a head is in progress, else idle.
             let in_head = !this.pending.is_empty();
-            if this.deadline.is_none() || in_head != this.in_head {
+            if !this.armed || in_head != this.in_head {
                 let timeout = if in_head {
                     this.timeouts.head
                 } else {
                     this.timeouts.idle
                 };
-                this.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+                let deadline = tokio::time::Instant::now() + timeout;
+                // One timer per connection, moved for each head rather than made anew.
+                match this.deadline.as_mut() {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => this.deadline = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                this.armed = true;
                 this.in_head = in_head;
             }
             let mut buffer = [0u8; 4096];
@@ -376,8 +406,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                     let before = this.ready.len();
                     this.check_pending();
                     if this.ready.len() > before || this.closed {
-                        // Progress: the next head gets a fresh timer.
-                        this.deadline = None;
+                        // Progress: the next head gets a fresh deadline.
+                        this.armed = false;
                     }
                 }
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
@@ -512,6 +542,23 @@ mod tests {
         for (head, status, reason) in table {
             assert_eq!(check(head), Err((status, reason)), "{head:?}");
         }
+    }
+
+    #[test]
+    fn every_security_header_is_recognised_in_any_case() {
+        for name in SECURITY_HEADERS {
+            let head = format!(
+                "GET / HTTP/1.1\r\nHost: x\r\n{name}: a\r\n{}: b\r\n\r\n",
+                name.to_ascii_uppercase()
+            );
+            assert_eq!(
+                check(&head),
+                Err((400, Violation::DuplicateSecurityHeader)),
+                "{name}"
+            );
+        }
+        let framing = "GET / HTTP/1.1\r\nHost: x\r\nTRANSFER-ENCODING: chunked\r\n\r\n";
+        assert_eq!(check(framing), Err((400, Violation::Body)));
     }
 
     #[test]
