@@ -5,8 +5,9 @@
 //! with the same fields in the same layout as tracing-subscriber's JSON lines. The agent's
 //! profile under load put tracing-subscriber's JSON formatting of this one event at about a
 //! fifth of its CPU time (a visitor per field, a UTF-8 check per fragment); serde serialises
-//! the same line into a reused buffer for a fraction of that. One `write` per line either
-//! way, so lines from several threads never interleave.
+//! the same line into a reused buffer for a fraction of that. Lines are written whole, so
+//! lines from several threads never interleave; the JSON lines of a runtime worker are
+//! batched until it goes idle (see [`worker_idle`]).
 
 use std::{
     cell::RefCell,
@@ -14,7 +15,7 @@ use std::{
     io::Write as _,
     path::{Path, PathBuf},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::SystemTime,
@@ -72,6 +73,8 @@ pub fn set_sink(target: &str) -> std::io::Result<()> {
 /// Reopens the audit file at its path (the rotated one is left to the rotation). A failure is
 /// logged; lines go on to the file that was open.
 pub fn reopen() {
+    // The lines of requests answered before the signal go to the file they were answered under.
+    flush_all();
     let mut sink = SINK.lock().expect("audit sink");
     if let Some(Sink::File { path, file }) = sink.as_mut() {
         match open_append(path) {
@@ -88,6 +91,105 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .create(true)
         .append(true)
         .open(path)
+}
+
+/// A worker thread's audit lines not yet written.
+type Batch = Arc<Mutex<Vec<u8>>>;
+
+/// Every worker thread's batch, for [`flush_all`].
+static BATCHES: Mutex<Vec<Batch>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's batch, once it is a runtime worker that [`worker_idle`] flushes.
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+    /// A line being formatted on a thread without a batch.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A batch this large is written at once, whether or not its worker is idle.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// The longest a line waits in the batch of a worker that never goes idle (see `run`).
+pub const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// tokio's hook for a worker thread with nothing left to run: its batch is written, and its
+/// later lines are batched. A worker that answers several requests in one wake-up writes their
+/// lines with one `write` when it goes idle (microseconds after the answers left), instead of
+/// one `write` per line ahead of each answer: that write was the largest single cost of a
+/// request in the agent's profile under load. Threads without this hook (the blocking pool,
+/// the main thread) write each line at once.
+pub fn worker_idle() {
+    BATCH.with_borrow_mut(|batch| {
+        let batch = batch.get_or_insert_with(|| {
+            let batch = Batch::default();
+            BATCHES.lock().expect("audit batches").push(batch.clone());
+            batch
+        });
+        write_batch(batch);
+    });
+}
+
+/// tokio's hook for a thread that ends: a worker's batch is written and forgotten.
+pub fn thread_stopped() {
+    if let Some(batch) = BATCH.with_borrow_mut(Option::take) {
+        write_batch(&batch);
+        BATCHES
+            .lock()
+            .expect("audit batches")
+            .retain(|other| !Arc::ptr_eq(other, &batch));
+    }
+}
+
+/// Writes every worker's batch: from a timer (bounding how long a line waits on a worker that
+/// never goes idle), before the audit file is reopened, and as the agent exits.
+pub fn flush_all() {
+    for batch in BATCHES.lock().expect("audit batches").iter() {
+        write_batch(batch);
+    }
+}
+
+fn write_batch(batch: &Mutex<Vec<u8>>) {
+    let mut lines = batch.lock().expect("audit batch");
+    if !lines.is_empty() {
+        write_out(&lines);
+        lines.clear();
+    }
+}
+
+/// Appends the line `format` writes to this thread's batch, or writes it at once on a thread
+/// without one.
+fn emit(format: impl FnOnce(&mut Vec<u8>)) {
+    BATCH.with_borrow(|batch| match batch {
+        Some(batch) => {
+            let mut lines = batch.lock().expect("audit batch");
+            format(&mut lines);
+            if lines.len() >= BATCH_BYTES {
+                write_out(&lines);
+                lines.clear();
+            }
+        }
+        None => LINE.with_borrow_mut(|line| {
+            line.clear();
+            format(line);
+            write_out(line);
+        }),
+    });
+}
+
+/// Whole lines to the audit sink (stderr unless `--audit-log` says otherwise), in one `write`
+/// so that lines from several threads never interleave.
+fn write_out(lines: &[u8]) {
+    // An audit line that cannot be written has nowhere else to go.
+    if HAS_SINK.load(Ordering::Relaxed) {
+        let mut sink = SINK.lock().expect("audit sink");
+        let _ = match sink.as_mut() {
+            Some(Sink::Stdout) => std::io::stdout().lock().write_all(lines),
+            Some(Sink::File { file, .. }) => file.write_all(lines),
+            None => std::io::stderr().lock().write_all(lines),
+        };
+    } else {
+        let _ = std::io::stderr().lock().write_all(lines);
+    }
 }
 
 /// One request's audit record.
@@ -132,35 +234,17 @@ pub struct Request<'a> {
 impl Request<'_> {
     pub fn log(&self) {
         if HAS_SINK.load(Ordering::Relaxed) {
-            let mut sink = SINK.lock().expect("audit sink");
-            if let Some(sink) = sink.as_mut() {
-                thread_local! {
-                    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-                }
-                LINE.with_borrow_mut(|line| {
-                    line.clear();
-                    self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed));
-                    // An audit line that cannot be written has nowhere else to go.
-                    let _ = match sink {
-                        Sink::Stdout => std::io::stdout().lock().write_all(line),
-                        Sink::File { file, .. } => file.write_all(line),
-                    };
-                });
-                return;
-            }
+            emit(|line| {
+                self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed))
+            });
+            return;
         }
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
             return;
         }
         if JSON.load(Ordering::Relaxed) {
-            thread_local! {
-                static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-            }
-            LINE.with_borrow_mut(|line| {
-                line.clear();
-                self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed));
-                // An audit line that cannot be written has nowhere else to go.
-                let _ = std::io::stderr().lock().write_all(line);
+            emit(|line| {
+                self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed))
             });
             return;
         }

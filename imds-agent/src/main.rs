@@ -54,6 +54,8 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .on_thread_park(imds_agent::audit::worker_idle)
+                .on_thread_stop(imds_agent::audit::thread_stopped)
                 .build()
             {
                 Ok(runtime) => runtime,
@@ -62,7 +64,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            match runtime.block_on(run::run(*args)) {
+            let code = match runtime.block_on(run::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("imds-agent: {}", chain(&error));
@@ -72,7 +74,11 @@ fn main() -> ExitCode {
                         EXIT_RUNTIME
                     })
                 }
-            }
+            };
+            // No audit line of an answered request is left in a worker's batch.
+            drop(runtime);
+            imds_agent::audit::flush_all();
+            code
         }
         Command::Policy(PolicyCommand::Check { paths }) => {
             match PolicySet::load(&paths, Unmatched::Deny) {

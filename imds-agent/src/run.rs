@@ -642,6 +642,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             upgrade_in_place().await;
         }
     });
+    tasks.service("audit lines of busy workers", async {
+        // A worker writes its batch of audit lines when it goes idle; one that stays busy has
+        // its lines written by this at the latest.
+        let mut every = tokio::time::interval(crate::audit::LONGEST_WAIT);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            crate::audit::flush_all();
+        }
+    });
     let store = policy.clone();
     tasks.service("SIGHUP reload", async move {
         while sighup.recv().await.is_some() {

@@ -28,7 +28,7 @@ use std::{
 
 pub use curl::{CURL_ARGS, Curl, curl_result};
 pub use pods::{PodNetwork, PodSlot};
-pub use processes::{Agent, Process};
+pub use processes::{Agent, Process, read_settled};
 pub use programs::{AttachedProgram, ENFORCED_ATTACH_TYPES, attach_types, attached_programs};
 
 /// The metadata address inside every sandbox.

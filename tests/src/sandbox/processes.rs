@@ -268,6 +268,24 @@ impl Sandbox {
     }
 }
 
+/// A log file's text once it has stopped growing (two reads 10 ms apart agree, for at most
+/// half a second): the agent writes a runtime worker's audit lines when the worker goes idle,
+/// just after the answers left, so a client can have its answer a moment before the line.
+pub fn read_settled(path: &Path) -> String {
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut text = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let again = read();
+        let settled = again.len() == text.len();
+        text = again;
+        if settled || Instant::now() > deadline {
+            return text;
+        }
+    }
+}
+
 /// A child process that is killed when dropped.
 pub struct Process {
     pub child: Child,
@@ -315,10 +333,15 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// The audit lines logged so far, parsed.
+    /// The audit lines logged so far, parsed (read as [`read_settled`] reads).
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        self.log()
-            .lines()
+        let log = self
+            .process
+            .log
+            .as_deref()
+            .map(read_settled)
+            .unwrap_or_default();
+        log.lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .filter(|v| v["target"] == "imds_agent::audit")
             .collect()

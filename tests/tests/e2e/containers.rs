@@ -306,6 +306,9 @@ impl Cluster {
 
     /// Audit lines of every agent this node ran, oldest first.
     fn audit(&self) -> Vec<Value> {
+        // The agent writes a worker's lines when it goes idle, just after the answers left,
+        // and conmon copies them into the log podman reads.
+        std::thread::sleep(Duration::from_millis(100));
         self.retired
             .iter()
             .chain([&self.agent])

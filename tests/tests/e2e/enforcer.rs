@@ -12,7 +12,10 @@ use std::{
 
 use imds_tests::{
     fake_imds::{ACCESS_KEY_PREFIX, CONNECTION_PATH, INSTANCE_ID, TTL_HEADER, USER_DATA},
-    sandbox::{Agent, ENFORCED_ATTACH_TYPES, OTHER_SERVER, Process, Sandbox, attach_types, binary},
+    sandbox::{
+        Agent, ENFORCED_ATTACH_TYPES, OTHER_SERVER, Process, Sandbox, attach_types, binary,
+        read_settled,
+    },
 };
 
 const IMDS: &str = "http://169.254.169.254";
@@ -780,8 +783,7 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
         ],
     );
     let lines = |path: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
+        read_settled(path)
             .lines()
             .map(|l| serde_json::from_str(l).expect("a JSON audit line"))
             .collect()
