@@ -49,15 +49,21 @@ pub struct Outcome<'a> {
 /// A request id unique to this agent's life and across its restarts: the agent's start
 /// (milliseconds since the epoch, hex) and a count.
 pub fn next_request_id() -> String {
-    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    use std::fmt::Write as _;
+    // `{start:x}-`, formatted once.
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let start = START.get_or_init(|| {
-        std::time::SystemTime::now()
+    let prefix = PREFIX.get_or_init(|| {
+        let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        format!("{start:x}-")
     });
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{start:x}-{n}")
+    let mut id = String::with_capacity(prefix.len() + 20);
+    id.push_str(prefix);
+    let _ = write!(id, "{n}");
+    id
 }
 
 /// One structured line per request: who, what, the decision and what made it, and the result.

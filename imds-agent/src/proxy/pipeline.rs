@@ -62,8 +62,8 @@ pub async fn handle(
     }
     let session = filter.provider.session_tokens();
     let token_request = session.is_some_and(|s| s.is_token_request(&valid.method, &valid.path));
-    exchange.tokenless =
-        session.is_some_and(|s| !token_request && !valid.headers.contains_key(s.token_header));
+    let carries_token = session.is_some_and(|s| valid.headers.contains_key(s.token_header));
+    exchange.tokenless = session.is_some() && !token_request && !carries_token;
 
     let policy = filter.policy.current();
     let plan = match decide::decide(filter, &policy, connection, &valid) {
@@ -103,9 +103,7 @@ pub async fn handle(
             would_deny = would_deny.or(Some((policy, rule)));
         }
         // Only a token handed out to this caller and still valid vouches for a shared answer.
-        shareable = bindings.is_some()
-            && refused.is_none()
-            && valid.headers.contains_key(session.token_header);
+        shareable = bindings.is_some() && refused.is_none() && carries_token;
     }
 
     // The headers move into the upstream request; nothing reads them after this.

@@ -72,11 +72,11 @@ impl ValidRequest {
 
 /// Headers that proxies use to claim a client address. The metadata services reject requests
 /// carrying them (AWS on the token PUT, GCP, Azure, OCI); so does the filter, for every request.
-const FORWARDING_HEADERS: [&str; 4] = [
-    "x-forwarded-for",
-    "forwarded",
-    "x-forwarded-host",
-    "x-real-ip",
+const FORWARDING_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("x-forwarded-for"),
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-real-ip"),
 ];
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): about this connection, never forwarded.
@@ -131,7 +131,7 @@ pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
     let query = (!params.is_empty()).then(|| rebuild_query(&params));
 
     let headers = request.headers();
-    if FORWARDING_HEADERS.iter().any(|h| headers.contains_key(*h)) {
+    if FORWARDING_HEADERS.iter().any(|h| headers.contains_key(h)) {
         return Err(Rejection {
             status: StatusCode::FORBIDDEN,
             reason: "requests carrying forwarding headers are refused",
@@ -392,7 +392,11 @@ mod tests {
     #[test]
     fn forwarding_headers_are_forbidden() {
         for name in FORWARDING_HEADERS {
-            let (status, _) = rejected(req("PUT", "/latest/api/token", &[HOST, (name, "1.2.3.4")]));
+            let (status, _) = rejected(req(
+                "PUT",
+                "/latest/api/token",
+                &[HOST, (name.as_str(), "1.2.3.4")],
+            ));
             assert_eq!(status, StatusCode::FORBIDDEN, "{name}");
         }
     }
