@@ -21,7 +21,11 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | the connect programs record the process's start time and exec count; the agent reads a process's executable and name from /proc once per program image (checked against that start time) instead of reading its cgroup, executable and name for every connection | new connection per request, 16 clients: agent CPU per request; agent req/s (`imds-bench profile close none`, 3 runs each; then the full run, section 4) | 95.7 us; 7.6k req/s (full run: 106.6 us, 6787 req/s) | 71-72 us; 8.4-8.6k req/s (two full runs: 76.6 and 81.2 us, 8078 and 7755 req/s) |\n\
 | the request path split by phase: the policy asked once per connection (admission) and once per request (plan); typed refusals and gate violations (a refused head answered after hyper hands the stream back, with each request's future boxed for that); kernel verdicts, attribution and the supervised task set in their own modules (`imds-bench builds`, the commit before against this one, alternating in one run; two runs of 5 and 7 rounds) | this build / the one before: p50, p99, req/s, agent CPU per request, for keep-alive 1 and 16 clients and a new connection per request with 16 | 1.00 | 0.97-1.02, 1.00-1.09, 0.95-1.01, 0.94-1.10; most figures moved opposite ways in the two runs, the consistent ones by at most 4% (p99 with 16 keep-alive clients 1.02 and 1.04; CPU per new connection 1.03 and 1.01): no change this VM can measure |\n\
 | policy files reloaded on file notifications (inotify on the sources' directories and the directories their links lead to), the poll kept as a 1 s fallback | policy change -> enforced, median (min-max) | 74.9 (26.2-93.3) ms (100 ms poll, the full run before) | 8.3 (7.8-10.8) ms |\n\
-| the shield: answers fixed for the instance's life kept in memory, identical reads in flight sharing one upstream request | upstream requests per 1,000 client reads, 16 keep-alive clients: GCP's instance id; an instance attribute (never kept) | 1,000; 1,000 | 0; 111 (62 with the service taking 1-2 ms per answer) |\n\n\
+| the shield: answers fixed for the instance's life kept in memory, identical reads in flight sharing one upstream request | upstream requests per 1,000 client reads, 16 keep-alive clients: GCP's instance id; an instance attribute (never kept) | 1,000; 1,000 | 0; 111 (62 with the service taking 1-2 ms per answer) |\n\
+| no allocation per request for what is already known (the inventory's keys and timestamp, the gate's header names and head copy, one gate timer per connection moved per head, the metrics group and the Host header kept per thread) | share of the agent's CPU (perf, 16 keep-alive clients): the inventory's record; the audit phase as a whole | 4.5%; 17.2% | 1.6%; 7.8% (with the batching below) |\n\
+| a runtime worker's audit lines batched and written in one write when it goes idle (or at 32 KiB, or by a 200 ms timer), instead of one write ahead of each answer | the two changes above against the commit before them (`imds-bench builds`, 6 and 8 rounds): CPU per request and req/s, keep-alive 1 and 16 clients, new connection 16 | 1.00 | CPU 1.35 and 0.99, 0.81 and 0.88, 0.96 and 1.00; req/s 0.64 and 1.00, 1.09 and 1.05, 1.08 and 0.96 (one client moves by a third between runs) |\n\
+| release builds with fat LTO and one codegen unit | the same source without them / with them (`imds-bench builds`, 8 rounds): CPU per request; req/s | 1.06, 1.12, 1.11; 0.89, 0.88, 0.87 | 1.00 |\n\
+| the three rows above together | against the commit before them (`imds-bench builds`, 6 rounds): CPU per request; req/s; p50 | 1.00 | 0.71, 0.73, 0.75; 1.24, 1.20, 1.20; 0.83, 0.88, 0.86 |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -53,40 +57,33 @@ Open findings, by section:\n\n\
   switch fewer per connection in theory) measured the same in alternating runs (75-86\n\
   against 77-87 us of CPU per request), so it was left as it is.\n\
 - 4 (agent CPU per request <= nginx's and req/s >= nginx's on every row; with keep-alive,\n\
-  CPU <= 1.5x the bare relay's). Not met. `imds-bench alternatives 3`: the agent's CPU per\n\
-  request against nginx's 1.62 (keep-alive, 1 client), 1.88 (keep-alive, 16) and 2.13 (new\n\
-  connection, 16); req/s 1.00, 0.87 and 0.66; CPU against the relay's 2.9 and 1.84 with\n\
-  keep-alive; in the full run above, CPU 1.56, 1.49 and 2.06, req/s 0.80, 0.98 and 0.73.\n\
-  The agent already makes nginx's system calls (one client, per request: two\n\
-  epoll_wait, two recvfrom, one sendto, one writev, the audit line's write, no futex).\n\
-  Under load 57% of its CPU is the kernel's (loopback TCP sends 31%, two thirds of that\n\
-  the receiver's side run in the sender's context; scheduling 9%; the audit write 6%);\n\
-  the rest is spread thinly, no function above 3%. Tried side by side (`imds-bench\n\
-  builds`, 4 rounds) and not kept: one tokio worker (CPU -13% with 16 clients, +13% with one); mimalloc (0.99 and 0.94, no\n\
-  change); thread-per-core shards, each a current-thread runtime with its own idle\n\
-  upstream connections, fed by one listener (keep-alive, 16: 0.98; new connections: 1.25,\n\
-  the hand-off costs a wake-up per connection); the upstream connection's I/O driven by the\n\
-  client connection's task instead of a task of its own (CPU 1.50 with one client: tokio\n\
+  CPU <= 1.5x the bare relay's). Not met. After the rows above (`imds-bench alternatives\n\
+  3`, every Rust binary built with LTO): the agent's CPU per request against nginx's 1.17\n\
+  (keep-alive, 1 client), 1.59 (keep-alive, 16) and 1.98 (new connection, 16); req/s\n\
+  1.06, 0.93 and 0.74; CPU against the bare relay's 1.92 and 1.85 with keep-alive. Before\n\
+  them: CPU 1.62, 1.88 and 2.13 and req/s 1.00, 0.87 and 0.66 (`alternatives 3`), 1.56,\n\
+  1.49 and 2.06 and 0.80, 0.98 and 0.73 (the full run before). With a new connection per\n\
+  request the hyper relay alone costs what the agent does (70.6 against 69.4 us of CPU,\n\
+  nginx 35.1): there the gap is tokio's and hyper's per connection (a task spawned and a\n\
+  worker woken per connection, where an nginx worker accepts and serves on one thread),\n\
+  which one listener per worker thread (SO_REUSEPORT, each worker accepting and serving its\n\
+  own connections) would address; it is not built yet (the upgrade handover and systemd's\n\
+  socket passing would carry one listener per worker). With 16 keep-alive clients the\n\
+  agent's own work is what remains (38.6 against the hyper relay's 21.9 us): in the\n\
+  profile after the rows above, the request phases 19% of the agent's CPU (the audit phase\n\
+  7%, its JSON about half of that; the forward phase's own work, its timeout and lock\n\
+  about 2%; the policy 1.7%), the batched audit writes 3.8%, the gate about 3%; the rest\n\
+  is the kernel's loopback TCP and wake-ups, which the relay pays as well. Tried earlier\n\
+  and not kept (`imds-bench builds`, 4 rounds): one tokio worker (CPU -13% with 16\n\
+  clients, +13% with one); mimalloc (0.99 and 0.94, no change); thread-per-core shards\n\
+  fed by one listener (keep-alive, 16: 0.98; new connections: 1.25, the hand-off costs a\n\
+  wake-up per connection); the upstream connection's I/O driven by the client\n\
+  connection's task instead of a task of its own (CPU 1.50 with one client: tokio\n\
   reschedules a task that wakes itself as a yield, which wakes the other worker, 2.5 futex\n\
-  calls and 3 eventfd writes per request where there were none); the inventory's record\n\
-  without an allocation for what a workload asked before (CPU 0.92, 1.67 and 1.08 with one\n\
-  client in three runs, 0.92-1.03 with 16: nothing this VM can measure). The hyper relay\n\
-  column (added for this) puts the rest in its place: in one run, the agent's HTTP\n\
-  machinery alone cost 26.2 us of CPU per request with 16 keep-alive clients, against the\n\
-  bare relay's 24.1 and the agent's 44.6, and 79 against 119 with one client. hyper and\n\
-  tokio are not what separates the agent from nginx: its own work per request is. Measured\n\
-  phase by phase (a build that skips one phase against the same build whole, `imds-bench\n\
-  builds`, 4-8 rounds, CPU per request with 16 keep-alive clients): the audit line (its\n\
-  JSON and its write) 0.80 and 0.88 in two runs, so 12-20% of the agent's CPU; the rest of\n\
-  the audit (metrics, inventory, tally) no further change; the per-caller limits 1.00; the\n\
-  shield's checks 0.93 (within noise); the gate's scan of the head 0.91 and 1.00. What\n\
-  remains of the gap to the hyper relay (about half) is not located yet: validation, the\n\
-  policy, the request rebuilt for upstream, the per-request timers, none measured alone\n\
-  so far. The audit line is the one large item; nginx writes its access line\n\
-  per request as well. Batching lines (one write per burst, flushed when a worker goes\n\
-  idle) would cut most of the write, but the line would then reach the log after the\n\
-  answer leaves (today it is written first, which the tests rely on), so it needs its own\n\
-  decision.\n\
+  calls and 3 eventfd writes per request where there were none). Phase by phase (a build\n\
+  that skips one phase against the same build whole, before the rows above): the audit\n\
+  line 0.80 and 0.88; the per-caller limits 1.00; the shield's checks 0.93; the gate's\n\
+  scan 0.91 and 1.00.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
