@@ -284,11 +284,9 @@ impl Request<'_> {
     /// The line as tracing-subscriber's flattened JSON would write it: timestamp, level and
     /// message first, the fields, then the target; newline-terminated.
     fn json_line(&self, time: SystemTime, line: &mut Vec<u8>, otel: bool) {
-        let _ = write!(
-            line,
-            "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"message\":\"request\",",
-            crate::calendar::iso8601_micros(time)
-        );
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        crate::calendar::write_iso8601_micros(line, time);
+        line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",");
         let fields = line.len();
         // Serialising a struct of strings and integers into memory cannot fail.
         let _ = if otel {

@@ -8,14 +8,19 @@ pub fn iso8601(time: SystemTime) -> String {
     format!("{}Z", iso8601_seconds(time))
 }
 
-/// As [`iso8601`], with microseconds (`2026-11-24T00:00:00.000123Z`), as tracing-subscriber
-/// writes timestamps.
-pub fn iso8601_micros(time: SystemTime) -> String {
-    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+/// Writes `time` as [`iso8601`] does, with microseconds (`2026-11-24T00:00:00.000123Z`), as
+/// tracing-subscriber writes timestamps: into the audit line, without a String of its own.
+pub fn write_iso8601_micros(out: &mut Vec<u8>, time: SystemTime) {
+    use std::io::Write as _;
+    let micros = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_micros();
     with_iso8601(time, |text| {
         let seconds = text.strip_suffix('Z').unwrap_or(text);
-        format!("{seconds}.{:06}Z", since_epoch.subsec_micros())
-    })
+        // Writing into memory cannot fail.
+        let _ = write!(out, "{seconds}.{micros:06}Z");
+    });
 }
 
 /// `f` given `time` as [`iso8601`] writes it, formatted once per second and thread: audit
@@ -113,7 +118,11 @@ mod tests {
             "2026-11-24T00:00:00Z"
         );
         // Microseconds; the cached date part follows the second.
-        let at = |micros: u64| iso8601_micros(UNIX_EPOCH + Duration::from_micros(micros));
+        let at = |micros: u64| {
+            let mut out = Vec::new();
+            write_iso8601_micros(&mut out, UNIX_EPOCH + Duration::from_micros(micros));
+            String::from_utf8(out).unwrap()
+        };
         assert_eq!(at(1_795_478_400_000_123), "2026-11-24T00:00:00.000123Z");
         assert_eq!(at(1_795_478_400_999_999), "2026-11-24T00:00:00.999999Z");
         assert_eq!(at(1_795_478_401_000_000), "2026-11-24T00:00:01.000000Z");

@@ -830,6 +830,73 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
     assert_eq!(after[0]["imds_agent.decision"], "deny");
 }
 
+/// A runtime worker's audit lines are written in one batch when it goes idle: a burst of
+/// concurrent keep-alive requests still leaves exactly one whole JSON line per request, all
+/// there once the agent has stopped.
+#[test]
+fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
+    let Some(sandbox) = Sandbox::new("audit-burst") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let mut agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&repo_policies()],
+        &["--rate-per-caller", "1e9", "--burst-per-caller", "1e9"],
+    );
+    const CLIENTS: usize = 8;
+    const EACH: usize = 40;
+    // `-o` applies to one URL: one per URL.
+    let target = url(INSTANCE_ID_PATH);
+    let urls: Vec<&str> = (0..EACH)
+        .flat_map(|_| ["-o", "/dev/null", target.as_str()])
+        .collect();
+    // Each curl sends its requests one after the other on one connection.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            sandbox
+                .command("curl", "enforced/web")
+                .args(["-s", "--noproxy", "*", "-m", "20"])
+                .args(["-w", "%{http_code}\\n"])
+                .args(&urls)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn curl")
+        })
+        .collect();
+    let mut answered = 0;
+    for client in clients {
+        let output = client.wait_with_output().expect("curl");
+        let statuses = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(statuses.lines().all(|s| s == "200"), "{statuses}");
+        answered += statuses.lines().count();
+    }
+    assert_eq!(answered, CLIENTS * EACH);
+    agent.process.signal(libc::SIGTERM);
+    assert_eq!(
+        agent.process.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("imds_agent::audit"))
+        .collect();
+    assert_eq!(lines.len(), CLIENTS * EACH, "{log}");
+    for line in lines {
+        let line: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(
+            (line["path"].as_str(), line["status"].as_u64()),
+            (Some(INSTANCE_ID_PATH), Some(200)),
+            "{line}"
+        );
+    }
+}
+
 /// The kernel runs a cgroup's own connect programs before its parents', and programs of one
 /// cgroup in the order they were attached; each sees the address the ones before it left.
 /// Another installation of the agent plays the other program (as Azure's guest proxy agent
