@@ -141,7 +141,8 @@ pub fn thread_stopped() {
 }
 
 /// Writes every worker's batch: from a timer (bounding how long a line waits on a worker that
-/// never goes idle), before the audit file is reopened, and as the agent exits.
+/// never goes idle) and before the audit file is reopened. As the agent exits, each worker
+/// writes its own ([`thread_stopped`]).
 pub fn flush_all() {
     for batch in BATCHES.lock().expect("audit batches").iter() {
         write_batch(batch);
@@ -233,19 +234,15 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     pub fn log(&self) {
-        if HAS_SINK.load(Ordering::Relaxed) {
+        // A sink of its own always gets the line; stderr as the log filter and format say.
+        let enabled = || tracing::enabled!(target: TARGET, tracing::Level::INFO);
+        if HAS_SINK.load(Ordering::Relaxed) || (JSON.load(Ordering::Relaxed) && enabled()) {
             emit(|line| {
                 self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed))
             });
             return;
         }
-        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
-            return;
-        }
-        if JSON.load(Ordering::Relaxed) {
-            emit(|line| {
-                self.json_line(SystemTime::now(), line, OTEL_NAMES.load(Ordering::Relaxed))
-            });
+        if !enabled() {
             return;
         }
         tracing::info!(

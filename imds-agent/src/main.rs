@@ -64,7 +64,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            let code = match runtime.block_on(run::run(*args)) {
+            // Dropping the runtime stops its workers, each writing its audit batch as it ends.
+            match runtime.block_on(run::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("imds-agent: {}", chain(&error));
@@ -74,11 +75,7 @@ fn main() -> ExitCode {
                         EXIT_RUNTIME
                     })
                 }
-            };
-            // No audit line of an answered request is left in a worker's batch.
-            drop(runtime);
-            imds_agent::audit::flush_all();
-            code
+            }
         }
         Command::Policy(PolicyCommand::Check { paths }) => {
             match PolicySet::load(&paths, Unmatched::Deny) {

@@ -41,10 +41,6 @@ const SECURITY_HEADERS: [&str; 9] = [
     "x-forwarded-for",
 ];
 
-/// The longest header name the gate looks for (in [`SECURITY_HEADERS`] and the framing and
-/// upgrade headers).
-const MAX_KNOWN_NAME: usize = 40;
-
 /// Why a request head is refused. The text is fixed (never request bytes): it is the reason
 /// the client reads and the audit line names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -165,35 +161,27 @@ pub fn check_head(head: &[u8]) -> Result<(), Violation> {
         if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
             return Err(Violation::ControlCharacter);
         }
-        // Header names are ASCII tokens (checked above): lower-cased on the stack.
-        let mut lower = [0u8; MAX_KNOWN_NAME];
-        let name = match lower.get_mut(..name.len()) {
-            Some(lower) => {
-                lower.copy_from_slice(name);
-                lower.make_ascii_lowercase();
-                std::str::from_utf8(lower).unwrap_or_default()
-            }
-            // Longer than any name checked here.
-            None => "",
-        };
+        // Compared without regard to case, and without a lower-cased copy.
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
         let value = trim_ows(value);
-        match name {
-            "transfer-encoding" => return Err(Violation::Body),
-            "content-length" => {
-                lengths += 1;
-                if lengths > 1 {
-                    return Err(Violation::DuplicateContentLength);
-                }
-                if value != b"0" {
-                    return Err(Violation::Body);
-                }
+        if is("transfer-encoding") {
+            return Err(Violation::Body);
+        } else if is("content-length") {
+            lengths += 1;
+            if lengths > 1 {
+                return Err(Violation::DuplicateContentLength);
             }
-            "host" => hosts += 1,
-            "upgrade" | "http2-settings" => return Err(Violation::Upgrade),
-            "expect" => return Err(Violation::Expect),
-            _ => {}
+            if value != b"0" {
+                return Err(Violation::Body);
+            }
+        } else if is("host") {
+            hosts += 1;
+        } else if is("upgrade") || is("http2-settings") {
+            return Err(Violation::Upgrade);
+        } else if is("expect") {
+            return Err(Violation::Expect);
         }
-        if let Some(i) = SECURITY_HEADERS.iter().position(|h| *h == name) {
+        if let Some(i) = SECURITY_HEADERS.iter().position(|h| is(h)) {
             if seen_security[i] {
                 return Err(Violation::DuplicateSecurityHeader);
             }
