@@ -268,6 +268,10 @@ pub struct RunArgs {
     /// Client connections open at once, over all callers; more get 503 and are closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Threads serving client connections; each serves a connection it accepted to its end,
+    /// upstream included [default: one per CPU the agent may use, at most 8].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub serve_threads: Option<u16>,
     /// Where the agent writes its state for `imds-agent status`.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
@@ -360,7 +364,20 @@ impl std::str::FromStr for ProviderSetting {
     }
 }
 
+/// Serving threads by default at most: a metadata service's load does not need more.
+const MAX_DEFAULT_SERVE_THREADS: usize = 8;
+
 impl RunArgs {
+    /// How many threads serve client connections.
+    pub fn serve_threads(&self) -> usize {
+        match self.serve_threads {
+            Some(threads) => usize::from(threads),
+            None => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZero::get)
+                .min(MAX_DEFAULT_SERVE_THREADS),
+        }
+    }
+
     /// The endpoints to divert on `provider`: its defaults (unless turned off) and the extra
     /// ones, each once.
     pub fn effective_endpoints(&self, provider: Provider) -> Vec<std::net::SocketAddr> {

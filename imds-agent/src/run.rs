@@ -181,19 +181,20 @@ fn shield_settings(
 }
 
 /// A listening socket on `addr`: the predecessor's, if it handed one over, else a new one.
+/// Not registered with a runtime: the serving threads each register a copy with their own.
 async fn listen(
     received: &mut Vec<std::net::TcpListener>,
     addr: std::net::SocketAddr,
-) -> std::io::Result<TcpListener> {
+) -> std::io::Result<std::net::TcpListener> {
     if let Some(i) = received
         .iter()
         .position(|l| l.local_addr().is_ok_and(|a| a == addr))
     {
         let listener = received.swap_remove(i);
         listener.set_nonblocking(true)?;
-        return TcpListener::from_std(listener);
+        return Ok(listener);
     }
-    TcpListener::bind(addr).await
+    TcpListener::bind(addr).await?.into_std()
 }
 
 /// How long a starting agent on Kubernetes waits for its first listing before it serves.
@@ -261,7 +262,7 @@ fn caller_state(args: &RunArgs, tokens: Arc<proxy::tokens::TokenBindings>) -> pr
             burst: args.burst_per_caller,
             max_connections: args.max_connections,
         }),
-        pool: Arc::new(proxy::pool::UpstreamPool::default()),
+        pool: Arc::new(proxy::pool::UpstreamPool::new(args.serve_threads())),
         tokens,
     }
 }
@@ -476,6 +477,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Some(addr) => Some(
             listen(&mut received, addr)
                 .await
+                .and_then(TcpListener::from_std)
                 .map_err(|e| RunError::Config(format!("--metrics-listen {addr}: {e}")))?,
         ),
         None => None,
@@ -750,6 +752,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     proxy::serve(
         listeners,
+        args.serve_threads(),
         filter.clone(),
         shutdown,
         Duration::from_secs(args.drain_seconds),

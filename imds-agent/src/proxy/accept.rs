@@ -32,10 +32,19 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// pauses longer finds the connection closed before it reuses it, as after any idle timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-/// Accepts connections on every listener (loopback, and the node address for pods) until
+/// Serves connections on every listener (loopback, and the node address for pods) until
 /// `shutdown` resolves, then lets in-flight requests finish for at most `drain`.
+///
+/// `threads` serving threads accept from every listener, each on a runtime of its own: a
+/// connection is then served on the thread that accepted it, its upstream connections too,
+/// so no request waits for another thread to wake, as with nginx's workers. They share the
+/// listening sockets (each registers its own copy) rather than each having one of its own
+/// (SO_REUSEPORT): a process of the agent's user could join such a group and be handed
+/// connects diverted to the agent, and an upgrade hands over the same sockets whatever the
+/// number of threads.
 pub async fn serve(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
+    threads: usize,
     filter: Arc<Filter>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
@@ -43,36 +52,41 @@ pub async fn serve(
     let max_connections = filter.callers.limits.config().max_connections;
     let connections = Arc::new(Semaphore::new(max_connections));
     let (draining, draining_seen) = watch::channel(false);
-    tokio::pin!(shutdown);
-    let mut turn = 0;
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = accept_any(&listeners, &mut turn) => match accepted {
-                Ok((stream, peer)) => {
-                    let Ok(slot) = connections.clone().try_acquire_owned() else {
-                        filter.sinks.metrics.request("overload", "", "other", 503);
-                        let answer = Answer::new(filter.provider, StatusCode::SERVICE_UNAVAILABLE, "imds-agent: overloaded, try again later\n".into());
-                        tokio::spawn(refuse_connection(stream, peer, answer, "overload"));
-                        continue;
-                    };
-                    let (filter, draining) = (filter.clone(), draining_seen.clone());
-                    tokio::spawn(async move {
-                        serve_connection(filter, stream, peer, draining).await;
-                        drop(slot);
-                    });
-                }
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+    let (stopping, stopping_seen) = watch::channel(false);
+    let mut serving = Vec::new();
+    for number in 1..=threads.max(1) {
+        let copies = match listeners
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect()
+        {
+            Ok(copies) => copies,
+            Err(error) => {
+                tracing::error!(%error, "cannot copy the listening sockets for a serving thread");
+                break;
+            }
+        };
+        let thread = ServingThread {
+            number,
+            filter: filter.clone(),
+            connections: connections.clone(),
+            draining: draining_seen.clone(),
+            stopping: stopping_seen.clone(),
+        };
+        match std::thread::Builder::new()
+            .name(format!("imds-serve-{number}"))
+            .spawn(move || thread.run(copies))
+        {
+            Ok(handle) => serving.push(handle),
+            Err(error) => tracing::error!(%error, "cannot start a serving thread"),
         }
     }
-    drop(listeners);
+    shutdown.await;
     tracing::info!("stopped accepting; draining in-flight requests");
     let _ = draining.send(true);
+    // The threads close their copies; the sockets close with these (after a handover, the
+    // successor holds them).
+    drop(listeners);
     // Every connection holds a slot until it ends: all slots back means all drained.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout(drain, connections.acquire_many(all))
@@ -80,6 +94,93 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(?drain, "drain timed out; closing remaining connections");
+    }
+    let _ = stopping.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for handle in serving {
+            let _ = handle.join();
+        }
+    })
+    .await;
+}
+
+/// One serving thread: its runtime, and what its connections share with the others.
+struct ServingThread {
+    number: usize,
+    filter: Arc<Filter>,
+    connections: Arc<Semaphore>,
+    draining: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl ServingThread {
+    fn run(self, listeners: Vec<std::net::TcpListener>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(crate::audit::worker_idle)
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(%error, thread = self.number, "cannot start a serving thread's runtime");
+                return;
+            }
+        };
+        super::pool::use_shard(self.number);
+        runtime.block_on(self.accept(listeners));
+        // Connections still open after the drain end with the runtime.
+        drop(runtime);
+        crate::audit::thread_stopped();
+    }
+
+    /// Accepts until the agent drains, then serves what is open until it stops.
+    async fn accept(mut self, listeners: Vec<std::net::TcpListener>) {
+        let listeners: Vec<TcpListener> = listeners
+            .into_iter()
+            .filter_map(|listener| match TcpListener::from_std(listener) {
+                Ok(listener) => Some(listener),
+                Err(error) => {
+                    tracing::error!(%error, thread = self.number, "cannot serve a listener");
+                    None
+                }
+            })
+            .collect();
+        let filter = &self.filter;
+        let mut draining = self.draining.clone();
+        let drained = draining.wait_for(|d| *d);
+        tokio::pin!(drained);
+        let mut turn = 0;
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                accepted = accept_any(&listeners, &mut turn) => match accepted {
+                    Ok((stream, peer)) => {
+                        // An answer's head and body can leave in two writes (a body still on
+                        // its way from upstream): without this, the second waits for the
+                        // client's delayed ACK, 40 ms.
+                        let _ = stream.set_nodelay(true);
+                        let Ok(slot) = self.connections.clone().try_acquire_owned() else {
+                            filter.sinks.metrics.request("overload", "", "other", 503);
+                            let answer = Answer::new(filter.provider, StatusCode::SERVICE_UNAVAILABLE, "imds-agent: overloaded, try again later\n".into());
+                            tokio::spawn(refuse_connection(stream, peer, answer, "overload"));
+                            continue;
+                        };
+                        let (filter, draining) = (filter.clone(), self.draining.clone());
+                        tokio::spawn(async move {
+                            serve_connection(filter, stream, peer, draining).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listeners);
+        let _ = self.stopping.wait_for(|s| *s).await;
     }
 }
 

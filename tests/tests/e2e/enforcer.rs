@@ -638,7 +638,9 @@ fn upstream_connections_are_reused_per_caller_and_never_across_callers() {
         "all.yaml",
         "name: all\ndefault: deny\nrules:\n  - name: connection\n    action: allow\n    methods: [GET]\n    paths: [/fake/connection]\n",
     )]);
-    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    // One serving thread: each keeps the idle connections it opened, and a client connection
+    // is served by whichever accepted it.
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &["--serve-threads", "1"]);
     // Which upstream connection (its client address, as the fake IMDS saw it) carried a
     // request from this caller; each curl is a new client connection, as SDKs make.
     let carried_by = |cgroup: &str, uid: Option<u32>| {
@@ -895,6 +897,90 @@ fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
             "{line}"
         );
     }
+}
+
+/// `--serve-threads N`: N threads accept and serve connections, each on its own runtime; a
+/// burst of new connections (as SDKs make, one per request) is answered whole, and the agent
+/// drains and exits as with one.
+#[test]
+fn serving_threads_answer_a_burst_of_new_connections() {
+    let Some(sandbox) = Sandbox::new("serve-threads") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let mut agent = sandbox.start_agent(
+        "enforced",
+        "agent",
+        &[&repo_policies()],
+        &[
+            "--serve-threads",
+            "3",
+            "--rate-per-caller",
+            "1e9",
+            "--burst-per-caller",
+            "1e9",
+        ],
+    );
+    let task_dir = format!("/proc/{}/task", agent.process.child.id());
+    let serving = || -> Vec<String> {
+        std::fs::read_dir(&task_dir)
+            .expect("the agent's threads")
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("imds-serve-"))
+            .collect()
+    };
+    // The threads start as the agent begins to serve, just after it says it is ready.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while serving().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(serving().len(), 3, "{:?}", serving());
+    const CLIENTS: usize = 6;
+    const EACH: usize = 20;
+    let target = url(INSTANCE_ID_PATH);
+    let urls: Vec<&str> = (0..EACH)
+        .flat_map(|_| ["-o", "/dev/null", target.as_str()])
+        .collect();
+    // `Connection: close`: a new connection for every request.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            sandbox
+                .command("curl", "enforced/web")
+                .args([
+                    "-s",
+                    "--noproxy",
+                    "*",
+                    "-m",
+                    "20",
+                    "-H",
+                    "Connection: close",
+                ])
+                .args(["-w", "%{http_code} %{num_connects}\\n"])
+                .args(&urls)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn curl")
+        })
+        .collect();
+    for client in clients {
+        let output = client.wait_with_output().expect("curl");
+        let answers = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert_eq!(answers.lines().count(), EACH, "{answers}");
+        assert!(answers.lines().all(|a| a == "200 1"), "{answers}");
+    }
+    agent.process.signal(libc::SIGTERM);
+    assert_eq!(
+        agent.process.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    let answered = agent
+        .log()
+        .lines()
+        .filter(|line| line.contains("imds_agent::audit") && line.contains(INSTANCE_ID_PATH))
+        .count();
+    assert_eq!(answered, CLIENTS * EACH);
 }
 
 /// The kernel runs a cgroup's own connect programs before its parents', and programs of one
