@@ -25,7 +25,8 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | no allocation per request for what is already known (the inventory's keys and timestamp, the gate's header names and head copy, one gate timer per connection moved per head, the metrics group and the Host header kept per thread) | share of the agent's CPU (perf, 16 keep-alive clients): the inventory's record; the audit phase as a whole | 4.5%; 17.2% | 1.6%; 7.8% (with the batching below) |\n\
 | a runtime worker's audit lines batched and written in one write when it goes idle (or at 32 KiB, or by a 200 ms timer), instead of one write ahead of each answer | the two changes above against the commit before them (`imds-bench builds`, 6 and 8 rounds): CPU per request and req/s, keep-alive 1 and 16 clients, new connection 16 | 1.00 | CPU 1.35 and 0.99, 0.81 and 0.88, 0.96 and 1.00; req/s 0.64 and 1.00, 1.09 and 1.05, 1.08 and 0.96 (one client moves by a third between runs) |\n\
 | release builds with fat LTO and one codegen unit | the same source without them / with them (`imds-bench builds`, 8 rounds): CPU per request; req/s (thin LTO with 16 codegen units instead, 8 rounds: CPU 1.22, 1.05, 1.05; req/s 0.84, 0.97, 0.99) | 1.06, 1.12, 1.11; 0.89, 0.88, 0.87 | 1.00 |\n\
-| the three rows above together | against the commit before them (`imds-bench builds`, 6 rounds): CPU per request; req/s; p50 | 1.00 | 0.71, 0.73, 0.75; 1.24, 1.20, 1.20; 0.83, 0.88, 0.86 |\n\n\
+| the three rows above together | against the commit before them (`imds-bench builds`, 6 rounds): CPU per request; req/s; p50 | 1.00 | 0.71, 0.73, 0.75; 1.24, 1.20, 1.20; 0.83, 0.88, 0.86 |\n\
+| serving threads (`--serve-threads`, one per CPU): each on a runtime of its own, accepting from the shared listening sockets and serving a connection to its end, with its own idle upstream connections; client sockets with TCP_NODELAY | against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s; p50 (keep-alive 1 and 16 clients, new connection 16); futex calls' share of the agent's CPU, new connections (perf) | 1.00; 7% | 0.96, 0.99, 0.89; 1.16, 1.02, 1.01; 1.04, 0.86, 0.84; 0.2% |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -64,11 +65,17 @@ Open findings, by section:\n\n\
   them: CPU 1.62, 1.88 and 2.13 and req/s 1.00, 0.87 and 0.66 (`alternatives 3`), 1.56,\n\
   1.49 and 2.06 and 0.80, 0.98 and 0.73 (the full run before). With a new connection per\n\
   request the hyper relay alone costs what the agent does (70.6 against 69.4 us of CPU,\n\
-  nginx 35.1): there the gap is tokio's and hyper's per connection (a task spawned and a\n\
-  worker woken per connection, where an nginx worker accepts and serves on one thread),\n\
-  which one listener per worker thread (SO_REUSEPORT, each worker accepting and serving its\n\
-  own connections) would address; it is not built yet (the upgrade handover and systemd's\n\
-  socket passing would carry one listener per worker). With 16 keep-alive clients the\n\
+  nginx 35.1): there the gap is tokio's and hyper's per connection. Serving threads that\n\
+  each accept and serve their connections, as nginx's workers do (the row above), took\n\
+  about a tenth off it; after them (`alternatives 3`): CPU against nginx's 1.29, 1.27 and\n\
+  1.86, req/s 0.96, 0.98 and 0.82 (one client moves by a fifth between runs). One listening\n\
+  socket per thread (SO_REUSEPORT) measured the same as the shared ones here (CPU 0.87\n\
+  against 0.79 per new connection in two runs of 6 rounds) and was not kept: a process of\n\
+  the agent's user could join the group and be handed diverted connects. What a new\n\
+  connection still costs is mostly the kernel's: accept, the client's and the upstream's\n\
+  loopback sends, the cgroup path's stat, close; in perf the agent's user-space side is 40%\n\
+  of its CPU, spread thin (malloc and copies 7%, hyper's parsing and dispatch, the audit\n\
+  line). With 16 keep-alive clients the\n\
   agent's own work is what remains (38.6 against the hyper relay's 21.9 us): in the\n\
   profile after the rows above, the request phases 19% of the agent's CPU (the audit phase\n\
   7%, its JSON about half of that; the forward phase's own work, its timeout and lock\n\
