@@ -832,7 +832,7 @@ fn audit_lines_go_to_their_own_file_and_follow_a_rotation() {
     assert_eq!(after[0]["imds_agent.decision"], "deny");
 }
 
-/// A runtime worker's audit lines are written in one batch when it goes idle: a burst of
+/// A serving thread's audit lines are written in one batch when it goes idle: a burst of
 /// concurrent keep-alive requests still leaves exactly one whole JSON line per request, all
 /// there once the agent has stopped.
 #[test]
@@ -849,32 +849,11 @@ fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
     );
     const CLIENTS: usize = 8;
     const EACH: usize = 40;
-    // `-o` applies to one URL: one per URL.
-    let target = url(INSTANCE_ID_PATH);
-    let urls: Vec<&str> = (0..EACH)
-        .flat_map(|_| ["-o", "/dev/null", target.as_str()])
-        .collect();
     // Each curl sends its requests one after the other on one connection.
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            sandbox
-                .command("curl", "enforced/web")
-                .args(["-s", "--noproxy", "*", "-m", "20"])
-                .args(["-w", "%{http_code}\\n"])
-                .args(&urls)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn curl")
-        })
-        .collect();
-    let mut answered = 0;
-    for client in clients {
-        let output = client.wait_with_output().expect("curl");
-        let statuses = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(statuses.lines().all(|s| s == "200"), "{statuses}");
-        answered += statuses.lines().count();
+    for answers in concurrent_curls(&sandbox, CLIENTS, EACH, &[]) {
+        assert_eq!(answers.len(), EACH, "{answers:?}");
+        assert!(answers.iter().all(|a| a.starts_with("200 ")), "{answers:?}");
     }
-    assert_eq!(answered, CLIENTS * EACH);
     agent.process.signal(libc::SIGTERM);
     assert_eq!(
         agent.process.wait(Duration::from_secs(10)),
@@ -897,6 +876,44 @@ fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
             "{line}"
         );
     }
+}
+
+/// `clients` curls at once from `enforced/web`, each asking for the instance id `each` times
+/// (with `extra` arguments): each one's answers, "STATUS CONNECTIONS-OPENED" per request.
+fn concurrent_curls(
+    sandbox: &Sandbox,
+    clients: usize,
+    each: usize,
+    extra: &[&str],
+) -> Vec<Vec<String>> {
+    // `-o` applies to one URL: one per URL.
+    let target = url(INSTANCE_ID_PATH);
+    let urls: Vec<&str> = (0..each)
+        .flat_map(|_| ["-o", "/dev/null", target.as_str()])
+        .collect();
+    let running: Vec<_> = (0..clients)
+        .map(|_| {
+            sandbox
+                .command("curl", "enforced/web")
+                .args(["-s", "--noproxy", "*", "-m", "20"])
+                .args(extra)
+                .args(["-w", "%{http_code} %{num_connects}\\n"])
+                .args(&urls)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn curl")
+        })
+        .collect();
+    running
+        .into_iter()
+        .map(|client| {
+            let output = client.wait_with_output().expect("curl");
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
 }
 
 /// `--serve-threads N`: N threads accept and serve connections, each on its own runtime; a
@@ -937,36 +954,10 @@ fn serving_threads_answer_a_burst_of_new_connections() {
     assert_eq!(serving().len(), 3, "{:?}", serving());
     const CLIENTS: usize = 6;
     const EACH: usize = 20;
-    let target = url(INSTANCE_ID_PATH);
-    let urls: Vec<&str> = (0..EACH)
-        .flat_map(|_| ["-o", "/dev/null", target.as_str()])
-        .collect();
     // `Connection: close`: a new connection for every request.
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            sandbox
-                .command("curl", "enforced/web")
-                .args([
-                    "-s",
-                    "--noproxy",
-                    "*",
-                    "-m",
-                    "20",
-                    "-H",
-                    "Connection: close",
-                ])
-                .args(["-w", "%{http_code} %{num_connects}\\n"])
-                .args(&urls)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn curl")
-        })
-        .collect();
-    for client in clients {
-        let output = client.wait_with_output().expect("curl");
-        let answers = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert_eq!(answers.lines().count(), EACH, "{answers}");
-        assert!(answers.lines().all(|a| a == "200 1"), "{answers}");
+    for answers in concurrent_curls(&sandbox, CLIENTS, EACH, &["-H", "Connection: close"]) {
+        assert_eq!(answers.len(), EACH, "{answers:?}");
+        assert!(answers.iter().all(|a| a == "200 1"), "{answers:?}");
     }
     agent.process.signal(libc::SIGTERM);
     assert_eq!(
