@@ -1,8 +1,9 @@
-//! `hyper-relay LISTEN TARGET`: an HTTP relay built as the agent's request path is (tokio's
-//! multi-thread runtime, hyper's server on the client connection, hyper's client on an
-//! upstream connection of its own) and nothing else: no gate, attribution, policy, token
-//! rules, shield or audit line. Section 4 measures it beside the agent: the floor of the
-//! agent's HTTP machinery, apart from what the agent does with each request.
+//! `hyper-relay LISTEN TARGET`: an HTTP relay built as the agent's request path is (one
+//! thread per CPU, each with tokio's current-thread runtime accepting from the shared
+//! listening socket; hyper's server on the client connection, hyper's client on an upstream
+//! connection of its own) and nothing else: no gate, attribution, policy, token rules,
+//! shield or audit line. Section 4 measures it beside the agent: the floor of the agent's
+//! HTTP machinery, apart from what the agent does with each request.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -12,12 +13,33 @@ use hyper_util::rt::TokioIo;
 use super::{Result, clients::announce_listening};
 
 pub(crate) fn hyper_relay(listen: SocketAddr, target: SocketAddr) -> Result {
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let listener = std::net::TcpListener::bind(listen).map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let serving: Vec<_> = (0..threads)
+        .map(|_| {
+            let listener = listener.try_clone().map_err(|e| e.to_string())?;
+            Ok(std::thread::spawn(move || serve(listener, target)))
+        })
+        .collect::<Result<_>>()?;
+    announce_listening();
+    for thread in serving {
+        thread
+            .join()
+            .map_err(|_| "a serving thread panicked".to_owned())??;
+    }
+    Ok(())
+}
+
+/// One serving thread: accepts from its copy of the listening socket, and serves each
+/// connection on its own runtime.
+fn serve(listener: std::net::TcpListener, target: SocketAddr) -> Result {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| e.to_string())?;
-        announce_listening();
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 continue;
