@@ -52,6 +52,8 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(args) => {
+            // The background work's runtime (watches, metrics, the handover); client
+            // connections are served by threads with runtimes of their own (`proxy::serve`).
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .on_thread_park(imds_agent::audit::worker_idle)
