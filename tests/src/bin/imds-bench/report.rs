@@ -67,8 +67,11 @@ Open findings, by section:\n\n\
   request the hyper relay alone costs what the agent does (70.6 against 69.4 us of CPU,\n\
   nginx 35.1): there the gap is tokio's and hyper's per connection. Serving threads that\n\
   each accept and serve their connections, as nginx's workers do (the row above), took\n\
-  about a tenth off it; after them (`alternatives 3`): CPU against nginx's 1.29, 1.27 and\n\
-  1.86, req/s 0.96, 0.98 and 0.82 (one client moves by a fifth between runs). One listening\n\
+  about a tenth off it; after them (two runs of `alternatives 3`): CPU against nginx's 1.29\n\
+  and 1.24 (keep-alive, 1 client), 1.27 and 1.38 (keep-alive, 16), 1.86 and 1.93 (new\n\
+  connection, 16); req/s 0.96 and 1.00, 0.98 and 0.99, 0.82 and 0.79. The hyper relay is\n\
+  built the same way since (threads with runtimes of their own; 21.3 against 21.7 us of CPU\n\
+  with 16 keep-alive clients as before). One listening\n\
   socket per thread (SO_REUSEPORT) measured the same as the shared ones here (CPU 0.87\n\
   against 0.79 per new connection in two runs of 6 rounds) and was not kept: a process of\n\
   the agent's user could join the group and be handed diverted connects. What a new\n\
