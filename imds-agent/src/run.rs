@@ -253,8 +253,13 @@ fn warn_of_neighbours(enforcer: &Enforcer, mount: &std::path::Path, cgroup: &std
     }
 }
 
-/// The per-caller state, empty, with the command line's limits.
-fn caller_state(args: &RunArgs, tokens: Arc<proxy::tokens::TokenBindings>) -> proxy::CallerState {
+/// The per-caller state, empty, with the command line's limits; idle upstream connections
+/// kept for each of `serve_threads`.
+fn caller_state(
+    args: &RunArgs,
+    serve_threads: usize,
+    tokens: Arc<proxy::tokens::TokenBindings>,
+) -> proxy::CallerState {
     proxy::CallerState {
         limits: proxy::limits::Limits::new(proxy::limits::LimitsConfig {
             max_in_flight: args.max_in_flight_per_caller,
@@ -262,7 +267,7 @@ fn caller_state(args: &RunArgs, tokens: Arc<proxy::tokens::TokenBindings>) -> pr
             burst: args.burst_per_caller,
             max_connections: args.max_connections,
         }),
-        pool: Arc::new(proxy::pool::UpstreamPool::new(args.serve_threads())),
+        pool: Arc::new(proxy::pool::UpstreamPool::new(serve_threads)),
         tokens,
     }
 }
@@ -534,13 +539,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let enforcer = Arc::new(enforcer);
     let metrics = Arc::new(Metrics::default());
     let tally = Arc::new(crate::tally::Tally::default());
+    // Counted once: the pool keeps a shard per serving thread.
+    let serve_threads = args.serve_threads();
     let filter = Arc::new(Filter {
         enforcer: enforcer.clone(),
         resolver,
         policy: policy.clone(),
         provider,
         settings: settings(&args, provider, endpoints.clone()),
-        callers: caller_state(&args, tokens.clone()),
+        callers: caller_state(&args, serve_threads, tokens.clone()),
         shield: proxy::shield::Shield::new(shield_settings(&args, provider, &endpoints)),
         sinks: proxy::audit::Sinks {
             metrics: metrics.clone(),
@@ -752,7 +759,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     proxy::serve(
         listeners,
-        args.serve_threads(),
+        serve_threads,
         filter.clone(),
         shutdown,
         Duration::from_secs(args.drain_seconds),
