@@ -65,6 +65,9 @@ enum Command {
         tool: String,
         /// Where the recording goes (perf.data, strace.txt).
         output: Option<String>,
+        /// Load and record iptables + nginx (section 4's classic proxy) instead of the agent.
+        #[arg(long)]
+        nginx: bool,
     },
     /// The policy engine at scale alone.
     Engine {
@@ -163,9 +166,12 @@ fn main() -> ExitCode {
     let Cli { command } = clap::Parser::parse();
     let result = match command {
         Command::Run { quick } => run(quick),
-        Command::Profile { mode, tool, output } => {
-            profile::profile(&mode, &tool, output.as_deref())
-        }
+        Command::Profile {
+            mode,
+            tool,
+            output,
+            nginx,
+        } => profile::profile(&mode, &tool, output.as_deref(), nginx),
         Command::Engine { rounds } => engine(rounds),
         Command::Reactions { rounds } => reactions_only(rounds),
         Command::Upgrades { rounds } => upgrades_only(rounds),

@@ -4,8 +4,10 @@ use super::*;
 
 /// `imds-bench profile keepalive|close [perf|strace|none] [OUTPUT]`: the agent under section 3's
 /// load (16 clients), recorded with `perf record` (DWARF call graphs: release builds have no
-/// frame pointers) or counted with `strace -c -f` (syscalls per request), into OUTPUT.
-pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>) -> Result {
+/// frame pointers) or counted with `strace -c -f` (syscalls per request), into OUTPUT. With
+/// `nginx`, section 4's iptables + nginx takes the agent's place, so that both can be read the
+/// same way.
+pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool) -> Result {
     if mode != "keepalive" && mode != "close" {
         return Err(format!("mode {mode:?}: keepalive or close"));
     }
@@ -25,9 +27,37 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>) -> Result {
     let clients = clients_n.to_string();
     let sandbox = Sandbox::new("profile").ok_or("cannot create the sandbox")?;
     let _imds = sandbox.start_fake_imds(false);
-    let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
-    let agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], &UNLIMITED);
-    let pid = agent.process.child.id().to_string();
+    // What is recorded: the agent, or nginx's workers (the master only forks them); either is
+    // kept running until the recording ends.
+    let (_server, server_cgroup, client_cgroup, pids) = if nginx {
+        add_dnat(&sandbox, NGINX_LISTEN)?;
+        let server = start_nginx(&sandbox, NGINX_LISTEN, "127.0.0.1:8080")?;
+        let master = server.0.id();
+        let procs = std::fs::read_to_string(sandbox.cgroup_root.join("nginx/cgroup.procs"))
+            .map_err(|e| format!("nginx's cgroup: {e}"))?;
+        let workers: Vec<String> = procs
+            .lines()
+            .filter(|pid| pid.parse() != Ok(master))
+            .map(str::to_string)
+            .collect();
+        (
+            Box::new(server) as Box<dyn std::any::Any>,
+            "nginx",
+            "outside",
+            workers,
+        )
+    } else {
+        let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
+        let agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], &UNLIMITED);
+        let pid = agent.process.child.id().to_string();
+        (
+            Box::new(agent) as Box<dyn std::any::Any>,
+            "agent",
+            "enforced/client",
+            vec![pid],
+        )
+    };
+    let pid_list = pids.join(",");
     let recorder_args: Vec<&str> = if tool == "perf" {
         vec![
             "record",
@@ -36,10 +66,14 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>) -> Result {
             "-o",
             output,
             "-p",
-            &pid,
+            &pid_list,
         ]
     } else {
-        vec!["-c", "-f", "-o", output, "-p", &pid]
+        let mut args = vec!["-c", "-f", "-o", output];
+        for pid in &pids {
+            args.extend(["-p", pid]);
+        }
+        args
     };
     let mut recorder = if program.is_empty() {
         None
@@ -52,11 +86,11 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>) -> Result {
         Some(recorder)
     };
     let per_worker = "1500";
-    let agent_cgroup = sandbox.cgroup_root.join("agent");
-    let cpu_before = cpu_usage_us(&agent_cgroup);
+    let server_cgroup = sandbox.cgroup_root.join(server_cgroup);
+    let cpu_before = cpu_usage_us(&server_cgroup);
     let result = child(
         &sandbox,
-        "enforced/client",
+        client_cgroup,
         &["http", "169.254.169.254:80", ID, per_worker, &clients, mode],
     );
     if let Some(recorder) = &mut recorder {
@@ -64,7 +98,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>) -> Result {
         unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
         let _ = recorder.wait();
     }
-    let cpu_per_request = (cpu_usage_us(&agent_cgroup) - cpu_before) / (clients_n as f64 * 1500.0);
+    let cpu_per_request = (cpu_usage_us(&server_cgroup) - cpu_before) / (clients_n as f64 * 1500.0);
     let samples = result?;
     let recorded = if recorder.is_some() {
         format!("; {tool} output in {output}")
@@ -72,9 +106,10 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>) -> Result {
         String::new()
     };
     eprintln!(
-        "profile: {mode}, {} requests, {:.0} req/s, agent CPU {cpu_per_request:.1} us per request{recorded}",
+        "profile: {mode}, {} requests, {:.0} req/s, {} CPU {cpu_per_request:.1} us per request{recorded}",
         clients_n * 1500,
-        samples.last().copied().unwrap_or(0.0)
+        samples.last().copied().unwrap_or(0.0),
+        if nginx { "nginx" } else { "agent" },
     );
     Ok(())
 }
