@@ -146,6 +146,7 @@ impl ServingThread {
             })
             .collect();
         let filter = &self.filter;
+        tokio::spawn(keep_timers_quiet(filter.settings.shortest_timeout()));
         let mut draining = self.draining.clone();
         let drained = draining.wait_for(|d| *d);
         tokio::pin!(drained);
@@ -181,6 +182,21 @@ impl ServingThread {
         }
         drop(listeners);
         let _ = self.stopping.wait_for(|s| *s).await;
+    }
+}
+
+/// A timer on the serving thread that is always due within `period` (the shortest timeout its
+/// requests arm). tokio wakes a runtime's own driver (an eventfd write, then one more
+/// epoll_wait) whenever a timer is armed that is due before the one the driver last slept
+/// for: without this, a thread idle between requests slept for a connection's idle timeout,
+/// and each request's head and upstream timeouts woke it again once they were armed. Costs one
+/// wake-up per `period` on an idle thread.
+async fn keep_timers_quiet(period: Duration) {
+    // Shorter timeouts than this may wake the driver: spinning would cost more.
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 

@@ -90,6 +90,13 @@ pub struct Settings {
     pub mds_tls: Option<mds_tls::MdsTls>,
 }
 
+impl Settings {
+    /// The shortest timeout a request arms: its head's or its upstream answer's.
+    pub fn shortest_timeout(&self) -> Duration {
+        self.timeouts.head.min(self.upstream.request)
+    }
+}
+
 /// What the filter keeps per caller.
 pub struct CallerState {
     pub limits: Arc<limits::Limits>,
