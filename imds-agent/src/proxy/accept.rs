@@ -53,6 +53,15 @@ pub async fn serve(
     let connections = Arc::new(Semaphore::new(max_connections));
     let (draining, draining_seen) = watch::channel(false);
     let (stopping, stopping_seen) = watch::channel(false);
+    // Accepted sockets inherit TCP_NODELAY from their listening socket: set once here (on
+    // sockets bound now or handed over by a predecessor), not once per connection.
+    let mut nodelay_inherited = true;
+    for listener in &listeners {
+        if let Err(error) = set_nodelay(listener) {
+            tracing::warn!(%error, "cannot set TCP_NODELAY on a listening socket; setting it per connection");
+            nodelay_inherited = false;
+        }
+    }
     let mut serving = Vec::new();
     for number in 1..=threads.max(1) {
         let copies = match listeners
@@ -72,6 +81,7 @@ pub async fn serve(
             connections: connections.clone(),
             draining: draining_seen.clone(),
             stopping: stopping_seen.clone(),
+            nodelay_inherited,
         };
         match std::thread::Builder::new()
             .name(format!("imds-serve-{number}"))
@@ -111,6 +121,8 @@ struct ServingThread {
     connections: Arc<Semaphore>,
     draining: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
+    /// Whether accepted sockets come with TCP_NODELAY from their listening socket.
+    nodelay_inherited: bool,
 }
 
 impl ServingThread {
@@ -156,10 +168,9 @@ impl ServingThread {
                 _ = &mut drained => break,
                 accepted = accept_any(&listeners, &mut turn) => match accepted {
                     Ok((stream, peer)) => {
-                        // An answer's head and body can leave in two writes (a body still on
-                        // its way from upstream): without this, the second waits for the
-                        // client's delayed ACK, 40 ms.
-                        let _ = stream.set_nodelay(true);
+                        if !self.nodelay_inherited {
+                            let _ = stream.set_nodelay(true);
+                        }
                         let Ok(slot) = self.connections.clone().try_acquire_owned() else {
                             filter.sinks.metrics.request("overload", "", "other", 503);
                             let answer = Answer::new(filter.provider, StatusCode::SERVICE_UNAVAILABLE, "imds-agent: overloaded, try again later\n".into());
@@ -182,6 +193,29 @@ impl ServingThread {
         }
         drop(listeners);
         let _ = self.stopping.wait_for(|s| *s).await;
+    }
+}
+
+/// Sets TCP_NODELAY on a listening socket, for the sockets it accepts. An answer's head and
+/// body can leave in two writes (a body still on its way from upstream): without it, the second
+/// waits for the client's delayed ACK, 40 ms.
+pub fn set_nodelay(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the size passed.
+    let result = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -325,4 +359,29 @@ async fn refuse_connection(mut stream: TcpStream, peer: SocketAddr, answer: Answ
     );
     let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&answer.into_bytes())).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What serving relies on to skip a setsockopt per connection.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_their_listening_socket() {
+        let accepted_nodelay = |set: bool| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            if set {
+                set_nodelay(&listener).expect("TCP_NODELAY");
+            }
+            let _client = std::net::TcpStream::connect(listener.local_addr().expect("address"))
+                .expect("connect");
+            let (accepted, _) = listener.accept().expect("accept");
+            accepted.nodelay().expect("getsockopt")
+        };
+        assert!(accepted_nodelay(true));
+        assert!(
+            !accepted_nodelay(false),
+            "the kernel's default, for the check above to mean anything"
+        );
+    }
 }
