@@ -1,13 +1,16 @@
 //! `hyper-relay LISTEN TARGET`: an HTTP relay built as the agent's request path is (one
 //! thread per CPU, each with tokio's current-thread runtime accepting from the shared
 //! listening socket; hyper's server on the client connection, hyper's client on an upstream
-//! connection of its own) and nothing else: no gate, attribution, policy, token rules,
-//! shield or audit line. Section 4 measures it beside the agent: the floor of the agent's
-//! HTTP machinery, apart from what the agent does with each request.
+//! connection of its own, kept by the thread for its next client connection when this one
+//! ends) and nothing else: no gate, attribution, policy, token rules, shield or audit line.
+//! Section 4 measures it beside the agent: the floor of the agent's HTTP machinery, apart
+//! from what the agent does with each request.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{cell::RefCell, net::SocketAddr, sync::Arc};
 
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{
+    body::Incoming, client::conn::http1::SendRequest, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 
 use super::{Result, clients::announce_listening};
@@ -15,6 +18,8 @@ use super::{Result, clients::announce_listening};
 pub(crate) fn hyper_relay(listen: SocketAddr, target: SocketAddr) -> Result {
     let listener = std::net::TcpListener::bind(listen).map_err(|e| e.to_string())?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    // Inherited by every accepted socket, as the agent sets it.
+    imds_agent::proxy::set_nodelay(&listener).map_err(|e| format!("TCP_NODELAY: {e}"))?;
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let serving: Vec<_> = (0..threads)
         .map(|_| {
@@ -45,26 +50,54 @@ fn serve(listener: std::net::TcpListener, target: SocketAddr) -> Result {
                 continue;
             };
             tokio::spawn(async move {
-                let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
+                let Some(sender) = upstream(target).await else {
                     return;
                 };
-                let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
-                let Ok((sender, connection)) =
-                    hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(upstream))
-                        .await
-                else {
-                    return;
-                };
-                tokio::spawn(connection);
                 let sender = Arc::new(tokio::sync::Mutex::new(sender));
-                let service = service_fn(move |request| {
+                let service = service_fn({
                     let sender = sender.clone();
-                    async move { sender.lock().await.send_request(request).await }
+                    move |request| {
+                        let sender = sender.clone();
+                        async move { sender.lock().await.send_request(request).await }
+                    }
                 });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(client), service)
                     .await;
+                // The service is gone with the connection: its upstream is ours again.
+                if let Ok(sender) = Arc::try_unwrap(sender) {
+                    IDLE.with_borrow_mut(|idle| {
+                        if idle.len() < MAX_IDLE {
+                            idle.push(sender.into_inner());
+                        }
+                    });
+                }
             });
         }
     })
+}
+
+/// Idle upstream connections a thread keeps (the agent keeps up to 16 per caller).
+const MAX_IDLE: usize = 32;
+
+thread_local! {
+    /// This thread's idle upstream connections, as the agent keeps its own per thread.
+    static IDLE: RefCell<Vec<SendRequest<Incoming>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An upstream connection: an idle one of this thread's that is still open, else a new one.
+async fn upstream(target: SocketAddr) -> Option<SendRequest<Incoming>> {
+    while let Some(mut idle) = IDLE.with_borrow_mut(Vec::pop) {
+        if idle.ready().await.is_ok() {
+            return Some(idle);
+        }
+    }
+    let upstream = tokio::net::TcpStream::connect(target).await.ok()?;
+    let _ = upstream.set_nodelay(true);
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(upstream))
+            .await
+            .ok()?;
+    tokio::spawn(connection);
+    Some(sender)
 }
