@@ -26,7 +26,8 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | a runtime worker's audit lines batched and written in one write when it goes idle (or at 32 KiB, or by a 200 ms timer), instead of one write ahead of each answer | the two changes above against the commit before them (`imds-bench builds`, 6 and 8 rounds): CPU per request and req/s, keep-alive 1 and 16 clients, new connection 16 | 1.00 | CPU 1.35 and 0.99, 0.81 and 0.88, 0.96 and 1.00; req/s 0.64 and 1.00, 1.09 and 1.05, 1.08 and 0.96 (one client moves by a third between runs) |\n\
 | release builds with fat LTO and one codegen unit | the same source without them / with them (`imds-bench builds`, 8 rounds): CPU per request; req/s (thin LTO with 16 codegen units instead, 8 rounds: CPU 1.22, 1.05, 1.05; req/s 0.84, 0.97, 0.99) | 1.06, 1.12, 1.11; 0.89, 0.88, 0.87 | 1.00 |\n\
 | the three rows above together | against the commit before them (`imds-bench builds`, 6 rounds): CPU per request; req/s; p50 | 1.00 | 0.71, 0.73, 0.75; 1.24, 1.20, 1.20; 0.83, 0.88, 0.86 |\n\
-| serving threads (`--serve-threads`, one per CPU): each on a runtime of its own, accepting from the shared listening sockets and serving a connection to its end, with its own idle upstream connections; client sockets with TCP_NODELAY | against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s; p50 (keep-alive 1 and 16 clients, new connection 16); futex calls' share of the agent's CPU, new connections (perf) | 1.00; 7% | 0.96, 0.99, 0.89; 1.16, 1.02, 1.01; 1.04, 0.86, 0.84; 0.2% |\n\n\
+| serving threads (`--serve-threads`, one per CPU): each on a runtime of its own, accepting from the shared listening sockets and serving a connection to its end, with its own idle upstream connections; client sockets with TCP_NODELAY | against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s; p50 (keep-alive 1 and 16 clients, new connection 16); futex calls' share of the agent's CPU, new connections (perf) | 1.00; 7% | 0.96, 0.99, 0.89; 1.16, 1.02, 1.01; 1.04, 0.86, 0.84; 0.2% |\n\
+| a timer on each serving thread always due within the shortest request timeout, so that arming a request's upstream timeout no longer wakes the thread's own driver (tokio writes its eventfd when a timer is armed due before the one it last slept for) | eventfd writes per 1,500 keep-alive requests, 1 client (strace); against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1,500; 1.00 | 29; 0.83, 0.93, 0.99; 1.15, 1.05, 1.03 |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -71,7 +72,24 @@ Open findings, by section:\n\n\
   and 1.24 (keep-alive, 1 client), 1.27 and 1.38 (keep-alive, 16), 1.86 and 1.93 (new\n\
   connection, 16); req/s 0.96 and 1.00, 0.98 and 0.99, 0.82 and 0.79. The hyper relay is\n\
   built the same way since (threads with runtimes of their own; 21.3 against 21.7 us of CPU\n\
-  with 16 keep-alive clients as before). One listening\n\
+  with 16 keep-alive clients as before), and keeps a thread's idle upstream connections for\n\
+  its next client connection, as the agent does (before, it opened one per client\n\
+  connection). After the timer row above (two runs of `alternatives 3`): CPU against\n\
+  nginx's 1.34 and 1.52 (keep-alive, 1 client), 1.38 and 1.29 (keep-alive, 16), 1.86 and\n\
+  1.51 (new connection, 16); req/s 0.97 and 0.81, 0.98 and 1.06, 0.80 and 0.95. nginx's\n\
+  own CPU per request moved by up to half between runs here (60.7 to 115.5 us with one\n\
+  client); the builds compared side by side move far less. Read side by side (`imds-bench\n\
+  profile --nginx`, strace), the two make as many syscalls per keep-alive request (7 and\n\
+  8) and about as many per new connection (12 and 11: the agent's getpeername, through\n\
+  which the kernel hands over the caller, the caller's record in its map and the cgroup\n\
+  path's stat, against nginx's access-log write per request); the gap is user space: 26\n\
+  against 12 us per keep-alive request with 16 clients under perf, of which the agent's\n\
+  own phases (audit line 4.3, policy 1.6, the rest of the pipeline 3.5) are about 9. With\n\
+  a new connection per request the hyper relay alone, with upstream connections kept as\n\
+  the agent keeps them, costs more than the agent: in six runs of `alternatives 3` the\n\
+  relay's CPU per new connection was 1.65 to 2.08 times nginx's and the agent's 0.83 to\n\
+  0.96 times the relay's. The row's target is below the floor of tokio's and hyper's\n\
+  per-connection work here, whatever the agent does. One listening\n\
   socket per thread (SO_REUSEPORT) measured the same as the shared ones here (CPU 0.87\n\
   against 0.79 per new connection in two runs of 6 rounds) and was not kept: a process of\n\
   the agent's user could join the group and be handed diverted connects. What a new\n\
@@ -100,7 +118,8 @@ Open findings, by section:\n\n\
   systems without them).\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
-client) runs section 3's load against the agent and prints its CPU per request;\n\
+client) runs section 3's load against the agent and prints its CPU per request (with\n\
+`--nginx`, against section 4's iptables + nginx, its workers recorded);\n\
 `imds-bench engine` runs section 5 alone, `imds-bench alternatives [ROUNDS]` section 4,\n\
 `imds-bench reactions [ROUNDS]` section 6, `imds-bench shield [ROUNDS]` section 8;\n\
 `imds-bench builds BASELINE` runs section 4's agent load against another build's binary.";
