@@ -80,7 +80,7 @@ Open findings, by section:\n\n\
   own CPU per request moved by up to half between runs here (60.7 to 115.5 us with one\n\
   client); the builds compared side by side move far less. Read side by side (`imds-bench\n\
   profile --nginx`, strace), the two make as many syscalls per keep-alive request (7 and\n\
-  8) and about as many per new connection (12 and 11: the agent's getpeername, through\n\
+  8) and about as many per new connection (13 and 11: the agent's getpeername, through\n\
   which the kernel hands over the caller, the caller's record in its map and the cgroup\n\
   path's stat, against nginx's access-log write per request); the gap is user space: 26\n\
   against 12 us per keep-alive request with 16 clients under perf, of which the agent's\n\
