@@ -841,12 +841,7 @@ fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
         return;
     };
     let _imds = sandbox.start_fake_imds(false);
-    let mut agent = sandbox.start_agent(
-        "enforced",
-        "agent",
-        &[&repo_policies()],
-        &["--rate-per-caller", "1e9", "--burst-per-caller", "1e9"],
-    );
+    let agent = unlimited_agent(&sandbox, &[]);
     const CLIENTS: usize = 8;
     const EACH: usize = 40;
     // Each curl sends its requests one after the other on one connection.
@@ -854,14 +849,7 @@ fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
         assert_eq!(answers.len(), EACH, "{answers:?}");
         assert!(answers.iter().all(|a| a.starts_with("200 ")), "{answers:?}");
     }
-    agent.process.signal(libc::SIGTERM);
-    assert_eq!(
-        agent.process.wait(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        agent.log()
-    );
-    let log = agent.log();
+    let log = stop(agent);
     let lines: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("imds_agent::audit"))
@@ -876,6 +864,27 @@ fn a_burst_of_concurrent_requests_leaves_one_whole_audit_line_each() {
             "{line}"
         );
     }
+}
+
+/// The agent with the repository's policies and no per-caller rate limit (bursts of
+/// requests from one caller are the point), plus `extra` arguments.
+fn unlimited_agent(sandbox: &Sandbox, extra: &[&str]) -> Agent {
+    let mut args = vec!["--rate-per-caller", "1e9", "--burst-per-caller", "1e9"];
+    args.extend_from_slice(extra);
+    sandbox.start_agent("enforced", "agent", &[&repo_policies()], &args)
+}
+
+/// Stops the agent as its service manager would (SIGTERM), checks that it drained and
+/// exited 0, and returns its log.
+fn stop(mut agent: Agent) -> String {
+    agent.process.signal(libc::SIGTERM);
+    assert_eq!(
+        agent.process.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    agent.log()
 }
 
 /// `clients` curls at once from `enforced/web`, each asking for the instance id `each` times
@@ -925,19 +934,7 @@ fn serving_threads_answer_a_burst_of_new_connections() {
         return;
     };
     let _imds = sandbox.start_fake_imds(false);
-    let mut agent = sandbox.start_agent(
-        "enforced",
-        "agent",
-        &[&repo_policies()],
-        &[
-            "--serve-threads",
-            "3",
-            "--rate-per-caller",
-            "1e9",
-            "--burst-per-caller",
-            "1e9",
-        ],
-    );
+    let agent = unlimited_agent(&sandbox, &["--serve-threads", "3"]);
     let task_dir = format!("/proc/{}/task", agent.process.child.id());
     let serving = || -> Vec<String> {
         std::fs::read_dir(&task_dir)
@@ -959,15 +956,7 @@ fn serving_threads_answer_a_burst_of_new_connections() {
         assert_eq!(answers.len(), EACH, "{answers:?}");
         assert!(answers.iter().all(|a| a == "200 1"), "{answers:?}");
     }
-    agent.process.signal(libc::SIGTERM);
-    assert_eq!(
-        agent.process.wait(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        agent.log()
-    );
-    let answered = agent
-        .log()
+    let answered = stop(agent)
         .lines()
         .filter(|line| line.contains("imds_agent::audit") && line.contains(INSTANCE_ID_PATH))
         .count();

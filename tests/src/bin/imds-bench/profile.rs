@@ -33,13 +33,24 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool)
         add_dnat(&sandbox, NGINX_LISTEN)?;
         let server = start_nginx(&sandbox, NGINX_LISTEN, "127.0.0.1:8080")?;
         let master = server.0.id();
-        let procs = std::fs::read_to_string(sandbox.cgroup_root.join("nginx/cgroup.procs"))
-            .map_err(|e| format!("nginx's cgroup: {e}"))?;
-        let workers: Vec<String> = procs
-            .lines()
-            .filter(|pid| pid.parse() != Ok(master))
-            .map(str::to_string)
-            .collect();
+        // The master forks its workers after writing the pid file start_nginx waits for.
+        let workers = || -> Result<Vec<String>> {
+            let procs = std::fs::read_to_string(sandbox.cgroup_root.join("nginx/cgroup.procs"))
+                .map_err(|e| format!("nginx's cgroup: {e}"))?;
+            Ok(procs
+                .lines()
+                .filter(|pid| pid.parse() != Ok(master))
+                .map(str::to_string)
+                .collect())
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while workers()?.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let workers = workers()?;
+        if workers.is_empty() {
+            return Err("nginx started no workers".into());
+        }
         (
             Box::new(server) as Box<dyn std::any::Any>,
             "nginx",
