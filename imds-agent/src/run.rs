@@ -42,6 +42,10 @@ pub enum RunError {
     /// A background task ended while the agent ran (exit 1).
     #[error("a background task ended: {0}")]
     Task(String),
+    /// The serving threads ended while the agent ran (exit 1): the service manager restarts
+    /// it.
+    #[error(transparent)]
+    Serve(#[from] crate::proxy::ServeError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -757,7 +761,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
         }
     };
-    proxy::serve(
+    let served = proxy::serve(
         listeners,
         serve_threads,
         filter.clone(),
@@ -802,6 +806,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if let Ok(counters) = filter.enforcer.counters() {
         tracing::info!(?counters, "stopped; programs stay attached (pinned)");
     }
+    served?;
     match failure {
         Some(failed) => Err(RunError::Task(failed)),
         None => Ok(()),

@@ -48,7 +48,7 @@ pub async fn serve(
     filter: Arc<Filter>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
-) {
+) -> Result<(), ServeError> {
     let max_connections = filter.callers.limits.config().max_connections;
     let connections = Arc::new(Semaphore::new(max_connections));
     let (draining, draining_seen) = watch::channel(false);
@@ -62,6 +62,7 @@ pub async fn serve(
             nodelay_inherited = false;
         }
     }
+    let (ended, ended_seen) = tokio::sync::mpsc::unbounded_channel();
     let mut serving = Vec::new();
     for number in 1..=threads.max(1) {
         let copies = match listeners
@@ -82,6 +83,7 @@ pub async fn serve(
             draining: draining_seen.clone(),
             stopping: stopping_seen.clone(),
             nodelay_inherited,
+            ended: ended.clone(),
         };
         match std::thread::Builder::new()
             .name(format!("imds-serve-{number}"))
@@ -91,7 +93,12 @@ pub async fn serve(
             Err(error) => tracing::error!(%error, "cannot start a serving thread"),
         }
     }
-    shutdown.await;
+    if let Err(error) = until_shutdown(shutdown, ended_seen, serving.len()).await {
+        // Nothing is served: connects wait in the backlog (nothing bypasses the agent) until
+        // the agent exits and its service manager starts it again.
+        drop(listeners);
+        return Err(error);
+    }
     tracing::info!("stopped accepting; draining in-flight requests");
     let _ = draining.send(true);
     // The threads close their copies; the sockets close with these (after a handover, the
@@ -112,6 +119,54 @@ pub async fn serve(
         }
     })
     .await;
+    Ok(())
+}
+
+/// Why the agent no longer serves.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("no serving thread is running ({started} started)")]
+    NoServingThread { started: usize },
+}
+
+/// Waits for `shutdown`, or until none of the `started` serving threads is left: a thread that
+/// ends before the agent drains (it could not start its runtime or register the listening
+/// sockets, or it panicked) reports its number on `ended`. While one is left, the agent
+/// serves with fewer threads.
+async fn until_shutdown(
+    shutdown: impl Future<Output = ()>,
+    mut ended: tokio::sync::mpsc::UnboundedReceiver<usize>,
+    started: usize,
+) -> Result<(), ServeError> {
+    let mut running = started;
+    if running == 0 {
+        return Err(ServeError::NoServingThread { started });
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            Some(number) = ended.recv() => {
+                running -= 1;
+                tracing::error!(thread = number, running, "a serving thread ended");
+                if running == 0 {
+                    return Err(ServeError::NoServingThread { started });
+                }
+            }
+        }
+    }
+}
+
+/// Reports a serving thread's end, however it ends (a panic included), to [`until_shutdown`].
+struct EndReport {
+    number: usize,
+    ended: tokio::sync::mpsc::UnboundedSender<usize>,
+}
+
+impl Drop for EndReport {
+    fn drop(&mut self) {
+        let _ = self.ended.send(self.number);
+    }
 }
 
 /// One serving thread: its runtime, and what its connections share with the others.
@@ -123,10 +178,16 @@ struct ServingThread {
     stopping: watch::Receiver<bool>,
     /// Whether accepted sockets come with TCP_NODELAY from their listening socket.
     nodelay_inherited: bool,
+    /// Where the thread reports its end.
+    ended: tokio::sync::mpsc::UnboundedSender<usize>,
 }
 
 impl ServingThread {
     fn run(self, listeners: Vec<std::net::TcpListener>) {
+        let _end_report = EndReport {
+            number: self.number,
+            ended: self.ended.clone(),
+        };
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .on_thread_park(crate::audit::worker_idle)
@@ -147,16 +208,19 @@ impl ServingThread {
 
     /// Accepts until the agent drains, then serves what is open until it stops.
     async fn accept(mut self, listeners: Vec<std::net::TcpListener>) {
-        let listeners: Vec<TcpListener> = listeners
+        // A thread that cannot serve every listener ends: serving some of them would leave
+        // the others' callers (pods, on the node address) waiting unnoticed.
+        let listeners: Vec<TcpListener> = match listeners
             .into_iter()
-            .filter_map(|listener| match TcpListener::from_std(listener) {
-                Ok(listener) => Some(listener),
-                Err(error) => {
-                    tracing::error!(%error, thread = self.number, "cannot serve a listener");
-                    None
-                }
-            })
-            .collect();
+            .map(TcpListener::from_std)
+            .collect()
+        {
+            Ok(listeners) => listeners,
+            Err(error) => {
+                tracing::error!(%error, thread = self.number, "cannot serve the listening sockets");
+                return;
+            }
+        };
         let filter = &self.filter;
         tokio::spawn(keep_timers_quiet(filter.settings.shortest_timeout()));
         let mut draining = self.draining.clone();
@@ -364,6 +428,78 @@ async fn refuse_connection(mut stream: TcpStream, peer: SocketAddr, answer: Answ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread that reports its end as a serving thread does, after `body`.
+    fn thread_reporting_its_end(
+        number: usize,
+        ended: &tokio::sync::mpsc::UnboundedSender<usize>,
+        body: impl FnOnce() + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            let _end_report = EndReport { number, ended };
+            body();
+        })
+    }
+
+    #[tokio::test]
+    async fn serving_stops_with_an_error_once_no_serving_thread_is_left() {
+        let (ended, ended_seen) = tokio::sync::mpsc::unbounded_channel();
+        let threads = [
+            thread_reporting_its_end(1, &ended, || {}),
+            thread_reporting_its_end(2, &ended, || panic!("a serving thread's bug")),
+        ];
+        let never = std::future::pending();
+        let served = tokio::time::timeout(
+            Duration::from_secs(10),
+            until_shutdown(never, ended_seen, threads.len()),
+        )
+        .await
+        .expect("an error, not a wait for a shutdown that never comes");
+        assert!(matches!(
+            served,
+            Err(ServeError::NoServingThread { started: 2 })
+        ));
+        assert!(
+            threads.into_iter().any(|t| t.join().is_err()),
+            "one panicked"
+        );
+    }
+
+    #[tokio::test]
+    async fn serving_goes_on_while_one_serving_thread_is_left() {
+        let (ended, ended_seen) = tokio::sync::mpsc::unbounded_channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let ended_early = thread_reporting_its_end(1, &ended, || {});
+        let serving = thread_reporting_its_end(2, &ended, move || {
+            let _ = released.recv();
+        });
+        ended_early.join().expect("thread 1");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let waiting = tokio::spawn(until_shutdown(
+            async {
+                let _ = stopped.await;
+            },
+            ended_seen,
+            2,
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "still serving with thread 2");
+        stop.send(()).expect("waiting");
+        assert!(waiting.await.expect("joined").is_ok());
+        release.send(()).expect("thread 2 waits");
+        serving.join().expect("thread 2");
+    }
+
+    #[tokio::test]
+    async fn serving_without_any_serving_thread_is_an_error_at_once() {
+        let (_ended, ended_seen) = tokio::sync::mpsc::unbounded_channel();
+        let served = until_shutdown(std::future::pending(), ended_seen, 0).await;
+        assert!(matches!(
+            served,
+            Err(ServeError::NoServingThread { started: 0 })
+        ));
+    }
 
     /// What serving relies on to skip a setsockopt per connection.
     #[test]

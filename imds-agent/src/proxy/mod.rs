@@ -41,7 +41,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 
-pub use accept::{serve, set_nodelay};
+pub use accept::{ServeError, serve, set_nodelay};
 pub use forward::UpstreamTimeouts;
 
 use crate::{identity::Resolver, loader::Enforcer, policy::store::PolicyStore};
