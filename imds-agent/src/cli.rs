@@ -269,7 +269,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
     /// Threads serving client connections; each serves a connection it accepted to its end,
-    /// upstream included [default: one per CPU the agent may use, at most 8].
+    /// upstream included [default: half the CPUs the agent may use, at least 1, at most 4].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub serve_threads: Option<u16>,
     /// Where the agent writes its state for `imds-agent status`.
@@ -365,16 +365,22 @@ impl std::str::FromStr for ProviderSetting {
 }
 
 /// Serving threads by default at most: a metadata service's load does not need more.
-const MAX_DEFAULT_SERVE_THREADS: usize = 8;
+const MAX_DEFAULT_SERVE_THREADS: usize = 4;
+
+/// Serving threads without `--serve-threads`: half the CPUs this process may use, at least
+/// one. Every request has a caller on this node too: threads that compete with their callers
+/// for every CPU wake more often for fewer requests each (BENCHMARKS.md's before/after table).
+pub fn default_serve_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, std::num::NonZero::get) / 2)
+        .clamp(1, MAX_DEFAULT_SERVE_THREADS)
+}
 
 impl RunArgs {
     /// How many threads serve client connections.
     pub fn serve_threads(&self) -> usize {
         match self.serve_threads {
             Some(threads) => usize::from(threads),
-            None => std::thread::available_parallelism()
-                .map_or(1, std::num::NonZero::get)
-                .min(MAX_DEFAULT_SERVE_THREADS),
+            None => default_serve_threads(),
         }
     }
 

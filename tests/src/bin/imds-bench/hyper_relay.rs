@@ -1,6 +1,6 @@
-//! `hyper-relay LISTEN TARGET`: an HTTP relay built as the agent's request path is (one
-//! thread per CPU, each with tokio's current-thread runtime accepting from the shared
-//! listening socket; hyper's server on the client connection, hyper's client on an upstream
+//! `hyper-relay LISTEN TARGET`: an HTTP relay built as the agent's request path is (as many
+//! threads as the agent serves with by default, each with tokio's current-thread runtime
+//! accepting from the shared listening socket; hyper's server on the client connection, hyper's client on an upstream
 //! connection of its own, kept by the thread for its next client connection when this one
 //! ends) and nothing else: no gate, attribution, policy, token rules, shield or audit line.
 //! Section 4 measures it beside the agent: the floor of the agent's HTTP machinery, apart
@@ -20,7 +20,7 @@ pub(crate) fn hyper_relay(listen: SocketAddr, target: SocketAddr) -> Result {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     // Inherited by every accepted socket, as the agent sets it.
     imds_agent::proxy::set_nodelay(&listener).map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let threads = imds_agent::cli::default_serve_threads();
     let serving: Vec<_> = (0..threads)
         .map(|_| {
             let listener = listener.try_clone().map_err(|e| e.to_string())?;
