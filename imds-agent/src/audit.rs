@@ -21,8 +21,6 @@ use std::{
     time::SystemTime,
 };
 
-use serde::Serialize;
-
 /// The tracing target of audit lines.
 pub const TARGET: &str = "imds_agent::audit";
 
@@ -194,7 +192,7 @@ fn write_out(lines: &[u8]) {
 }
 
 /// One request's audit record.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Request<'a> {
     /// Unique per request (also in the `imds-agent-request-id` header of the agent's own
     /// answers, so a denial a client saw can be found here).
@@ -279,61 +277,96 @@ impl Request<'_> {
     }
 
     /// The line as tracing-subscriber's flattened JSON would write it: timestamp, level and
-    /// message first, the fields, then the target; newline-terminated.
+    /// message first, the fields, then the target; newline-terminated. Written field by field
+    /// (names are constants that need no escaping) rather than through serde's map, which
+    /// escaped every name on every request.
     fn json_line(&self, time: SystemTime, line: &mut Vec<u8>, otel: bool) {
         line.extend_from_slice(b"{\"timestamp\":\"");
         crate::calendar::write_iso8601_micros(line, time);
-        line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",");
-        let fields = line.len();
-        // Serialising a struct of strings and integers into memory cannot fail.
-        let _ = if otel {
-            serde_json::to_writer(&mut *line, &OtelNamed(self))
-        } else {
-            serde_json::to_writer(&mut *line, self)
-        };
-        // `{...}` -> `...`: the fields join the object opened above.
-        line.remove(fields);
-        line.pop();
+        line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
+        for ((name, otel_name), value) in self.fields() {
+            line.extend_from_slice(b",\"");
+            line.extend_from_slice(if otel { otel_name } else { name }.as_bytes());
+            line.extend_from_slice(b"\":");
+            // Writing into memory cannot fail.
+            let _ = match value {
+                Value::Text(text) => push_json_string(line, text),
+                Value::Number(number) => serde_json::to_writer(&mut *line, &number),
+            };
+        }
         let _ = writeln!(line, ",\"target\":\"{TARGET}\"}}");
+    }
+
+    /// The fields in the line's order, each under its own name and OpenTelemetry's
+    /// (`--audit-names otel`).
+    fn fields(&self) -> [((&'static str, &'static str), Value<'_>); 27] {
+        use Value::{Number, Text};
+        [
+            (
+                ("request_id", "imds_agent.request_id"),
+                Text(self.request_id),
+            ),
+            (("node", "k8s.node.name"), Text(self.node)),
+            (("cgroup", "imds_agent.cgroup"), Text(self.cgroup)),
+            (
+                ("cgroup_id", "imds_agent.cgroup_id"),
+                Number(self.cgroup_id),
+            ),
+            (("unit", "imds_agent.systemd_unit"), Text(self.unit)),
+            (("namespace", "k8s.namespace.name"), Text(self.namespace)),
+            (("pod", "k8s.pod.name"), Text(self.pod)),
+            (("pod_uid", "k8s.pod.uid"), Text(self.pod_uid)),
+            (
+                ("service_account", "imds_agent.service_account"),
+                Text(self.service_account),
+            ),
+            (("container", "k8s.container.name"), Text(self.container)),
+            (("container_id", "container.id"), Text(self.container_id)),
+            (("uid", "process.user.id"), Number(self.uid.into())),
+            (("gid", "process.group.id"), Number(self.gid.into())),
+            (("pid", "process.pid"), Number(self.pid.into())),
+            (("comm", "process.executable.name"), Text(self.comm)),
+            (("exe", "process.executable.path"), Text(self.exe)),
+            (("exe_check", "imds_agent.exe_check"), Text(self.exe_check)),
+            (("method", "http.request.method"), Text(self.method)),
+            (("path", "url.path"), Text(self.path)),
+            (("user_agent", "user_agent.original"), Text(self.user_agent)),
+            (("decision", "imds_agent.decision"), Text(self.decision)),
+            (("policy", "imds_agent.policy"), Text(self.policy)),
+            (("rule", "imds_agent.rule"), Text(self.rule)),
+            (
+                ("status", "http.response.status_code"),
+                Number(self.status.into()),
+            ),
+            (
+                ("upstream_status", "imds_agent.upstream_status_code"),
+                Number(self.upstream_status.into()),
+            ),
+            (("detail", "imds_agent.detail"), Text(self.detail)),
+            (
+                ("latency_us", "imds_agent.latency_us"),
+                Number(self.latency_us),
+            ),
+        ]
     }
 }
 
-/// A record under OpenTelemetry's names (`--audit-names otel`).
-struct OtelNamed<'a>(&'a Request<'a>);
+/// One field's value in an audit line.
+enum Value<'a> {
+    Text(&'a str),
+    Number(u64),
+}
 
-impl Serialize for OtelNamed<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        let r = self.0;
-        let mut map = serializer.serialize_map(Some(27))?;
-        map.serialize_entry("imds_agent.request_id", r.request_id)?;
-        map.serialize_entry("k8s.node.name", r.node)?;
-        map.serialize_entry("imds_agent.cgroup", r.cgroup)?;
-        map.serialize_entry("imds_agent.cgroup_id", &r.cgroup_id)?;
-        map.serialize_entry("imds_agent.systemd_unit", r.unit)?;
-        map.serialize_entry("k8s.namespace.name", r.namespace)?;
-        map.serialize_entry("k8s.pod.name", r.pod)?;
-        map.serialize_entry("k8s.pod.uid", r.pod_uid)?;
-        map.serialize_entry("imds_agent.service_account", r.service_account)?;
-        map.serialize_entry("k8s.container.name", r.container)?;
-        map.serialize_entry("container.id", r.container_id)?;
-        map.serialize_entry("process.user.id", &r.uid)?;
-        map.serialize_entry("process.group.id", &r.gid)?;
-        map.serialize_entry("process.pid", &r.pid)?;
-        map.serialize_entry("process.executable.name", r.comm)?;
-        map.serialize_entry("process.executable.path", r.exe)?;
-        map.serialize_entry("imds_agent.exe_check", r.exe_check)?;
-        map.serialize_entry("http.request.method", r.method)?;
-        map.serialize_entry("url.path", r.path)?;
-        map.serialize_entry("user_agent.original", r.user_agent)?;
-        map.serialize_entry("imds_agent.decision", r.decision)?;
-        map.serialize_entry("imds_agent.policy", r.policy)?;
-        map.serialize_entry("imds_agent.rule", r.rule)?;
-        map.serialize_entry("http.response.status_code", &r.status)?;
-        map.serialize_entry("imds_agent.upstream_status_code", &r.upstream_status)?;
-        map.serialize_entry("imds_agent.detail", r.detail)?;
-        map.serialize_entry("imds_agent.latency_us", &r.latency_us)?;
-        map.end()
+/// `text` as a JSON string. Most values (paths, names, ids) need no escaping and are copied
+/// as they are; the others are escaped by serde_json.
+fn push_json_string(line: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        line.push(b'"');
+        line.extend_from_slice(text.as_bytes());
+        line.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(line, text)
     }
 }
 
@@ -416,5 +449,74 @@ mod tests {
         }
         // Every field of the record, under one name or the other.
         assert_eq!(otel.as_object().unwrap().len(), 31, "{otel}");
+    }
+
+    /// What a client controls (its User-Agent, its path) reads back as it was sent, whatever
+    /// bytes it holds, and never ends the line early.
+    #[test]
+    fn json_lines_read_back_every_text_as_it_was() {
+        for text in [
+            "Botocore/1.34.0 Python/3.12",
+            "tab\there",
+            "line\nbreak\r",
+            "quote\" and \\backslash",
+            "\u{1}\u{1f}\u{7f}",
+            "caf\u{e9} \u{1f980}",
+            "",
+        ] {
+            let request = Request {
+                request_id: text,
+                node: text,
+                cgroup: text,
+                cgroup_id: u64::MAX,
+                unit: text,
+                namespace: text,
+                pod: text,
+                pod_uid: text,
+                service_account: text,
+                container: text,
+                container_id: text,
+                uid: u32::MAX,
+                gid: 0,
+                pid: 1,
+                comm: text,
+                exe: text,
+                exe_check: text,
+                method: text,
+                path: text,
+                user_agent: text,
+                decision: text,
+                policy: text,
+                rule: text,
+                status: 403,
+                upstream_status: 0,
+                detail: text,
+                latency_us: 0,
+            };
+            for otel in [false, true] {
+                let mut line = Vec::new();
+                request.json_line(SystemTime::now(), &mut line, otel);
+                let line = String::from_utf8(line).unwrap();
+                assert_eq!(line.lines().count(), 1, "{line}");
+                let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let fields = value.as_object().unwrap();
+                assert_eq!(fields.len(), 31, "{line}");
+                let texts = fields
+                    .iter()
+                    .filter(|(_, v)| v.is_string())
+                    .filter(|(name, _)| {
+                        !["timestamp", "level", "message", "target"].contains(&name.as_str())
+                    })
+                    .inspect(|(name, v)| assert_eq!(v.as_str(), Some(text), "{name}: {line}"))
+                    .count();
+                assert_eq!(texts, 20, "{line}");
+                let cgroup_id = if otel {
+                    "imds_agent.cgroup_id"
+                } else {
+                    "cgroup_id"
+                };
+                assert_eq!(value[cgroup_id], u64::MAX, "{line}");
+            }
+        }
     }
 }
