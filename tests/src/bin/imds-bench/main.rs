@@ -66,8 +66,12 @@ enum Command {
         /// Where the recording goes (perf.data, strace.txt).
         output: Option<String>,
         /// Load and record iptables + nginx (section 4's classic proxy) instead of the agent.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "hyper_relay")]
         nginx: bool,
+        /// Load and record section 4's hyper relay (the agent's HTTP machinery alone) instead
+        /// of the agent.
+        #[arg(long)]
+        hyper_relay: bool,
     },
     /// The policy engine at scale alone.
     Engine {
@@ -171,7 +175,15 @@ fn main() -> ExitCode {
             tool,
             output,
             nginx,
-        } => profile::profile(&mode, &tool, output.as_deref(), nginx),
+            hyper_relay,
+        } => {
+            let server = match (nginx, hyper_relay) {
+                (true, _) => profile::Server::Nginx,
+                (_, true) => profile::Server::HyperRelay,
+                _ => profile::Server::Agent,
+            };
+            profile::profile(&mode, &tool, output.as_deref(), server)
+        }
         Command::Engine { rounds } => engine(rounds),
         Command::Reactions { rounds } => reactions_only(rounds),
         Command::Upgrades { rounds } => upgrades_only(rounds),

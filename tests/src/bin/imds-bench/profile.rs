@@ -2,12 +2,22 @@
 
 use super::*;
 
+/// What `profile` loads and records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Server {
+    Agent,
+    /// Section 4's iptables + nginx.
+    Nginx,
+    /// Section 4's hyper relay.
+    HyperRelay,
+}
+
 /// `imds-bench profile keepalive|close [perf|strace|none] [OUTPUT]`: the agent under section 3's
 /// load (16 clients), recorded with `perf record` (DWARF call graphs: release builds have no
-/// frame pointers) or counted with `strace -c -f` (syscalls per request), into OUTPUT. With
-/// `nginx`, section 4's iptables + nginx takes the agent's place, so that both can be read the
-/// same way.
-pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool) -> Result {
+/// frame pointers) or counted with `strace -c -f` (syscalls per request), into OUTPUT. Section
+/// 4's iptables + nginx or hyper relay can take the agent's place, so that each can be read
+/// the same way.
+pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Server) -> Result {
     if mode != "keepalive" && mode != "close" {
         return Err(format!("mode {mode:?}: keepalive or close"));
     }
@@ -29,7 +39,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool)
     let _imds = sandbox.start_fake_imds(false);
     // What is recorded: the agent, or nginx's workers (the master only forks them); either is
     // kept running until the recording ends.
-    let (_server, server_cgroup, client_cgroup, pids) = if nginx {
+    let (_server, server_cgroup, client_cgroup, pids, target) = if server == Server::Nginx {
         add_dnat(&sandbox, NGINX_LISTEN)?;
         let server = start_nginx(&sandbox, NGINX_LISTEN, "127.0.0.1:8080")?;
         let master = server.0.id();
@@ -56,6 +66,22 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool)
             "nginx",
             "outside",
             workers,
+            "169.254.169.254:80",
+        )
+    } else if server == Server::HyperRelay {
+        let relay = background(
+            &sandbox,
+            "hyper-relay",
+            &["hyper-relay", HYPER_RELAY_LISTEN, "169.254.169.254:80"],
+            false,
+        )?;
+        let pid = relay.0.id().to_string();
+        (
+            Box::new(relay) as Box<dyn std::any::Any>,
+            "hyper-relay",
+            "outside",
+            vec![pid],
+            HYPER_RELAY_LISTEN,
         )
     } else {
         let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
@@ -66,6 +92,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool)
             "agent",
             "enforced/client",
             vec![pid],
+            "169.254.169.254:80",
         )
     };
     let pid_list = pids.join(",");
@@ -102,7 +129,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool)
     let result = child(
         &sandbox,
         client_cgroup,
-        &["http", "169.254.169.254:80", ID, per_worker, &clients, mode],
+        &["http", target, ID, per_worker, &clients, mode],
     );
     if let Some(recorder) = &mut recorder {
         // SAFETY: kill with a pid of our own child.
@@ -120,7 +147,11 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, nginx: bool)
         "profile: {mode}, {} requests, {:.0} req/s, {} CPU {cpu_per_request:.1} us per request{recorded}",
         clients_n * 1500,
         samples.last().copied().unwrap_or(0.0),
-        if nginx { "nginx" } else { "agent" },
+        match server {
+            Server::Agent => "agent",
+            Server::Nginx => "nginx",
+            Server::HyperRelay => "hyper relay",
+        },
     );
     Ok(())
 }
