@@ -27,7 +27,9 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | release builds with fat LTO and one codegen unit | the same source without them / with them (`imds-bench builds`, 8 rounds): CPU per request; req/s (thin LTO with 16 codegen units instead, 8 rounds: CPU 1.22, 1.05, 1.05; req/s 0.84, 0.97, 0.99) | 1.06, 1.12, 1.11; 0.89, 0.88, 0.87 | 1.00 |\n\
 | the three rows above together | against the commit before them (`imds-bench builds`, 6 rounds): CPU per request; req/s; p50 | 1.00 | 0.71, 0.73, 0.75; 1.24, 1.20, 1.20; 0.83, 0.88, 0.86 |\n\
 | serving threads (`--serve-threads`, one per CPU): each on a runtime of its own, accepting from the shared listening sockets and serving a connection to its end, with its own idle upstream connections; client sockets with TCP_NODELAY | against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s; p50 (keep-alive 1 and 16 clients, new connection 16); futex calls' share of the agent's CPU, new connections (perf) | 1.00; 7% | 0.96, 0.99, 0.89; 1.16, 1.02, 1.01; 1.04, 0.86, 0.84; 0.2% |\n\
-| a timer on each serving thread always due within the shortest request timeout, so that arming a request's upstream timeout no longer wakes the thread's own driver (tokio writes its eventfd when a timer is armed due before the one it last slept for) | eventfd writes per 1,500 keep-alive requests, 1 client (strace); against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1,500; 1.00 | 29; 0.83, 0.93, 0.99; 1.15, 1.05, 1.03 |\n\n\
+| a timer on each serving thread always due within the shortest request timeout, so that arming a request's upstream timeout no longer wakes the thread's own driver (tokio writes its eventfd when a timer is armed due before the one it last slept for) | eventfd writes per 1,500 keep-alive requests, 1 client (strace); against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1,500; 1.00 | 29; 0.83, 0.93, 0.99; 1.15, 1.05, 1.03 |\n\
+| serving threads by default half the CPUs the agent may use (one here) instead of one per CPU: every request has a caller on the node too, and threads competing with their callers for every CPU wake more often for fewer requests each | one thread against two (`imds-bench builds`, 6 rounds): CPU per request; req/s; p99 (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.96, 0.88, 0.91; 1.04, 0.95, 1.01; 1.01, 0.78, 0.76 |\n\
+| audit lines written field by field with constant names, values copied unless they need escaping, instead of through serde's map (which escaped every name) | the audit line's JSON, share of the agent's CPU (perf, 16 keep-alive clients); against the commit before (`imds-bench builds`, 8 rounds): CPU per request | 3.0-3.1%; 1.00 | 2.6%; 0.95, 1.05, 1.05 (within noise) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -111,7 +113,22 @@ Open findings, by section:\n\n\
   calls and 3 eventfd writes per request where there were none). Phase by phase (a build\n\
   that skips one phase against the same build whole, before the rows above): the audit\n\
   line 0.80 and 0.88; the per-caller limits 1.00; the shield's checks 0.93; the gate's\n\
-  scan 0.91 and 1.00.\n\
+  scan 0.91 and 1.00. With one serving thread by default on this machine (the row above)\n\
+and the tables above (a full run, on another host's CPU than the runs before): CPU\n\
+against nginx's 1.39 (keep-alive, 1 client), 1.22 (keep-alive, 16) and 1.57 (new\n\
+connection, 16); req/s 0.91, 1.01 and 0.82; with keep-alive, CPU against the bare\n\
+relay's 2.10 and 1.45. Two runs of `alternatives 3` just before: 1.24 and 1.19 with 16\n\
+keep-alive clients (req/s 1.00 and 1.08), 1.39 and 1.37 per new connection (req/s 0.88\n\
+both). So the keep-alive row with 16 clients now meets its req/s target and the bare\n\
+relay one, not yet nginx's CPU. Set beside the hyper relay under the same load (`profile\n\
+--hyper-relay`, perf, 16 keep-alive clients): user space 17.6 against 6.6 us per request,\n\
+the kernel 26.7 against 20.0 us (more preemption on return from syscalls, 8.2 against\n\
+4.9, as the agent's thread runs longer per request; the audit write 1.2). The agent's\n\
+user-space extra is its request phases, none of them large: the audit phase 5.9% of its\n\
+CPU (its JSON 2.6%), the forward phase 4.8% (hyper's client, which the relay has too),\n\
+the policy 2.1% (1.6% of the agent's CPU parses the request's path and the caller's\n\
+cgroup and executable paths into segments, each request), the per-caller limits, the\n\
+request id and the copies of what the audit line names about 3%.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
