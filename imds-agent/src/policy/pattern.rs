@@ -72,26 +72,27 @@ fn segments(path: &str, allow_star: bool) -> Result<Vec<&str>, PathError> {
     if rest.is_empty() {
         return Ok(Vec::new());
     }
-    rest.split('/')
-        .map(|segment| {
-            if segment.is_empty() {
-                return Err(PathError::EmptySegment);
-            }
-            if segment == "." || segment == ".." {
-                return Err(PathError::DotSegment);
-            }
-            for &b in segment.as_bytes() {
-                if b == b'*' {
-                    if !allow_star {
-                        return Err(PathError::Wildcard);
-                    }
-                } else if !is_segment_byte(b) {
-                    return Err(PathError::BadByte(b));
+    // Sized once: the caller's cgroup and executable paths are split on every request.
+    let mut segments = Vec::with_capacity(rest.bytes().filter(|&b| b == b'/').count() + 1);
+    for segment in rest.split('/') {
+        if segment.is_empty() {
+            return Err(PathError::EmptySegment);
+        }
+        if segment == "." || segment == ".." {
+            return Err(PathError::DotSegment);
+        }
+        for &b in segment.as_bytes() {
+            if b == b'*' {
+                if !allow_star {
+                    return Err(PathError::Wildcard);
                 }
+            } else if !is_segment_byte(b) {
+                return Err(PathError::BadByte(b));
             }
-            Ok(segment)
-        })
-        .collect()
+        }
+        segments.push(segment);
+    }
+    Ok(segments)
 }
 
 /// A request path split into validated segments.
