@@ -29,7 +29,8 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | serving threads (`--serve-threads`, one per CPU): each on a runtime of its own, accepting from the shared listening sockets and serving a connection to its end, with its own idle upstream connections; client sockets with TCP_NODELAY | against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s; p50 (keep-alive 1 and 16 clients, new connection 16); futex calls' share of the agent's CPU, new connections (perf) | 1.00; 7% | 0.96, 0.99, 0.89; 1.16, 1.02, 1.01; 1.04, 0.86, 0.84; 0.2% |\n\
 | a timer on each serving thread always due within the shortest request timeout, so that arming a request's upstream timeout no longer wakes the thread's own driver (tokio writes its eventfd when a timer is armed due before the one it last slept for) | eventfd writes per 1,500 keep-alive requests, 1 client (strace); against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1,500; 1.00 | 29; 0.83, 0.93, 0.99; 1.15, 1.05, 1.03 |\n\
 | serving threads by default half the CPUs the agent may use (one here) instead of one per CPU: every request has a caller on the node too, and threads competing with their callers for every CPU wake more often for fewer requests each | one thread against two (`imds-bench builds`, 6 rounds): CPU per request; req/s; p99 (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.96, 0.88, 0.91; 1.04, 0.95, 1.01; 1.01, 0.78, 0.76 |\n\
-| audit lines written field by field with constant names, values copied unless they need escaping, instead of through serde's map (which escaped every name) | the audit line's JSON, share of the agent's CPU (perf, 16 keep-alive clients); against the commit before (`imds-bench builds`, 8 rounds): CPU per request | 3.0-3.1%; 1.00 | 2.6%; 0.95, 1.05, 1.05 (within noise) |\n\n\
+| audit lines written field by field with constant names, values copied unless they need escaping, instead of through serde's map (which escaped every name) | the audit line's JSON, share of the agent's CPU (perf, 16 keep-alive clients); against the commit before (`imds-bench builds`, 8 rounds): CPU per request | 3.0-3.1%; 1.00 | 2.6%; 0.95, 1.05, 1.05 (within noise) |\n\
+| policy paths (the request's, the caller's cgroup and executable) split into a vector sized once, in a plain loop | share of the agent's CPU in splitting them (perf, 16 keep-alive clients) | 1.6% | 1.3% |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -126,9 +127,10 @@ the kernel 26.7 against 20.0 us (more preemption on return from syscalls, 8.2 ag
 4.9, as the agent's thread runs longer per request; the audit write 1.2). The agent's\n\
 user-space extra is its request phases, none of them large: the audit phase 5.9% of its\n\
 CPU (its JSON 2.6%), the forward phase 4.8% (hyper's client, which the relay has too),\n\
-the policy 2.1% (1.6% of the agent's CPU parses the request's path and the caller's\n\
-cgroup and executable paths into segments, each request), the per-caller limits, the\n\
-request id and the copies of what the audit line names about 3%.\n\
+the policy 2.1% (1.6% of the agent's CPU split the request's path and the caller's\n\
+cgroup and executable paths into segments, each request; 1.3% since, see the last row\n\
+above), the per-caller limits, the request id and the copies of what the audit line\n\
+names about 3%.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
