@@ -45,20 +45,9 @@ pub fn notify_with_fds(state: &str, fds: &[RawFd]) -> io::Result<()> {
 }
 
 fn is_listening(socket: &std::net::TcpListener) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut value: libc::c_int = 0;
-    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and an int-sized buffer for an int option.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&raw mut value).cast(),
-            &mut length,
-        )
-    };
-    rc == 0 && value == 1
+    socket2::SockRef::from(socket)
+        .is_listener()
+        .unwrap_or(false)
 }
 
 /// Listening sockets systemd passed to this process (`LISTEN_FDS`, from the file descriptor
@@ -113,5 +102,24 @@ pub async fn watchdog(interval: Duration) {
         if let Err(error) = notify("WATCHDOG=1") {
             tracing::warn!(%error, "watchdog ping failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only sockets listening for connections are taken from systemd's store.
+    #[test]
+    fn only_listening_sockets_count_as_listening() {
+        let listening = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(is_listening(&listening));
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let bound_only = std::net::TcpListener::from(socket);
+        assert!(!is_listening(&bound_only));
     }
 }

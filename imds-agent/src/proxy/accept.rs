@@ -184,6 +184,8 @@ struct ServingThread {
 
 impl ServingThread {
     fn run(self, listeners: Vec<std::net::TcpListener>) {
+        // Made here, not where the thread is spawned: a thread that failed to spawn was never
+        // counted as started, and must not be reported as ended.
         let _end_report = EndReport {
             number: self.number,
             ended: self.ended.clone(),
@@ -264,23 +266,7 @@ impl ServingThread {
 /// body can leave in two writes (a body still on its way from upstream): without it, the second
 /// waits for the client's delayed ACK, 40 ms.
 pub fn set_nodelay(listener: &std::net::TcpListener) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option value of the size passed.
-    let result = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
 }
 
 /// A timer on the serving thread that is always due within `period` (the shortest timeout its
