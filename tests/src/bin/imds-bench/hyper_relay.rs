@@ -1,8 +1,9 @@
 //! `hyper-relay LISTEN TARGET`: an HTTP relay built as the agent's request path is (as many
 //! threads as the agent serves with by default, each with tokio's current-thread runtime
-//! accepting from the shared listening socket; hyper's server on the client connection, hyper's client on an upstream
-//! connection of its own, kept by the thread for its next client connection when this one
-//! ends) and nothing else: no gate, attribution, policy, token rules, shield or audit line.
+//! accepting from the shared listening socket; hyper's server on the client connection,
+//! hyper's client on an upstream connection of its own, kept by the thread for its next
+//! client connection when this one ends) and nothing else: no gate, attribution, policy,
+//! token rules, shield or audit line.
 //! Section 4 measures it beside the agent: the floor of the agent's HTTP machinery, apart
 //! from what the agent does with each request.
 

@@ -115,22 +115,22 @@ Open findings, by section:\n\n\
   that skips one phase against the same build whole, before the rows above): the audit\n\
   line 0.80 and 0.88; the per-caller limits 1.00; the shield's checks 0.93; the gate's\n\
   scan 0.91 and 1.00. With one serving thread by default on this machine (the row above)\n\
-and the tables above (a full run, on another host's CPU than the runs before): CPU\n\
-against nginx's 1.39 (keep-alive, 1 client), 1.22 (keep-alive, 16) and 1.57 (new\n\
-connection, 16); req/s 0.91, 1.01 and 0.82; with keep-alive, CPU against the bare\n\
-relay's 2.10 and 1.45. Two runs of `alternatives 3` just before: 1.24 and 1.19 with 16\n\
-keep-alive clients (req/s 1.00 and 1.08), 1.39 and 1.37 per new connection (req/s 0.88\n\
-both). So the keep-alive row with 16 clients now meets its req/s target and the bare\n\
-relay one, not yet nginx's CPU. Set beside the hyper relay under the same load (`profile\n\
---hyper-relay`, perf, 16 keep-alive clients): user space 17.6 against 6.6 us per request,\n\
-the kernel 26.7 against 20.0 us (more preemption on return from syscalls, 8.2 against\n\
-4.9, as the agent's thread runs longer per request; the audit write 1.2). The agent's\n\
-user-space extra is its request phases, none of them large: the audit phase 5.9% of its\n\
-CPU (its JSON 2.6%), the forward phase 4.8% (hyper's client, which the relay has too),\n\
-the policy 2.1% (1.6% of the agent's CPU split the request's path and the caller's\n\
-cgroup and executable paths into segments, each request; 1.3% since, see the last row\n\
-above), the per-caller limits, the request id and the copies of what the audit line\n\
-names about 3%.\n\
+  and the tables above (a full run, on another host's CPU than the runs before): CPU\n\
+  against nginx's 1.39 (keep-alive, 1 client), 1.22 (keep-alive, 16) and 1.57 (new\n\
+  connection, 16); req/s 0.91, 1.01 and 0.82; with keep-alive, CPU against the bare\n\
+  relay's 2.10 and 1.45. Two runs of `alternatives 3` just before: 1.24 and 1.19 with 16\n\
+  keep-alive clients (req/s 1.00 and 1.08), 1.39 and 1.37 per new connection (req/s 0.88\n\
+  both). So the keep-alive row with 16 clients now meets its req/s target and the bare\n\
+  relay one, not yet nginx's CPU. Set beside the hyper relay under the same load (`profile\n\
+  --hyper-relay`, perf, 16 keep-alive clients): user space 17.6 against 6.6 us per request,\n\
+  the kernel 26.7 against 20.0 us (more preemption on return from syscalls, 8.2 against\n\
+  4.9, as the agent's thread runs longer per request; the audit write 1.2). The agent's\n\
+  user-space extra is its request phases, none of them large: the audit phase 5.9% of its\n\
+  CPU (its JSON 2.6%), the forward phase 4.8% (hyper's client, which the relay has too),\n\
+  the policy 2.1% (1.6% of the agent's CPU split the request's path and the caller's\n\
+  cgroup and executable paths into segments, each request; 1.3% since, see the last row\n\
+  above), the per-caller limits, the request id and the copies of what the audit line\n\
+  names about 3%.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
