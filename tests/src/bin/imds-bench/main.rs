@@ -4,7 +4,8 @@
 //! `imds-bench run` drives; the measured clients are this binary again (`connect`, `http`,
 //! `flip`, ...), started inside the sandbox's cgroups and namespace. By part: `clients` (what
 //! is measured), `harness` (what it runs on), `report` (the sections of BENCHMARKS.md),
-//! `engine`, `reactions`, `profile`, and `builds` (two agent builds side by side).
+//! `engine`, `reactions`, `profile`, `builds` (two agent builds side by side), and `train`
+//! (the requests the release build's profile is recorded under).
 
 use std::{
     fmt::Write as _,
@@ -31,6 +32,7 @@ mod profile;
 mod reactions;
 mod report;
 mod shield;
+mod train;
 mod upgrades;
 
 use engine::*;
@@ -105,6 +107,9 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Section 4's requests through AGENT (an instrumented build, for `cargo xtask pgo`),
+    /// which is then stopped with SIGTERM so that it writes its profile.
+    Train { agent: PathBuf },
     // The measured clients and servers (started inside the sandbox by the commands above).
     /// N times connect()+close(); prints "p50 p99 min max" in nanoseconds.
     #[command(hide = true)]
@@ -190,6 +195,7 @@ fn main() -> ExitCode {
         Command::Shield { rounds } => shield::shield_only(rounds),
         Command::Alternatives { rounds } => report::alternatives_only(rounds),
         Command::Builds { baseline, rounds } => builds::compare(&baseline, rounds),
+        Command::Train { agent } => train::train(&agent),
         Command::Connect { addr, n } => clients::connect(addr, n),
         Command::ConnectAb {
             addr,
