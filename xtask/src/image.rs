@@ -14,7 +14,7 @@ use std::{
     process::Command,
 };
 
-use crate::{Result, cargo, run, workspace_root};
+use crate::{Result, cargo, output, pgo, run, workspace_root};
 
 /// One architecture the image is built for.
 pub struct Arch {
@@ -196,6 +196,7 @@ fn build(arch: &Arch) -> Result<PathBuf> {
         "imds-agent",
     ]);
     let Some(triple) = arch.triple else {
+        pgo::use_profile(&mut command);
         run(&mut command)?;
         return Ok(workspace_root().join("target/release/imds-agent"));
     };
@@ -340,20 +341,6 @@ fn package_field(manifest: &Path, key: &str) -> Result<String> {
 
 fn git(args: &[&str]) -> Result<String> {
     output(Command::new("git").args(args).current_dir(workspace_root()))
-}
-
-fn output(command: &mut Command) -> Result<String> {
-    let out = command
-        .output()
-        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{command:?} failed: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn copy(from: &Path, to: &Path) -> Result {

@@ -1,9 +1,10 @@
-//! `cargo xtask setup | demo | test`.
+//! `cargo xtask setup | demo | test | bench | package | image | pgo | fuzz`.
 //!
 //! Depends on std alone on purpose: it must build on a fresh machine before `setup` has
 //! installed the eBPF toolchain that the agent's build script needs.
 
 mod image;
+mod pgo;
 
 use std::{
     env,
@@ -23,6 +24,8 @@ commands:
           builds the image and the container test's workload image first
   bench [--quick]  measure side by side in a sandbox and write BENCHMARKS.md
   package build the Debian package (target/debian/imds-agent_*.deb)
+  pgo     record the profile the amd64 release build is optimised with (imds-agent/pgo/),
+          from section 4's requests through an instrumented build in a sandbox
   image   build the agent's OCI image for amd64 and arm64 with buildah (no daemon, no
           registry): loaded into local storage as localhost/imds-agent:<version>, written
           as OCI archives under target/image/
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|()| test()),
         Some("package") => setup().and_then(|()| package()),
         Some("image") => setup().and_then(|()| image::image()),
+        Some("pgo") => setup().and_then(|()| pgo::pgo()),
         Some("bench") => setup().and_then(|()| bench(args.iter().any(|a| a == "--quick"))),
         Some("fuzz") => {
             let seconds = args
@@ -107,6 +111,21 @@ fn run(command: &mut Command) -> Result {
     } else {
         Err(format!("{command:?} failed: {status}"))
     }
+}
+
+/// What `command` prints, trimmed; an error if it fails.
+fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{command:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
@@ -314,8 +333,11 @@ fn install_bench_packages() -> Result {
 
 fn bench(quick: bool) -> Result {
     install_bench_packages()?;
-    // Release builds: timings of debug code say little.
-    run(cargo().args(["build", "--release", "--bins"]))?;
+    // Release builds: timings of debug code say little. The agent's is the one users get.
+    let mut build = cargo();
+    build.args(["build", "--release", "--bins"]);
+    pgo::use_profile(&mut build);
+    run(&mut build)?;
     let mut command = Command::new(workspace_root().join("target/release/imds-bench"));
     command.arg("run").current_dir(workspace_root());
     if quick {
@@ -326,7 +348,10 @@ fn bench(quick: bool) -> Result {
 
 fn package() -> Result {
     // The manual page and completions are generated from the CLI the package ships.
-    run(cargo().args(["build", "--release", "-p", "imds-agent"]))?;
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "imds-agent"]);
+    pgo::use_profile(&mut build);
+    run(&mut build)?;
     let root = workspace_root();
     let out = root.join("target/package");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -353,7 +378,11 @@ fn package() -> Result {
     run(Command::new("gzip")
         .args(["-9nf"])
         .arg(out.join("imds-agent.1")))?;
-    run(cargo().args(["deb", "-p", "imds-agent"]))
+    // cargo deb builds again: with the same flags, from cargo's cache.
+    let mut deb = cargo();
+    deb.args(["deb", "-p", "imds-agent"]);
+    pgo::use_profile(&mut deb);
+    run(&mut deb)
 }
 
 const FUZZ_TARGETS: [&str; 4] = ["request_head", "request_path", "policy", "views"];
