@@ -30,7 +30,8 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | a timer on each serving thread always due within the shortest request timeout, so that arming a request's upstream timeout no longer wakes the thread's own driver (tokio writes its eventfd when a timer is armed due before the one it last slept for) | eventfd writes per 1,500 keep-alive requests, 1 client (strace); against the commit before (`imds-bench builds`, 8 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1,500; 1.00 | 29; 0.83, 0.93, 0.99; 1.15, 1.05, 1.03 |\n\
 | serving threads by default half the CPUs the agent may use (one here) instead of one per CPU: every request has a caller on the node too, and threads competing with their callers for every CPU wake more often for fewer requests each | one thread against two (`imds-bench builds`, 6 rounds): CPU per request; req/s; p99 (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.96, 0.88, 0.91; 1.04, 0.95, 1.01; 1.01, 0.78, 0.76 |\n\
 | audit lines written field by field with constant names, values copied unless they need escaping, instead of through serde's map (which escaped every name) | the audit line's JSON, share of the agent's CPU (perf, 16 keep-alive clients); against the commit before (`imds-bench builds`, 8 rounds): CPU per request | 3.0-3.1%; 1.00 | 2.6%; 0.95, 1.05, 1.05 (within noise) |\n\
-| policy paths (the request's, the caller's cgroup and executable) split into a vector sized once, in a plain loop | share of the agent's CPU in splitting them (perf, 16 keep-alive clients) | 1.6% | 1.3% |\n\n\
+| policy paths (the request's, the caller's cgroup and executable) split into a vector sized once, in a plain loop | share of the agent's CPU in splitting them (perf, 16 keep-alive clients) | 1.6% | 1.3% |\n\
+| the amd64 release build optimised with a profile of the agent under section 4's requests (`cargo xtask pgo`, committed; profile-guided optimisation) | against the same commit without it (`imds-bench builds`, 8 rounds, twice): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.83 and 0.96, 0.89 and 0.89, 0.89 and 0.89; 1.10 and 1.05, 1.04 and 1.05, 1.06 and 1.07 |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -128,9 +129,14 @@ Open findings, by section:\n\n\
   user-space extra is its request phases, none of them large: the audit phase 5.9% of its\n\
   CPU (its JSON 2.6%), the forward phase 4.8% (hyper's client, which the relay has too),\n\
   the policy 2.1% (1.6% of the agent's CPU split the request's path and the caller's\n\
-  cgroup and executable paths into segments, each request; 1.3% since, see the last row\n\
-  above), the per-caller limits, the request id and the copies of what the audit line\n\
-  names about 3%.\n\
+  cgroup and executable paths into segments, each request; 1.3% since, see the policy paths'\n\
+  row above), the per-caller limits, the request id and the copies of what the audit line\n\
+  names about 3%. With the release build optimised with a profile of these requests (the\n\
+  last row above; two runs of `alternatives 3`, on a quieter host than the full run): CPU\n\
+  against nginx's 1.14 (keep-alive, 1 client), 1.07 and 1.08 (keep-alive, 16), 1.40 (new\n\
+  connection, 16); req/s 1.01, 1.08 and 1.05, 0.88; with keep-alive, CPU against the bare\n\
+  relay's 1.61 and 1.19. The profile is recorded from the requests measured here (allowed\n\
+  reads); other paths, denials and token requests run the same phases.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
