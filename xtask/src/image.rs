@@ -14,7 +14,7 @@ use std::{
     process::Command,
 };
 
-use crate::{Result, cargo, output, pgo, run, workspace_root};
+use crate::{AGENT_RELEASE_BUILD, Result, cargo, output, pgo, run, workspace_root};
 
 /// One architecture the image is built for.
 pub struct Arch {
@@ -187,14 +187,7 @@ pub fn image() -> Result {
 /// The release binary for `arch`.
 fn build(arch: &Arch) -> Result<PathBuf> {
     let mut command = cargo();
-    command.args([
-        "build",
-        "--release",
-        "-p",
-        "imds-agent",
-        "--bin",
-        "imds-agent",
-    ]);
+    command.args(AGENT_RELEASE_BUILD);
     let Some(triple) = arch.triple else {
         pgo::use_profile(&mut command);
         run(&mut command)?;

@@ -137,6 +137,16 @@ fn succeeds(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `cargo` arguments that build the agent's release binary.
+const AGENT_RELEASE_BUILD: [&str; 6] = [
+    "build",
+    "--release",
+    "-p",
+    "imds-agent",
+    "--bin",
+    "imds-agent",
+];
+
 fn cargo() -> Command {
     let mut command = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(workspace_root());

@@ -17,7 +17,7 @@ use std::{
     process::Command,
 };
 
-use crate::{Result, cargo, output, run, workspace_root};
+use crate::{AGENT_RELEASE_BUILD, Result, cargo, output, run, workspace_root};
 
 /// Cargo's per-target flags: unlike RUSTFLAGS, they leave the eBPF build (bpfel) alone.
 const TARGET_RUSTFLAGS: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS";
@@ -149,14 +149,7 @@ pub fn pgo() -> Result {
     // build would then not find in the profile.
     let mut instrumented = cargo();
     instrumented
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "imds-agent",
-            "--bin",
-            "imds-agent",
-        ])
+        .args(AGENT_RELEASE_BUILD)
         .arg("--target-dir")
         .arg(&work)
         .env(
