@@ -154,8 +154,30 @@ pub async fn forward(
         .metrics
         .upstream_latency(sent.elapsed().as_secs_f64());
     request::strip_hop_by_hop(response.headers_mut());
-    Ok(response.map(BodyExt::boxed))
+    // An answer of a known, small size (nearly every metadata answer) is read whole within
+    // the same bound before it is answered: a service that stalls after the head costs the
+    // caller a 504 in the bound rather than a body that never comes, and the answer goes out
+    // in one write. Larger or unsized answers stream through.
+    let small = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|length| length <= WHOLE_BODY_BYTES);
+    if !small {
+        return Ok(response.map(BodyExt::boxed));
+    }
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(bound, body.collect())
+        .await
+        .map_err(|_| UpstreamError::TimedOut)?
+        .map_err(|_| UpstreamError::Request)?
+        .to_bytes();
+    Ok(Response::from_parts(parts, super::full_body(body)))
 }
+
+/// Answers up to this size are read whole before they are answered: the metadata services'
+/// documents and credentials are a few KiB, EC2's user data at most 16 KB.
+const WHOLE_BODY_BYTES: usize = 64 * 1024;
 
 /// The Host header for requests to `original`, formatted once per thread for the address
 /// its last request went to (a node's callers all ask the same one or two addresses).

@@ -13,13 +13,16 @@
 //! token*`; whether it echoes the TTL is not documented, so it does not) and RAM credentials;
 //! OpenStack's EC2-compatible tree without tokens, beside its own `/openstack` tree.
 //!
-//! Test hook, not IMDS behaviour: an `X-Fake-Delay-Ms: N` header delays the answer by N
-//! milliseconds (at most 10 s), so tests can hold a request in flight.
+//! Test hooks, not IMDS behaviour: an `X-Fake-Delay-Ms: N` header delays the answer by N
+//! milliseconds (at most 10 s), so tests can hold a request in flight; `X-Fake-Body-Delay-Ms:
+//! N` sends the answer's head at once and its body N milliseconds later, as a service that
+//! stalls mid-answer.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -177,9 +180,10 @@ where
                 return Ok(reply(
                     StatusCode::TOO_MANY_REQUESTS,
                     "{\"error\":\"Too many requests\"}",
-                ));
+                )
+                .map(HeldBody::now));
             }
-            if let Some(delay) = requested_delay(&request) {
+            if let Some(delay) = requested_delay(&request, DELAY_HEADER) {
                 tokio::time::sleep(delay).await;
             }
             if !state.config.answer_delay.is_zero() {
@@ -188,9 +192,12 @@ where
             // Not a metadata path: tests ask which connection carried a request (the agent's
             // upstream connection reuse).
             if request.uri().path() == CONNECTION_PATH {
-                return Ok(reply(StatusCode::OK, &peer.to_string()));
+                return Ok(reply(StatusCode::OK, &peer.to_string()).map(HeldBody::now));
             }
-            Ok::<_, Infallible>(respond(&state, &request))
+            let body_delay = requested_delay(&request, BODY_DELAY_HEADER);
+            Ok::<_, Infallible>(
+                respond(&state, &request).map(|body| HeldBody::after(body, body_delay)),
+            )
         }
     });
     let _ = hyper::server::conn::http1::Builder::new()
@@ -217,10 +224,13 @@ fn log_request<B>(log: &std::path::Path, request: &Request<B>, tls: bool) {
 /// agent forwards; a query parameter of its own would be refused as undocumented).
 pub const DELAY_HEADER: &str = "x-fake-delay-ms";
 
-fn requested_delay<B>(request: &Request<B>) -> Option<Duration> {
+/// A test asks the fake to send an answer's body this long after its head.
+pub const BODY_DELAY_HEADER: &str = "x-fake-body-delay-ms";
+
+fn requested_delay<B>(request: &Request<B>, header: &str) -> Option<Duration> {
     let ms: u64 = request
         .headers()
-        .get(DELAY_HEADER)?
+        .get(header)?
         .to_str()
         .ok()?
         .trim()
@@ -377,6 +387,50 @@ fn credentials(lifetime: Duration) -> String {
         random_hex(40),
         iso8601(now + lifetime),
     )
+}
+
+/// An answer's body, sent with its head or held back for a while after it.
+struct HeldBody {
+    body: Full<Bytes>,
+    delay: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HeldBody {
+    fn now(body: Full<Bytes>) -> Self {
+        Self::after(body, None)
+    }
+
+    fn after(body: Full<Bytes>, delay: Option<Duration>) -> Self {
+        Self {
+            body,
+            delay: delay.map(|delay| Box::pin(tokio::time::sleep(delay))),
+        }
+    }
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if let Some(delay) = &mut self.delay {
+            std::task::ready!(delay.as_mut().poll(cx));
+            self.delay = None;
+        }
+        hyper::body::Body::poll_frame(Pin::new(&mut self.body), cx)
+    }
+
+    // The length goes out with the head (Content-Length), as the real services send it.
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::Body::size_hint(&self.body)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.delay.is_none() && hyper::body::Body::is_end_stream(&self.body)
+    }
 }
 
 pub(crate) fn reply(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

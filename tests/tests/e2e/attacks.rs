@@ -658,6 +658,49 @@ fn a_hung_metadata_service_gives_504() {
         ],
     );
     assert_eq!(hung.status, 504, "{hung:?}");
+    // A service that sends the head and then stalls: the caller gets the same 504 in the
+    // bound, not a 200 whose body never comes.
+    let started = std::time::Instant::now();
+    let stalled = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &[
+            "-H",
+            "X-Fake-Body-Delay-Ms: 3000",
+            "http://169.254.169.254/latest/meta-data/instance-id",
+        ],
+    );
+    assert_eq!(
+        (stalled.status, stalled.body.contains(INSTANCE_ID)),
+        (504, false),
+        "{stalled:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2500),
+        "the stalled body was waited for: {:?}",
+        started.elapsed()
+    );
+    let late_body = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &[
+            "-H",
+            "X-Fake-Body-Delay-Ms: 100",
+            "http://169.254.169.254/latest/meta-data/instance-id",
+        ],
+    );
+    assert_eq!(
+        (late_body.status, late_body.body.as_str()),
+        (200, INSTANCE_ID),
+        "{late_body:?}"
+    );
+    let timed_out = env
+        .agent
+        .audit()
+        .into_iter()
+        .filter(|line| line["status"] == 504 && line["detail"] == "no answer in time")
+        .count();
+    assert_eq!(timed_out, 2, "{}", env.agent.log());
     // GCP's hanging GETs outlast the bound (gcp.rs); EC2's service documents no query
     // parameter, so here the agent refuses one before any upstream wait.
     let long_poll = env.sandbox.curl(
