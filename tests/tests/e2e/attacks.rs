@@ -718,6 +718,35 @@ fn a_hung_metadata_service_gives_504() {
     );
 }
 
+/// A HEAD answer has no body but names the length of the GET's: read whole or streamed, the
+/// caller sees the service's length, and the connection stays usable after it.
+#[test]
+fn head_requests_keep_the_services_length() {
+    let Some(sandbox) = Sandbox::new("head") else {
+        return;
+    };
+    let _imds = sandbox.start_fake_imds(false);
+    let policy = POLICY.replace("methods: [GET]", "methods: [GET, HEAD]");
+    let policies = sandbox.write_policies(&[("attacker.yaml", policy.as_str())]);
+    let agent = sandbox.start_agent("enforced", "agent", &[&policies], &[]);
+    let url = "http://169.254.169.254/latest/meta-data/instance-id";
+    // Twice on one connection: curl reuses it for the second URL.
+    let head = sandbox.curl(ATTACKER, None, &["-I", url, url]);
+    assert_eq!(
+        (head.status, head.exit),
+        (200, 0),
+        "{head:?}\n{}",
+        agent.log()
+    );
+    let length = format!("content-length: {}\r\n", INSTANCE_ID.len());
+    assert_eq!(
+        head.body.to_ascii_lowercase().matches(&length).count(),
+        2,
+        "{head:?}"
+    );
+    assert!(!head.body.contains(INSTANCE_ID), "{head:?}");
+}
+
 #[test]
 fn connections_opened_before_enforcement_are_closed() {
     use std::io::{BufRead as _, BufReader, Write as _};
