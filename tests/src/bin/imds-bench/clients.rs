@@ -174,7 +174,19 @@ pub(crate) fn sustained(addr: SocketAddr, path: String, seconds: f64, workers: u
                     }
                     match status {
                         Ok(200) => samples.push(start.elapsed().as_nanos() as u64),
-                        Ok(_) | Err(_) => {
+                        failure => {
+                            // What failed, for whoever reads the bench's output.
+                            match failure {
+                                Ok(status) => eprintln!("sustained: a request failed: {status}"),
+                                Err(error) => eprintln!(
+                                    "sustained: a request failed on a {} connection: {error}",
+                                    if reused {
+                                        "new (after a reused one failed)"
+                                    } else {
+                                        "new"
+                                    }
+                                ),
+                            }
                             failed += 1;
                             stream = None;
                         }
