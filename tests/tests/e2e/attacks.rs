@@ -718,8 +718,9 @@ fn a_hung_metadata_service_gives_504() {
     );
 }
 
-/// A HEAD answer has no body but names the length of the GET's: read whole or streamed, the
-/// caller sees the service's length, and the connection stays usable after it.
+/// A HEAD answer has no body but names the length of the GET's: the caller sees the
+/// service's length (not the empty body's, which the agent reads whole), and the connection
+/// stays usable after it.
 #[test]
 fn head_requests_keep_the_services_length() {
     let Some(sandbox) = Sandbox::new("head") else {
