@@ -159,9 +159,9 @@ Open findings, by section:\n\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
   systems without them).\n\
 - 7 (no failed request during upgrades). The tables above have one failed request in 30\n\
-  upgrades, the first in a full run. Run alone on the same build (`imds-bench upgrades 10`,\n\
-  three times, and 3 rounds three times): 1 in 100 upgrades, then none in 100 and none in 90;\n\
-  the build before answers were read whole: none in 100. Too rare to tell the two builds\n\
+  upgrades, the first in a full run. Run alone on the same build (`imds-bench upgrades 10`\n\
+  five times, and 3 rounds three times): 1 in 100 upgrades, then none in 100, 100, 100 and\n\
+  90; the build before answers were read whole: none in 100. Too rare to tell the two builds\n\
   apart yet; the sustained client now prints what failed (a status, or the error on a new\n\
   connection), so the next one says what it was.\n\
 \n\
