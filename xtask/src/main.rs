@@ -344,10 +344,7 @@ fn install_bench_packages() -> Result {
 fn bench(quick: bool) -> Result {
     install_bench_packages()?;
     // Release builds: timings of debug code say little. The agent's is the one users get.
-    let mut build = cargo();
-    build.args(["build", "--release", "--bins"]);
-    pgo::use_profile(&mut build);
-    run(&mut build)?;
+    run(&mut pgo::release_cargo(&["build", "--release", "--bins"]))?;
     let mut command = Command::new(workspace_root().join("target/release/imds-bench"));
     command.arg("run").current_dir(workspace_root());
     if quick {
@@ -358,10 +355,12 @@ fn bench(quick: bool) -> Result {
 
 fn package() -> Result {
     // The manual page and completions are generated from the CLI the package ships.
-    let mut build = cargo();
-    build.args(["build", "--release", "-p", "imds-agent"]);
-    pgo::use_profile(&mut build);
-    run(&mut build)?;
+    run(&mut pgo::release_cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "imds-agent",
+    ]))?;
     let root = workspace_root();
     let out = root.join("target/package");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -389,10 +388,7 @@ fn package() -> Result {
         .args(["-9nf"])
         .arg(out.join("imds-agent.1")))?;
     // cargo deb builds again: with the same flags, from cargo's cache.
-    let mut deb = cargo();
-    deb.args(["deb", "-p", "imds-agent"]);
-    pgo::use_profile(&mut deb);
-    run(&mut deb)
+    run(&mut pgo::release_cargo(&["deb", "-p", "imds-agent"]))
 }
 
 const FUZZ_TARGETS: [&str; 4] = ["request_head", "request_path", "policy", "views"];

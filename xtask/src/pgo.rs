@@ -102,6 +102,14 @@ fn flags_for(profile: &Path) -> Result<String> {
     Ok(format!("-Cprofile-use={copy}"))
 }
 
+/// `cargo ARGS` for a release build, optimised with the committed profile where it can be.
+pub fn release_cargo(args: &[&str]) -> Command {
+    let mut command = cargo();
+    command.args(args);
+    use_profile(&mut command);
+    command
+}
+
 /// Optimises a release build of the host's architecture with the committed profile, or says
 /// why it goes without. Every release build this tool runs calls it, so that they share one
 /// set of flags (and cargo's cache).
@@ -138,10 +146,7 @@ pub fn pgo() -> Result {
     }
     let work = root.join("target/pgo");
     let counts = work.join("counts");
-    if counts.exists() {
-        fs::remove_dir_all(&counts).map_err(|e| format!("{}: {e}", counts.display()))?;
-    }
-    fs::create_dir_all(&counts).map_err(|e| format!("{}: {e}", counts.display()))?;
+    empty_dir(&counts)?;
 
     // The instrumented build has a target directory of its own, so that the release build's
     // cache is not rebuilt with other flags. Like the release build, it names no `--target`:
@@ -159,13 +164,15 @@ pub fn pgo() -> Result {
     run(&mut instrumented)?;
     // Build scripts are instrumented as well (without `--target` the flags reach them too):
     // what they counted while building is not the agent's.
-    fs::remove_dir_all(&counts).map_err(|e| format!("{}: {e}", counts.display()))?;
-    fs::create_dir_all(&counts).map_err(|e| format!("{}: {e}", counts.display()))?;
+    empty_dir(&counts)?;
     // The sandbox's clients and fake metadata service.
-    let mut bench = cargo();
-    bench.args(["build", "--release", "-p", "imds-tests", "--bins"]);
-    use_profile(&mut bench);
-    run(&mut bench)?;
+    run(&mut release_cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "imds-tests",
+        "--bins",
+    ]))?;
     run(Command::new(root.join("target/release/imds-bench"))
         .arg("train")
         .arg(work.join("release/imds-agent"))
@@ -203,6 +210,14 @@ pub fn pgo() -> Result {
         profile.display()
     );
     Ok(())
+}
+
+/// Makes `dir` an empty directory.
+fn empty_dir(dir: &Path) -> Result {
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 #[cfg(test)]

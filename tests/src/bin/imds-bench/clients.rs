@@ -175,18 +175,13 @@ pub(crate) fn sustained(addr: SocketAddr, path: String, seconds: f64, workers: u
                     match status {
                         Ok(200) => samples.push(start.elapsed().as_nanos() as u64),
                         failure => {
-                            // What failed, for whoever reads the bench's output.
-                            match failure {
-                                Ok(status) => eprintln!("sustained: a request failed: {status}"),
-                                Err(error) => eprintln!(
-                                    "sustained: a request failed on a {} connection: {error}",
-                                    if reused {
-                                        "new (after a reused one failed)"
-                                    } else {
-                                        "new"
-                                    }
-                                ),
-                            }
+                            // What failed, for whoever reads the bench's output. An error is
+                            // always a new connection's: a reused one's is retried above.
+                            let what = match failure {
+                                Ok(status) => format!("status {status}"),
+                                Err(error) => format!("{error} on a new connection"),
+                            };
+                            eprintln!("sustained: a request failed: {what}");
                             failed += 1;
                             stream = None;
                         }
