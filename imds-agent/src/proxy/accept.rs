@@ -63,6 +63,7 @@ pub async fn serve(
         }
     }
     let (ended, ended_seen) = tokio::sync::mpsc::unbounded_channel();
+    let (accepting, mut accepting_seen) = tokio::sync::mpsc::channel(1);
     let mut serving = Vec::new();
     for number in 1..=threads.max(1) {
         let copies = match listeners
@@ -84,6 +85,7 @@ pub async fn serve(
             stopping: stopping_seen.clone(),
             nodelay_inherited,
             ended: ended.clone(),
+            accepting: accepting.clone(),
         };
         match std::thread::Builder::new()
             .name(format!("imds-serve-{number}"))
@@ -93,6 +95,7 @@ pub async fn serve(
             Err(error) => tracing::error!(%error, "cannot start a serving thread"),
         }
     }
+    drop(accepting);
     if let Err(error) = until_shutdown(shutdown, ended_seen, serving.len()).await {
         // Nothing is served: connects wait in the backlog (nothing bypasses the agent) until
         // the agent exits and its service manager starts it again.
@@ -104,9 +107,8 @@ pub async fn serve(
     // The threads close their copies; the sockets close with these (after a handover, the
     // successor holds them).
     drop(listeners);
-    // Every connection holds a slot until it ends: all slots back means all drained.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain, connections.acquire_many(all))
+    if tokio::time::timeout(drain, drained(&mut accepting_seen, &connections, all))
         .await
         .is_err()
     {
@@ -157,6 +159,23 @@ async fn until_shutdown(
     }
 }
 
+/// Returns once every serving thread has stopped accepting (each drops its `accepting`
+/// sender) and then every connection has ended (each holds one of `all` slots until it ends).
+///
+/// In that order: waiting for the slots takes every slot that comes free, so a thread that
+/// accepted a connection meanwhile (one already queued, or, during an upgrade, one the
+/// successor would have taken from the same listening socket) found none left and refused it
+/// as overload, a 503 to a caller of an agent that was not overloaded.
+async fn drained(
+    accepting: &mut tokio::sync::mpsc::Receiver<Infallible>,
+    connections: &Semaphore,
+    all: u32,
+) {
+    // `None` once every sender is gone; nothing is ever sent.
+    let _ = accepting.recv().await;
+    let _ = connections.acquire_many(all).await;
+}
+
 /// Reports a serving thread's end, however it ends (a panic included), to [`until_shutdown`].
 struct EndReport {
     number: usize,
@@ -180,6 +199,8 @@ struct ServingThread {
     nodelay_inherited: bool,
     /// Where the thread reports its end.
     ended: tokio::sync::mpsc::UnboundedSender<usize>,
+    /// Held while the thread accepts (see [`drained`]).
+    accepting: tokio::sync::mpsc::Sender<Infallible>,
 }
 
 impl ServingThread {
@@ -258,6 +279,7 @@ impl ServingThread {
             }
         }
         drop(listeners);
+        drop(self.accepting);
         let _ = self.stopping.wait_for(|s| *s).await;
     }
 }
@@ -485,6 +507,32 @@ mod tests {
             served,
             Err(ServeError::NoServingThread { started: 0 })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_connection_accepted_as_the_drain_begins_gets_a_slot() {
+        let connections = Arc::new(Semaphore::new(3));
+        let open = connections.clone().try_acquire_owned().expect("a slot");
+        let (accepting, mut accepting_seen) = tokio::sync::mpsc::channel(1);
+        let drain = {
+            let connections = connections.clone();
+            tokio::spawn(async move { drained(&mut accepting_seen, &connections, 3).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A serving thread that has not yet seen the drain accepts one more connection.
+        let slot = connections
+            .clone()
+            .try_acquire_owned()
+            .expect("a slot: the agent is draining, not overloaded");
+        drop(accepting);
+        drop(open);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!drain.is_finished(), "the connection accepted last is still open");
+        drop(slot);
+        tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .expect("drained once it ends")
+            .expect("joined");
     }
 
     /// What serving relies on to skip a setsockopt per connection.
