@@ -231,8 +231,8 @@ pub struct RunArgs {
     /// How long a keep-alive connection may sit idle between requests, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
-    /// How long to wait for the metadata service's answer, in milliseconds: for its head, then
-    /// again for a body of up to 64 KiB, which is read whole before it is answered; then 504.
+    /// How long the metadata service may take to answer, in milliseconds: its head and a body
+    /// of up to 64 KiB (read whole before it is answered) within this bound together; then 504.
     #[arg(long, default_value_t = 15_000)]
     pub upstream_timeout_ms: u64,
     /// Cap on GCP wait_for_change long-polls (their timeout_sec, plus the upstream timeout),

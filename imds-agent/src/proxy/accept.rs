@@ -527,7 +527,10 @@ mod tests {
         drop(accepting);
         drop(open);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!drain.is_finished(), "the connection accepted last is still open");
+        assert!(
+            !drain.is_finished(),
+            "the connection accepted last is still open"
+        );
         drop(slot);
         tokio::time::timeout(Duration::from_secs(5), drain)
             .await

@@ -131,48 +131,53 @@ pub async fn forward(
     // repeat). Requests on the client connection's own upstream, just checked ready, are
     // not copied for that.
     let retry = pooled.then(|| clone_request(&upstream_request));
-    let sender = upstream.as_mut().expect("set above");
     let sent = Instant::now();
+    // One deadline for the whole exchange (a resend on a new connection, the head, a body read
+    // whole): one timer per request.
     let bound = filter.settings.upstream.for_query(valid.query.as_deref());
-    let first = tokio::time::timeout(bound, sender.try_send_request(upstream_request))
-        .await
-        .map_err(|_| UpstreamError::TimedOut)?;
-    let mut response = match (first, retry) {
-        (Ok(response), _) => response,
-        (Err(error), Some(request)) if is_stale_connection(error.error()) => {
-            tracing::debug!(error = %error.error(), "reused upstream connection was closed; retrying on a new one");
-            let sender = upstream.insert(connect_upstream(filter, connection.original, tls).await?);
-            tokio::time::timeout(bound, sender.send_request(request))
-                .await
-                .map_err(|_| UpstreamError::TimedOut)?
-                .map_err(|_| UpstreamError::Request)?
+    let exchange = async {
+        let sender = upstream.as_mut().expect("set above");
+        let mut response = match (sender.try_send_request(upstream_request).await, retry) {
+            (Ok(response), _) => response,
+            (Err(error), Some(request)) if is_stale_connection(error.error()) => {
+                tracing::debug!(error = %error.error(), "reused upstream connection was closed; retrying on a new one");
+                let sender =
+                    upstream.insert(connect_upstream(filter, connection.original, tls).await?);
+                sender
+                    .send_request(request)
+                    .await
+                    .map_err(|_| UpstreamError::Request)?
+            }
+            (Err(_), _) => return Err(UpstreamError::Request),
+        };
+        filter
+            .sinks
+            .metrics
+            .upstream_latency(sent.elapsed().as_secs_f64());
+        request::strip_hop_by_hop(response.headers_mut());
+        // An answer of a known, small size (nearly every metadata answer) is read whole
+        // within the bound before it is answered: a service that stalls after the head costs
+        // the caller a 504 in the bound rather than a body that never comes, and the answer
+        // goes out in one write. Larger or unsized answers stream through.
+        let small = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|length| length.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|length| length <= WHOLE_BODY_BYTES);
+        if !small {
+            return Ok(response.map(BodyExt::boxed));
         }
-        (Err(_), _) => return Err(UpstreamError::Request),
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|_| UpstreamError::Request)?
+            .to_bytes();
+        Ok(Response::from_parts(parts, super::full_body(body)))
     };
-    filter
-        .sinks
-        .metrics
-        .upstream_latency(sent.elapsed().as_secs_f64());
-    request::strip_hop_by_hop(response.headers_mut());
-    // An answer of a known, small size (nearly every metadata answer) is read whole within
-    // the same bound before it is answered: a service that stalls after the head costs the
-    // caller a 504 in the bound rather than a body that never comes, and the answer goes out
-    // in one write. Larger or unsized answers stream through.
-    let small = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|length| length.to_str().ok()?.parse::<usize>().ok())
-        .is_some_and(|length| length <= WHOLE_BODY_BYTES);
-    if !small {
-        return Ok(response.map(BodyExt::boxed));
-    }
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(bound, body.collect())
+    tokio::time::timeout(bound, exchange)
         .await
         .map_err(|_| UpstreamError::TimedOut)?
-        .map_err(|_| UpstreamError::Request)?
-        .to_bytes();
-    Ok(Response::from_parts(parts, super::full_body(body)))
 }
 
 /// Answers up to this size are read whole before they are answered: the metadata services'

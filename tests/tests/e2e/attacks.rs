@@ -680,6 +680,19 @@ fn a_hung_metadata_service_gives_504() {
         "the stalled body was waited for: {:?}",
         started.elapsed()
     );
+    // One bound for head and body together: each in time, both together not.
+    let slow_both = env.sandbox.curl(
+        ATTACKER,
+        None,
+        &[
+            "-H",
+            "X-Fake-Delay-Ms: 300",
+            "-H",
+            "X-Fake-Body-Delay-Ms: 300",
+            "http://169.254.169.254/latest/meta-data/instance-id",
+        ],
+    );
+    assert_eq!(slow_both.status, 504, "{slow_both:?}");
     let late_body = env.sandbox.curl(
         ATTACKER,
         None,
@@ -700,7 +713,7 @@ fn a_hung_metadata_service_gives_504() {
         .into_iter()
         .filter(|line| line["status"] == 504 && line["detail"] == "no answer in time")
         .count();
-    assert_eq!(timed_out, 2, "{}", env.agent.log());
+    assert_eq!(timed_out, 3, "{}", env.agent.log());
     // GCP's hanging GETs outlast the bound (gcp.rs); EC2's service documents no query
     // parameter, so here the agent refuses one before any upstream wait.
     let long_poll = env.sandbox.curl(
