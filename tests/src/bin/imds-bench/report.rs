@@ -32,7 +32,9 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | audit lines written field by field with constant names, values copied unless they need escaping, instead of through serde's map (which escaped every name) | the audit line's JSON, share of the agent's CPU (perf, 16 keep-alive clients); against the commit before (`imds-bench builds`, 8 rounds): CPU per request | 3.0-3.1%; 1.00 | 2.6%; 0.95, 1.05, 1.05 (within noise) |\n\
 | policy paths (the request's, the caller's cgroup and executable) split into a vector sized once, in a plain loop | share of the agent's CPU in splitting them (perf, 16 keep-alive clients) | 1.6% | 1.3% |\n\
 | the amd64 release build optimised with a profile of the agent under section 4's requests (`cargo xtask pgo`, committed; profile-guided optimisation) | against the same commit without it (`imds-bench builds`, 8 rounds, twice): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.83 and 0.96, 0.89 and 0.89, 0.89 and 0.89; 1.10 and 1.05, 1.04 and 1.05, 1.06 and 1.07 |\n\
-| answers of a known size up to 64 KiB read whole from the service before they are answered (one write to the client; a body that stalls after the head is a 504 in the upstream bound) | against the commit before (`imds-bench builds`, 20 rounds; the committed profile, no longer matching the forward phase): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.97, 0.94, 0.96; 1.07, 1.04, 1.05 |\n\n\
+| answers of a known size up to 64 KiB read whole from the service before they are answered (one write to the client; a body that stalls after the head is a 504 in the upstream bound) | against the commit before (`imds-bench builds`, 20 rounds; the committed profile, no longer matching the forward phase): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.97, 0.94, 0.96; 1.07, 1.04, 1.05 |\n\
+| the drain waits for every serving thread to stop accepting before it takes the connection slots back (its wait took each slot that came free, so a connection a thread accepted as the drain began found none and was refused as overload) | failed requests in 400 upgrades under load (`imds-bench upgrades 40`) | 2 (both the agent's 503) | 0 |\n\
+| one deadline for the upstream exchange (a resend on a new connection, the head, a body read whole) instead of one per step: the bound means what a caller waits | against the commit before (`imds-bench builds`, 20 rounds; with the profile no longer matching, then recorded again): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 1.04, 1.04, 0.96 and 0.99, 1.00, 1.09; 0.99, 0.99, 1.03 and 1.01, 0.96, 0.95 (no change) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -153,17 +155,25 @@ Open findings, by section:\n\n\
   two workers' 5.0k). mimalloc again (`imds-bench builds`, 20 rounds): CPU 1.01, 0.96 and\n\
   0.96, req/s 1.03, 0.95 and 1.01, no change; not kept. With a new connection per request\n\
   the hyper relay alone cost 1.73 times nginx's CPU in the tables above (1.68 in the\n\
-  `alternatives` runs), the agent 0.90 (0.93) times the relay's.\n\
+  `alternatives` runs), the agent 0.90 (0.93) times the relay's. On the next host, after the\n\
+  one deadline (`alternatives 8`): CPU against nginx's 1.17 (keep-alive, 1 client), 1.20\n\
+  (keep-alive, 16) and 1.57 (new connection, 16); req/s 1.07, 1.00 and 0.81; with keep-alive,\n\
+  CPU against the bare relay's 1.70 and 1.39; the hyper relay alone cost 1.97 times nginx's\n\
+  CPU per new connection, the agent 0.79 times the relay's. Syscalls per keep-alive request\n\
+  with one client (strace): the agent 7 (two epoll_wait, two recvfrom, sendto and writev, and\n\
+  the audit write), the hyper relay 6; under perf the agent's user space took 29 against 11\n\
+  us per request, no function of its own above about 2% of its CPU.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
   systems without them).\n\
 - 7 (no failed request during upgrades). The tables above have one failed request in 30\n\
-  upgrades, the first in a full run. Run alone on the same build (`imds-bench upgrades 10`\n\
-  five times, and 3 rounds three times): 1 in 100 upgrades, then none in 100, 100, 100 and\n\
-  90; the build before answers were read whole: none in 100. Too rare to tell the two builds\n\
-  apart yet; the sustained client now prints what failed (a status, or the error on a new\n\
-  connection), so the next one says what it was.\n\
+  upgrades, and a run alone had 1 in 100, before the client said what failed. Once it did\n\
+  (`imds-bench upgrades 40`): 2 in 400, both the agent's own 503. The old agent's drain took\n\
+  back every connection slot that came free, while a serving thread that had not yet seen\n\
+  the drain accepted one more connection, found no slot and refused it as overload. The\n\
+  drain now waits for every thread to stop accepting first (the drain's row above): none\n\
+  failed in 400 upgrades since.\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
 client) runs section 3's load against the agent and prints its CPU per request (with\n\
