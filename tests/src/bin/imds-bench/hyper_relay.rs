@@ -57,8 +57,11 @@ fn serve(listener: std::net::TcpListener, target: SocketAddr) -> Result {
                 let sender = Arc::new(tokio::sync::Mutex::new(sender));
                 let service = service_fn({
                     let sender = sender.clone();
-                    move |request| {
+                    move |mut request: hyper::Request<Incoming>| {
                         let sender = sender.clone();
+                        // Hop-by-hop, as a proxy treats it: a client's `Connection: close`
+                        // sent on would close the upstream connection kept for the next one.
+                        request.headers_mut().remove(hyper::header::CONNECTION);
                         async move { sender.lock().await.send_request(request).await }
                     }
                 });

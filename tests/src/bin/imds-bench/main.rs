@@ -32,6 +32,7 @@ mod profile;
 mod reactions;
 mod report;
 mod shield;
+mod tokio_relay;
 mod train;
 mod upgrades;
 
@@ -72,8 +73,11 @@ enum Command {
         nginx: bool,
         /// Load and record section 4's hyper relay (the agent's HTTP machinery alone) instead
         /// of the agent.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tokio_relay")]
         hyper_relay: bool,
+        /// Load and record a relay on tokio alone (the hyper relay without hyper).
+        #[arg(long, conflicts_with = "nginx")]
+        tokio_relay: bool,
     },
     /// The policy engine at scale alone.
     Engine {
@@ -163,6 +167,12 @@ enum Command {
         listen: SocketAddr,
         target: SocketAddr,
     },
+    /// The hyper relay without hyper: heads relayed as read, answers to their length.
+    #[command(hide = true)]
+    TokioRelay {
+        listen: SocketAddr,
+        target: SocketAddr,
+    },
     /// Sends MIB mebibytes on one connection; prints MiB/s.
     #[command(hide = true)]
     Bulk { addr: SocketAddr, mib: usize },
@@ -181,10 +191,12 @@ fn main() -> ExitCode {
             output,
             nginx,
             hyper_relay,
+            tokio_relay,
         } => {
-            let server = match (nginx, hyper_relay) {
-                (true, _) => profile::Server::Nginx,
-                (_, true) => profile::Server::HyperRelay,
+            let server = match (nginx, hyper_relay, tokio_relay) {
+                (true, _, _) => profile::Server::Nginx,
+                (_, true, _) => profile::Server::HyperRelay,
+                (_, _, true) => profile::Server::TokioRelay,
                 _ => profile::Server::Agent,
             };
             profile::profile(&mode, &tool, output.as_deref(), server)
@@ -220,6 +232,7 @@ fn main() -> ExitCode {
         Command::Serve { addr } => clients::serve(addr),
         Command::Relay { listen, target } => clients::relay(listen, target),
         Command::HyperRelay { listen, target } => hyper_relay::hyper_relay(listen, target),
+        Command::TokioRelay { listen, target } => tokio_relay::tokio_relay(listen, target),
         Command::Bulk { addr, mib } => clients::bulk(addr, mib),
         Command::Rr { addr, n } => clients::rr(addr, n),
     };

@@ -10,6 +10,8 @@ pub(crate) enum Server {
     Nginx,
     /// Section 4's hyper relay.
     HyperRelay,
+    /// The hyper relay without hyper.
+    TokioRelay,
 }
 
 /// `imds-bench profile keepalive|close [perf|strace|none] [OUTPUT]`: the agent under section 3's
@@ -68,17 +70,22 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
             workers,
             "169.254.169.254:80",
         )
-    } else if server == Server::HyperRelay {
+    } else if server == Server::HyperRelay || server == Server::TokioRelay {
+        let name = if server == Server::HyperRelay {
+            "hyper-relay"
+        } else {
+            "tokio-relay"
+        };
         let relay = background(
             &sandbox,
-            "hyper-relay",
-            &["hyper-relay", HYPER_RELAY_LISTEN, "169.254.169.254:80"],
+            name,
+            &[name, HYPER_RELAY_LISTEN, "169.254.169.254:80"],
             false,
         )?;
         let pid = relay.0.id().to_string();
         (
             Box::new(relay) as Box<dyn std::any::Any>,
-            "hyper-relay",
+            name,
             "outside",
             vec![pid],
             HYPER_RELAY_LISTEN,
@@ -151,6 +158,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
             Server::Agent => "agent",
             Server::Nginx => "nginx",
             Server::HyperRelay => "hyper relay",
+            Server::TokioRelay => "tokio relay",
         },
     );
     Ok(())
