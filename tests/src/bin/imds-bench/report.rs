@@ -95,8 +95,8 @@ Open findings, by section:\n\n\
   a new connection per request the hyper relay alone, with upstream connections kept as\n\
   the agent keeps them, costs more than the agent: in six runs of `alternatives 3` the\n\
   relay's CPU per new connection was 1.65 to 2.08 times nginx's and the agent's 0.83 to\n\
-  0.96 times the relay's. The row's target is below the floor of tokio's and hyper's\n\
-  per-connection work here, whatever the agent does. One listening\n\
+  0.96 times the relay's. The row's target looked below the floor of tokio's and hyper's\n\
+  per-connection work (it is not: see the correction at the end of this section). One listening\n\
   socket per thread (SO_REUSEPORT) measured the same as the shared ones here (CPU 0.87\n\
   against 0.79 per new connection in two runs of 6 rounds) and was not kept: a process of\n\
   the agent's user could join the group and be handed diverted connects. What a new\n\
@@ -144,7 +144,7 @@ Open findings, by section:\n\n\
   and the profile was recorded again after them. On the next host (a fresh machine, two runs\n\
   of `alternatives`, 3 and 8 rounds): CPU against nginx's 1.15 (keep-alive, 1 client), 1.25\n\
   and 1.26 (keep-alive, 16), 1.55 and 1.57 (new connection, 16); req/s 1.02, 0.96 and\n\
-  0.93, 0.80 and 0.83; and in the tables above 1.18, 1.36 and 1.56, req/s 1.03, 0.92 and\n\
+  0.93, 0.80 and 0.83; and in that session's full run 1.18, 1.36 and 1.56, req/s 1.03, 0.92 and\n\
   0.72. The same build measured 1.07-1.14 against nginx with keep-alive on the host before:\n\
   the ratio moves with the host more than with the last changes. Under perf with 16\n\
   keep-alive clients (96,000 requests), against the hyper relay: user space 14.4 against 4.9\n\
@@ -154,7 +154,7 @@ Open findings, by section:\n\n\
   wakes, 9-11k involuntary switches per 24,000 requests against the relay's 4.9k and nginx's\n\
   two workers' 5.0k). mimalloc again (`imds-bench builds`, 20 rounds): CPU 1.01, 0.96 and\n\
   0.96, req/s 1.03, 0.95 and 1.01, no change; not kept. With a new connection per request\n\
-  the hyper relay alone cost 1.73 times nginx's CPU in the tables above (1.68 in the\n\
+  the hyper relay alone cost 1.73 times nginx's CPU in that full run (1.68 in the\n\
   `alternatives` runs), the agent 0.90 (0.93) times the relay's. On the next host, after the\n\
   one deadline (`alternatives 8`): CPU against nginx's 1.17 (keep-alive, 1 client), 1.20\n\
   (keep-alive, 16) and 1.57 (new connection, 16); req/s 1.07, 1.00 and 0.81; with keep-alive,\n\
@@ -163,17 +163,32 @@ Open findings, by section:\n\n\
   with one client (strace): the agent 7 (two epoll_wait, two recvfrom, sendto and writev, and\n\
   the audit write), the hyper relay 6; under perf the agent's user space took 29 against 11\n\
   us per request, no function of its own above about 2% of its CPU.\n\
+  Correction: every figure above for the hyper relay with a new connection per request was\n\
+  wrong. It sent the client's `Connection: close` on to the metadata service, which then\n\
+  closed the upstream connection the relay meant to keep (strace: a connect and a close\n\
+  more per request than the agent). With the header left out, as a proxy must (`profile\n\
+  close none`, 16 clients, two runs side by side): the hyper relay 21.9 and 22.5 us of CPU\n\
+  per new connection, nginx 26.8 and 26.3, the agent 40.1 and 41.0; a relay on tokio alone\n\
+  (`--tokio-relay`, no HTTP library) 17.9 and 17.1. In the tables above (a full run with the\n\
+  fix): the hyper relay 0.84 times nginx's CPU per new connection and 1.13 times its req/s,\n\
+  the agent 1.99 times the relay's CPU; the agent against nginx 1.42 (keep-alive, 1 client),\n\
+  1.19 (keep-alive, 16) and 1.67 (new connection, 16), req/s 0.94, 1.03 and 0.77; with\n\
+  keep-alive, CPU against the bare relay's 1.87 and 1.32. So hyper and tokio are below nginx here,\n\
+  and the row's gap is the agent's own per-connection work: 3 syscalls more than the relay\n\
+  (getpeername and the map lookup for the kernel's record of the caller, the stat of its\n\
+  cgroup path), attribution and admission, malloc (about 7% of its CPU, glibc consolidating\n\
+  freed chunks), and the request phases the keep-alive rows pay as well.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
   systems without them).\n\
-- 7 (no failed request during upgrades). The tables above have one failed request in 30\n\
+- 7 (no failed request during upgrades). The full run before had one failed request in 30\n\
   upgrades, and a run alone had 1 in 100, before the client said what failed. Once it did\n\
   (`imds-bench upgrades 40`): 2 in 400, both the agent's own 503. The old agent's drain took\n\
   back every connection slot that came free, while a serving thread that had not yet seen\n\
   the drain accepted one more connection, found no slot and refused it as overload. The\n\
   drain now waits for every thread to stop accepting first (the drain's row above): none\n\
-  failed in 400 upgrades since.\n\
+  failed in 400 upgrades since, nor in the 30 of the tables above.\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
 client) runs section 3's load against the agent and prints its CPU per request (with\n\
