@@ -17,6 +17,21 @@ use hyper_util::rt::TokioIo;
 use super::{Result, clients::announce_listening};
 
 pub(crate) fn hyper_relay(listen: SocketAddr, target: SocketAddr) -> Result {
+    on_serving_threads(listen, target, relay)
+}
+
+/// Binds `listen` and serves it on as many threads as the agent serves with by default, each
+/// with tokio's current-thread runtime accepting from its copy of the listening socket (as
+/// the agent's threads share theirs) and running `relay` for each connection it accepts.
+pub(crate) fn on_serving_threads<Relay, Relayed>(
+    listen: SocketAddr,
+    target: SocketAddr,
+    relay: Relay,
+) -> Result
+where
+    Relay: Fn(tokio::net::TcpStream, SocketAddr) -> Relayed + Copy + Send + 'static,
+    Relayed: Future<Output = ()> + Send + 'static,
+{
     let listener = std::net::TcpListener::bind(listen).map_err(|e| e.to_string())?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     // Inherited by every accepted socket, as the agent sets it.
@@ -25,7 +40,7 @@ pub(crate) fn hyper_relay(listen: SocketAddr, target: SocketAddr) -> Result {
     let serving: Vec<_> = (0..threads)
         .map(|_| {
             let listener = listener.try_clone().map_err(|e| e.to_string())?;
-            Ok(std::thread::spawn(move || serve(listener, target)))
+            Ok(std::thread::spawn(move || serve(listener, target, relay)))
         })
         .collect::<Result<_>>()?;
     announce_listening();
@@ -37,9 +52,17 @@ pub(crate) fn hyper_relay(listen: SocketAddr, target: SocketAddr) -> Result {
     Ok(())
 }
 
-/// One serving thread: accepts from its copy of the listening socket, and serves each
+/// One serving thread: accepts from its copy of the listening socket, and relays each
 /// connection on its own runtime.
-fn serve(listener: std::net::TcpListener, target: SocketAddr) -> Result {
+fn serve<Relay, Relayed>(
+    listener: std::net::TcpListener,
+    target: SocketAddr,
+    relay: Relay,
+) -> Result
+where
+    Relay: Fn(tokio::net::TcpStream, SocketAddr) -> Relayed,
+    Relayed: Future<Output = ()> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,38 +70,40 @@ fn serve(listener: std::net::TcpListener, target: SocketAddr) -> Result {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
         loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let Some(sender) = upstream(target).await else {
-                    return;
-                };
-                let sender = Arc::new(tokio::sync::Mutex::new(sender));
-                let service = service_fn({
-                    let sender = sender.clone();
-                    move |mut request: hyper::Request<Incoming>| {
-                        let sender = sender.clone();
-                        // Hop-by-hop, as a proxy treats it: a client's `Connection: close`
-                        // sent on would close the upstream connection kept for the next one.
-                        request.headers_mut().remove(hyper::header::CONNECTION);
-                        async move { sender.lock().await.send_request(request).await }
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(client), service)
-                    .await;
-                // The service is gone with the connection: its upstream is ours again.
-                if let Ok(sender) = Arc::try_unwrap(sender) {
-                    IDLE.with_borrow_mut(|idle| {
-                        if idle.len() < MAX_IDLE {
-                            idle.push(sender.into_inner());
-                        }
-                    });
-                }
-            });
+            if let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(relay(client, target));
+            }
         }
     })
+}
+
+/// One client connection through hyper's server, its requests sent on with hyper's client.
+async fn relay(client: tokio::net::TcpStream, target: SocketAddr) {
+    let Some(sender) = upstream(target).await else {
+        return;
+    };
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = service_fn({
+        let sender = sender.clone();
+        move |mut request: hyper::Request<Incoming>| {
+            let sender = sender.clone();
+            // Hop-by-hop, as a proxy treats it: a client's `Connection: close` sent on would
+            // close the upstream connection kept for the next one.
+            request.headers_mut().remove(hyper::header::CONNECTION);
+            async move { sender.lock().await.send_request(request).await }
+        }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    // The service is gone with the connection: its upstream is ours again.
+    if let Ok(sender) = Arc::try_unwrap(sender) {
+        IDLE.with_borrow_mut(|idle| {
+            if idle.len() < MAX_IDLE {
+                idle.push(sender.into_inner());
+            }
+        });
+    }
 }
 
 /// Idle upstream connections a thread keeps (the agent keeps up to 16 per caller).

@@ -12,60 +12,31 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{Result, clients::announce_listening};
+use super::Result;
 
 pub(crate) fn tokio_relay(listen: SocketAddr, target: SocketAddr) -> Result {
-    let listener = std::net::TcpListener::bind(listen).map_err(|e| e.to_string())?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    imds_agent::proxy::set_nodelay(&listener).map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    let threads = imds_agent::cli::default_serve_threads();
-    let serving: Vec<_> = (0..threads)
-        .map(|_| {
-            let listener = listener.try_clone().map_err(|e| e.to_string())?;
-            Ok(std::thread::spawn(move || serve(listener, target)))
-        })
-        .collect::<Result<_>>()?;
-    announce_listening();
-    for thread in serving {
-        thread
-            .join()
-            .map_err(|_| "a serving thread panicked".to_owned())??;
-    }
-    Ok(())
+    super::hyper_relay::on_serving_threads(listen, target, relay_connection)
 }
 
-fn serve(listener: std::net::TcpListener, target: SocketAddr) -> Result {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
+/// One client connection, on an upstream connection of this thread's kept ones or a new one.
+async fn relay_connection(client: TcpStream, target: SocketAddr) {
+    let upstream = match IDLE.with_borrow_mut(Vec::pop) {
+        Some(upstream) => upstream,
+        None => {
+            let Ok(upstream) = TcpStream::connect(target).await else {
+                return;
             };
-            tokio::spawn(async move {
-                let upstream = match IDLE.with_borrow_mut(Vec::pop) {
-                    Some(upstream) => upstream,
-                    None => {
-                        let Ok(upstream) = TcpStream::connect(target).await else {
-                            return;
-                        };
-                        let _ = upstream.set_nodelay(true);
-                        upstream
-                    }
-                };
-                if let Some(upstream) = relay(client, upstream).await {
-                    IDLE.with_borrow_mut(|idle| {
-                        if idle.len() < MAX_IDLE {
-                            idle.push(upstream);
-                        }
-                    });
-                }
-            });
+            let _ = upstream.set_nodelay(true);
+            upstream
         }
-    })
+    };
+    if let Some(upstream) = relay(client, upstream).await {
+        IDLE.with_borrow_mut(|idle| {
+            if idle.len() < MAX_IDLE {
+                idle.push(upstream);
+            }
+        });
+    }
 }
 
 const MAX_IDLE: usize = 32;
