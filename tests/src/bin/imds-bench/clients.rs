@@ -87,16 +87,25 @@ pub(crate) fn get(stream: &mut TcpStream, path: &str, close: bool) -> std::io::R
         }
         head.push(byte[0]);
     }
-    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let length: usize = text
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
+    let status = std::str::from_utf8(head.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    let length = content_length(&head).unwrap_or(0);
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body)?;
     Ok(status)
+}
+
+/// The Content-Length a response head names, if any.
+pub(crate) fn content_length(head: &[u8]) -> Option<usize> {
+    head.split(|b| *b == b'\n').find_map(|line| {
+        let value = line
+            .get(..15)
+            .filter(|name| name.eq_ignore_ascii_case(b"content-length:"))
+            .map(|_| &line[15..])?;
+        std::str::from_utf8(value).ok()?.trim().parse().ok()
+    })
 }
 
 /// `http ADDR PATH N CONCURRENCY keepalive|close`: N requests per worker; prints

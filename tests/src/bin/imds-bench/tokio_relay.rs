@@ -12,7 +12,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::Result;
+use super::{Result, clients::content_length};
 
 pub(crate) fn tokio_relay(listen: SocketAddr, target: SocketAddr) -> Result {
     super::hyper_relay::on_serving_threads(listen, target, relay_connection)
@@ -92,14 +92,4 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<usize
             return None;
         }
     }
-}
-
-fn content_length(head: &[u8]) -> Option<usize> {
-    head.split(|b| *b == b'\n').find_map(|line| {
-        let value = line
-            .get(..15)
-            .filter(|name| name.eq_ignore_ascii_case(b"content-length:"))
-            .map(|_| &line[15..])?;
-        std::str::from_utf8(value).ok()?.trim().parse().ok()
-    })
 }
