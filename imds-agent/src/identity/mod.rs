@@ -151,12 +151,6 @@ impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
             }
         }
     }
-
-    fn remove(&mut self, key: &K) {
-        if self.entries.remove(key).is_some() {
-            self.order.retain(|k| k != key);
-        }
-    }
 }
 
 /// One program image of one process, as the connect programs name it: a reused pid has
@@ -254,7 +248,7 @@ impl Resolver {
     /// A caller known only by its key (no process: its executable and name are unknown), as
     /// kernel verdicts name callers; `None` once the cgroup is gone or outside the tree.
     pub fn identify_key(&self, key: CallerKey) -> Option<Identity> {
-        let cgroup = relative_to(&self.root, &self.cached_path(key.cgroup_id)?)?;
+        let cgroup = relative_to(&self.root, &self.live_path(key.cgroup_id)?)?;
         let workload = workload::parse(&cgroup);
         let (pod, container) = pod_and_container(&workload, &self.pods);
         Some(Identity {
@@ -318,29 +312,33 @@ impl Resolver {
         image
     }
 
-    /// The cgroup's path, from the cache when the cached path still names this cgroup. Ids
-    /// are inode numbers: a cached path is checked to still have that inode before it is used,
-    /// so a removed cgroup, or an id reused for another one, is resolved afresh.
+    /// The cgroup's path, from the cache once resolved. On cgroup2 a cached path stays true
+    /// for as long as anything can carry its id: a cgroup2 directory cannot be renamed (the
+    /// kernel refuses with EPERM; only cgroup1 hierarchies have rename) and its id, a 64-bit
+    /// kernfs node id, is never given to another cgroup while the hierarchy exists. A caller's
+    /// id came from a connect() made inside that cgroup, so its path is the one cached, even if
+    /// the cgroup has since been removed. Checking the path again for each connection (a stat
+    /// of it) was about a tenth of the agent's own CPU time per new connection.
     fn cached_path(&self, cgroup_id: u64) -> Option<String> {
-        let cached = self
-            .paths
+        if let Some(path) = self.paths.lock().expect("paths lock").get(&cgroup_id) {
+            return Some(path.clone());
+        }
+        let path = self.cgroup_path(cgroup_id).ok()?;
+        self.paths
             .lock()
             .expect("paths lock")
-            .get(&cgroup_id)
-            .cloned();
-        if let Some(path) = cached {
-            let full = self.mount.join(path.trim_start_matches('/'));
-            if std::fs::metadata(&full).is_ok_and(|m| m.ino() == cgroup_id) {
-                return Some(path);
-            }
-        }
-        let path = self.cgroup_path(cgroup_id).ok();
-        let mut paths = self.paths.lock().expect("paths lock");
-        match &path {
-            Some(path) => paths.insert(cgroup_id, path.clone()),
-            None => paths.remove(&cgroup_id),
-        }
-        path
+            .insert(cgroup_id, path.clone());
+        Some(path)
+    }
+
+    /// The path of a cgroup that still exists (a removed one's path stays cached, for the
+    /// connections made in it before).
+    fn live_path(&self, cgroup_id: u64) -> Option<String> {
+        let path = self.cached_path(cgroup_id)?;
+        let full = self.mount.join(path.trim_start_matches('/'));
+        std::fs::metadata(&full)
+            .is_ok_and(|m| m.ino() == cgroup_id)
+            .then_some(path)
     }
 
     /// Whether a live cgroup is in the enforced tree.

@@ -1,7 +1,7 @@
-//! The identity caches against real cgroups and processes: ids are inode numbers, so a cached
-//! path must not outlive its cgroup (cgroup v2 refuses renames with EPERM, so removal is the
-//! only way a cgroup's path stops naming it); and a pid must still name the process that
-//! connected before /proc says anything about it.
+//! The identity caches against real cgroups and processes: ids are inode numbers, never given
+//! to another cgroup, and cgroup v2 refuses renames with EPERM, so a cached path names its
+//! cgroup for good (checked only where the agent asks whether a cgroup is still there); and a
+//! pid must still name the process that connected before /proc says anything about it.
 
 use std::{os::unix::fs::MetadataExt as _, sync::Arc};
 
@@ -35,19 +35,34 @@ fn resolver_in_sandbox(label: &str) -> Option<(Sandbox, Resolver)> {
 }
 
 #[test]
-fn cached_paths_do_not_outlive_their_cgroup() {
+fn a_cached_path_names_its_cgroup_for_good() {
     let Some((sandbox, resolver)) = resolver_in_sandbox("idcache") else {
         return;
     };
     let first = sandbox.cgroup("app");
     let first_id = std::fs::metadata(&first).unwrap().ino();
+    // What the cache rests on: a cgroup2 directory keeps its path while it exists.
+    let renamed = std::fs::rename(&first, sandbox.cgroup_root.join("renamed"))
+        .expect_err("cgroup2 refuses renames");
+    assert_eq!(renamed.raw_os_error(), Some(libc::EPERM), "{renamed}");
     assert_eq!(
         resolver.identify(&caller(first_id)).cgroup.as_deref(),
         Some("/app")
     );
-    // Cached now. Removed: unresolvable (and so denied), not served from the cache.
+    let key = imds_agent::identity::CallerKey {
+        cgroup_id: first_id,
+        uid: 0,
+        gid: 0,
+    };
+    assert!(resolver.identify_key(key).is_some(), "a live cgroup");
+    // Removed: a connection made in it before (accepted after) is still attributed to it,
+    // but a kernel verdict for it is not kept.
     std::fs::remove_dir(&first).unwrap();
-    assert_eq!(resolver.identify(&caller(first_id)).cgroup, None);
+    assert_eq!(
+        resolver.identify(&caller(first_id)).cgroup.as_deref(),
+        Some("/app")
+    );
+    assert!(resolver.identify_key(key).is_none(), "a removed cgroup");
     // A new cgroup under the old name is a different cgroup with its own id.
     let again = sandbox.cgroup("app");
     let again_id = std::fs::metadata(&again).unwrap().ino();
@@ -56,7 +71,6 @@ fn cached_paths_do_not_outlive_their_cgroup() {
         resolver.identify(&caller(again_id)).cgroup.as_deref(),
         Some("/app")
     );
-    assert_eq!(resolver.identify(&caller(first_id)).cgroup, None);
 }
 
 /// A caller's executable is read from /proc only while its pid names the process that

@@ -254,11 +254,16 @@ pub(crate) fn program_run_time(cgroup: &Path, connects: usize) -> (f64, String) 
 
 /// CPU time (user and system) used so far by the processes of `cgroup`, in microseconds.
 pub(crate) fn cpu_usage_us(cgroup: &Path) -> f64 {
+    cpu_stat_us(cgroup, "usage_usec")
+}
+
+/// One field of the cgroup's cpu.stat (`usage_usec`, `user_usec`, `system_usec`).
+pub(crate) fn cpu_stat_us(cgroup: &Path, field: &str) -> f64 {
     std::fs::read_to_string(cgroup.join("cpu.stat"))
         .ok()
         .and_then(|stat| {
             stat.lines()
-                .find_map(|l| l.strip_prefix("usage_usec "))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(' '))
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(f64::NAN)

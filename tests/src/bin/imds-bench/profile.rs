@@ -133,6 +133,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
     let per_worker = "1500";
     let server_cgroup = sandbox.cgroup_root.join(server_cgroup);
     let cpu_before = cpu_usage_us(&server_cgroup);
+    let user_before = cpu_stat_us(&server_cgroup, "user_usec");
     let result = child(
         &sandbox,
         client_cgroup,
@@ -143,7 +144,11 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
         unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
         let _ = recorder.wait();
     }
-    let cpu_per_request = (cpu_usage_us(&server_cgroup) - cpu_before) / (clients_n as f64 * 1500.0);
+    let requests = clients_n as f64 * 1500.0;
+    let cpu_per_request = (cpu_usage_us(&server_cgroup) - cpu_before) / requests;
+    // The rest is the kernel's: system calls, and the softirqs they run (loopback delivers a
+    // sent packet to its receiver on the sender's CPU time).
+    let user_per_request = (cpu_stat_us(&server_cgroup, "user_usec") - user_before) / requests;
     let samples = result?;
     let recorded = if recorder.is_some() {
         format!("; {tool} output in {output}")
@@ -151,7 +156,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
         String::new()
     };
     eprintln!(
-        "profile: {mode}, {} requests, {:.0} req/s, {} CPU {cpu_per_request:.1} us per request{recorded}",
+        "profile: {mode}, {} requests, {:.0} req/s, {} CPU {cpu_per_request:.1} us per request ({user_per_request:.1} in user space){recorded}",
         clients_n * 1500,
         samples.last().copied().unwrap_or(0.0),
         match server {
