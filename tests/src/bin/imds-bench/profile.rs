@@ -130,21 +130,26 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
         std::thread::sleep(Duration::from_millis(300));
         Some(recorder)
     };
-    let per_worker = "1500";
+    // 1,500 requests per client unless IMDS_BENCH_PER_CLIENT says otherwise (with one client,
+    // more, so that the agent's first requests weigh less).
+    let per_worker = std::env::var("IMDS_BENCH_PER_CLIENT").unwrap_or_else(|_| "1500".into());
+    let per_worker_n: f64 = per_worker
+        .parse()
+        .map_err(|_| format!("IMDS_BENCH_PER_CLIENT={per_worker:?}: a number"))?;
     let server_cgroup = sandbox.cgroup_root.join(server_cgroup);
     let cpu_before = cpu_usage_us(&server_cgroup);
     let user_before = cpu_stat_us(&server_cgroup, "user_usec");
     let result = child(
         &sandbox,
         client_cgroup,
-        &["http", target, ID, per_worker, &clients, mode],
+        &["http", target, ID, &per_worker, &clients, mode],
     );
     if let Some(recorder) = &mut recorder {
         // SAFETY: kill with a pid of our own child.
         unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
         let _ = recorder.wait();
     }
-    let requests = clients_n as f64 * 1500.0;
+    let requests = clients_n as f64 * per_worker_n;
     let cpu_per_request = (cpu_usage_us(&server_cgroup) - cpu_before) / requests;
     // The rest is the kernel's: system calls, and the softirqs they run (loopback delivers a
     // sent packet to its receiver on the sender's CPU time).
@@ -156,8 +161,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
         String::new()
     };
     eprintln!(
-        "profile: {mode}, {} requests, {:.0} req/s, {} CPU {cpu_per_request:.1} us per request ({user_per_request:.1} in user space){recorded}",
-        clients_n * 1500,
+        "profile: {mode}, {requests} requests, {:.0} req/s, {} CPU {cpu_per_request:.1} us per request ({user_per_request:.1} in user space){recorded}",
         samples.last().copied().unwrap_or(0.0),
         match server {
             Server::Agent => "agent",
