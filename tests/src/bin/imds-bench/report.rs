@@ -34,7 +34,8 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | the amd64 release build optimised with a profile of the agent under section 4's requests (`cargo xtask pgo`, committed; profile-guided optimisation) | against the same commit without it (`imds-bench builds`, 8 rounds, twice): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.83 and 0.96, 0.89 and 0.89, 0.89 and 0.89; 1.10 and 1.05, 1.04 and 1.05, 1.06 and 1.07 |\n\
 | answers of a known size up to 64 KiB read whole from the service before they are answered (one write to the client; a body that stalls after the head is a 504 in the upstream bound) | against the commit before (`imds-bench builds`, 20 rounds; the committed profile, no longer matching the forward phase): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.97, 0.94, 0.96; 1.07, 1.04, 1.05 |\n\
 | the drain waits for every serving thread to stop accepting before it takes the connection slots back (its wait took each slot that came free, so a connection a thread accepted as the drain began found none and was refused as overload) | failed requests in 400 upgrades under load (`imds-bench upgrades 40`) | 2 (both the agent's 503) | 0 |\n\
-| one deadline for the upstream exchange (a resend on a new connection, the head, a body read whole) instead of one per step: the bound means what a caller waits | against the commit before (`imds-bench builds`, 20 rounds; with the profile no longer matching, then recorded again): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 1.04, 1.04, 0.96 and 0.99, 1.00, 1.09; 0.99, 0.99, 1.03 and 1.01, 0.96, 0.95 (no change) |\n\n\
+| one deadline for the upstream exchange (a resend on a new connection, the head, a body read whole) instead of one per step: the bound means what a caller waits | against the commit before (`imds-bench builds`, 20 rounds; with the profile no longer matching, then recorded again): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 1.04, 1.04, 0.96 and 0.99, 1.00, 1.09; 0.99, 0.99, 1.03 and 1.01, 0.96, 0.95 (no change) |\n\
+| a caller's cgroup path taken from the cache without a stat of it per connection (cgroup2 refuses renames and never reuses an id; kernel verdict revalidation still checks the cgroup is there) | against the commit before (`imds-bench builds`, 12 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.94, 1.02, 0.93; 0.93, 1.05, 1.06 (the new-connection row) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -178,6 +179,20 @@ Open findings, by section:\n\n\
   (getpeername and the map lookup for the kernel's record of the caller, the stat of its\n\
   cgroup path), attribution and admission, malloc (about 7% of its CPU, glibc consolidating\n\
   freed chunks), and the request phases the keep-alive rows pay as well.\n\
+  The stat is gone (history): a cgroup2 directory cannot be renamed and its id is never\n\
+  given to another, so a cached path holds. After it (`alternatives 3`, before this run):\n\
+  the agent against nginx 1.03 (keep-alive, 1 client), 1.08 (keep-alive, 16) and 1.35 (new\n\
+  connection, 16), req/s 1.10, 1.09 and 0.86; with keep-alive, against the bare relay 1.69\n\
+  and 1.23. Per new connection the agent calls malloc about 37 times, the hyper relay about\n\
+  16 (uprobes); a selection cache looked up without copying the caller's executable, and a\n\
+  close without a shutdown() first (one syscall less), together measured no change\n\
+  (`imds-bench builds`, 12 rounds: CPU 1.09, 1.00 and 1.04): not kept. With one client and\n\
+  15,000 requests (`IMDS_BENCH_PER_CLIENT`), `profile keepalive` gave the agent 55-56 us\n\
+  and nginx 57 us per request: the 1-client row's ratio moves with the host and the run.\n\
+  In the tables above (the full run after it): against nginx 1.00, 1.13 and 1.28, req/s\n\
+  1.12, 1.09 and 0.89; against the bare relay 1.44 and 1.12, within 1.5 on both keep-alive\n\
+  rows. Still open: CPU on the keep-alive row with 16 clients and the new-connection row,\n\
+  and the new-connection row's req/s.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
