@@ -4,6 +4,7 @@
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -239,7 +240,18 @@ fn mutual_tls(
     })
 }
 
-async fn connect_upstream(
+/// A new upstream connection. Boxed: connecting (over TLS too) is the work of a caller's first
+/// request or of a resend, and its state (3.6 KB, print-type-size) would otherwise be part of
+/// every request's future, copied as each phase awaits the next one's.
+fn connect_upstream(
+    filter: &Filter,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Pin<Box<dyn Future<Output = Result<SendRequest<Empty<Bytes>>, UpstreamError>> + Send + '_>> {
+    Box::pin(connect(filter, addr, tls))
+}
+
+async fn connect(
     filter: &Filter,
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
