@@ -406,9 +406,9 @@ async fn serve_connection(
         let exchange = Exchange {
             filter: &filter,
             connection: &connection,
-            method: String::new(),
-            target: String::new(),
-            user_agent: String::new(),
+            method: "",
+            target: "",
+            user_agent: "",
             request_id: next_request_id(),
             started: std::time::Instant::now(),
             tokenless: false,

@@ -26,10 +26,11 @@ pub struct Sinks {
 pub struct Exchange<'a> {
     pub filter: &'a Filter,
     pub connection: &'a Connection,
-    pub method: String,
-    pub target: String,
+    /// The client's method and path, as it sent them (empty when its head was malformed).
+    pub method: &'a str,
+    pub target: &'a str,
     /// The client's User-Agent, for the audit line.
-    pub user_agent: String,
+    pub user_agent: &'a str,
     pub request_id: String,
     pub started: Instant,
     /// An AWS request without a session token (IMDSv1), for the inventory.
@@ -78,8 +79,7 @@ pub fn record(exchange: &Exchange<'_>, outcome: &Outcome<'_>) {
         started,
         tokenless,
     } = exchange;
-    let (method, target, started, tokenless) =
-        (method.as_str(), target.as_str(), *started, *tokenless);
+    let (method, target, started, tokenless) = (*method, *target, *started, *tokenless);
     let id = &connection.identity;
     let namespace = id.pod.as_ref().map_or("", |p| p.namespace.as_str());
     let group = crate::metrics::group_of(target);

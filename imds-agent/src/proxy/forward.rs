@@ -97,10 +97,8 @@ pub async fn forward(
     valid: &request::ValidRequest,
     headers: http::HeaderMap,
 ) -> Result<Response<Body>, UpstreamError> {
-    let uri: Uri = valid
-        .target()
-        .parse()
-        .map_err(|_| UpstreamError::InvalidTarget)?;
+    // From the String itself: parsing a &str would copy it.
+    let uri = Uri::try_from(valid.target()).map_err(|_| UpstreamError::InvalidTarget)?;
     let mut upstream_request = Request::new(Empty::<Bytes>::new());
     *upstream_request.method_mut() = valid.method.clone();
     *upstream_request.uri_mut() = uri;

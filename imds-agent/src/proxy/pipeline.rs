@@ -25,14 +25,13 @@ pub async fn handle(
     let mut exchange = Exchange {
         filter,
         connection,
-        method: request.method().as_str().to_owned(),
-        target: request.uri().path().to_owned(),
+        method: request.method().as_str(),
+        target: request.uri().path(),
         user_agent: request
             .headers()
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
+            .unwrap_or_default(),
         request_id: audit::next_request_id(),
         started: Instant::now(),
         tokenless: false,
