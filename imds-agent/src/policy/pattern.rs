@@ -15,8 +15,6 @@
 
 use std::fmt;
 
-use smallvec::SmallVec;
-
 /// Why a path or pattern is not in the grammar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathError {
@@ -66,19 +64,16 @@ const fn is_segment_byte(b: u8) -> bool {
         )
 }
 
-/// Segments held without allocating, for paths as deep as a request's or a caller's usually
-/// are (a pod's cgroup path has five): three such paths are split for every request.
-pub type Segments<'a> = SmallVec<[&'a str; 8]>;
-
 /// Splits a path into its segments, validating the grammar. `allow_star` admits `*` (patterns).
-fn segments(path: &str, allow_star: bool) -> Result<Segments<'_>, PathError> {
+fn segments(path: &str, allow_star: bool) -> Result<Vec<&str>, PathError> {
     let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     // One trailing slash names the same object.
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() {
-        return Ok(Segments::new());
+        return Ok(Vec::new());
     }
-    let mut segments = Segments::new();
+    // Sized once: the caller's cgroup and executable paths are split on every request.
+    let mut segments = Vec::with_capacity(rest.bytes().filter(|&b| b == b'/').count() + 1);
     for segment in rest.split('/') {
         if segment.is_empty() {
             return Err(PathError::EmptySegment);
@@ -103,7 +98,7 @@ fn segments(path: &str, allow_star: bool) -> Result<Segments<'_>, PathError> {
 /// A request path split into validated segments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CanonicalPath<'a> {
-    pub segments: Segments<'a>,
+    pub segments: Vec<&'a str>,
     /// The path without its trailing `/`: the segments are slices of it, so every prefix of
     /// the path is a slice too (hash lookups of prefixes without building strings).
     text: &'a str,

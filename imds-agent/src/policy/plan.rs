@@ -22,9 +22,9 @@ pub struct Admission {
 
 /// One request as the policy sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct Asked<'r, 'p> {
+pub struct Asked<'r> {
     pub method: &'r str,
-    pub path: &'r CanonicalPath<'p>,
+    pub path: &'r CanonicalPath<'r>,
     /// The answer holds the whole subtree below `path` (GCP's `recursive=true`).
     pub recursive: bool,
 }
@@ -97,7 +97,7 @@ impl Versioned {
         &'p self,
         admission: &Admission,
         identity: &'p Identity,
-        asked: Asked<'_, '_>,
+        asked: Asked<'_>,
     ) -> Plan<'p> {
         let selection = {
             let mut cached = admission.selection.lock().expect("admission lock");
@@ -133,7 +133,7 @@ impl Plan<'_> {
     }
 
     /// Why the request got its decision, every policy's part (for `--explain-denials`).
-    pub fn explanation(&self, asked: Asked<'_, '_>) -> String {
+    pub fn explanation(&self, asked: Asked<'_>) -> String {
         let explanation = self.set.explain(self.identity, asked.method, asked.path);
         if asked.recursive && self.decision.action == Action::Deny {
             // The explanation is the path's; the subtree decided.
