@@ -4,12 +4,12 @@
 
 use std::{
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
@@ -245,7 +245,7 @@ fn connect_upstream(
     filter: &Filter,
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Pin<Box<dyn Future<Output = Result<SendRequest<Empty<Bytes>>, UpstreamError>> + Send + '_>> {
+) -> BoxFuture<'_, Result<SendRequest<Empty<Bytes>>, UpstreamError>> {
     Box::pin(connect(filter, addr, tls))
 }
 
