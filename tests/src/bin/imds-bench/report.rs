@@ -36,7 +36,12 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | the drain waits for every serving thread to stop accepting before it takes the connection slots back (its wait took each slot that came free, so a connection a thread accepted as the drain began found none and was refused as overload) | failed requests in 400 upgrades under load (`imds-bench upgrades 40`) | 2 (both the agent's 503) | 0 |\n\
 | one deadline for the upstream exchange (a resend on a new connection, the head, a body read whole) instead of one per step: the bound means what a caller waits | against the commit before (`imds-bench builds`, 20 rounds; with the profile no longer matching, then recorded again): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 1.04, 1.04, 0.96 and 0.99, 1.00, 1.09; 0.99, 0.99, 1.03 and 1.01, 0.96, 0.95 (no change) |\n\
 | a caller's cgroup path taken from the cache without a stat of it per connection (cgroup2 refuses renames and never reuses an id; kernel verdict revalidation still checks the cgroup is there) | against the commit before (`imds-bench builds`, 12 rounds): CPU per request; req/s (keep-alive 1 and 16 clients, new connection 16) | 1.00 | 0.94, 1.02, 0.93; 0.93, 1.05, 1.06 (the new-connection row) |\n\
-| the agent's profile recorded again after it (`cargo xtask pgo`; LLVM had dropped the changed function's counts) | against the build with the old profile (`imds-bench builds`, 8 rounds, after the full run above): CPU per request; req/s | 1.00 | 0.95, 0.95, 0.84; 1.06, 1.04, 1.07 |\n\n\
+| the agent's profile recorded again after it (`cargo xtask pgo`; LLVM had dropped the changed function's counts) | against the build with the old profile (`imds-bench builds`, 8 rounds, after the full run above): CPU per request; req/s | 1.00 | 0.95, 0.95, 0.84; 1.06, 1.04, 1.07 |\n\
+| a new upstream connection's future boxed: its 3.6 KB state (rustc's print-type-size) was part of every request's future and of each phase's above it, copied as each awaited the next | against the commit before, both built without a profile (`imds-bench builds`, 12 rounds): CPU per request; req/s | 1.00 | 0.95, 0.97, 0.95; 1.07, 1.02, 1.05 |\n\
+| a connection's task future boxed before it is spawned: tokio copied its 2 KB whole eight times, as it spawned the task and as the task ended | bytes copied per new-connection request (a uprobe on memcpy); against the commit before, without a profile (`imds-bench builds`, 12 rounds, twice): CPU; req/s (new connection) | 44 KB; 1.00 | 27.5 KB; 0.98 and 0.99; 1.04 and 1.07 |\n\
+| fewer allocations per request: the exchange borrows the client's method, path and User-Agent, the upstream URI is made from its String, a path's segments in a SmallVec | malloc calls per request (a uprobe, whole run; keep-alive, new connection); against the commit before, without a profile (`imds-bench builds`, 12 rounds): CPU | 21.0, 42.2; 1.00 | 12.6, 31.9; 1.01, 0.99, 1.00 (no change this host shows) |\n\
+| the SmallVec reverted: it saved three mallocs per request, but its 144 bytes were copied instead as the paths moved (about 3.5 KB per request, a uprobe on memcpy) | the three rows above with the SmallVec and a profile recorded with them, against the build before them with its profile (`imds-bench builds`, 12 rounds, three runs): CPU per request | 1.00 | 1.02, 1.12, 1.04 (keep-alive, 1 client); 1.04, 0.98, 1.02 (16); 0.95, 1.02, 0.97 (new connection) |\n\
+| the profile recorded again after them (`cargo xtask pgo`), and not kept: the committed one, though it no longer matches six of the changed functions, built a faster agent | the build with the committed profile against the one with the new profile, same code (`imds-bench builds`, 12 rounds): CPU per request; req/s | 1.00 | 0.91, 0.87, 1.03; 1.05, 1.02, 0.98 |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
@@ -194,6 +199,21 @@ Open findings, by section:\n\n\
   1.12, 1.09 and 0.89; against the bare relay 1.44 and 1.12, within 1.5 on both keep-alive\n\
   rows. Still open: CPU on the keep-alive row with 16 clients and the new-connection row,\n\
   and the new-connection row's req/s.\n\
+  Copies: rustc's print-type-size gave each request's future 7.7 KB, 3.6 KB of it a new\n\
+  upstream connection's state (its TLS handshake too), nested in every phase that awaits\n\
+  the forward phase; a uprobe on memcpy counted 44 KB copied per new-connection request,\n\
+  17 KB of it tokio copying the connection's 2 KB task future whole as it spawned and ended\n\
+  the task. Both are boxed now (history): 27.5 KB copied per request; without a profile,\n\
+  CPU 0.95-0.97 on every row, then 0.98-0.99 per new connection. malloc calls per request\n\
+  fell from 21 to 12.6 (keep-alive) and 42 to 32 (new connection) with no change in CPU,\n\
+  three of them by a SmallVec for path segments, which traded them for copies and was\n\
+  reverted. With a\n\
+  profile recorded after them, against the build before them with its own: CPU 1.02-1.18\n\
+  (keep-alive, 1 client, five runs of 12 rounds, two such builds), 0.92-1.04 (16) and 0.95-1.02 (new\n\
+  connection); `alternatives 3` with that build: against nginx 1.23, 1.03 and 1.24, req/s\n\
+  0.95, 1.09 and 0.88, against the bare relay 1.55 and 1.13. The committed profile built a\n\
+  faster agent from the same code (history), so it stays; a profile's recording moves the\n\
+  build by about a tenth here, as much as the changes.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
