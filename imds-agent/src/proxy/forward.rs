@@ -239,8 +239,8 @@ fn mutual_tls(
 }
 
 /// A new upstream connection. Boxed: connecting (over TLS too) is the work of a caller's first
-/// request or of a resend, and its state (3.6 KB, print-type-size) would otherwise be part of
-/// every request's future, copied as each phase awaits the next one's.
+/// request or of a resend, and its state (3.6 KB, rustc's -Zprint-type-sizes) would otherwise
+/// be part of every request's future, copied as each phase awaits the next one's.
 fn connect_upstream(
     filter: &Filter,
     addr: SocketAddr,

@@ -202,18 +202,18 @@ Open findings, by section:\n\n\
   Copies: rustc's print-type-size gave each request's future 7.7 KB, 3.6 KB of it a new\n\
   upstream connection's state (its TLS handshake too), nested in every phase that awaits\n\
   the forward phase; a uprobe on memcpy counted 44 KB copied per new-connection request,\n\
-  17 KB of it tokio copying the connection's 2 KB task future whole as it spawned and ended\n\
-  the task. Both are boxed now (history): 27.5 KB copied per request; without a profile,\n\
-  CPU 0.95-0.97 on every row, then 0.98-0.99 per new connection. malloc calls per request\n\
-  fell from 21 to 12.6 (keep-alive) and 42 to 32 (new connection) with no change in CPU,\n\
-  three of them by a SmallVec for path segments, which traded them for copies and was\n\
-  reverted. With a\n\
-  profile recorded after them, against the build before them with its own: CPU 1.02-1.18\n\
-  (keep-alive, 1 client, five runs of 12 rounds, two such builds), 0.92-1.04 (16) and 0.95-1.02 (new\n\
-  connection); `alternatives 3` with that build: against nginx 1.23, 1.03 and 1.24, req/s\n\
-  0.95, 1.09 and 0.88, against the bare relay 1.55 and 1.13. The committed profile built a\n\
-  faster agent from the same code (history), so it stays; a profile's recording moves the\n\
-  build by about a tenth here, as much as the changes.\n\
+  17 KB of it tokio copying the connection's 2 KB task future whole as it spawned and\n\
+  ended the task. Both are boxed now (history): 27.5 KB copied per request; without a\n\
+  profile, CPU 0.95-0.97 on every row, then 0.98-0.99 per new connection. malloc calls per\n\
+  request fell from 21 to 12.6 (keep-alive) and 42 to 32 (new connection) with no change\n\
+  in CPU, three of them by a SmallVec for path segments, which traded them for copies and\n\
+  was reverted. With a profile recorded after them, against the build before them with its\n\
+  own: CPU 1.02-1.18 (keep-alive, 1 client, five runs of 12 rounds, two such builds),\n\
+  0.92-1.04 (16) and 0.95-1.02 (new connection); `alternatives 3` with that build: against\n\
+  nginx 1.23, 1.03 and 1.24, req/s 0.95, 1.09 and 0.88, against the bare relay 1.55 and\n\
+  1.13. The committed profile built a faster agent from the same code (history), so it\n\
+  stays; a profile's recording moves the build by about a tenth here, as much as the\n\
+  changes.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
