@@ -66,14 +66,24 @@ const fn is_segment_byte(b: u8) -> bool {
 
 /// Splits a path into its segments, validating the grammar. `allow_star` admits `*` (patterns).
 fn segments(path: &str, allow_star: bool) -> Result<Vec<&str>, PathError> {
+    // Sized once (one `/` before each segment): no growth while splitting.
+    let mut segments = Vec::with_capacity(path.bytes().filter(|&b| b == b'/').count());
+    for_each_segment(path, allow_star, |segment| segments.push(segment))?;
+    Ok(segments)
+}
+
+/// Checks `path` against the grammar, handing each segment to `each`.
+fn for_each_segment<'a>(
+    path: &'a str,
+    allow_star: bool,
+    mut each: impl FnMut(&'a str),
+) -> Result<(), PathError> {
     let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
     // One trailing slash names the same object.
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    // Sized once: the caller's cgroup and executable paths are split on every request.
-    let mut segments = Vec::with_capacity(rest.bytes().filter(|&b| b == b'/').count() + 1);
     for segment in rest.split('/') {
         if segment.is_empty() {
             return Err(PathError::EmptySegment);
@@ -90,9 +100,9 @@ fn segments(path: &str, allow_star: bool) -> Result<Vec<&str>, PathError> {
                 return Err(PathError::BadByte(b));
             }
         }
-        segments.push(segment);
+        each(segment);
     }
-    Ok(segments)
+    Ok(())
 }
 
 /// A request path split into validated segments.
@@ -112,6 +122,13 @@ impl<'a> CanonicalPath<'a> {
             None => "",
         };
         Ok(Self { segments, text })
+    }
+
+    /// Whether `path` is in the grammar, as [`CanonicalPath::parse`] would say, without
+    /// splitting it: a path checked on every request that is split only when something
+    /// matches its segments.
+    pub fn check(path: &str) -> Result<(), PathError> {
+        for_each_segment(path, false, |_| ())
     }
 
     /// The path without its trailing `/` (`""` for the root).

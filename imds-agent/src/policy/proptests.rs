@@ -98,6 +98,13 @@ proptest! {
         prop_assert_eq!(PatternSet::new(&compiled).best_match(&canonical), expected);
     }
 
+    /// The check without splitting (for requests and callers' cgroup paths) accepts exactly
+    /// what the parser accepts, with the same error.
+    #[test]
+    fn the_check_agrees_with_the_parser(path in hostile_path()) {
+        prop_assert_eq!(CanonicalPath::check(&path), CanonicalPath::parse(&path).map(|_| ()));
+    }
+
     /// Through the whole pipeline (strict parse, then policy): a request is allowed only if
     /// the allowing pattern matches its canonical path, and a path the parser accepts is in
     /// canonical form already (nothing to normalise, so nothing for a server to read

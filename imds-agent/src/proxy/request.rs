@@ -104,7 +104,7 @@ pub fn validate<B>(request: &Request<B>) -> Result<ValidRequest, Rejection> {
         ));
     }
     let path = uri.path();
-    if let Err(error) = CanonicalPath::parse(path) {
+    if let Err(error) = CanonicalPath::check(path) {
         return Err(Rejection {
             detail: Some(path_error_detail(&error)),
             ..Rejection::bad("invalid request path")

@@ -105,7 +105,18 @@ fn request_paths_are_rejected_not_normalised() {
         ("/a/*", PathError::Wildcard),
     ];
     for (path, error) in table {
-        assert_eq!(CanonicalPath::parse(path), Err(error), "{path:?}");
+        assert_eq!(CanonicalPath::parse(path), Err(error.clone()), "{path:?}");
+        // The check without splitting says the same (requests and cgroup paths are checked
+        // that way, and split only if a rule matches their segments).
+        assert_eq!(CanonicalPath::check(path), Err(error), "{path:?}");
+    }
+    for path in [
+        "/",
+        "/latest/",
+        "/latest/meta-data/iam/security-credentials/role-1",
+    ] {
+        assert_eq!(CanonicalPath::check(path), Ok(()), "{path:?}");
+        assert!(CanonicalPath::parse(path).is_ok(), "{path:?}");
     }
 }
 
