@@ -1,7 +1,7 @@
 //! Attribution: the kernel's record of a connection becoming an identity. A pod's connection
 //! may arrive before the pod watch reports the pod; it waits for it, within bounds.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use imds_common::Caller;
 
@@ -15,7 +15,7 @@ pub async fn attribute(
     caller: &Caller,
     pod_wait: Duration,
     digests: bool,
-) -> Identity {
+) -> Arc<Identity> {
     resolver.want_digests(digests);
     let identity = resolver.identify(caller);
     let Workload::Pod { pod_uid, .. } = &identity.workload else {

@@ -116,6 +116,10 @@ pub struct Resolver {
     /// cgroup id -> path relative to the mount.
     paths: Mutex<Bounded<u64, String>>,
     images: Mutex<Bounded<ImageKey, ProcessImage>>,
+    /// The identities of callers' process images, each with the pods' generation it was made
+    /// in: SDKs open a connection per request, and an identity made anew for each took five
+    /// allocations (its paths, unit, executable and name) and their frees.
+    identities: Mutex<Bounded<IdentityKey, (u64, Arc<Identity>)>>,
     digests: Digests,
     /// Clock ticks per second, the unit of a process's start time in /proc/<pid>/stat.
     clock_ticks: u64,
@@ -162,6 +166,13 @@ struct ImageKey {
     exec_id: u32,
 }
 
+/// A caller and the process image it connected from.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct IdentityKey {
+    caller: CallerKey,
+    image: ImageKey,
+}
+
 /// What /proc said about a process image when it first connected.
 #[derive(Clone)]
 struct ProcessImage {
@@ -202,6 +213,7 @@ impl Resolver {
             pods,
             paths: Mutex::default(),
             images: Mutex::default(),
+            identities: Mutex::default(),
             digests: Digests::default(),
             // SAFETY: sysconf has no preconditions.
             clock_ticks: u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
@@ -220,7 +232,37 @@ impl Resolver {
         self.digests.want(wanted);
     }
 
-    pub fn identify(&self, caller: &Caller) -> Identity {
+    /// The caller's identity: made once per process image (when the kernel named it) and
+    /// pods' generation, then shared by the image's connections.
+    pub fn identify(&self, caller: &Caller) -> Arc<Identity> {
+        let key = (caller.process_start != 0).then(|| IdentityKey {
+            caller: caller.key(),
+            image: ImageKey {
+                pid: caller.pid,
+                start: caller.process_start,
+                exec_id: caller.exec_id,
+            },
+        });
+        let generation = self.pods.generation();
+        if let Some(key) = &key
+            && let Some((made_in, identity)) =
+                self.identities.lock().expect("identities lock").get(key)
+            && *made_in == generation
+            && !self.digest_missing(identity.exe.as_ref())
+        {
+            return identity.clone();
+        }
+        let identity = Arc::new(self.resolve(caller));
+        if let Some(key) = key {
+            self.identities
+                .lock()
+                .expect("identities lock")
+                .insert(key, (generation, identity.clone()));
+        }
+        identity
+    }
+
+    fn resolve(&self, caller: &Caller) -> Identity {
         let full_path = self.cached_path(caller.cgroup_id);
         let cgroup = full_path
             .as_deref()
@@ -290,9 +332,7 @@ impl Resolver {
         };
         if let Some(image) = self.images.lock().expect("images lock").get(&key) {
             // Read before a policy pinned a digest: read again, for the digest.
-            let digest_missing =
-                self.digests.wanted() && image.exe.as_ref().is_some_and(|e| e.sha256.is_none());
-            if !digest_missing {
+            if !self.digest_missing(image.exe.as_ref()) {
                 return image.clone();
             }
         }
@@ -310,6 +350,11 @@ impl Resolver {
             .expect("images lock")
             .insert(key, image.clone());
         image
+    }
+
+    /// Whether `exe` was read before a policy pinned a digest (it is read again, for one).
+    fn digest_missing(&self, exe: Option<&Executable>) -> bool {
+        self.digests.wanted() && exe.is_some_and(|e| e.sha256.is_none())
     }
 
     /// The cgroup's path, from the cache once resolved. On cgroup2 a cached path stays true
@@ -526,6 +571,73 @@ mod tests {
         let later = start + 1_000_000_000 / clock_ticks;
         let read = || executable::read(pid, false, &digests);
         assert!(read_image(pid, later, clock_ticks, read).is_none());
+    }
+
+    #[test]
+    fn an_identity_is_made_once_per_process_image_and_again_when_the_pods_change() {
+        let pods = Arc::new(PodDirectory::default());
+        let dir = std::env::temp_dir();
+        let resolver = Resolver::new(&dir, &dir, pods.clone()).expect("resolver");
+        let pod_uid = "6f1c2a3b-1111-4222-8333-944455556666";
+        let cgroup_id = 4242;
+        // A pod's cgroup, as if resolved before: the cache never forgets a cgroup2 path.
+        resolver.paths.lock().unwrap().insert(
+            cgroup_id,
+            format!("/kubepods/besteffort/pod{pod_uid}/{}", "c".repeat(64)),
+        );
+        let caller = Caller {
+            cgroup_id,
+            pid: std::process::id(),
+            uid: 1000,
+            gid: 1000,
+            exec_id: 1,
+            process_start: own_start_ns(resolver.clock_ticks),
+            original: imds_common::SockAddr {
+                addr: [0; 4],
+                port: 80,
+                family: imds_common::AF_INET,
+            },
+            _pad: 0,
+        };
+        let first = resolver.identify(&caller);
+        assert!(matches!(first.workload, Workload::Pod { .. }), "{first:?}");
+        assert_eq!(first.pod, None, "the pod is not known yet");
+        assert!(
+            Arc::ptr_eq(&first, &resolver.identify(&caller)),
+            "the image's next connection shares its identity"
+        );
+
+        // The pod arrives (or its labels change): the same image's next connection sees it.
+        pods.upsert(PodInfo {
+            uid: pod_uid.into(),
+            namespace: "payments".into(),
+            name: "api-0".into(),
+            labels: Default::default(),
+            service_account: "default".into(),
+            containers: Vec::new(),
+        });
+        let after = resolver.identify(&caller);
+        assert_eq!(
+            after.pod.as_ref().map(|p| p.namespace.as_str()),
+            Some("payments")
+        );
+        assert!(Arc::ptr_eq(&after, &resolver.identify(&caller)));
+
+        // Another program image of the process (an exec) is identified anew.
+        let exec = Caller {
+            exec_id: 2,
+            ..caller
+        };
+        assert!(!Arc::ptr_eq(&after, &resolver.identify(&exec)));
+        // Without the kernel's name of the image, nothing is shared.
+        let unnamed = Caller {
+            process_start: 0,
+            ..caller
+        };
+        assert!(!Arc::ptr_eq(
+            &resolver.identify(&unnamed),
+            &resolver.identify(&unnamed)
+        ));
     }
 
     #[test]

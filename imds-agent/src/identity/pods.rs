@@ -119,6 +119,11 @@ impl PodDirectory {
         tokio::time::timeout(timeout, wait).await.ok()
     }
 
+    /// A number that changes with every change of the pods (for what is derived from them).
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     pub fn get(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.pods.load().get(uid).cloned()
     }

@@ -19,7 +19,7 @@ use crate::{
 
 /// One accepted, attributed client connection.
 pub struct Connection {
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     pub admission: Admission,
     /// Where the caller was going before the kernel diverted it.
     pub original: SocketAddr,

@@ -120,7 +120,7 @@ fn a_callers_executable_is_read_only_while_its_pid_names_the_process_that_connec
     );
     // Another start time: the pid is another process's now.
     let reused = connected(app_id, start + 10_000_000);
-    assert_eq!((reused.exe, reused.comm), (None, None));
+    assert_eq!((&reused.exe, &reused.comm), (&None, &None));
     // Without the task fields: the pid must be in the connection's cgroup.
     assert_eq!(
         connected(app_id, 0).exe.as_ref().map(|e| e.path.as_str()),
