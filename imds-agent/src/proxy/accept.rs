@@ -265,13 +265,10 @@ impl ServingThread {
                             continue;
                         };
                         let (filter, draining) = (filter.clone(), self.draining.clone());
-                        // Boxed: tokio copies a task's future whole as it spawns the task and
-                        // as it ends it, eight copies of this one's 2 KB (a uprobe on memcpy
-                        // counted them); the box is copied once.
-                        tokio::spawn(Box::pin(async move {
+                        tokio::spawn(async move {
                             serve_connection(filter, stream, peer, draining).await;
                             drop(slot);
-                        }));
+                        });
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.

@@ -9,7 +9,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
@@ -238,18 +237,7 @@ fn mutual_tls(
     })
 }
 
-/// A new upstream connection. Boxed: connecting (over TLS too) is the work of a caller's first
-/// request or of a resend, and its state (3.6 KB, rustc's -Zprint-type-sizes) would otherwise
-/// be part of every request's future, copied as each phase awaits the next one's.
-fn connect_upstream(
-    filter: &Filter,
-    addr: SocketAddr,
-    tls: Option<Arc<rustls::ClientConfig>>,
-) -> BoxFuture<'_, Result<SendRequest<Empty<Bytes>>, UpstreamError>> {
-    Box::pin(connect(filter, addr, tls))
-}
-
-async fn connect(
+async fn connect_upstream(
     filter: &Filter,
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
