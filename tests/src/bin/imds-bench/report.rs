@@ -41,14 +41,20 @@ pub(crate) const HISTORY: &str = "## Before and after\n\n\
 | a connection's task future boxed before it is spawned: tokio copied its 2 KB whole eight times, as it spawned the task and as the task ended | bytes copied per new-connection request (a uprobe on memcpy); against the commit before, without a profile (`imds-bench builds`, 12 rounds, twice): CPU; req/s (new connection) | 44 KB; 1.00 | 27.5 KB; 0.98 and 0.99; 1.04 and 1.07 |\n\
 | fewer allocations per request: the exchange borrows the client's method, path and User-Agent, the upstream URI is made from its String, a path's segments in a SmallVec | malloc calls per request (a uprobe, whole run; keep-alive, new connection); against the commit before, without a profile (`imds-bench builds`, 12 rounds): CPU | 21.0, 42.2; 1.00 | 12.6, 31.9; 1.01, 0.99, 1.00 (no change this host shows) |\n\
 | the SmallVec reverted: it saved three mallocs per request, but its 144 bytes were copied instead as the paths moved (about 3.5 KB per request, a uprobe on memcpy) | the three rows above with the SmallVec and a profile recorded with them, against the build before them with its profile (`imds-bench builds`, 12 rounds, three runs): CPU per request | 1.00 | 1.02, 1.12, 1.04 (keep-alive, 1 client); 1.04, 0.98, 1.02 (16); 0.95, 1.02, 0.97 (new connection) |\n\
-| the profile recorded again after them (`cargo xtask pgo`), and not kept: the committed one, though it no longer matches six of the changed functions, built a faster agent | the build with the committed profile against the one with the new profile, same code (`imds-bench builds`, 12 rounds): CPU per request; req/s | 1.00 | 0.91, 0.87, 1.03; 1.05, 1.02, 0.98 |\n\n\
+| the profile recorded again after them (`cargo xtask pgo`), and not kept: the committed one, though it no longer matches six of the changed functions, built a faster agent | the build with the committed profile against the one with the new profile, same code (`imds-bench builds`, 12 rounds): CPU per request; req/s | 1.00 | 0.91, 0.87, 1.03; 1.05, 1.02, 0.98 |\n\
+| a caller's cgroup and executable paths split into segments only when a selector matches them (most rules select no caller of their own), a request path checked without being split (perf, new connection per request: 1.7% of the agent's CPU splitting paths) | malloc calls per new-connection request (a uprobe, whole run) | 35.4 | 30.6 |\n\
+| a caller's identity made once per process image and pods' generation, shared by the image's connections (five allocations and their frees per connection before) | malloc calls per request (keep-alive, new connection); both rows against the commit before them, without a profile (`imds-bench builds`, 12 rounds, twice): CPU per request | 14.5, 30.6; 1.00 | 11.5, 27.1; 0.89 and 0.97, 1.05 and 0.93, 0.90 and 1.02 (noise either way) |\n\
+| the profile recorded again after the two rows above | against the session's first build with the profile before (`imds-bench builds`, 12 rounds): CPU per request; req/s | 1.00 | 0.90, 0.91, 0.91; 1.05, 0.99, 1.13 |\n\
+| the two boxed futures reverted (the new upstream connection's, the connection's task), with the profile recorded again: with a profile the copies they saved did not pay for the boxing (likely the indirect poll, which a profile-guided build cannot inline; not measured apart) | reverted against boxed, each built with its own profile (`imds-bench builds`, 12 rounds): CPU per request; req/s | 1.00 | 0.88, 0.88, 0.93; 1.04, 1.10, 1.00 (against the build of session 22's start: CPU 1.08, 0.96, 0.96) |\n\n\
 Open findings, by section:\n\n\
 - 1 (connect ratio, target 1.01). Other connections from an enforced cgroup cost two\n\
   program runs (connect4 and sock_create, about 185 ns with the kernel's accounting on,\n\
   which adds two clock reads to each), also where pods are served. The p50 ratio measured\n\
   1.012 (0.985-1.073 across its rounds), 1.006 (0.994-1.013) and 1.008 (0.939-1.008) in\n\
-  the last three full runs: at the target within this VM's noise, which moves single rounds by several\n\
-  percent either way.\n\
+  three full runs: at the target within this VM's noise, which moves single rounds by\n\
+  several percent either way. In the run of the table above 1.062 (1.010-1.184), with the\n\
+  programs unchanged since those runs (their run time 157 ns against 182): the widest\n\
+  spread of rounds yet, the host's.\n\
 - 3 (+20 / +60 us and 20k req/s). Both lie below what any proxy reaches on this 2-core\n\
   VM: direct requests run at 16.8-21.3k req/s across runs, and the bare relay (one more\n\
   loopback hop, no HTTP) reaches 13.2-14.8k and adds +15 to +60 us. The agent is within\n\
@@ -126,7 +132,7 @@ Open findings, by section:\n\n\
   that skips one phase against the same build whole, before the rows above): the audit\n\
   line 0.80 and 0.88; the per-caller limits 1.00; the shield's checks 0.93; the gate's\n\
   scan 0.91 and 1.00. With one serving thread by default on this machine (the row above)\n\
-  and the tables above (a full run, on another host's CPU than the runs before): CPU\n\
+  and that session's full run (on another host's CPU than the runs before): CPU\n\
   against nginx's 1.39 (keep-alive, 1 client), 1.22 (keep-alive, 16) and 1.57 (new\n\
   connection, 16); req/s 0.91, 1.01 and 0.82; with keep-alive, CPU against the bare\n\
   relay's 2.10 and 1.45. Two runs of `alternatives 3` just before: 1.24 and 1.19 with 16\n\
@@ -176,7 +182,7 @@ Open findings, by section:\n\n\
   more per request than the agent). With the header left out, as a proxy must (`profile\n\
   close none`, 16 clients, two runs side by side): the hyper relay 21.9 and 22.5 us of CPU\n\
   per new connection, nginx 26.8 and 26.3, the agent 40.1 and 41.0; a relay on tokio alone\n\
-  (`--tokio-relay`, no HTTP library) 17.9 and 17.1. In the tables above (a full run with the\n\
+  (`--tokio-relay`, no HTTP library) 17.9 and 17.1. In that session's full run (with the\n\
   fix): the hyper relay 0.84 times nginx's CPU per new connection and 1.13 times its req/s,\n\
   the agent 1.99 times the relay's CPU; the agent against nginx 1.42 (keep-alive, 1 client),\n\
   1.19 (keep-alive, 16) and 1.67 (new connection, 16), req/s 0.94, 1.03 and 0.77; with\n\
@@ -195,7 +201,7 @@ Open findings, by section:\n\n\
   (`imds-bench builds`, 12 rounds: CPU 1.09, 1.00 and 1.04): not kept. With one client and\n\
   15,000 requests (`IMDS_BENCH_PER_CLIENT`), `profile keepalive` gave the agent 55-56 us\n\
   and nginx 57 us per request: the 1-client row's ratio moves with the host and the run.\n\
-  In the tables above (the full run after it): against nginx 1.00, 1.13 and 1.28, req/s\n\
+  In the full run after it: against nginx 1.00, 1.13 and 1.28, req/s\n\
   1.12, 1.09 and 0.89; against the bare relay 1.44 and 1.12, within 1.5 on both keep-alive\n\
   rows. Still open: CPU on the keep-alive row with 16 clients and the new-connection row,\n\
   and the new-connection row's req/s.\n\
@@ -203,17 +209,33 @@ Open findings, by section:\n\n\
   upstream connection's state (its TLS handshake too), nested in every phase that awaits\n\
   the forward phase; a uprobe on memcpy counted 44 KB copied per new-connection request,\n\
   17 KB of it tokio copying the connection's 2 KB task future whole as it spawned and\n\
-  ended the task. Both are boxed now (history): 27.5 KB copied per request; without a\n\
-  profile, CPU 0.95-0.97 on every row, then 0.98-0.99 per new connection. malloc calls per\n\
-  request fell from 21 to 12.6 (keep-alive) and 42 to 32 (new connection) with no change\n\
-  in CPU, three of them by a SmallVec for path segments, which traded them for copies and\n\
-  was reverted. With a profile recorded after them, against the build before them with its\n\
-  own: CPU 1.02-1.18 (keep-alive, 1 client, five runs of 12 rounds, two such builds),\n\
-  0.92-1.04 (16) and 0.95-1.02 (new connection); `alternatives 3` with that build: against\n\
-  nginx 1.23, 1.03 and 1.24, req/s 0.95, 1.09 and 0.88, against the bare relay 1.55 and\n\
-  1.13. The committed profile built a faster agent from the same code (history), so it\n\
-  stays; a profile's recording moves the build by about a tenth here, as much as the\n\
-  changes.\n\
+  ended the task. Both were boxed (history): 27.5 KB copied per request; without a\n\
+  profile, CPU 0.95-0.97 on every row, then 0.98-0.99 per new connection. With a profile\n\
+  they lost: against the build before them, each with its own profile, CPU 1.02-1.18\n\
+  (keep-alive, 1 client), 0.92-1.04 (16) and 0.95-1.02 (new connection), and reverted,\n\
+  each with its own profile again, CPU 0.88, 0.88 and 0.93 against boxed (history). So a\n\
+  change is measured with the profile recorded for it; a build without one, or with a\n\
+  profile that no longer matches the changed functions, says little here, and one\n\
+  recording moves the build by about a tenth. malloc calls per request fell from 21 to\n\
+  12.6 (keep-alive) and 42 to 32 (new connection) with no change in CPU, three of them by\n\
+  a SmallVec for path segments, which traded them for copies and was reverted. Per new\n\
+  connection, set beside the others (`profile close none`, one run): the agent 44.6 us of\n\
+  CPU (16.9 in user space), the hyper relay 28.3 (6.9), nginx 32.0 (7.8). Under perf, of\n\
+  the agent's samples: the kernel's side of attribution (the getpeername program and the\n\
+  map lookup) 4.4%, the batched audit writes 2.6%, splitting paths 1.7%, identity and\n\
+  admission about 3%; its two sends per request took 2,915 samples against the relay's\n\
+  1,954 for the same two (the wake-up of the receiver and the preemption that follows,\n\
+  more often for a thread that runs longer per request). Paths are now split only when a\n\
+  selector matches them and an identity is made once per process image (history): malloc\n\
+  calls per request 14.5 to 11.5 (keep-alive), 35.4 to 27.1 (new connection). In the\n\
+  tables above (a full run after those rows and the boxes reverted): against nginx 0.96\n\
+  (keep-alive, 1 client), 0.99 (keep-alive, 16) and 1.38 (new connection, 16); req/s 1.18,\n\
+  1.12 and 0.82; with keep-alive, against the bare relay 1.46 and 1.19. Every keep-alive\n\
+  target is met in this run. The new-connection row is not: there the hyper relay alone\n\
+  costs 0.85 of nginx's CPU, which leaves the agent about 4 us per connection for what\n\
+  nginx does not do; attribution alone takes about 2 (two syscalls and a BPF program),\n\
+  before the policy, the audit line and its share of a write, the metrics and the\n\
+  inventory.\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the last full run (the 1 s poll is left for file\n\
