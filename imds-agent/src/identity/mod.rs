@@ -253,7 +253,12 @@ impl Resolver {
             return identity.clone();
         }
         let identity = Arc::new(self.resolve(caller));
-        if let Some(key) = key {
+        // Only what was read whole is kept: a cgroup not resolved or an executable not read
+        // (an error reading /proc) is tried again at the image's next connection.
+        if let Some(key) = key
+            && identity.cgroup.is_some()
+            && identity.exe.is_some()
+        {
             self.identities
                 .lock()
                 .expect("identities lock")
@@ -629,6 +634,14 @@ mod tests {
             ..caller
         };
         assert!(!Arc::ptr_eq(&after, &resolver.identify(&exec)));
+        // A cgroup not resolved (here: not below the mount) is tried again, not kept.
+        let unresolved = Caller {
+            cgroup_id: 4243,
+            ..caller
+        };
+        let once = resolver.identify(&unresolved);
+        assert_eq!(once.cgroup, None);
+        assert!(!Arc::ptr_eq(&once, &resolver.identify(&unresolved)));
         // Without the kernel's name of the image, nothing is shared.
         let unnamed = Caller {
             process_start: 0,
