@@ -166,6 +166,17 @@ struct ImageKey {
     exec_id: u32,
 }
 
+impl ImageKey {
+    /// The image the caller connected from; `None` when the kernel could not name it.
+    fn of(caller: &Caller) -> Option<Self> {
+        (caller.process_start != 0).then_some(Self {
+            pid: caller.pid,
+            start: caller.process_start,
+            exec_id: caller.exec_id,
+        })
+    }
+}
+
 /// A caller and the process image it connected from.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct IdentityKey {
@@ -235,13 +246,9 @@ impl Resolver {
     /// The caller's identity: made once per process image (when the kernel named it) and
     /// pods' generation, then shared by the image's connections.
     pub fn identify(&self, caller: &Caller) -> Arc<Identity> {
-        let key = (caller.process_start != 0).then(|| IdentityKey {
+        let key = ImageKey::of(caller).map(|image| IdentityKey {
             caller: caller.key(),
-            image: ImageKey {
-                pid: caller.pid,
-                start: caller.process_start,
-                exec_id: caller.exec_id,
-            },
+            image,
         });
         let generation = self.pods.generation();
         if let Some(key) = &key
@@ -322,18 +329,13 @@ impl Resolver {
         cgroup: Option<&str>,
         container: bool,
     ) -> ProcessImage {
-        if caller.process_start == 0 {
+        let Some(key) = ImageKey::of(caller) else {
             return ProcessImage {
                 exe: cgroup
                     .filter(|path| in_cgroup(caller.pid, path))
                     .and_then(|_| executable::read(caller.pid, container, &self.digests)),
                 comm: process_name(caller.pid),
             };
-        }
-        let key = ImageKey {
-            pid: caller.pid,
-            start: caller.process_start,
-            exec_id: caller.exec_id,
         };
         if let Some(image) = self.images.lock().expect("images lock").get(&key) {
             // Read before a policy pinned a digest: read again, for the digest.
