@@ -21,12 +21,15 @@ use std::{
     time::Duration,
 };
 
+use bytes::{Buf as _, BytesMut};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
+/// Room made for each read from the client: a request head is a few hundred bytes.
+const READ_SIZE: usize = 4096;
 
 /// Headers that carry a credential or a security decision: exactly one of each, or none.
 const SECURITY_HEADERS: [&str; 9] = [
@@ -253,11 +256,11 @@ pub struct Timeouts {
 pub struct Gate<S> {
     inner: S,
     timeouts: Timeouts,
-    /// Bytes read but not yet checked (the head in progress).
-    pending: Vec<u8>,
+    /// Bytes read but not yet checked (the head in progress). Read into its spare capacity:
+    /// no buffer is zeroed or copied per read.
+    pending: BytesMut,
     /// Checked bytes not yet handed to hyper.
-    ready: Vec<u8>,
-    ready_at: usize,
+    ready: BytesMut,
     /// After a violation or EOF: nothing more is read from the client.
     closed: bool,
     /// What stopped the reading, when a head was refused: answered once hyper has answered
@@ -276,9 +279,8 @@ impl<S> Gate<S> {
         Self {
             inner,
             timeouts,
-            pending: Vec::new(),
-            ready: Vec::new(),
-            ready_at: 0,
+            pending: BytesMut::new(),
+            ready: BytesMut::new(),
             closed: false,
             violation: None,
             deadline: None,
@@ -322,7 +324,7 @@ impl<S> Gate<S> {
                         std::mem::swap(&mut self.ready, &mut self.pending);
                     } else {
                         self.ready.extend_from_slice(&self.pending[..end]);
-                        self.pending.drain(..end);
+                        self.pending.advance(end);
                     }
                 }
                 _ if bare.is_some() => {
@@ -349,14 +351,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.ready_at < this.ready.len() {
-                let n = out.remaining().min(this.ready.len() - this.ready_at);
-                out.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
-                this.ready_at += n;
-                if this.ready_at == this.ready.len() {
-                    this.ready.clear();
-                    this.ready_at = 0;
-                }
+            if !this.ready.is_empty() {
+                let n = out.remaining().min(this.ready.len());
+                out.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
             if this.closed {
@@ -379,18 +377,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                 this.armed = true;
                 this.in_head = in_head;
             }
-            let mut buffer = [0u8; 4096];
-            let mut read = ReadBuf::new(&mut buffer);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {
-                    let bytes = read.filled();
-                    if bytes.is_empty() {
+            this.pending.reserve(READ_SIZE);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.pending) {
+                Poll::Ready(Ok(read)) => {
+                    if read == 0 {
                         // EOF: an unfinished head is dropped, never half-passed on.
                         this.closed = true;
                         this.pending.clear();
                         continue;
                     }
-                    this.pending.extend_from_slice(bytes);
                     let before = this.ready.len();
                     this.check_pending();
                     if this.ready.len() > before || this.closed {
@@ -424,6 +419,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    // Passed on, so that hyper writes a response's head and body with one writev instead of
+    // copying them into one buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -590,6 +599,52 @@ mod tests {
             Violation::HeadTimedOut.status(),
             StatusCode::REQUEST_TIMEOUT
         );
+    }
+
+    #[tokio::test]
+    async fn heads_read_in_pieces_pass_whole_and_only_when_complete() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let timeouts = Timeouts {
+            head: Duration::from_secs(5),
+            idle: Duration::from_secs(5),
+        };
+        let heads = format!("{OK}{OK}{OK}");
+        for piece in [1, 7, 50, OK.len() + 3] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let mut gate = Gate::new(server, timeouts);
+            let chunks: Vec<Vec<u8>> = heads.as_bytes().chunks(piece).map(<[u8]>::to_vec).collect();
+            let (first, rest) = chunks.split_first().unwrap();
+            client.write_all(first).await.unwrap();
+            // Less than a head has arrived: the gate hands nothing on.
+            let mut byte = [0u8; 1];
+            if piece < OK.len() {
+                let early = tokio::time::timeout(Duration::from_millis(50), gate.read(&mut byte));
+                assert!(
+                    early.await.is_err(),
+                    "piece {piece}: bytes of an incomplete head were passed on"
+                );
+            }
+            let writer = {
+                let rest = rest.to_vec();
+                tokio::spawn(async move {
+                    for chunk in rest {
+                        client.write_all(&chunk).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            // Read in small pieces too, as hyper may.
+            let mut out = Vec::new();
+            let mut buffer = [0u8; 13];
+            while out.len() < heads.len() {
+                let n = gate.read(&mut buffer).await.unwrap();
+                assert_ne!(n, 0, "piece {piece}: the stream ended early");
+                out.extend_from_slice(&buffer[..n]);
+            }
+            writer.await.unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), heads, "piece {piece}");
+            assert_eq!(gate.violation(), None);
+        }
     }
 
     #[tokio::test]
