@@ -311,6 +311,14 @@ impl Enforcer {
     /// not found (a pod address reused by a new pod). `None`: the connection was not diverted.
     pub fn caller(&self, accepted: &tokio::net::TcpStream, peer: SocketAddr) -> Option<Caller> {
         let pod = self.pod_address(accepted, peer);
+        if pod.is_none() {
+            // accept() asked for the peer's address already, which ran the getpeername
+            // program: a connection to the host listener has its record by now, and asking
+            // again would only run the program a second time.
+            if let Ok(caller) = self.callers.get(accepted, 0) {
+                return Some(caller);
+            }
+        }
         let prepare = |address, again| {
             let pods = self.pods.as_ref()?;
             pods.prepare(address, again)
