@@ -107,18 +107,19 @@ fn is_token_byte(b: u8) -> bool {
 
 /// Where the head ends (the index after CRLFCRLF), if it is complete in `buffer`.
 pub fn head_end(buffer: &[u8]) -> Option<usize> {
-    buffer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
+    memchr::memmem::find(buffer, b"\r\n\r\n").map(|i| i + 4)
 }
 
 /// The index of the first CR not followed by LF, or LF not preceded by CR. A CR at the very
-/// end may still be followed by its LF.
+/// end may still be followed by its LF. Only CRs and LFs are visited (memchr), not every
+/// byte: heads are checked per request.
 fn first_bare_line_break(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().enumerate().position(|(i, &b)| {
-        (b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
-            || (b == b'\r' && bytes.get(i + 1).is_some_and(|n| *n != b'\n'))
+    memchr::memchr2_iter(b'\r', b'\n', bytes).find(|&i| {
+        if bytes[i] == b'\n' {
+            i == 0 || bytes[i - 1] != b'\r'
+        } else {
+            bytes.get(i + 1).is_some_and(|n| *n != b'\n')
+        }
     })
 }
 
@@ -127,13 +128,10 @@ pub fn check_head(head: &[u8]) -> Result<(), Violation> {
     if head.len() > MAX_HEAD {
         return Err(Violation::HeadTooLarge);
     }
-    // Every CR is followed by LF and every LF is preceded by CR.
-    for (i, &b) in head.iter().enumerate() {
-        let bare_cr = b == b'\r' && head.get(i + 1) != Some(&b'\n');
-        let bare_lf = b == b'\n' && (i == 0 || head[i - 1] != b'\r');
-        if bare_cr || bare_lf {
-            return Err(Violation::BareLineBreak);
-        }
+    // Every CR is followed by LF and every LF is preceded by CR (a CR at the very end is bare
+    // here: a complete head ends in LF).
+    if first_bare_line_break(head).is_some() || head.last() == Some(&b'\r') {
+        return Err(Violation::BareLineBreak);
     }
     let text = &head[..head.len() - 4];
     let mut lines = text
@@ -572,6 +570,36 @@ mod tests {
                 .0,
             431
         );
+    }
+
+    proptest::proptest! {
+        /// The scans that skip to line breaks (memchr) find what a walk over every byte finds.
+        #[test]
+        fn the_line_break_scans_agree_with_a_byte_by_byte_walk(
+            bytes in proptest::collection::vec(proptest::sample::select(b"\r\nA :".to_vec()), 0..40)
+        ) {
+            let walked = bytes.iter().enumerate().position(|(i, &b)| {
+                (b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+                    || (b == b'\r' && bytes.get(i + 1).is_some_and(|n| *n != b'\n'))
+            });
+            proptest::prop_assert_eq!(first_bare_line_break(&bytes), walked);
+            let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+            proptest::prop_assert_eq!(head_end(&bytes), end);
+            // check_head on a complete head: bare CR or LF anywhere in it (a final CR
+            // included) is refused.
+            let mut head = b"GET / HTTP/1.0\r\n".to_vec();
+            head.extend_from_slice(&bytes);
+            head.extend_from_slice(b"\r\n\r\n");
+            let bare = head.iter().enumerate().any(|(i, &b)| {
+                (b == b'\r' && head.get(i + 1) != Some(&b'\n'))
+                    || (b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+            });
+            if bare {
+                proptest::prop_assert_eq!(check_head(&head), Err(Violation::BareLineBreak));
+            } else {
+                proptest::prop_assert_ne!(check_head(&head), Err(Violation::BareLineBreak));
+            }
+        }
     }
 
     #[tokio::test]
