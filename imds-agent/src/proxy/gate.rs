@@ -125,13 +125,21 @@ fn first_bare_line_break(bytes: &[u8]) -> Option<usize> {
 
 /// Checks a complete head (ending in CRLFCRLF).
 pub fn check_head(head: &[u8]) -> Result<(), Violation> {
+    // Every CR is followed by LF and every LF is preceded by CR (a CR at the very end is bare
+    // here: a complete head ends in LF). A head too large is refused as that first.
+    if head.len() <= MAX_HEAD
+        && (first_bare_line_break(head).is_some() || head.last() == Some(&b'\r'))
+    {
+        return Err(Violation::BareLineBreak);
+    }
+    check_paired_head(head)
+}
+
+/// Checks a complete head whose line breaks are known to be CRLF pairs: the rest of
+/// [`check_head`], for the gate, which has scanned the line breaks already.
+fn check_paired_head(head: &[u8]) -> Result<(), Violation> {
     if head.len() > MAX_HEAD {
         return Err(Violation::HeadTooLarge);
-    }
-    // Every CR is followed by LF and every LF is preceded by CR (a CR at the very end is bare
-    // here: a complete head ends in LF).
-    if first_bare_line_break(head).is_some() || head.last() == Some(&b'\r') {
-        return Err(Violation::BareLineBreak);
     }
     let text = &head[..head.len() - 4];
     let mut lines = text
@@ -313,7 +321,8 @@ impl<S> Gate<S> {
             let bare = first_bare_line_break(&self.pending);
             match head_end(&self.pending) {
                 Some(end) if bare.is_none_or(|b| b >= end) => {
-                    if let Err(violation) = check_head(&self.pending[..end]) {
+                    // No bare CR or LF before the end, and the head ends in LF.
+                    if let Err(violation) = check_paired_head(&self.pending[..end]) {
                         self.reject(violation);
                         return;
                     }
