@@ -4,7 +4,7 @@
 //! `imds-bench run` drives; the measured clients are this binary again (`connect`, `http`,
 //! `flip`, ...), started inside the sandbox's cgroups and namespace. By part: `clients` (what
 //! is measured), `harness` (what it runs on), `report` (the sections of BENCHMARKS.md),
-//! `engine`, `reactions`, `profile`, `builds` (two agent builds side by side), and `train`
+//! `engine`, `reactions`, `profile`, `lines` (a recording by the agent's source lines), `builds` (two agent builds side by side), and `train`
 //! (the requests the release build's profile is recorded under).
 
 use std::{
@@ -28,6 +28,7 @@ mod clients;
 mod engine;
 mod harness;
 mod hyper_relay;
+mod lines;
 mod profile;
 mod reactions;
 mod report;
@@ -78,6 +79,18 @@ enum Command {
         /// Load and record a relay on tokio alone (the hyper relay without hyper).
         #[arg(long, conflicts_with = "nginx")]
         tokio_relay: bool,
+    },
+    /// A `profile ... perf` recording by the agent's source lines: each sample goes to the
+    /// innermost line of imds-agent/src in its call chain (a build with line tables:
+    /// CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
+    Lines {
+        perf_data: PathBuf,
+        /// The recorded agent binary, if it is no longer where perf saw it.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// How many lines to print.
+        #[arg(long, default_value_t = 30)]
+        top: usize,
     },
     /// The policy engine at scale alone.
     Engine {
@@ -201,6 +214,11 @@ fn main() -> ExitCode {
             };
             profile::profile(&mode, &tool, output.as_deref(), server)
         }
+        Command::Lines {
+            perf_data,
+            agent,
+            top,
+        } => lines::lines(&perf_data, agent.as_deref(), top),
         Command::Engine { rounds } => engine(rounds),
         Command::Reactions { rounds } => reactions_only(rounds),
         Command::Upgrades { rounds } => upgrades_only(rounds),

@@ -260,6 +260,27 @@ Open findings, by section:\n\n\
   line 14%, the metrics 2.4%; the gate's byte checks were about 2.7% of all its CPU (1.7%\n\
   since, with memchr: the history's last row, after the tables above). No one part is\n\
   large enough that removing it would bring either row to nginx's.\n\
+  Session 25, the new-connection row alone (`profile close none`, 16 clients, the three\n\
+  side by side, twice): the agent 68.1 and 65.3 us of CPU per request (20.3 and 19.8 in\n\
+  user space), nginx 57.2 and 53.9 (11.4 and 10.0), the hyper relay 39.1 and 48.2 (8.2\n\
+  and 8.9): 1.19-1.21 times nginx, the whole difference in user space. Syscalls per\n\
+  connection (strace) are nginx's without its access-log write and getsockopt, with the\n\
+  map lookup (bpf) and a shutdown. Under perf, per 32,000 requests: 11,658 samples for\n\
+  the agent, 10,512 for nginx, 7,407 for the relay, of them in user space 3,549, 1,788\n\
+  and 1,331; the agent's own kernel work is the getpeername program inside accept4 (290),\n\
+  the map lookup (274) and the audit writes (258). By source line (`imds-bench lines`,\n\
+  in a build with line tables), of the agent's user-space samples: hyper's client\n\
+  connection task 15.7% (forward.rs:294; the relay's same task 399 samples to the\n\
+  agent's 607), hyper's server 12.5% (accept.rs:384), the runtime 6.0%, moving the\n\
+  connection's 7.7 KB future into its box 4.2% (accept.rs:356) and spawning it 4.0%,\n\
+  admission 2.9%, the drops at a connection's end 2.6%, the audit line about 4% over\n\
+  several lines, no other line above 1.5%. Per connection, 27 malloc calls (the relay\n\
+  14.5) and 139 memcpy calls moving 45 KB (uprobes), most of it futures moved into place:\n\
+  the connection's, the pipeline's (7.7 KB), the forward phase's (5.6 KB). To reach\n\
+  nginx the agent's user-space time per connection would have to halve; outside hyper\n\
+  and the runtime, which the relay shares, it is spread over lines of a few percent each,\n\
+  and boxing the large futures, the one change that would cut several at once, lost\n\
+  with a profile in session 22 (history).\n\
 - 6 (policy change -> enforced, target 200 ms). With the 100 ms poll the median was 46-68\n\
   ms, and one round of five in one full run took 377 ms; the reload now follows file\n\
   notifications and took 7.8-10.8 ms in the first full run after the change, 7.5-8.8 ms in\n\
@@ -278,7 +299,9 @@ client) runs section 3's load against the agent and prints its CPU per request (
 against section 4's hyper relay; with `--tokio-relay`, against that relay without hyper);\n\
 `imds-bench engine` runs section 5 alone, `imds-bench alternatives [ROUNDS]` section 4,\n\
 `imds-bench reactions [ROUNDS]` section 6, `imds-bench shield [ROUNDS]` section 8;\n\
-`imds-bench builds BASELINE` runs section 4's agent load against another build's binary.";
+`imds-bench builds BASELINE` runs section 4's agent load against another build's binary;\n\
+`imds-bench lines PERF_DATA` reads a `profile ... perf` recording by the agent's source lines\n\
+(build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only first).";
 
 /// Per-caller limits raised: the benchmarks measure the filter, not the throttle.
 pub(crate) const UNLIMITED: [&str; 6] = [
