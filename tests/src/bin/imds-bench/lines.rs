@@ -18,6 +18,9 @@ use super::*;
 /// Where the agent's own source lines are, in the paths the line tables hold.
 const AGENT_SOURCE: &str = "/imds-agent/src/";
 
+/// Where x86-64's kernel half of the address space begins.
+const KERNEL_START: u64 = 0xffff_8000_0000_0000;
+
 /// One recorded sample: its weight and its call chain, innermost frame first.
 #[derive(Debug, PartialEq)]
 struct Sample {
@@ -261,7 +264,9 @@ fn attribute(samples: &[Sample], dso: &str, lines: &HashMap<u64, Vec<Location>>)
         let Some(leaf) = sample.frames.first() else {
             continue;
         };
-        let in_user = leaf.dso != "[kernel.kallsyms]";
+        // Kernel addresses (the kernel's and its modules', which perf names by module) are
+        // in the upper half; perf prints a user-space frame as an offset in its file.
+        let in_user = leaf.address < KERNEL_START;
         let line = lookup_addresses(sample, dso)
             .filter_map(|offset| lines.get(&offset))
             .flatten()
