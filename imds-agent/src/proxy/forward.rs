@@ -276,6 +276,7 @@ async fn connect_upstream(
     }
 }
 
+/// HTTP/1.1 over mutual TLS with the metadata server, on a connected `stream`.
 async fn connect_tls(
     stream: TcpStream,
     config: Arc<rustls::ClientConfig>,
