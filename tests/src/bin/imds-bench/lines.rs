@@ -80,19 +80,19 @@ pub(crate) fn lines(perf_data: &Path, agent: Option<&Path>, top: usize) -> Resul
     let elf = std::fs::read(&binary).map_err(|e| format!("{}: {e}", binary.display()))?;
     let to_vaddr = file_offsets_to_addresses(&elf)
         .map_err(|e| format!("{}: not an ELF file: {e}", binary.display()))?;
-    let lookups: BTreeSet<u64> = samples
+    let offsets: BTreeSet<u64> = samples
         .iter()
         .flat_map(|sample| lookup_addresses(sample, &dso))
-        .filter_map(&to_vaddr)
         .collect();
-    let resolved = addr2line(&binary, &lookups)?;
-    let by_offset: HashMap<u64, Vec<Location>> = samples
+    let addresses: BTreeSet<u64> = offsets
         .iter()
-        .flat_map(|sample| lookup_addresses(sample, &dso))
-        .filter_map(|offset| {
-            let locations = resolved.get(&to_vaddr(offset)?)?;
-            Some((offset, locations.clone()))
-        })
+        .filter_map(|&offset| to_vaddr(offset))
+        .collect();
+    let mut resolved = addr2line(&binary, &addresses)?;
+    // One offset per address (a segment maps its file range one to one).
+    let by_offset: HashMap<u64, Vec<Location>> = offsets
+        .into_iter()
+        .filter_map(|offset| Some((offset, resolved.remove(&to_vaddr(offset)?)?)))
         .collect();
     let table = attribute(&samples, &dso, &by_offset);
     if table.rows.iter().all(|row| row.line.is_none()) {
@@ -466,15 +466,14 @@ mod tests {
 
     #[test]
     fn file_offsets_map_onto_addresses_through_the_loaded_segments() {
-        // This test binary: its own entry point's segment maps some offset onto an address.
+        // This test binary: a segment loaded at an address other than its file offset.
         let elf = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         let to_vaddr = file_offsets_to_addresses(&elf).unwrap();
         let file = object::File::parse(&*elf).unwrap();
         let executable = file
             .segments()
             .find(|segment| segment.address() != segment.file_range().0)
-            .or_else(|| file.segments().nth(1))
-            .expect("a loaded segment");
+            .expect("a loaded segment placed apart from its file offset");
         let (offset, size) = executable.file_range();
         assert!(size > 0);
         assert_eq!(to_vaddr(offset + 1), Some(executable.address() + 1));
