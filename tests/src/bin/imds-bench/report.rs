@@ -84,10 +84,12 @@ Open findings, by section:\n\n\
   switch fewer per connection in theory) measured the same in alternating runs (75-86\n\
   against 77-87 us of CPU per request), so it was left as it is.\n\
 - 4 (agent CPU per request <= nginx's and req/s >= nginx's on every row; with keep-alive,\n\
-  CPU <= 1.5x the bare relay's). The keep-alive rows are at nginx's within this host's\n\
-  spread between runs; the new-connection row's targets lie below what the agent must do\n\
-  per connection (measured at the end of this finding, session 26). In order, oldest\n\
-  first: after the rows above (`imds-bench alternatives\n\
+  CPU <= 1.5x the bare relay's). Where it stands (session 26, at the end of this finding):\n\
+  with keep-alive, req/s 0.92-1.16 times nginx's (1.11 and 1.10 in the full run) and CPU\n\
+  near it (1.03-1.19 with 16 clients, not met; 0.99-1.34 with one); the new-connection\n\
+  row's targets lie below what the agent must do per connection; with one client, the\n\
+  bare relay's target is one nginx misses too. In order, oldest first: after the rows\n\
+  above (`imds-bench alternatives\n\
   3`, every Rust binary built with LTO): the agent's CPU per request against nginx's 1.17\n\
   (keep-alive, 1 client), 1.59 (keep-alive, 16) and 1.98 (new connection, 16); req/s\n\
   1.06, 0.93 and 0.74; CPU against the bare relay's 1.92 and 1.85 with keep-alive. Before\n\
@@ -291,11 +293,12 @@ Open findings, by section:\n\n\
   (keep-alive, 1 client), 1.19 (keep-alive, 16) and 1.14 (new connection, 16); req/s 1.07,\n\
   1.05 and 0.92; with keep-alive, against the bare relay 2.10 and 1.26. Tried again, not\n\
   kept: mimalloc (`imds-bench builds`, 12 rounds, three runs: CPU per new connection 0.87,\n\
-  0.96 and 0.97, with keep-alive 0.93-1.06; its peak RSS at start-up 64 MB against glibc's\n\
-  35, or 39 MB when it returns freed memory at once, which cost CPU 1.12); hyper's client\n\
-  connection driven by the request's task rather than a task of its own, tried in the\n\
-  hyper relay (`profile close none --hyper-relay`, six runs each, alternating: 46.4 against\n\
-  43.2 us of CPU per new connection). Then two builds that leave work out, each beside\n\
+  0.96 and 0.97 (the third committing its arenas lazily), with keep-alive 0.93-1.06; its\n\
+  peak RSS at start-up 64 MB against glibc's 35, 29-39 MB when it returns freed memory at\n\
+  once, which cost CPU 1.12); hyper's client connection driven by the request's task\n\
+  rather than a task of its own, tried in the hyper relay (`profile ... --hyper-relay`,\n\
+  six runs each, alternating: 46.4 against 43.2 us of CPU per new connection, 19.8\n\
+  against 18.9 per keep-alive request). Then two builds that leave work out, each beside\n\
   nginx and the hyper relay (`alternatives 5`), to find where the new-connection row's\n\
   gap lies. Without the audit phase (no line, metrics, inventory or tally): against nginx\n\
   0.84 with 16 keep-alive clients, 1.17 per new connection, where the whole build gave\n\
@@ -311,9 +314,11 @@ Open findings, by section:\n\n\
   must do for every connection before any request phase already costs more than nginx's\n\
   whole margin over hyper and tokio. So the new-connection row's targets (CPU and req/s\n\
   at nginx's) lie below this design's floor: they would take an HTTP stack other than hyper\n\
-  as well as the agent's own work for free. The keep-alive rows are at nginx's within this\n\
-  host's run-to-run spread: 1.14 and 1.34 with one client, 1.03-1.19 with 16 in today's\n\
-  runs of the whole build, 0.96-1.12 and 0.99-1.31 in the three before; req/s 0.92-1.16.\n\
+  as well as the agent's own work for free. With keep-alive the bare build is at nginx's,\n\
+  so what remains there is the request phases (the audit phase 8.3% of the agent's CPU by\n\
+  source line with 16 clients, policy, validation, shield and limits about 6% together):\n\
+  the whole build took 1.14 and 1.34 with one client, 1.03-1.19 with 16, in today's runs\n\
+  (0.96-1.12 and 0.99-1.31 in the three before; req/s 0.92-1.16).\n\
   Against the bare relay with keep-alive the agent took 1.26 and 1.24 with 16 clients,\n\
   within 1.5, and 2.10 and 2.29 with one, where nginx took 1.84 and 1.71: with one client\n\
   that target is one the classic proxy misses as well. In the session's full run (the\n\
