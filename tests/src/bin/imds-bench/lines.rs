@@ -356,6 +356,10 @@ mod tests {
              \n\
              imds-serve-1 23382     50000 \n\
              \t          777777 memcpy (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\
+             \n\
+             imds-serve-1 23382     20000 \n\
+             \tffffffffc0a01234 nft_do_chain+0x54 ([nf_tables])\n\
+             \t          a04c00 imds_agent::proxy::forward::exchange ({AGENT})\n\
              \n"
         )
     }
@@ -363,7 +367,7 @@ mod tests {
     #[test]
     fn perf_script_parses_into_samples_with_their_frames() {
         let samples = parse_script(&script());
-        assert_eq!(samples.len(), 3);
+        assert_eq!(samples.len(), 4);
         assert_eq!(samples[0].period, 250_000);
         assert_eq!(samples[1].period, 100_000, "a comm with a space");
         assert_eq!(
@@ -420,8 +424,11 @@ mod tests {
             ),
         ]);
         let table = attribute(&samples, AGENT, &lines);
-        assert_eq!(table.total, 400_000);
-        assert_eq!(table.user, 300_000, "the kernel sample is not user space");
+        assert_eq!(table.total, 420_000);
+        assert_eq!(
+            table.user, 300_000,
+            "the kernel's samples are not user space, a kernel module's included"
+        );
         let rows: Vec<(Option<&str>, u64, u64)> = table
             .rows
             .iter()
@@ -432,7 +439,7 @@ mod tests {
             [
                 (Some("proxy/limits.rs:42"), 250_000, 250_000),
                 (None, 50_000, 50_000),
-                (Some("proxy/forward.rs:294"), 100_000, 0),
+                (Some("proxy/forward.rs:294"), 120_000, 0),
             ]
         );
         assert_eq!(
@@ -443,7 +450,7 @@ mod tests {
             )]
         );
         let text = table.render(10, Path::new(AGENT));
-        assert!(text.contains("  62.5   83.3  proxy/limits.rs:42"), "{text}");
+        assert!(text.contains("  59.5   83.3  proxy/limits.rs:42"), "{text}");
         assert!(text.contains("(no line of the agent's)"), "{text}");
     }
 
