@@ -64,10 +64,10 @@ pub(crate) fn in_netns(sandbox: &Sandbox, program: &str, args: &[&str]) -> Resul
     }
 }
 
-/// The kube2iam/kiam way, in its own sandbox: a DNAT rule sends the metadata address to a
-/// local proxy. Its mere presence turns on connection tracking for every packet in the
+/// The kube2iam/kiam way, in its own sandbox: a DNAT rule sends the metadata address's `port`
+/// to a local proxy. Its mere presence turns on connection tracking for every packet in the
 /// namespace, which section 2 measures.
-pub(crate) fn add_dnat(sandbox: &Sandbox, to: &str) -> Result {
+pub(crate) fn add_dnat(sandbox: &Sandbox, port: u16, to: &str) -> Result {
     in_netns(
         sandbox,
         "iptables",
@@ -81,7 +81,7 @@ pub(crate) fn add_dnat(sandbox: &Sandbox, to: &str) -> Result {
             "-p",
             "tcp",
             "--dport",
-            "80",
+            &port.to_string(),
             "-j",
             "DNAT",
             "--to-destination",
@@ -90,22 +90,93 @@ pub(crate) fn add_dnat(sandbox: &Sandbox, to: &str) -> Result {
     )
 }
 
+/// What nginx's access log writes per request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AccessLog {
+    /// nginx's own line (`combined`: address, time, request line, status, size, referrer,
+    /// user agent), about 100 bytes: the classic set-up as users run it.
+    Classic,
+    /// The agent's audit line for the same request (see [`agent_line_format`]), about 600
+    /// bytes: what the classic set-up costs when it writes as much per request.
+    AgentLine,
+}
+
+/// Where the metadata address's port 80 and 81 lead in the iptables sandbox: nginx writing
+/// its own line, and nginx writing the agent's.
+pub(crate) const NGINX_CLASSIC: (u16, &str) = (80, "127.0.0.1:8954");
+pub(crate) const NGINX_AGENT_LINE: (u16, &str) = (81, "127.0.0.1:8955");
+
+impl AccessLog {
+    /// The metadata address and port whose connects the DNAT rule sends to this server.
+    pub(crate) fn target(self) -> &'static str {
+        match self {
+            Self::Classic => "169.254.169.254:80",
+            Self::AgentLine => "169.254.169.254:81",
+        }
+    }
+}
+
+/// Both of nginx's DNAT rules (see [`start_nginx`]).
+pub(crate) fn add_nginx_dnat(sandbox: &Sandbox) -> Result {
+    for (port, listen) in [NGINX_CLASSIC, NGINX_AGENT_LINE] {
+        add_dnat(sandbox, port, listen)?;
+    }
+    Ok(())
+}
+
+/// An nginx `log_format` that writes the agent's audit line (`--log-format json`): its fields
+/// under its names, in its order. Each value is nginx's own where nginx has one (time, request
+/// id, host, worker pid, method, path, user agent, statuses, latency); the rest nginx cannot
+/// know, and they are written as the agent writes them for section 4's client (its cgroup
+/// below the enforced one, that cgroup's id, its executable, the policy and rule that allowed
+/// it), so that the line has the agent's line's size.
+fn agent_line_format(cgroup_id: u64, exe: &Path) -> String {
+    [
+        "{\"timestamp\":\"$time_iso8601\",\"level\":\"INFO\",\"message\":\"request\"",
+        ",\"request_id\":\"$request_id\",\"node\":\"$hostname\",\"cgroup\":\"/client\"",
+        &format!(",\"cgroup_id\":{cgroup_id}"),
+        ",\"unit\":\"\",\"namespace\":\"\",\"pod\":\"\",\"pod_uid\":\"\"",
+        ",\"service_account\":\"\",\"container\":\"\",\"container_id\":\"\"",
+        ",\"uid\":0,\"gid\":0,\"pid\":$pid,\"comm\":\"imds-bench\"",
+        &format!(",\"exe\":\"{}\",\"exe_check\":\"node-file\"", exe.display()),
+        ",\"method\":\"$request_method\",\"path\":\"$uri\",\"user_agent\":\"$http_user_agent\"",
+        ",\"decision\":\"allow\",\"policy\":\"bench\",\"rule\":\"id\",\"status\":$status",
+        ",\"upstream_status\":$upstream_status,\"detail\":\"\",\"latency_us\":$request_time",
+        ",\"target\":\"imds_agent::audit\"}",
+    ]
+    .concat()
+}
+
 /// nginx as the classic reverse proxy with location rules: the instance id is proxied (with
 /// upstream keep-alive), everything else gets 403; one access-log line per request, as the
-/// agent writes one audit line.
-pub(crate) fn start_nginx(sandbox: &Sandbox, listen: &str, upstream: &str) -> Result<Background> {
+/// agent writes one audit line. Two servers share its two workers: one writes nginx's own
+/// line ([`NGINX_CLASSIC`]), one the agent's ([`NGINX_AGENT_LINE`]), each to a file of its own.
+pub(crate) fn start_nginx(sandbox: &Sandbox, upstream: &str) -> Result<Background> {
     let dir = sandbox.work_dir.join("nginx");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let d = dir.display();
+    // Section 4's client, as the agent's line names it.
+    let cgroup_id = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(sandbox.cgroup("outside")).map_or(0, |m| m.ino())
+    };
+    let server = |listen: &str, log: &str| {
+        format!(
+            "  server {{\n    listen {listen};\n    access_log {d}/{log};\n\
+               location = {ID} {{ proxy_pass http://imds; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
+               location / {{ return 403; }}\n  }}\n"
+        )
+    };
     let config = format!(
         "daemon off;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log {d}/access.log;\n\
+         http {{\n  log_format agent_line escape=json '{}';\n\
            keepalive_requests 1000000;\n\
            upstream imds {{ server {upstream}; keepalive 32; keepalive_requests 1000000; }}\n\
-           server {{\n    listen {listen};\n\
-             location = {ID} {{ proxy_pass http://imds; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
-             location / {{ return 403; }}\n  }}\n}}\n"
+         {}{}}}\n",
+        agent_line_format(cgroup_id, &binary("imds-bench")),
+        server(NGINX_CLASSIC.1, "access.log"),
+        server(NGINX_AGENT_LINE.1, "agent-line.log agent_line"),
     );
     let config_path = dir.join("nginx.conf");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
@@ -124,6 +195,27 @@ pub(crate) fn start_nginx(sandbox: &Sandbox, listen: &str, upstream: &str) -> Re
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(nginx)
+}
+
+/// The length of the last line of the log at `path`, newline included (0 if there is none).
+pub(crate) fn last_line_bytes(path: &Path) -> usize {
+    use std::io::{Seek as _, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let mut tail = Vec::new();
+    let end = file.seek(SeekFrom::End(0)).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(end.saturating_sub(8192)))
+        .is_err()
+        || file.read_to_end(&mut tail).is_err()
+    {
+        return 0;
+    }
+    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+    body.iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |start| body.len() - start)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -280,4 +372,94 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
         })
         .flatten()
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// nginx's line, its variables filled in as nginx fills them, is the agent's: the same
+    /// fields in the same order (audit.rs's `Request::fields`, between tracing-subscriber's
+    /// timestamp, level and message and its target).
+    #[test]
+    fn nginx_writes_the_agents_fields_in_the_agents_order() {
+        let mut line = agent_line_format(70287, Path::new("/usr/bin/imds-bench"));
+        for (variable, value) in [
+            ("$time_iso8601", "2026-12-04T22:02:26+00:00"),
+            ("$request_id", "fa0aef96b5bfa77755ec194d32337e81"),
+            ("$hostname", "vm"),
+            ("$pid", "5197"),
+            ("$request_method", "GET"),
+            ("$uri", ID),
+            ("$http_user_agent", "Botocore/1.34.0"),
+            ("$upstream_status", "200"),
+            ("$status", "200"),
+            ("$request_time", "0.001"),
+        ] {
+            line = line.replace(variable, value);
+        }
+        assert!(!line.contains('$'), "a variable left unfilled: {line}");
+        let fields: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&line).expect(&line);
+        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "timestamp",
+                "level",
+                "message",
+                "request_id",
+                "node",
+                "cgroup",
+                "cgroup_id",
+                "unit",
+                "namespace",
+                "pod",
+                "pod_uid",
+                "service_account",
+                "container",
+                "container_id",
+                "uid",
+                "gid",
+                "pid",
+                "comm",
+                "exe",
+                "exe_check",
+                "method",
+                "path",
+                "user_agent",
+                "decision",
+                "policy",
+                "rule",
+                "status",
+                "upstream_status",
+                "detail",
+                "latency_us",
+                "target",
+            ]
+        );
+        assert_eq!(fields["exe"], "/usr/bin/imds-bench");
+        assert_eq!(fields["cgroup_id"], 70287);
+        assert_eq!(fields["user_agent"], "Botocore/1.34.0");
+    }
+
+    #[test]
+    fn a_logs_last_line_is_measured_whole() {
+        let dir = std::env::temp_dir().join(format!("imds-bench-last-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("access.log");
+        let long = "x".repeat(9000);
+        for (content, expected) in [
+            ("first\nsecond line\n".to_owned(), "second line\n".len()),
+            (format!("{long}\n{}\n", "y".repeat(600)), 601),
+            // The tail read holds no line whole: not a length.
+            (format!("{long}\n"), 0),
+            (String::new(), 0),
+        ] {
+            std::fs::write(&log, content).unwrap();
+            assert_eq!(last_line_bytes(&log), expected);
+        }
+        assert_eq!(last_line_bytes(&dir.join("missing.log")), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -72,6 +72,9 @@ enum Command {
         /// Load and record iptables + nginx (section 4's classic proxy) instead of the agent.
         #[arg(long, conflicts_with = "hyper_relay")]
         nginx: bool,
+        /// With --nginx: nginx writes the agent's audit line per request instead of its own.
+        #[arg(long, requires = "nginx")]
+        agent_line: bool,
         /// Load and record section 4's hyper relay (the agent's HTTP machinery alone) instead
         /// of the agent.
         #[arg(long, conflicts_with = "tokio_relay")]
@@ -203,11 +206,13 @@ fn main() -> ExitCode {
             tool,
             output,
             nginx,
+            agent_line,
             hyper_relay,
             tokio_relay,
         } => {
             let server = match (nginx, hyper_relay, tokio_relay) {
-                (true, _, _) => profile::Server::Nginx,
+                (true, _, _) if agent_line => profile::Server::Nginx(AccessLog::AgentLine),
+                (true, _, _) => profile::Server::Nginx(AccessLog::Classic),
                 (_, true, _) => profile::Server::HyperRelay,
                 (_, _, true) => profile::Server::TokioRelay,
                 _ => profile::Server::Agent,

@@ -6,8 +6,8 @@ use super::*;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Server {
     Agent,
-    /// Section 4's iptables + nginx.
-    Nginx,
+    /// Section 4's iptables + nginx, writing its own access-log line or the agent's.
+    Nginx(AccessLog),
     /// Section 4's hyper relay.
     HyperRelay,
     /// The hyper relay without hyper.
@@ -41,9 +41,9 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
     let _imds = sandbox.start_fake_imds(false);
     // What is recorded: the agent, or nginx's workers (the master only forks them); either is
     // kept running until the recording ends.
-    let (_server, server_cgroup, client_cgroup, pids, target) = if server == Server::Nginx {
-        add_dnat(&sandbox, NGINX_LISTEN)?;
-        let server = start_nginx(&sandbox, NGINX_LISTEN, "127.0.0.1:8080")?;
+    let (_server, server_cgroup, client_cgroup, pids, target) = if let Server::Nginx(log) = server {
+        add_nginx_dnat(&sandbox)?;
+        let server = start_nginx(&sandbox, "127.0.0.1:8080")?;
         let master = server.0.id();
         // The master forks its workers after writing the pid file start_nginx waits for.
         let workers = || -> Result<Vec<String>> {
@@ -68,7 +68,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
             "nginx",
             "outside",
             workers,
-            "169.254.169.254:80",
+            log.target(),
         )
     } else if server == Server::HyperRelay || server == Server::TokioRelay {
         let name = if server == Server::HyperRelay {
@@ -165,7 +165,8 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
         samples.last().copied().unwrap_or(0.0),
         match server {
             Server::Agent => "agent",
-            Server::Nginx => "nginx",
+            Server::Nginx(AccessLog::Classic) => "nginx",
+            Server::Nginx(AccessLog::AgentLine) => "nginx (the agent's line)",
             Server::HyperRelay => "hyper relay",
             Server::TokioRelay => "tokio relay",
         },

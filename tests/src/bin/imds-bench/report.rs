@@ -426,7 +426,7 @@ pub(crate) fn run(quick: bool) -> Result {
     let packet_server = "127.0.0.1:5001";
     let _server = background(&sandbox, "servers", &["serve", packet_server], true)?;
     let _nat_server = background(&nat, "servers", &["serve", packet_server], true)?;
-    let iptables = add_dnat(&nat, NGINX_LISTEN);
+    let iptables = add_nginx_dnat(&nat);
     let (mib, round_trips) = if quick {
         ("256", "10000")
     } else {
@@ -689,8 +689,6 @@ pub(crate) fn run(quick: bool) -> Result {
     Ok(())
 }
 
-/// Where nginx listens in the iptables sandbox (the DNAT target).
-pub(crate) const NGINX_LISTEN: &str = "127.0.0.1:8954";
 /// Where the bare relay listens in the main sandbox.
 pub(crate) const RELAY_LISTEN: &str = "127.0.0.1:9100";
 /// Where the hyper relay listens in the main sandbox.
@@ -702,7 +700,7 @@ pub(crate) fn alternatives_only(rounds: usize) -> Result {
     let _imds = sandbox.start_fake_imds(false);
     let nat = Sandbox::new("bench-nat").ok_or("cannot create the second sandbox")?;
     let _nat_imds = nat.start_fake_imds(false);
-    let iptables = add_dnat(&nat, NGINX_LISTEN);
+    let iptables = add_nginx_dnat(&nat);
     let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
     let _agent = sandbox.start_agent("enforced", "agent", &[&policy_dir], &UNLIMITED);
     print!(
@@ -712,9 +710,10 @@ pub(crate) fn alternatives_only(rounds: usize) -> Result {
     Ok(())
 }
 
-/// Section 4: the same allowed GETs four ways, side by side: straight to the metadata service, through
-/// a bare TCP relay (the floor for any proxy), through the agent, and through iptables DNAT to
-/// nginx with location rules (in the second sandbox, where the DNAT rule lives).
+/// Section 4: the same allowed GETs five ways, side by side: straight to the metadata service,
+/// through a bare TCP relay (the floor for any proxy), through a hyper relay, through the agent,
+/// and through iptables DNAT to nginx with location rules (in the second sandbox, where the DNAT
+/// rules live), which writes its own access-log line or the agent's.
 pub(crate) fn alternatives(
     sandbox: &Sandbox,
     nat: &Sandbox,
@@ -735,7 +734,7 @@ pub(crate) fn alternatives(
          time moves less with the VM than latency does. Ratio to the agent in brackets.\n\n",
     );
     let nginx = match (iptables, which("nginx")) {
-        (true, true) => Some(start_nginx(nat, NGINX_LISTEN, "127.0.0.1:8080")?),
+        (true, true) => Some(start_nginx(nat, "127.0.0.1:8080")?),
         _ => None,
     };
     // In a cgroup of its own, so that its CPU time is its own.
@@ -756,9 +755,17 @@ pub(crate) fn alternatives(
         report,
         "| mode | clients | direct | bare relay | hyper relay | imds-agent | iptables + nginx |\n|---|---|---|---|---|---|---|"
     );
+    // nginx writing the agent's audit line: a table of its own below the first.
+    let mut agent_line_rows = String::new();
     for (mode, clients) in [("keepalive", "1"), ("keepalive", "16"), ("close", "16")] {
-        let (mut direct, mut relay, mut hyper_relay, mut agent, mut proxy) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut direct, mut relay, mut hyper_relay, mut agent, mut proxy, mut proxy_agent_line) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         let requests = per_worker.parse::<f64>().map_err(|e| e.to_string())?
             * clients.parse::<f64>().map_err(|e| e.to_string())?;
         // Each run's figures, followed by the CPU time per request of the process that
@@ -785,7 +792,18 @@ pub(crate) fn alternatives(
             )?);
             agent.push(measured(sandbox, "enforced/client", "agent", imds)?);
             if nginx.is_some() {
-                proxy.push(measured(nat, "outside", "nginx", imds)?);
+                proxy.push(measured(
+                    nat,
+                    "outside",
+                    "nginx",
+                    AccessLog::Classic.target(),
+                )?);
+                proxy_agent_line.push(measured(
+                    nat,
+                    "outside",
+                    "nginx",
+                    AccessLog::AgentLine.target(),
+                )?);
             }
         }
         let summary = |runs: &[Vec<f64>]| -> [f64; 4] {
@@ -823,11 +841,36 @@ pub(crate) fn alternatives(
             ours[3],
             cell(&proxy)
         );
+        if !proxy.is_empty() {
+            let _ = writeln!(
+                agent_line_rows,
+                "| {label} | {clients} | {} | {:.2} |",
+                cell(&proxy_agent_line),
+                summary(&proxy_agent_line)[3] / summary(&proxy)[3]
+            );
+        }
     }
-    if nginx.is_none() {
-        report.push_str(
+    match &nginx {
+        None => report.push_str(
             "\nnginx or iptables is missing: `cargo xtask bench` installs them (Debian).\n",
-        );
+        ),
+        Some(_) => {
+            let line_bytes = |log: &str| last_line_bytes(&nat.work_dir.join("nginx").join(log));
+            let _ = write!(
+                report,
+                "\nThe same nginx writing the agent's audit line per request instead of its own\n\
+                 ({} bytes against {}): the agent's fields under its names, each value nginx's own\n\
+                 where it has one (time, request id, host, worker pid, method, path, user agent,\n\
+                 statuses, latency), the rest (the caller's cgroup, uid and executable, the policy\n\
+                 and rule) written as the agent writes them for this client. Ratio to the agent in\n\
+                 brackets, as above; the last column is this nginx's CPU per request against\n\
+                 nginx's with its own line.\n\n\
+                 | mode | clients | iptables + nginx, the agent's line | CPU against nginx's own line |\n\
+                 |---|---|---|---|\n{agent_line_rows}",
+                line_bytes("agent-line.log"),
+                line_bytes("access.log"),
+            );
+        }
     }
     report.push('\n');
     Ok(report)
