@@ -371,8 +371,10 @@ Open findings, by section:\n\n\
 \n\
 Tools: `imds-bench profile keepalive|close [perf|strace|none]` (IMDS_BENCH_CLIENTS=1 for one\n\
 client) runs section 3's load against the agent and prints its CPU per request (with\n\
-`--nginx`, against section 4's iptables + nginx, its workers recorded; with `--hyper-relay`,\n\
-against section 4's hyper relay; with `--tokio-relay`, against that relay without hyper);\n\
+`--nginx`, against section 4's iptables + nginx, its workers recorded, and with\n\
+`--nginx --agent-line` against that nginx writing the agent's audit line; with\n\
+`--hyper-relay`, against section 4's hyper relay; with `--tokio-relay`, against that relay\n\
+without hyper);\n\
 `imds-bench engine` runs section 5 alone, `imds-bench alternatives [ROUNDS]` section 4,\n\
 `imds-bench reactions [ROUNDS]` section 6, `imds-bench shield [ROUNDS]` section 8;\n\
 `imds-bench builds BASELINE` runs section 4's agent load against another build's binary;\n\
