@@ -445,7 +445,8 @@ pub(crate) fn run(quick: bool) -> Result {
     // The kernel's own accounting of the programs' run time: a machine-wide switch, restored
     // by the guard however this function returns.
     // 2. Other traffic, packet path: the same server in both sandboxes; the second one has
-    // a kube2iam-style DNAT rule for the metadata address and none of our programs.
+    // kube2iam-style DNAT rules for the metadata address (to nginx's two servers) and none of our
+    // programs.
     let nat = Sandbox::new("bench-nat")
         .ok_or("cannot create the second sandbox (for the iptables comparison)")?;
     let _nat_imds = nat.start_fake_imds(false);
