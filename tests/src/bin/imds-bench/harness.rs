@@ -101,25 +101,43 @@ pub(crate) enum AccessLog {
     AgentLine,
 }
 
-/// Where the metadata address's port 80 and 81 lead in the iptables sandbox: nginx writing
-/// its own line, and nginx writing the agent's.
-pub(crate) const NGINX_CLASSIC: (u16, &str) = (80, "127.0.0.1:8954");
-pub(crate) const NGINX_AGENT_LINE: (u16, &str) = (81, "127.0.0.1:8955");
-
 impl AccessLog {
-    /// The metadata address and port whose connects the DNAT rule sends to this server.
-    pub(crate) fn target(self) -> &'static str {
+    const BOTH: [Self; 2] = [Self::Classic, Self::AgentLine];
+
+    /// The metadata address's port whose connects the DNAT rule sends to this server.
+    fn port(self) -> u16 {
         match self {
-            Self::Classic => "169.254.169.254:80",
-            Self::AgentLine => "169.254.169.254:81",
+            Self::Classic => 80,
+            Self::AgentLine => 81,
         }
+    }
+
+    /// Where this server listens in the iptables sandbox (the DNAT target).
+    fn listen(self) -> &'static str {
+        match self {
+            Self::Classic => "127.0.0.1:8954",
+            Self::AgentLine => "127.0.0.1:8955",
+        }
+    }
+
+    /// The file in nginx's directory this server's lines go to.
+    pub(crate) fn file(self) -> &'static str {
+        match self {
+            Self::Classic => "access.log",
+            Self::AgentLine => "agent-line.log",
+        }
+    }
+
+    /// The address clients dial to reach this server through its DNAT rule.
+    pub(crate) fn target(self) -> String {
+        format!("169.254.169.254:{}", self.port())
     }
 }
 
 /// Both of nginx's DNAT rules (see [`start_nginx`]).
 pub(crate) fn add_nginx_dnat(sandbox: &Sandbox) -> Result {
-    for (port, listen) in [NGINX_CLASSIC, NGINX_AGENT_LINE] {
-        add_dnat(sandbox, port, listen)?;
+    for log in AccessLog::BOTH {
+        add_dnat(sandbox, log.port(), log.listen())?;
     }
     Ok(())
 }
@@ -149,8 +167,8 @@ fn agent_line_format(cgroup_id: u64, exe: &Path) -> String {
 
 /// nginx as the classic reverse proxy with location rules: the instance id is proxied (with
 /// upstream keep-alive), everything else gets 403; one access-log line per request, as the
-/// agent writes one audit line. Two servers share its two workers: one writes nginx's own
-/// line ([`NGINX_CLASSIC`]), one the agent's ([`NGINX_AGENT_LINE`]), each to a file of its own.
+/// agent writes one audit line. Two servers share its two workers, one per [`AccessLog`], each
+/// writing its own file.
 pub(crate) fn start_nginx(sandbox: &Sandbox, upstream: &str) -> Result<Background> {
     let dir = sandbox.work_dir.join("nginx");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -160,9 +178,14 @@ pub(crate) fn start_nginx(sandbox: &Sandbox, upstream: &str) -> Result<Backgroun
         use std::os::unix::fs::MetadataExt as _;
         std::fs::metadata(sandbox.cgroup("outside")).map_or(0, |m| m.ino())
     };
-    let server = |listen: &str, log: &str| {
+    let server = |log: AccessLog| {
+        let (listen, file) = (log.listen(), log.file());
+        let format = match log {
+            AccessLog::Classic => "",
+            AccessLog::AgentLine => " agent_line",
+        };
         format!(
-            "  server {{\n    listen {listen};\n    access_log {d}/{log};\n\
+            "  server {{\n    listen {listen};\n    access_log {d}/{file}{format};\n\
                location = {ID} {{ proxy_pass http://imds; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
                location / {{ return 403; }}\n  }}\n"
         )
@@ -175,8 +198,8 @@ pub(crate) fn start_nginx(sandbox: &Sandbox, upstream: &str) -> Result<Backgroun
            upstream imds {{ server {upstream}; keepalive 32; keepalive_requests 1000000; }}\n\
          {}{}}}\n",
         agent_line_format(cgroup_id, &binary("imds-bench")),
-        server(NGINX_CLASSIC.1, "access.log"),
-        server(NGINX_AGENT_LINE.1, "agent-line.log agent_line"),
+        server(AccessLog::Classic),
+        server(AccessLog::AgentLine),
     );
     let config_path = dir.join("nginx.conf");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;

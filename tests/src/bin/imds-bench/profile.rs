@@ -88,7 +88,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
             name,
             "outside",
             vec![pid],
-            HYPER_RELAY_LISTEN,
+            HYPER_RELAY_LISTEN.to_owned(),
         )
     } else {
         let policy_dir = policy_for_bench(&sandbox.work_dir.join("policies"))?;
@@ -99,7 +99,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
             "agent",
             "enforced/client",
             vec![pid],
-            "169.254.169.254:80",
+            "169.254.169.254:80".to_owned(),
         )
     };
     let pid_list = pids.join(",");
@@ -142,7 +142,7 @@ pub(crate) fn profile(mode: &str, tool: &str, output: Option<&str>, server: Serv
     let result = child(
         &sandbox,
         client_cgroup,
-        &["http", target, ID, &per_worker, &clients, mode],
+        &["http", &target, ID, &per_worker, &clients, mode],
     );
     if let Some(recorder) = &mut recorder {
         // SAFETY: kill with a pid of our own child.

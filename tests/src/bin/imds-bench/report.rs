@@ -823,13 +823,13 @@ pub(crate) fn alternatives(
                     nat,
                     "outside",
                     "nginx",
-                    AccessLog::Classic.target(),
+                    &AccessLog::Classic.target(),
                 )?);
                 proxy_agent_line.push(measured(
                     nat,
                     "outside",
                     "nginx",
-                    AccessLog::AgentLine.target(),
+                    &AccessLog::AgentLine.target(),
                 )?);
             }
         }
@@ -882,7 +882,8 @@ pub(crate) fn alternatives(
             "\nnginx or iptables is missing: `cargo xtask bench` installs them (Debian).\n",
         ),
         Some(_) => {
-            let line_bytes = |log: &str| last_line_bytes(&nat.work_dir.join("nginx").join(log));
+            let line_bytes =
+                |log: AccessLog| last_line_bytes(&nat.work_dir.join("nginx").join(log.file()));
             let _ = write!(
                 report,
                 "\nThe same nginx writing the agent's audit line per request instead of its own\n\
@@ -894,8 +895,8 @@ pub(crate) fn alternatives(
                  nginx's with its own line.\n\n\
                  | mode | clients | iptables + nginx, the agent's line | CPU against nginx's own line |\n\
                  |---|---|---|---|\n{agent_line_rows}",
-                line_bytes("agent-line.log"),
-                line_bytes("access.log"),
+                line_bytes(AccessLog::AgentLine),
+                line_bytes(AccessLog::Classic),
             );
         }
     }
